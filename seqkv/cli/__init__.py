@@ -1,0 +1,25 @@
+"""The `seqkv` command. Each concept's commands live in their own module and register here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="seqkv",
+    help="Compress transformer KV caches as sequences (arXiv 2604.15356).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from . import codec, quant
+
+    for module in (codec, quant):
+        module.register(app)
+
+
+def main() -> None:
+    _register()
+    app()

@@ -1,0 +1,56 @@
+"""What every CLI command shares: one-line errors, JSON output, the model option."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import SeqkvError
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="HF model directory or .gguf file (default: SmolLM2-135M)"),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line to stderr and exit non-zero."""
+    typer.echo(f"seqkv: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn expected failures into a one-line error and exit code 1, never a traceback.
+
+    Set SEQKV_DEBUG=1 to see the traceback of an unexpected error.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except SeqkvError as e:
+            fail(str(e))
+        except OSError as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            fail(f"{e.strerror or e}{where}")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+            if os.environ.get("SEQKV_DEBUG"):
+                raise
+            fail(f"internal error ({type(e).__name__}): {e} (set SEQKV_DEBUG=1 for details)")
+
+    return wrapper
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")

