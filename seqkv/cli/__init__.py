@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
-    name="seqkv",
-    help="Compress transformer KV caches as sequences (arXiv 2604.15356).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
 
-
-def _register() -> None:
+def build_app() -> typer.Typer:
     from . import codec, quant
 
+    app = typer.Typer(
+        name="seqkv",
+        help="Compress transformer KV caches as sequences (arXiv 2604.15356).",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
     for module in (codec, quant):
         module.register(app)
+    return app
 
 
 def main() -> None:
-    _register()
-    app()
+    build_app()()

@@ -1,0 +1,106 @@
+"""The seqkv blob container: versioned, self-describing, checksummed.
+
+    magic  b"SEQKV\\0\\r\\n"        8 bytes (the \\r\\n catches text-mode mangling, as PNG's does)
+    version                         u16 little-endian
+    header length                   u32 little-endian
+    header                          UTF-8 JSON: kind, model fingerprint, sizes, section lengths
+    sections                        raw bytes, lengths listed in the header
+    checksum                        blake2b-256 of everything above
+
+Every reader checks magic, version, lengths and checksum before it trusts a byte, so a
+corrupt, truncated, empty or foreign file is refused with one clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from .errors import BlobError, SeqkvError
+
+MAGIC = b"SEQKV\x00\r\n"
+VERSION = 1
+_FIXED = struct.Struct("<HI")
+_DIGEST = 32
+_MAX_HEADER = 64 << 20
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=_DIGEST).digest()
+
+
+def pack(header: dict, sections: list[bytes]) -> bytes:
+    header = {**header, "sections": [len(s) for s in sections]}
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    body = b"".join([MAGIC, _FIXED.pack(VERSION, len(head)), head, *sections])
+    return body + _digest(body)
+
+
+def unpack(data: bytes) -> tuple[dict, list[bytes]]:
+    """Header and sections of a blob, or BlobError saying what is wrong with it."""
+    if not data:
+        raise BlobError("empty blob")
+    if len(data) < len(MAGIC):
+        raise BlobError("truncated blob" if MAGIC.startswith(data) else "not a seqkv blob")
+    if not data.startswith(MAGIC):
+        raise BlobError("not a seqkv blob (bad magic)")
+    fixed_end = len(MAGIC) + _FIXED.size
+    if len(data) < fixed_end + _DIGEST:
+        raise BlobError("truncated blob")
+    version, head_len = _FIXED.unpack_from(data, len(MAGIC))
+    if version != VERSION:
+        raise BlobError(f"blob format version {version} is not supported (this seqkv reads {VERSION})")
+    if head_len > _MAX_HEADER or fixed_end + head_len + _DIGEST > len(data):
+        raise BlobError("truncated or corrupt blob (header length)")
+    view = memoryview(data)
+    if _digest(view[:-_DIGEST]) != bytes(view[-_DIGEST:]):
+        # A checksum mismatch with a plausible header is most often a cut-off file.
+        raise BlobError("corrupt or truncated blob (checksum mismatch)")
+    try:
+        header = json.loads(bytes(view[fixed_end : fixed_end + head_len]))
+        lengths = [int(n) for n in header["sections"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BlobError("corrupt blob header") from e
+    pos = fixed_end + head_len
+    if pos + sum(lengths) + _DIGEST != len(data) or any(n < 0 for n in lengths):
+        raise BlobError("corrupt blob (section lengths)")
+    sections = []
+    for n in lengths:
+        sections.append(bytes(view[pos : pos + n]))
+        pos += n
+    return header, sections
+
+
+def read_blob(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    if p.is_dir():
+        raise SeqkvError(f"is a directory, not a blob: {path}")
+    try:
+        return p.read_bytes()
+    except FileNotFoundError as e:
+        raise SeqkvError(f"no such file: {path}") from e
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file in the same directory, fsync, rename: all or nothing."""
+    p = Path(path)
+    directory = p.parent if str(p.parent) else Path(".")
+    if not directory.is_dir():
+        raise SeqkvError(f"no such directory: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,106 @@
+"""Every way a blob can be wrong gives a clear SeqkvError, never wrong tokens."""
+
+import random
+
+import pytest
+import torch
+
+from seqkv import compress_tokens, decompress_tokens, inspect_blob
+from seqkv.blob import MAGIC, pack, unpack, write_atomic
+from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
+
+from .conftest import tiny_gemma3, tiny_llama
+
+IDS = list(range(3, 60, 2))
+
+
+@pytest.fixture(scope="module")
+def blob(llama) -> bytes:
+    return compress_tokens(llama, IDS, chunk_size=10, batch=2)
+
+
+def test_container_round_trip():
+    header, sections = unpack(pack({"kind": "x", "n": 1}, [b"ab", b"", b"\x00" * 5]))
+    assert header["kind"] == "x" and sections == [b"ab", b"", b"\x00" * 5]
+
+
+def test_empty_blob(llama):
+    with pytest.raises(BlobError, match="empty"):
+        decompress_tokens(llama, b"")
+
+
+@pytest.mark.parametrize("data", [b"hello world, not a blob", b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
+                                  bytes(range(256))])
+def test_foreign_blob(llama, data):
+    with pytest.raises(BlobError, match="not a seqkv blob"):
+        decompress_tokens(llama, data)
+
+
+def test_every_truncation_refused(llama, blob):
+    for n in range(1, len(blob)):
+        with pytest.raises(BlobError):
+            inspect_blob(blob[:n])
+
+
+def test_corruption_fuzz_never_gives_wrong_tokens(llama, blob):
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytearray(blob)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data))
+            data[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(BlobError):
+            decompress_tokens(llama, bytes(data))
+
+
+def test_future_version_refused(blob):
+    data = bytearray(blob)
+    data[len(MAGIC)] = 99
+    with pytest.raises(BlobError, match="version 99"):
+        inspect_blob(bytes(data))
+
+
+def test_wrong_model_refused(blob):
+    other = tiny_llama(seed=1)
+    with pytest.raises(ModelMismatchError, match="weights"):
+        decompress_tokens(other, blob)
+    with pytest.raises(ModelMismatchError):
+        decompress_tokens(tiny_gemma3(), blob)
+
+
+def test_corrupt_stream_with_valid_checksum_is_caught(llama):
+    """A payload damaged before checksumming still fails: the token hash catches it."""
+    from seqkv.compress import TokenBlob
+
+    good = compress_tokens(llama, IDS)
+    parsed = TokenBlob.parse(good)
+    header, sections = unpack(good)
+    words = bytearray(sections[0])
+    words[0] ^= 0x10
+    bad = pack({k: v for k, v in header.items() if k != "sections"}, [bytes(words)])
+    assert TokenBlob.parse(bad).n_tokens == parsed.n_tokens
+    with pytest.raises(BlobError):
+        decompress_tokens(llama, bad)
+
+
+def test_numerics_mismatch_refused(llama):
+    header, sections = unpack(compress_tokens(llama, IDS))
+    header["numerics"]["device"] = "cuda:NVIDIA H200"
+    bad = pack({k: v for k, v in header.items() if k != "sections"}, sections)
+    with pytest.raises(ModelMismatchError, match="device"):
+        decompress_tokens(llama, bad)
+
+
+def test_atomic_write(tmp_path):
+    target = tmp_path / "x.skv"
+    write_atomic(target, b"one")
+    write_atomic(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.skv"]
+    with pytest.raises(SeqkvError, match="no such directory"):
+        write_atomic(tmp_path / "missing" / "x.skv", b"")
+
+
+def test_token_ids_as_tensor(llama):
+    blob = compress_tokens(llama, torch.tensor([IDS]))
+    assert decompress_tokens(llama, blob) == IDS
