@@ -53,7 +53,9 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise BlobError("truncated blob")
     version, head_len = _FIXED.unpack_from(data, len(MAGIC))
     if version != VERSION:
-        raise BlobError(f"blob format version {version} is not supported (this seqkv reads {VERSION})")
+        raise BlobError(
+            f"blob format version {version} is not supported (this seqkv reads {VERSION})"
+        )
     if head_len > _MAX_HEADER or fixed_end + head_len + _DIGEST > len(data):
         raise BlobError("truncated or corrupt blob (header length)")
     view = memoryview(data)

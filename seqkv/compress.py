@@ -111,7 +111,9 @@ def check_model(lm: LoadedModel, header: dict) -> None:
         raise ModelMismatchError(problem)
 
 
-def decompress_tokens(lm: LoadedModel, blob: bytes | TokenBlob, progress: bool = False) -> list[int]:
+def decompress_tokens(
+    lm: LoadedModel, blob: bytes | TokenBlob, progress: bool = False
+) -> list[int]:
     """A blob back to its token ids, verified against the stored hash."""
     parsed = blob if isinstance(blob, TokenBlob) else TokenBlob.parse(blob)
     check_model(lm, parsed.header)

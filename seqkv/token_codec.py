@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .distribution import full_weights, model_bits, reduced_weights, symbol_intervals
-from .errors import BlobError, SeqkvError
+from .distribution import model_bits, reduced_weights, symbol_intervals
+from .errors import SeqkvError
 from .models import LoadedModel
+from .rans import decoder_for
 from .stepper import NumericsProfile, numerics_profile, run_lockstep
 
 DEFAULT_CHUNK = 1024
@@ -69,10 +70,18 @@ def _groups(n_chunks: int, batch: int) -> list[range]:
 
 
 class TokenCodec:
-    """Encode and decode token ids under one model, one canonical procedure."""
+    """Encode and decode token ids under one model, one canonical procedure.
+
+    ``decoder`` picks the stream decoder (default: constriction on CPU, the vectorized rANS
+    decoder elsewhere); both read the same bitstream.
+    """
 
     def __init__(
-        self, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK, batch: int = DEFAULT_BATCH
+        self,
+        lm: LoadedModel,
+        chunk_size: int = DEFAULT_CHUNK,
+        batch: int = DEFAULT_BATCH,
+        decoder: type | None = None,
     ) -> None:
         max_pos = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
         limit = (int(max_pos) - 1) if max_pos else chunk_size  # position 0 is the prime token
@@ -81,6 +90,7 @@ class TokenCodec:
         self.lm = lm
         self.chunk_size = min(chunk_size, limit)
         self.batch = batch
+        self.decoder = decoder or decoder_for(lm.device)
 
     def profile(self, n_chunks: int) -> NumericsProfile:
         return numerics_profile(self.lm, min(self.batch, max(n_chunks, 1)))
@@ -94,45 +104,48 @@ class TokenCodec:
         spans = split_chunks(ids_t.numel(), self.chunk_size)
         chunks: list[CodedChunk] = []
         per_token: list[float] = []
-        bar = tqdm(total=ids_t.numel(), desc="encode", unit="tok", disable=not progress)
-        for group in _groups(len(spans), self.batch):
-            lengths = [spans[i][1] - spans[i][0] for i in group]
-            steps = max(lengths)
-            # Finished streams keep being fed their last token: fixed shapes on both sides.
-            table = torch.stack(
-                [
-                    torch.nn.functional.pad(
-                        ids_t[spans[i][0] : spans[i][1]], (0, steps - n), value=int(ids_t[spans[i][1] - 1])
-                    )
-                    for i, n in zip(group, lengths, strict=True)
-                ]
-            ).to(self.lm.device)
-            starts = torch.empty_like(table)
-            freqs = torch.empty_like(table)
-            bits = torch.empty(table.shape, dtype=torch.float64)
-
-            def on_step(step: int, pmf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-                tokens = table[:, step]
-                starts[:, step], freqs[:, step] = symbol_intervals(pmf, tokens)
-                bits[:, step] = model_bits(logits, tokens).cpu()
-                bar.update(sum(1 for n in lengths if step < n))
-                return tokens
-
-            run_lockstep(self.lm, len(group), steps, on_step)
-            starts_np, freqs_np = starts.cpu().numpy(), freqs.cpu().numpy()
-            for row, n in enumerate(lengths):
-                coder = constriction.stream.stack.AnsCoder()
-                coder.encode_reverse(
-                    np.ones(n, dtype=np.int32),
-                    _Categorical(perfect=False),
-                    reduced_weights(starts_np[row, :n], freqs_np[row, :n]),
-                )
-                chunks.append(CodedChunk(n, coder.get_compressed().astype(np.uint32)))
-                per_token.extend(bits[row, :n].tolist())
-        bar.close()
+        with tqdm(total=ids_t.numel(), desc="encode", unit="tok", disable=not progress) as bar:
+            for group in _groups(len(spans), self.batch):
+                streams = [ids_t[spans[i][0] : spans[i][1]] for i in group]
+                coded, bits = self._encode_group(streams, bar)
+                chunks.extend(coded)
+                per_token.extend(bits)
         return TokenCoding(
             chunks, self.chunk_size, self.profile(len(spans)), float(sum(per_token)), per_token
         )
+
+    def _encode_group(self, streams: list[torch.Tensor], bar) -> tuple[list[CodedChunk], list]:
+        lengths = [s.numel() for s in streams]
+        steps = max(lengths)
+        # Finished streams keep being fed their last token: fixed shapes on both sides.
+        table = torch.stack(
+            [torch.cat([s, s[-1:].expand(steps - s.numel())]) for s in streams]
+        ).to(self.lm.device)
+        starts = torch.empty_like(table)
+        freqs = torch.empty_like(table)
+        bits = torch.empty(table.shape, dtype=torch.float64, device=table.device)
+
+        def on_step(step: int, pmf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            tokens = table[:, step]
+            starts[:, step], freqs[:, step] = symbol_intervals(pmf, tokens)
+            bits[:, step] = model_bits(logits, tokens)
+            bar.update(sum(1 for n in lengths if step < n))
+            return tokens
+
+        run_lockstep(self.lm, len(streams), steps, on_step)
+        # Only (start, freq) per token reaches the host, never a distribution.
+        starts_np, freqs_np, bits_np = starts.cpu().numpy(), freqs.cpu().numpy(), bits.cpu()
+        coded, per_token = [], []
+        for row, n in enumerate(lengths):
+            coder = constriction.stream.stack.AnsCoder()
+            coder.encode_reverse(
+                np.ones(n, dtype=np.int32),
+                _Categorical(perfect=False),
+                reduced_weights(starts_np[row, :n], freqs_np[row, :n]),
+            )
+            coded.append(CodedChunk(n, coder.get_compressed().astype(np.uint32)))
+            per_token.extend(bits_np[row, :n].tolist())
+        return coded, per_token
 
     def decode(
         self, chunks: Sequence[CodedChunk], profile: dict | None = None, progress: bool = False
@@ -140,33 +153,31 @@ class TokenCodec:
         if profile is not None:
             self.profile(len(chunks)).check(profile)
         out: list[int] = []
-        bar = tqdm(total=sum(c.n_tokens for c in chunks), desc="decode", unit="tok",
-                   disable=not progress)
-        for group in _groups(len(chunks), self.batch):
-            members = [chunks[i] for i in group]
-            lengths = [c.n_tokens for c in members]
-            coders = [constriction.stream.stack.AnsCoder(c.words) for c in members]
-            decoded = torch.zeros((len(group), max(lengths)), dtype=torch.long)
-
-            def on_step(step: int, pmf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-                pmf_np = pmf.cpu().numpy()
-                for row, coder in enumerate(coders):
-                    if step < lengths[row]:
-                        try:
-                            symbol = coder.decode(_Categorical(full_weights(pmf_np[row]),
-                                                               perfect=False))
-                        except Exception as e:  # constriction raises on exhausted streams
-                            raise BlobError(f"corrupt token stream: {e}") from e
-                        if not 1 <= symbol <= pmf_np.shape[1] - 2:
-                            raise BlobError("corrupt token stream: decoded a reserved symbol")
-                        decoded[row, step] = symbol - 1
-                    else:
-                        decoded[row, step] = decoded[row, lengths[row] - 1]
-                bar.update(sum(1 for n in lengths if step < n))
-                return decoded[:, step]
-
-            run_lockstep(self.lm, len(group), max(lengths), on_step)
-            for row, n in enumerate(lengths):
-                out.extend(decoded[row, :n].tolist())
-        bar.close()
+        total = sum(c.n_tokens for c in chunks)
+        with tqdm(total=total, desc="decode", unit="tok", disable=not progress) as bar:
+            for group in _groups(len(chunks), self.batch):
+                out.extend(self._decode_group([chunks[i] for i in group], bar))
         return out
+
+    def _decode_group(self, members: list[CodedChunk], bar) -> list[int]:
+        lengths = torch.tensor([c.n_tokens for c in members])
+        steps = int(lengths.max())
+        device = self.lm.device
+        decoder = self.decoder([c.words for c in members], device)
+        decoded = torch.zeros((len(members), steps), dtype=torch.long, device=device)
+        last = torch.arange(len(members), device=device)
+        lengths_dev = lengths.to(device)
+
+        def on_step(step: int, pmf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            active = lengths_dev > step
+            tokens = decoder.step(pmf, active if device.type != "cpu" else active.tolist())
+            # Finished streams repeat their last token, exactly as the encoder fed them.
+            tokens = torch.where(active, tokens, decoded[last, (lengths_dev - 1).clamp(max=step)])
+            decoded[:, step] = tokens
+            bar.update(int(active.sum()))
+            return tokens
+
+        run_lockstep(self.lm, len(members), steps, on_step)
+        decoder.finish()
+        rows = decoded.cpu()
+        return [t for row, n in enumerate(lengths.tolist()) for t in rows[row, :n].tolist()]

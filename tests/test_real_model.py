@@ -33,7 +33,10 @@ def test_cache_restores_bit_for_bit_and_generation_continues_exactly(smollm2):
 
 
 def test_bytes_the_tokenizer_cannot_reproduce(smollm2):
-    text = "tabs\tand  double  spaces,\u00a0nbsp, e\u0301 vs \u00e9, \r\nCRLF, \ufeffBOM, \U0001f600.\n"
+    text = (
+        "tabs\tand  double  spaces,\u00a0nbsp, e\u0301 vs \u00e9, \r\nCRLF, \ufeffBOM, "
+        "\U0001f600.\n"
+    )
     blob = compress_text(smollm2, text)
     assert decompress_text(smollm2, blob) == text
 

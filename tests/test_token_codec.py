@@ -18,7 +18,9 @@ from .conftest import tiny_llama
     chunk=st.integers(1, 16),
     batch=st.integers(1, 4),
 )
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_round_trip_any_ids(llama, ids, chunk, batch):
     blob = compress_tokens(llama, ids, chunk_size=chunk, batch=batch)
     assert decompress_tokens(llama, blob) == ids

@@ -43,7 +43,9 @@ def compress(
     input: InPath,
     output: OutPath,
     model: ModelOption = None,
-    chunk_size: Annotated[int, typer.Option(help="tokens per independently coded chunk")] = DEFAULT_CHUNK,
+    chunk_size: Annotated[
+        int, typer.Option(help="tokens per independently coded chunk")
+    ] = DEFAULT_CHUNK,
     batch: Annotated[int, typer.Option(help="chunks coded in lockstep")] = DEFAULT_BATCH,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
 ) -> None:

@@ -1,0 +1,72 @@
+"""The vectorized rANS decoder reads constriction's bitstream exactly (CPU here, GPU there)."""
+
+import constriction
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqkv.distribution import full_weights, quantized_pmf
+from seqkv.errors import BlobError
+from seqkv.rans import ConstrictionDecoder, VectorRansDecoder
+from seqkv.token_codec import TokenCodec
+
+
+def _encode(pmfs: np.ndarray, symbols: np.ndarray) -> np.ndarray:
+    coder = constriction.stream.stack.AnsCoder()
+    if len(symbols):
+        coder.encode_reverse(
+            symbols.astype(np.int32), constriction.stream.model.Categorical(perfect=False),
+            np.stack([full_weights(r) for r in pmfs]),
+        )
+    return coder.get_compressed().astype(np.uint32)
+
+
+@given(
+    n_streams=st.integers(1, 5),
+    length=st.integers(1, 40),
+    vocab=st.integers(2, 300),
+    scale=st.floats(0.0, 40.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=40, deadline=None)
+def test_vector_decoder_matches_constriction(n_streams, length, vocab, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    pmfs = quantized_pmf(torch.randn((length, n_streams, vocab), generator=g) * scale)
+    lengths = torch.randint(1, length + 1, (n_streams,), generator=g)
+    symbols = torch.stack([
+        torch.multinomial(pmfs[t, :, 1:-1].double(), 1, generator=g).squeeze(1) + 1
+        for t in range(length)
+    ])  # [T, B], never the reserved symbols
+    words = [
+        _encode(pmfs[: lengths[b], b].numpy(), symbols[: lengths[b], b].numpy())
+        for b in range(n_streams)
+    ]
+    vector = VectorRansDecoder(words, torch.device("cpu"))
+    reference = ConstrictionDecoder(words, torch.device("cpu"))
+    for t in range(length):
+        active = (lengths > t).tolist()
+        got = vector.step(pmfs[t], active)
+        want = reference.step(pmfs[t], active)
+        mask = torch.tensor(active)
+        assert torch.equal(got[mask], want[mask])
+        assert torch.equal(got[mask], symbols[t][mask] - 1)
+    vector.finish()
+    reference.finish()
+
+
+def test_vector_decoder_in_the_codec(llama):
+    ids = list(range(5, 95))
+    coding = TokenCodec(llama, chunk_size=25, batch=3).encode(ids)
+    codec = TokenCodec(llama, chunk_size=25, batch=3, decoder=VectorRansDecoder)
+    assert codec.decode(coding.chunks) == ids
+
+
+def test_leftover_data_detected(llama):
+    coding = TokenCodec(llama, chunk_size=50).encode(list(range(3, 40)))
+    chunk = coding.chunks[0]
+    chunk.words = np.concatenate([np.array([12345], dtype=np.uint32), chunk.words])
+    for decoder in (ConstrictionDecoder, VectorRansDecoder):
+        with pytest.raises(BlobError):
+            TokenCodec(llama, chunk_size=50, decoder=decoder).decode(coding.chunks)
