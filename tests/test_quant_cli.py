@@ -6,12 +6,13 @@ import json
 
 from typer.testing import CliRunner
 
-from seqkv.cli import _register, app
+from seqkv.cli import build_app
 
 
 def test_quantizers_json():
-    _register()
-    res = CliRunner().invoke(app, ["quantizers", "--dim", "64", "--vectors", "2048", "--json"])
+    res = CliRunner().invoke(
+        build_app(), ["quantizers", "--dim", "64", "--vectors", "2048", "--json"]
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     by = {(r["method"], r["bits"], r.get("axis")): r for r in rows}
@@ -28,7 +29,6 @@ def test_quantizers_json():
 
 
 def test_quantizers_bad_dim_is_one_line_error():
-    _register()
-    res = CliRunner().invoke(app, ["quantizers", "--dim", "1"])
+    res = CliRunner().invoke(build_app(), ["quantizers", "--dim", "1"])
     assert res.exit_code == 1
     assert "error" in res.output and "Traceback" not in res.output
