@@ -1,0 +1,17 @@
+"""The Probabilistic Language Trie store (arXiv 2604.15356 §3, arXiv 2604.06228).
+
+Many sessions' token sequences as paths of one radix trie per namespace, each edge range-coded
+under the model given its full prefix, so shared prefixes are stored once; KV checkpoints at
+chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redis persistence.
+
+    trie.py         the radix trie (pure: match / insert / split / remove)
+    coding.py       the canonical per-path context and an edge's rANS stream
+    backend.py      the backend protocol; sqlite.py, redis.py
+    checkpoints.py  KV checkpoints and the caching policies
+    store.py        the facade: put / get / delete / stats / nearest
+"""
+
+from .backend import StoreError, open_backend
+from .store import PutResult, Store, StoreCorruptError
+
+__all__ = ["PutResult", "Store", "StoreCorruptError", "StoreError", "open_backend"]

@@ -1,0 +1,72 @@
+"""What a store backend is: namespaced, checksummed records and atomic write transactions.
+
+A backend holds opaque records ``(namespace, kind, key) -> bytes`` (each a checksummed
+``seqkv.blob`` container, so corruption is caught on read) and one generation counter per
+namespace, bumped by every committed write. Writers run inside ``transaction(ns)``: exclusive
+per store, all-or-nothing (a writer killed before commit leaves nothing behind), and they see
+the latest committed state. Readers take a consistent ``snapshot``.
+
+The backends: :mod:`.sqlite` (one file, WAL, the embedded default) and :mod:`.redis`
+(a store shared by many machines).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from ..errors import SeqkvError
+
+
+class StoreError(SeqkvError):
+    """A store operation was refused (unknown session, bad URL, busy store)."""
+
+
+class StoreConflict(Exception):
+    """Another writer committed first (optimistic backends): retry the operation."""
+
+
+class Txn(Protocol):
+    generation: int
+
+    def read_kind(self, kind: str) -> dict[str, bytes]: ...
+    def read(self, kind: str, key: str) -> bytes | None: ...
+    def put(self, kind: str, key: str, value: bytes) -> None: ...
+    def delete(self, kind: str, key: str) -> None: ...
+
+
+class Backend(Protocol):
+    url: str
+
+    def transaction(self, ns: str) -> AbstractContextManager[Txn]: ...
+    def snapshot(self, ns: str, kinds: tuple[str, ...]) -> tuple[int, dict[str, dict[str, bytes]]]: ...
+    def generation(self, ns: str) -> int: ...
+    def read(self, ns: str, kind: str, key: str) -> bytes | None: ...
+    def namespaces(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+PAUSE_ENV = "SEQKV_STORE_PAUSE_BEFORE_COMMIT"
+
+
+def pause_before_commit() -> None:
+    """Test hook: with $SEQKV_STORE_PAUSE_BEFORE_COMMIT=FILE, a writer creates FILE just before
+    committing and then sleeps, so a test can kill -9 it in the middle of a write."""
+    marker = os.environ.get(PAUSE_ENV)
+    if marker:
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+
+
+def open_backend(db: str) -> Backend:
+    """``redis://HOST:PORT/N`` selects Redis; anything else is a SQLite file path."""
+    if db.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisBackend
+
+        return RedisBackend(db)
+    from .sqlite import SqliteBackend
+
+    return SqliteBackend(db)

@@ -1,0 +1,125 @@
+"""Coding a trie edge: its tokens range-coded under P_M(token | the edge's full prefix).
+
+The context of a token is a function of its *path* only, whichever session first stored it:
+the store's canonical procedure is ``run_lockstep``'s with a group of one stream, applied
+along the path with the context reset at fixed absolute positions. A token at absolute position
+p is conditioned on [prime, path[w:p]] with w = p - p % chunk, fed one token per forward step
+into a DynamicCache, exactly as ``seqkv.stepper.run_lockstep(lm, 1, ...)`` does for a chunk
+(``tests/test_store_coding.py`` checks the two agree bit for bit). So an edge deep in the trie
+is encoded and decoded with the same probabilities, and a split edge is a cut of its per-token
+intervals, re-coded without the model.
+
+The :class:`Cursor` is lazy: fed tokens whose intervals are already known cost nothing until a
+distribution is needed, and then only the tokens since the last reset are run, so a put that
+shares a long prompt pays at most ``chunk`` forward steps of context.
+
+Each edge is one rANS stream (constriction's AnsCoder, 24-bit fixed point, the token codec's
+3-symbol reduced model trick), so its cost is its tokens' information plus at most ~64 bits.
+"""
+
+from __future__ import annotations
+
+import constriction
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from ..distribution import TOTAL, full_weights, quantized_pmf, reduced_weights, symbol_intervals
+from ..errors import BlobError
+from ..models import LoadedModel
+from ..stepper import cache_kwarg, configure_determinism
+
+PROCEDURE = "plt-path-lockstep-v1"
+_Categorical = constriction.stream.model.Categorical
+
+
+def encode_intervals(intervals: np.ndarray) -> np.ndarray:
+    """Range-code tokens given their (start, freq) rows; the words of one rANS stream."""
+    iv = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
+    coder = constriction.stream.stack.AnsCoder()
+    if len(iv):
+        coder.encode_reverse(np.ones(len(iv), dtype=np.int32), _Categorical(perfect=False),
+                             reduced_weights(iv[:, 0], iv[:, 1]))
+    return coder.get_compressed().astype(np.uint32)
+
+
+def info_bits(intervals: np.ndarray) -> np.ndarray:
+    """-log2 of each token's fixed-point probability."""
+    return np.log2(TOTAL) - np.log2(np.asarray(intervals)[:, 1].astype(np.float64))
+
+
+class Cursor:
+    """One path through the trie, with the canonical context of its next token."""
+
+    def __init__(self, lm: LoadedModel, chunk: int) -> None:
+        self.lm = lm
+        self.chunk = chunk
+        self.path: list[int] = []
+        self._window = -1  # start of the chunk whose context is in the cache
+        self._fed = 0  # model inputs run in this window (the prime counts as one)
+        self._cache: DynamicCache | None = None
+        self._pmf: torch.Tensor | None = None
+        self.steps = 0  # forward steps run (for restore-cost accounting)
+        self._kwarg = cache_kwarg(lm.model)
+        configure_determinism(lm.device)
+
+    def seek(self, path: list[int]) -> None:
+        """Move to another path; the computed context is kept if the new path shares it."""
+        path = [int(t) for t in path]
+        if self._window >= 0:
+            end = self._window + self._fed - 1  # path tokens already run as inputs
+            if len(path) < end or path[self._window : end] != self.path[self._window : end]:
+                self._window = -1
+        self.path = path
+
+    def feed(self, tokens: list[int]) -> None:
+        self.path.extend(int(t) for t in tokens)
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> None:
+        inputs = torch.full((1, 1), token, dtype=torch.long, device=self.lm.device)
+        out = self.lm.model(input_ids=inputs, use_cache=True, logits_to_keep=1,
+                            **{self._kwarg: self._cache})
+        self._pmf = quantized_pmf(out.logits[:, -1, :])
+        self._fed += 1
+        self.steps += 1
+
+    def pmf(self) -> torch.Tensor:
+        """The fixed-point distribution [1, V+2] of the token at position len(path)."""
+        pos = len(self.path)
+        window = pos - pos % self.chunk
+        if window != self._window:
+            self._window, self._fed = window, 0
+            self._cache = DynamicCache(config=self.lm.config)
+            self._step(self.lm.prime_token())
+        while self._fed < pos - window + 1:
+            self._step(self.path[window + self._fed - 1])
+        return self._pmf
+
+    def encode(self, tokens: list[int]) -> np.ndarray:
+        """Intervals [n, 2] of ``tokens`` continuing the path (and feed them)."""
+        rows = np.zeros((len(tokens), 2), dtype=np.int64)
+        for j, t in enumerate(tokens):
+            start, freq = symbol_intervals(self.pmf(), torch.tensor([int(t)], device=self.lm.device))
+            rows[j] = (int(start), int(freq))
+            self.path.append(int(t))
+        return rows
+
+    def decode(self, words: np.ndarray, n: int) -> tuple[list[int], np.ndarray]:
+        """Decode an edge of n tokens continuing the path (and feed them)."""
+        coder = constriction.stream.stack.AnsCoder(np.asarray(words, dtype=np.uint32))
+        tokens, rows = [], np.zeros((n, 2), dtype=np.int64)
+        for j in range(n):
+            pmf = self.pmf()
+            row = pmf[0].cpu().numpy()
+            try:
+                symbol = coder.decode(_Categorical(full_weights(row), perfect=False))
+            except Exception as e:  # constriction raises on exhausted streams
+                raise BlobError(f"corrupt edge stream: {e}") from e
+            if not 1 <= symbol <= row.size - 2:
+                raise BlobError("corrupt edge stream: decoded a reserved symbol")
+            cum = int(row[:symbol].sum())
+            rows[j] = (cum, int(row[symbol]))
+            tokens.append(symbol - 1)
+            self.path.append(symbol - 1)
+        return tokens, rows

@@ -1,0 +1,480 @@
+"""The PLT store: sessions as paths in a Probabilistic Language Trie, persisted in a backend.
+
+``Store(db, lm, namespace)``: ``put`` a session (token ids or text, optionally its cache),
+``get_ids`` / ``get_text`` / ``get_cache`` it back, ``delete``, ``stats``, ``nearest``.
+
+- Dedup: a session's tokens are matched against the namespace's trie; only the part after the
+  longest shared prefix is coded (``coding.py``) and stored as a new edge; an edge a new
+  session leaves mid-way is split (a cut, both halves re-coded). N sessions sharing a prompt
+  pay for it once.
+- Namespaces: each has its own trie, records, generation and checkpoint budget; nothing is
+  matched, shared or evicted across them, so one tenant's contents cannot change another's
+  stored bytes, or its put/get work (hence timing).
+- A store records the model fingerprint and numerics profile (procedure, chunk, device,
+  dtype, attention) on creation and refuses any other model with ModelMismatchError.
+- Every write is one backend transaction: a killed writer leaves no partial session, and
+  concurrent writers serialize (each re-reads the trie if another committed since).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..blob import pack, unpack
+from ..compress import RestoredCache, prefill_cache, token_hash
+from ..errors import BlobError, ModelMismatchError, SeqkvError
+from ..kvsize import fp16_kv_bits, turboquant_kv_bits
+from ..models import LoadedModel
+from ..stepper import numerics_profile
+from ..textcodec import TextRecipe, decode_text, encode_text
+from .backend import StoreConflict, StoreError, open_backend
+from .checkpoints import (
+    NodeInfo,
+    continue_prefill,
+    deserialize_kv,
+    policy_by_name,
+    serialize_kv,
+)
+from .coding import PROCEDURE, Cursor, encode_intervals
+from .trie import Node, Trie, edge_hash
+
+DEFAULT_CHUNK = 512
+# A checkpoint's KV covers its path cut down to a multiple of ALIGN positions: a prefill
+# continued from there reproduces one full prefill bit for bit (CPU kernels block by 16 rows;
+# at other cuts results differ in the last ulp), so restoring from a raw checkpoint is exact.
+ALIGN = 16
+META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
+_KINDS = ("edge", "session", "ckptmeta")
+
+
+class StoreCorruptError(BlobError):
+    """A record failed its checksum or does not fit the trie."""
+
+
+@dataclass
+class PutResult:
+    session: str
+    tokens: int
+    shared_tokens: int  # tokens already in the trie (deduplicated)
+    new_bits: int  # coded bits this put added (new edges and re-coded split halves)
+
+
+def _parse(kind: str, key: str, data: bytes) -> tuple[dict, list[bytes]]:
+    try:
+        header, sections = unpack(data)
+    except BlobError as e:
+        raise StoreCorruptError(f"corrupt store record {kind} {key}: {e}") from e
+    if header.get("kind") != kind:
+        raise StoreCorruptError(f"corrupt store record {kind} {key}: kind {header.get('kind')!r}")
+    return header, sections
+
+
+class Store:
+    def __init__(self, db: str, lm: LoadedModel | None = None, namespace: str = "default", *,
+                 chunk: int = DEFAULT_CHUNK, checkpoint_budget: int = 0,
+                 checkpoint_policy: str = "prior", checkpoint_quant: tuple[str, float] | None = None
+                 ) -> None:
+        if not namespace:
+            raise StoreError("the namespace must be a non-empty string")
+        self.backend = open_backend(str(db))
+        self.lm, self.ns = lm, namespace
+        self.budget = int(checkpoint_budget)
+        self.policy = policy_by_name(checkpoint_policy)
+        self.quant = checkpoint_quant
+        self.chunk = self._check_meta(chunk)
+        self.trie = Trie(encode_intervals)
+        self.session_info: dict[str, dict] = {}
+        self.ckpts: dict[str, dict] = {}  # node id -> checkpoint meta
+        self.hits: dict[str, int] = {}  # in memory: observed restores through a node
+        self.last: dict[str, float] = {}
+        self.clock = 0.0
+        self._gen = -1
+        self.last_restore: dict = {}
+
+    # -- store-wide meta -------------------------------------------------------------------
+    def _profile(self, chunk: int) -> dict:
+        p = numerics_profile(self.lm, 1).to_dict()
+        return {**p, "procedure": PROCEDURE, "chunk": chunk}
+
+    def _check_meta(self, chunk: int) -> int:
+        raw = self.backend.read(META_NS, "meta", "store")
+        if raw is not None:
+            meta, _ = _parse("meta", "store", raw)
+            if self.lm is not None:
+                problem = self.lm.fingerprint.mismatch(meta["model"])
+                if problem:
+                    raise ModelMismatchError(problem.replace("blob", "store"))
+                mine = self._profile(int(meta["numerics"]["chunk"]))
+                for key, value in meta["numerics"].items():
+                    if mine.get(key) != value:
+                        raise ModelMismatchError(
+                            f"store was written with numerics {key}={value!r}; "
+                            f"this process has {key}={mine.get(key)!r}")
+            return int(meta["numerics"]["chunk"])
+        if self.lm is None:
+            raise StoreError(f"no seqkv store at {self.backend.url} (put a session first)")
+        max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+        chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
+        header = {"kind": "meta", "model": self.lm.fingerprint.to_dict(),
+                  "numerics": self._profile(chunk), "format": 1}
+        with self.backend.transaction(META_NS) as txn:
+            if txn.read("meta", "store") is None:
+                txn.put("meta", "store", pack(header, []))
+        return self._check_meta(chunk)
+
+    def _need_model(self) -> LoadedModel:
+        if self.lm is None:
+            raise StoreError("this operation needs the store's model")
+        return self.lm
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load(self, gen: int, records: dict[str, dict[str, bytes]]) -> None:
+        old = self.trie.nodes
+        trie = Trie(encode_intervals)
+        parsed = []
+        for key, data in records["edge"].items():
+            h, sections = _parse("edge", key, data)
+            words = np.frombuffer(sections[0], dtype="<u4").astype(np.uint32)
+            parsed.append((int(h["s"]), key, h, words))
+        for start, key, h, words in sorted(parsed, key=lambda r: r[0]):
+            parent = trie.nodes.get(h["p"])
+            if parent is None or parent.depth != start:
+                raise StoreCorruptError(f"corrupt store: edge {key} does not fit the trie")
+            node = Node(key, parent, start, int(h["n"]), int(h["f"]), words, token_hash=h["h"])
+            prev = old.get(key)
+            if (prev is not None and prev.known and prev.start == start and prev.n == node.n
+                    and prev.token_hash == node.token_hash):
+                node.tokens, node.intervals = prev.tokens, prev.intervals
+            trie.attach(node)
+        info = {}
+        for name, data in records["session"].items():
+            h, _ = _parse("session", name, data)
+            node = trie.nodes.get(h["node"])
+            if node is None or node.depth != int(h["n"]):
+                raise StoreCorruptError(f"corrupt store: session {name!r} has no path")
+            trie.add_session(name, node)
+            info[name] = h
+        self.ckpts = {k: _parse("ckptmeta", k, v)[0] for k, v in records["ckptmeta"].items()}
+        self.trie, self.session_info, self._gen = trie, info, gen
+
+    def refresh(self) -> None:
+        """Re-read the namespace if another writer committed since we last looked."""
+        if self.backend.generation(self.ns) != self._gen:
+            gen, records = self.backend.snapshot(self.ns, _KINDS)
+            self._load(gen, records)
+
+    def _write(self, fn):
+        """Run fn(txn) inside a write transaction on an up-to-date trie; retry on conflict."""
+        for _ in range(20):
+            try:
+                with self.backend.transaction(self.ns) as txn:
+                    if txn.generation != self._gen:
+                        self._load(txn.generation, {k: txn.read_kind(k) for k in _KINDS})
+                    result = fn(txn)
+                self._gen = txn.generation + 1
+                return result
+            except StoreConflict:
+                self._gen = -1
+            except BaseException:
+                self._gen = -1  # the in-memory trie may hold uncommitted changes
+                raise
+        raise StoreError("too many concurrent writers; try again")
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _ids(self, data: str | Sequence[int] | torch.Tensor) -> tuple[list[int], TextRecipe | None]:
+        lm = self._need_model()
+        if isinstance(data, str):
+            return encode_text(lm.tokenizer, data)
+        ids = data.reshape(-1).tolist() if torch.is_tensor(data) else [int(i) for i in data]
+        if not ids:
+            raise SeqkvError("nothing to store: zero tokens")
+        if min(ids) < 0 or max(ids) >= lm.vocab_size:
+            raise SeqkvError(f"token id out of range for a vocabulary of {lm.vocab_size}")
+        return ids, None
+
+    def _walk(self, ids: list[int], cursor: Cursor):
+        """Match ids against the trie, decoding edges with unknown tokens on the way."""
+        while True:
+            m = self.trie.match(ids)
+            if m.blocked is None:
+                return m
+            b = m.blocked
+            cursor.seek(ids[: b.start])
+            b.tokens, b.intervals = cursor.decode(b.words, b.n)
+            if edge_hash(b.tokens) != b.token_hash:
+                raise StoreCorruptError(f"edge {b.id} decoded to tokens that do not match its "
+                                        "hash (corrupt record, or other numerics)")
+
+    # -- API ---------------------------------------------------------------------------------
+    def put(self, session: str, data, cache=None, replace: bool = False) -> PutResult:
+        """Store a session's tokens (ids or text); with ``cache`` (the DynamicCache of exactly
+        these tokens) also offer it as a checkpoint at the session's node."""
+        if not session:
+            raise StoreError("the session id must be a non-empty string")
+        ids, recipe = self._ids(data)
+        lm = self._need_model()
+
+        def work(txn) -> PutResult:
+            if session in self.trie.sessions:
+                if not replace:
+                    raise StoreError(f"session {session!r} exists (delete it first)")
+                self._delete_in(txn, session)
+            cursor = Cursor(lm, self.chunk)
+            m = self._walk(ids, cursor)
+            node, changed = m.node, []
+            if m.offset < node.n:
+                mid = self.trie.split(node, m.offset)
+                changed += [mid, node]
+                node = mid
+            if m.depth < len(ids):
+                cursor.seek(ids[: m.depth])
+                node = self.trie.add_child(node, ids[m.depth :], cursor.encode(ids[m.depth :]))
+                changed.append(node)
+            for n in changed:
+                txn.put("edge", n.id, pack({"kind": "edge", "p": n.parent.id, "s": n.start,
+                                            "n": n.n, "f": n.first, "h": n.token_hash},
+                                           [n.words.astype("<u4").tobytes()]))
+            self.trie.add_session(session, node)
+            h = {"kind": "session", "node": node.id, "n": len(ids), "hash": token_hash(ids),
+                 "text": recipe.to_dict() if recipe is not None else None}
+            self.session_info[session] = h
+            txn.put("session", session, pack(h, []))
+            return PutResult(session, len(ids), m.depth, sum(n.bits for n in changed))
+
+        result = self._write(work)
+        if cache is not None and self.budget > 0:
+            self.checkpoint(session, cache)
+        return result
+
+    def _delete_in(self, txn, session: str) -> None:
+        for n in self.trie.remove_session(session):
+            txn.delete("edge", n.id)
+            if n.id in self.ckpts:
+                txn.delete("ckptmeta", n.id)
+                txn.delete("ckpt", n.id)
+                del self.ckpts[n.id]
+        self.session_info.pop(session, None)
+        txn.delete("session", session)
+
+    def delete(self, session: str) -> None:
+        def work(txn):
+            if session not in self.trie.sessions:
+                raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
+            self._delete_in(txn, session)
+
+        self._write(work)
+
+    def sessions(self) -> list[str]:
+        self.refresh()
+        return sorted(self.trie.sessions)
+
+    def _session(self, session: str) -> Node:
+        self.refresh()
+        node = self.trie.sessions.get(session)
+        if node is None:
+            raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
+        return node
+
+    def _restore_ids(self, session: str, use_checkpoint: bool) -> tuple[list[int], Node | None, bytes | None, Cursor]:
+        node = self._session(session)
+        path = self.trie.path(node)
+        ckpt_node, ckpt_data, ids, begin = None, None, [], 0
+        if use_checkpoint:
+            for i in range(len(path) - 1, -1, -1):
+                if path[i].id in self.ckpts:
+                    data = self.backend.read(self.ns, "ckpt", path[i].id)
+                    if data is not None:
+                        ckpt_node, ckpt_data, begin = path[i], data, i + 1
+                        break
+        cursor = Cursor(self._need_model(), self.chunk)
+        if ckpt_node is not None:
+            h, sections = _parse("ckpt", ckpt_node.id, ckpt_data)
+            ids = np.frombuffer(sections[0], dtype="<u4").astype(np.int64).tolist()
+            if len(ids) != ckpt_node.depth:
+                raise StoreCorruptError(f"checkpoint {ckpt_node.id} has the wrong length")
+        cursor.seek(ids)
+        for e in path[begin:]:
+            if e.known:
+                cursor.feed(e.tokens)
+            else:
+                e.tokens, e.intervals = cursor.decode(e.words, e.n)
+                if edge_hash(e.tokens) != e.token_hash:
+                    raise StoreCorruptError(f"edge {e.id} decoded to tokens that do not match "
+                                            "its hash (corrupt record, or other numerics)")
+            ids.extend(e.tokens)
+        if token_hash(ids) != self.session_info[session]["hash"]:
+            raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
+                                    "its hash")
+        self.clock += 1
+        for e in path:
+            self.hits[e.id] = self.hits.get(e.id, 0) + 1
+            self.last[e.id] = self.clock
+        self.last_restore = {"decode_steps": cursor.steps,
+                             "checkpoint_depth": ckpt_node.depth if ckpt_node else 0}
+        return ids, ckpt_node, ckpt_data, cursor
+
+    def get_ids(self, session: str, use_checkpoint: bool = True) -> list[int]:
+        return self._restore_ids(session, use_checkpoint)[0]
+
+    def get_text(self, session: str) -> str:
+        ids = self.get_ids(session)
+        recipe = self.session_info[session].get("text")
+        if recipe is None:
+            raise StoreError(f"session {session!r} holds token ids, not text")
+        return decode_text(self._need_model().tokenizer, ids, TextRecipe.from_dict(recipe))
+
+    def get_cache(self, session: str, use_checkpoint: bool = True) -> RestoredCache:
+        """The session's KV cache: from its deepest checkpoint plus a prefill of the rest."""
+        lm = self._need_model()
+        ids, ckpt_node, data, _ = self._restore_ids(session, use_checkpoint)
+        if ckpt_node is None:
+            return prefill_cache(lm.model, ids)
+        h, sections = _parse("ckpt", ckpt_node.id, data)
+        dtype = next(lm.model.parameters()).dtype
+        cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
+        return continue_prefill(lm.model, cache, ids, int(h["held"]))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _kv_bytes(self, depth: int) -> int:
+        cfg = self._need_model().config
+        depth -= depth % ALIGN
+        if self.quant is None:
+            dtype_bits = 8 * torch.empty(0, dtype=next(self.lm.model.parameters()).dtype).element_size()
+            return fp16_kv_bits(cfg, depth) // 16 * dtype_bits // 8 + 4 * depth
+        return turboquant_kv_bits(cfg, depth, int(self.quant[1])) // 8 + 4 * depth
+
+    def checkpoint(self, target: str, cache=None) -> int:
+        """Materialize a checkpoint at a session's node (or a node id); returns its bytes."""
+        lm = self._need_model()
+        self.refresh()
+        node = self.trie.sessions.get(target) or self.trie.nodes.get(target)
+        if node is None or node is self.trie.root:
+            raise StoreError(f"no session or node {target!r}")
+        ids = []
+        for e in self.trie.path(node):
+            if not e.known:
+                ids = self.get_ids(next(iter(self._sessions_below(node))), use_checkpoint=True)
+                break
+            ids.extend(e.tokens)
+        ids = ids[: node.depth]
+        held = node.depth - node.depth % ALIGN
+        if held == 0:
+            raise StoreError(f"a checkpoint needs at least {ALIGN} tokens of path")
+        if cache is not None and cache.get_seq_length() >= held:
+            cache.crop(held)
+        else:
+            cache = prefill_cache(lm.model, ids[:held]).cache
+        meta, kv = serialize_kv(cache, *(self.quant or (None, None)))
+        record = pack({"kind": "ckpt", "node": node.id, "depth": node.depth, "held": held,
+                       "kv": meta},
+                      [np.asarray(ids, "<u4").tobytes(), kv])
+        cmeta = {"kind": "ckptmeta", "node": node.id, "depth": node.depth, "bytes": len(record),
+                 "format": meta["format"]}
+
+        def work(txn):
+            if node.id not in self.trie.nodes:
+                raise StoreError("the node was deleted meanwhile")
+            txn.put("ckpt", node.id, record)
+            txn.put("ckptmeta", node.id, pack(cmeta, []))
+            self.ckpts[node.id] = cmeta
+
+        self._write(work)
+        return len(record)
+
+    def _sessions_below(self, node: Node):
+        for n in self.trie.subtree(node):
+            yield from n.sessions
+
+    def drop_checkpoint(self, node_id: str) -> None:
+        def work(txn):
+            txn.delete("ckpt", node_id)
+            txn.delete("ckptmeta", node_id)
+            self.ckpts.pop(node_id, None)
+
+        self._write(work)
+
+    def candidates(self) -> dict[str, NodeInfo]:
+        """Nodes that may hold a checkpoint: session ends and branch points."""
+        out = {}
+        for n in self.trie.edges():
+            if (n.sessions or len(n.children) > 1) and n.depth >= ALIGN:
+                path = self.trie.path(n)
+                anc = [a.id for a in path[:-1] if a.sessions or len(a.children) > 1]
+                out[n.id] = NodeInfo(n.id, n.depth, self._kv_bytes(n.depth), self.trie.refs(n),
+                                     float(sum(a.bits for a in path)), self.hits.get(n.id, 0),
+                                     self.last.get(n.id, 0.0), anc)
+        return out
+
+    def rebalance(self, accessed: str | None = None) -> dict:
+        """Let the policy pick the checkpoints under the byte budget; materialize and evict."""
+        self.refresh()
+        nodes = self.candidates()
+        acc = self.trie.sessions[accessed].id if accessed in self.trie.sessions else None
+        keep = self.policy.select(nodes, set(self.ckpts) & set(nodes), acc, self.budget)
+        dropped = [i for i in list(self.ckpts) if i not in keep]
+        for i in dropped:
+            self.drop_checkpoint(i)
+        added = [i for i in keep if i not in self.ckpts]
+        for i in added:
+            self.checkpoint(i)
+        return {"kept": sorted(keep), "added": added, "dropped": dropped,
+                "bytes": sum(int(c["bytes"]) for c in self.ckpts.values())}
+
+    # -- queries -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        self.refresh()
+        tokens_total = sum(int(h["n"]) for h in self.session_info.values())
+        out = {
+            "namespace": self.ns,
+            "sessions": len(self.trie.sessions),
+            "tokens_total": tokens_total,
+            "tokens_unique": self.trie.tokens_unique,
+            "edges": sum(1 for _ in self.trie.edges()),
+            "bits_total": self.trie.bits_total,
+            "bits_per_unique_token": self.trie.bits_total / max(self.trie.tokens_unique, 1),
+            "checkpoints": len(self.ckpts),
+            "checkpoint_bytes": sum(int(c["bytes"]) for c in self.ckpts.values()),
+            "chunk": self.chunk,
+        }
+        if self.lm is not None:
+            cfg = self.lm.config
+            out["fp16_kv_bits_total"] = fp16_kv_bits(cfg, 1) * tokens_total
+            out["turboquant3_kv_bits_total"] = turboquant_kv_bits(cfg, 1, 3) * tokens_total
+        return out
+
+    def nearest(self, data, k: int = 10) -> list[dict]:
+        """Stored sessions ranked by d_T = -log2 P_M(s ^ query), the information of the longest
+        common prefix under the model (most shared information first), with its token count."""
+        ids, _ = self._ids(data)
+        self.refresh()
+        cursor = Cursor(self._need_model(), self.chunk)
+        m = self._walk(ids, cursor)
+        on_path = {n.id: n for n in self.trie.path(m.node)}
+        cum, total = {"root": (0, 0.0)}, 0.0
+        for n in self.trie.path(m.node):
+            upto = n.n if n is not m.node else m.offset
+            total += n.info_bits(upto)
+            cum[n.id] = (n.start + upto, total)
+        rows = []
+        for name, node in self.trie.sessions.items():
+            a = node
+            while a is not self.trie.root and a.id not in on_path:
+                a = a.parent
+            shared, bits = cum[a.id]
+            rows.append({"session": name, "shared_tokens": shared, "d_T_bits": round(bits, 3),
+                         "session_tokens": int(self.session_info[name]["n"])})
+        rows.sort(key=lambda r: (-r["d_T_bits"], -r["shared_tokens"], r["session"]))
+        return rows[:k]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
