@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..compress import RestoredCache
-from ..errors import BlobError
+from ..errors import BlobError, SeqkvError
 from ..stepper import cache_kwarg
 
 
@@ -39,7 +39,9 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def serialize_kv(cache: DynamicCache, quant: str | None = None, bits: float | None = None) -> tuple[dict, bytes]:
+def serialize_kv(
+    cache: DynamicCache, quant: str | None = None, bits: float | None = None
+) -> tuple[dict, bytes]:
     """A cache's K/V as bytes: raw safetensors, or each tensor per-vector quantized."""
     from safetensors.torch import save
 
@@ -120,7 +122,9 @@ class NodeInfo:
     ancestors: list[str] = field(default_factory=list)  # candidate ids above it, nearest last
 
 
-def restore_cost(depth: int, ckpt_depth: int, chunk: int, step_cost: float, prefill_cost: float) -> float:
+def restore_cost(
+    depth: int, ckpt_depth: int, chunk: int, step_cost: float, prefill_cost: float
+) -> float:
     """Restore compute (seconds, from measured unit costs) of a path of ``depth`` tokens when
     its deepest checkpoint is at ``ckpt_depth``: decode steps from the context window start,
     plus prefill of the suffix."""
@@ -183,7 +187,7 @@ def policy_by_name(name: str):
         return LRUPolicy()
     if name in ("prior", "prior-guided"):
         return PriorGuidedPolicy()
-    raise BlobError(f"unknown checkpoint policy {name!r} (lru, prior)")
+    raise SeqkvError(f"unknown checkpoint policy {name!r} (lru, prior)")
 
 
 def dumps(obj: dict) -> str:

@@ -100,7 +100,8 @@ class Cursor:
         """Intervals [n, 2] of ``tokens`` continuing the path (and feed them)."""
         rows = np.zeros((len(tokens), 2), dtype=np.int64)
         for j, t in enumerate(tokens):
-            start, freq = symbol_intervals(self.pmf(), torch.tensor([int(t)], device=self.lm.device))
+            token = torch.tensor([int(t)], device=self.lm.device)
+            start, freq = symbol_intervals(self.pmf(), token)
             rows[j] = (int(start), int(freq))
             self.path.append(int(t))
         return rows

@@ -20,7 +20,8 @@ import redis
 
 from .backend import StoreConflict, StoreError, pause_before_commit
 
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('del', KEYS[1]) end return 0")
 
 
 def _key(prefix: str, ns: str, kind: str) -> str:

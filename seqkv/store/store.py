@@ -279,7 +279,9 @@ class Store:
             raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
         return node
 
-    def _restore_ids(self, session: str, use_checkpoint: bool) -> tuple[list[int], Node | None, bytes | None, Cursor]:
+    def _restore_ids(
+        self, session: str, use_checkpoint: bool
+    ) -> tuple[list[int], Node | None, bytes | None, Cursor]:
         node = self._session(session)
         path = self.trie.path(node)
         ckpt_node, ckpt_data, ids, begin = None, None, [], 0
@@ -343,7 +345,8 @@ class Store:
         cfg = self._need_model().config
         depth -= depth % ALIGN
         if self.quant is None:
-            dtype_bits = 8 * torch.empty(0, dtype=next(self.lm.model.parameters()).dtype).element_size()
+            dtype = next(self.lm.model.parameters()).dtype
+            dtype_bits = 8 * torch.empty(0, dtype=dtype).element_size()
             return fp16_kv_bits(cfg, depth) // 16 * dtype_bits // 8 + 4 * depth
         return turboquant_kv_bits(cfg, depth, int(self.quant[1])) // 8 + 4 * depth
 

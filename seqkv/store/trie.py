@@ -78,7 +78,8 @@ class Match:
 class Trie:
     def __init__(self, encode: Encoder) -> None:
         self.encode = encode
-        self.root = Node("root", None, 0, 0, -1, np.zeros(0, np.uint32), [], np.zeros((0, 2), np.int64))
+        self.root = Node("root", None, 0, 0, -1, np.zeros(0, np.uint32), [],
+                         np.zeros((0, 2), np.int64))
         self.nodes: dict[str, Node] = {"root": self.root}
         self.sessions: dict[str, Node] = {}
 
@@ -141,7 +142,8 @@ class Trie:
         mid.token_hash = edge_hash(mid.tokens)
         parent.children[mid.first] = mid
         node.tokens, node.intervals = node.tokens[k:], node.intervals[k:].copy()
-        node.parent, node.start, node.n, node.first = mid, node.start + k, node.n - k, node.tokens[0]
+        node.parent, node.start, node.n = mid, node.start + k, node.n - k
+        node.first = node.tokens[0]
         node.words = self.encode(node.intervals)
         node.token_hash = edge_hash(node.tokens)
         mid.children[node.first] = node

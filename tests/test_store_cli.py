@@ -1,0 +1,47 @@
+"""`seqkv store` with the real model: put/get byte for byte, stats --json, nearest --json."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from seqkv.cli import build_app
+
+runner = CliRunner()
+app = build_app()
+SYSTEM = "You are a careful assistant. Answer briefly and cite the manual.\n"
+A = SYSTEM + "User: How do I open a file in Python?\n"
+B = SYSTEM + "User: What does  the  `with` statement do?\u00a0\n"
+
+
+@pytest.mark.slow
+def test_store_cli_contract(tmp_path, smollm2):
+    db = str(tmp_path / "s.db")
+    for name, text in (("a", A), ("b", B)):
+        (tmp_path / f"{name}.txt").write_text(text)
+        r = runner.invoke(app, ["store", "put", "--db", db, "--session", name,
+                                str(tmp_path / f"{name}.txt")])
+        assert r.exit_code == 0, r.output
+    for name, text in (("a", A), ("b", B)):
+        out = tmp_path / f"{name}.out"
+        r = runner.invoke(app, ["store", "get", "--db", db, "--session", name, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert out.read_bytes() == text.encode()
+    r = runner.invoke(app, ["store", "stats", "--db", db, "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)
+    tok = smollm2.tokenizer
+    shared = len(tok(SYSTEM + "User:").input_ids) - 1
+    assert st["sessions"] == 2
+    assert st["tokens_total"] == len(tok(A).input_ids) + len(tok(B).input_ids)
+    assert st["tokens_unique"] <= st["tokens_total"] - shared
+    assert 0 < st["bits_total"] < 16 * st["tokens_unique"]  # under a plain 16-bit token id
+    (tmp_path / "q.txt").write_text(SYSTEM + "User: How do I close a file?")
+    r = runner.invoke(app, ["store", "nearest", "--db", db, str(tmp_path / "q.txt"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows[0]["session"] == "a" and rows[0]["shared_tokens"] > rows[1]["shared_tokens"]
+    assert rows[1]["shared_tokens"] >= shared and rows[0]["d_T_bits"] > rows[1]["d_T_bits"] > 0
+    r = runner.invoke(app, ["store", "get", "--db", db, "--session", "zzz", "-o",
+                            str(tmp_path / "z")])
+    assert r.exit_code == 1 and "no session 'zzz'" in r.output
