@@ -32,12 +32,14 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--shared", type=int, default=64)
+    ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2)")
+    ap.add_argument("--texts", default=None, help="JSON list of texts (default: Brown news)")
     ap.add_argument("--db", default=None, help="store URL (default: a temporary SQLite file)")
     ap.add_argument("--out", default="benchmarks/results/store_throughput.json")
     a = ap.parse_args()
-    lm = load_model(None, device=a.device)
+    lm = load_model(a.model, device=a.device)
     tok = lm.tokenizer
-    texts = brown("a", a.sessions + 1)
+    texts = json.loads(Path(a.texts).read_text()) if a.texts else brown("a", a.sessions + 1)
     prefix = tok(texts[0]).input_ids[: a.shared]
     sessions = [(f"s{i}", prefix + tok(t).input_ids[: a.tokens - a.shared])
                 for i, t in enumerate(texts[1:])]

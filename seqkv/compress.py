@@ -20,7 +20,7 @@ from .blob import pack, unpack
 from .errors import BlobError, ModelMismatchError, SeqkvError
 from .kvsize import fp16_kv_bits, turboquant_kv_bits
 from .models import LoadedModel
-from .stepper import cache_kwarg
+from .stepper import PROCEDURE, cache_kwarg
 from .textcodec import TextRecipe, decode_text, encode_text
 from .token_codec import DEFAULT_BATCH, DEFAULT_CHUNK, CodedChunk, TokenCodec
 
@@ -73,12 +73,13 @@ def compress_tokens(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     batch: int = DEFAULT_BATCH,
+    procedure: str = PROCEDURE,
     text: TextRecipe | None = None,
     progress: bool = False,
 ) -> bytes:
     """Token ids to a blob."""
     ids = [int(i) for i in (ids.reshape(-1).tolist() if torch.is_tensor(ids) else ids)]
-    coding = TokenCodec(lm, chunk_size, batch).encode(ids, progress=progress)
+    coding = TokenCodec(lm, chunk_size, batch, procedure=procedure).encode(ids, progress=progress)
     header = {
         "kind": KIND,
         "seqkv": __version__,
@@ -118,7 +119,10 @@ def decompress_tokens(
     parsed = blob if isinstance(blob, TokenBlob) else TokenBlob.parse(blob)
     check_model(lm, parsed.header)
     numerics = parsed.header["numerics"]
-    codec = TokenCodec(lm, int(parsed.header["chunk_size"]), int(numerics.get("batch", 1)))
+    codec = TokenCodec(
+        lm, int(parsed.header["chunk_size"]), int(numerics.get("batch", 1)),
+        procedure=str(numerics.get("procedure")),
+    )
     ids = codec.decode(parsed.chunks, numerics, progress=progress)
     if token_hash(ids) != parsed.header["token_hash"]:
         raise BlobError("decoded tokens do not match the stored hash (corrupt stream, or "

@@ -90,7 +90,9 @@ class VectorRansDecoder:
         self.left = self.left - refill.long()
         self.state = torch.where(active, state, self.state)
         self.bad |= active & _reserved(symbols, pmf.shape[-1])
-        return symbols - 1
+        # A corrupt stream may land on a reserved symbol: keep feeding the model valid ids
+        # (finish() reports the corruption) rather than indexing outside its vocabulary.
+        return (symbols - 1).clamp(0, pmf.shape[-1] - 3)
 
     def finish(self) -> None:
         # Decoding undoes every encode step: a sound stream ends empty, with state 0.

@@ -22,7 +22,8 @@ from .distribution import quantized_pmf
 from .errors import ModelMismatchError
 from .models import LoadedModel
 
-PROCEDURE = "lockstep-v1"
+PROCEDURE = "lockstep-v1"  # DynamicCache, one token per stream per step: any model, any device
+PROCEDURES = (PROCEDURE,)
 
 # on_step(step, pmf [B, V+2] int64, logits [B, V]) -> the tokens at this step [B] (long)
 StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,9 +67,10 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
-def numerics_profile(lm: LoadedModel, batch: int) -> NumericsProfile:
+def numerics_profile(lm: LoadedModel, batch: int, procedure: str = PROCEDURE) -> NumericsProfile:
+    use_repeatable_attention(lm)
     return NumericsProfile(
-        procedure=PROCEDURE,
+        procedure=procedure,
         device=device_label(lm.device),
         dtype=lm.fingerprint.dtype,
         attn=str(getattr(lm.config, "_attn_implementation", None) or "default"),
@@ -82,11 +84,27 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def use_repeatable_attention(lm: LoadedModel) -> None:
+    """On GPUs, code with the eager attention path.
+
+    Measured on the H200 (bf16, transformers 5.17, torch 2.11): SDPA's decode kernels gave
+    different probabilities for the same sequence run twice once 128 positions were cached;
+    the eager path was repeatable. The choice is recorded in every blob's numerics profile.
+    """
+    if lm.device.type != "cpu" and lm.config._attn_implementation != "eager":
+        lm.model.set_attn_implementation("eager")
+
+
 @torch.inference_mode()
-def run_lockstep(lm: LoadedModel, n_streams: int, n_steps: int, on_step: StepFn) -> None:
+def run_lockstep(
+    lm: LoadedModel, n_streams: int, n_steps: int, on_step: StepFn, procedure: str = PROCEDURE
+) -> None:
     """Advance n_streams streams n_steps tokens; on_step picks each step's tokens."""
+    if procedure not in PROCEDURES:
+        raise ModelMismatchError(f"unknown coding procedure {procedure!r}")
     device = lm.device
     configure_determinism(device)
+    use_repeatable_attention(lm)
     cache = DynamicCache(config=lm.config)
     inputs = torch.full((n_streams, 1), lm.prime_token(), dtype=torch.long, device=device)
     kwarg = cache_kwarg(lm.model)

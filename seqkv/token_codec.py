@@ -25,7 +25,14 @@ from .distribution import model_bits, reduced_weights, symbol_intervals
 from .errors import SeqkvError
 from .models import LoadedModel
 from .rans import decoder_for
-from .stepper import NumericsProfile, numerics_profile, run_lockstep
+from .stepper import (
+    PROCEDURE,
+    PROCEDURES,
+    NumericsProfile,
+    numerics_profile,
+    run_lockstep,
+    use_repeatable_attention,
+)
 
 DEFAULT_CHUNK = 1024
 DEFAULT_BATCH = 16
@@ -82,6 +89,7 @@ class TokenCodec:
         chunk_size: int = DEFAULT_CHUNK,
         batch: int = DEFAULT_BATCH,
         decoder: type | None = None,
+        procedure: str = PROCEDURE,
     ) -> None:
         max_pos = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
         limit = (int(max_pos) - 1) if max_pos else chunk_size  # position 0 is the prime token
@@ -91,9 +99,13 @@ class TokenCodec:
         self.chunk_size = min(chunk_size, limit)
         self.batch = batch
         self.decoder = decoder or decoder_for(lm.device)
+        if procedure not in PROCEDURES:
+            raise SeqkvError(f"unknown coding procedure {procedure!r}; one of {PROCEDURES}")
+        self.procedure = procedure
+        use_repeatable_attention(lm)
 
     def profile(self, n_chunks: int) -> NumericsProfile:
-        return numerics_profile(self.lm, min(self.batch, max(n_chunks, 1)))
+        return numerics_profile(self.lm, min(self.batch, max(n_chunks, 1)), self.procedure)
 
     def encode(self, ids: Sequence[int], progress: bool = False) -> TokenCoding:
         ids_t = torch.as_tensor(list(ids), dtype=torch.long)
@@ -132,7 +144,7 @@ class TokenCodec:
             bar.update(sum(1 for n in lengths if step < n))
             return tokens
 
-        run_lockstep(self.lm, len(streams), steps, on_step)
+        self._run(len(streams), steps, on_step)
         # Only (start, freq) per token reaches the host, never a distribution.
         starts_np, freqs_np, bits_np = starts.cpu().numpy(), freqs.cpu().numpy(), bits.cpu()
         coded, per_token = [], []
@@ -146,6 +158,9 @@ class TokenCodec:
             coded.append(CodedChunk(n, coder.get_compressed().astype(np.uint32)))
             per_token.extend(bits_np[row, :n].tolist())
         return coded, per_token
+
+    def _run(self, n_streams: int, steps: int, on_step) -> None:
+        run_lockstep(self.lm, n_streams, steps, on_step, self.procedure)
 
     def decode(
         self, chunks: Sequence[CodedChunk], profile: dict | None = None, progress: bool = False
@@ -177,7 +192,7 @@ class TokenCodec:
             bar.update(int(active.sum()))
             return tokens
 
-        run_lockstep(self.lm, len(members), steps, on_step)
+        self._run(len(members), steps, on_step)
         decoder.finish()
         rows = decoded.cpu()
         return [t for row, n in enumerate(lengths.tolist()) for t in rows[row, :n].tolist()]

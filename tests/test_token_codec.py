@@ -89,3 +89,8 @@ def test_coded_bits_track_model_cross_entropy():
     assert info["chunks"] == 2
     # Coder overhead over the model's own cross-entropy: under 1% on 1,000+ token chunks.
     assert 0 <= info["coder_overhead"] < 0.01
+
+
+def test_unknown_procedure_refused(llama):
+    with pytest.raises(SeqkvError, match="unknown coding procedure"):
+        compress_tokens(llama, [1, 2], procedure="nope")
