@@ -106,8 +106,8 @@ def compress_text(lm: LoadedModel, text: str, **options) -> bytes:
     return compress_tokens(lm, ids, text=recipe, **options)
 
 
-def check_model(lm: LoadedModel, header: dict) -> None:
-    problem = lm.fingerprint.mismatch(header["model"])
+def check_model(lm: LoadedModel, header: dict, tokenizer: bool = False) -> None:
+    problem = lm.fingerprint.mismatch(header["model"], tokenizer=tokenizer)
     if problem:
         raise ModelMismatchError(problem)
 
@@ -134,6 +134,7 @@ def decompress_text(lm: LoadedModel, blob: bytes, progress: bool = False) -> str
     parsed = TokenBlob.parse(blob)
     if parsed.header.get("text") is None:
         raise SeqkvError("this blob holds token ids, not text: restore the cache or ids instead")
+    check_model(lm, parsed.header, tokenizer=True)
     ids = decompress_tokens(lm, parsed, progress=progress)
     return decode_text(lm.tokenizer, ids, TextRecipe.from_dict(parsed.header["text"]))
 
