@@ -106,7 +106,9 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 # Text that exercises normalization, pre-tokenization, bytes and special handling.
-_TOKENIZER_PROBE = "Hello, world!  \t\n\u00e9\u0301 \u4e2d\u6587 \U0001f600 <|im_start|> 12345 ```py\n"
+_TOKENIZER_PROBE = (
+    "Hello, world!  \t\n\u00e9\u0301 \u4e2d\u6587 \U0001f600 <|im_start|> 12345 ```py\n"
+)
 
 
 def tokenizer_hash(tokenizer) -> str:
