@@ -112,6 +112,7 @@ def demo(
         (name, bundled_text(name)) for name in BUNDLED
     ]
     console = Console(stderr=json_)
+    console.width = max(console.width, 132)  # the table is wider than a default pipe's 80
     rows = []
     for name, text in inputs:
         console.print(f"[bold]{name}[/]")
