@@ -6,7 +6,7 @@ import typer
 
 
 def build_app() -> typer.Typer:
-    from . import codec, quant, store
+    from . import codec, kv, quant, store
 
     app = typer.Typer(
         name="seqkv",
@@ -15,7 +15,7 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    for module in (codec, quant, store):
+    for module in (codec, quant, store, kv):
         module.register(app)
     return app
 

@@ -1,0 +1,116 @@
+"""`seqkv kv-dump | kv-compress | kv-restore`: the delta tier for exported KV cache files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import SeqkvError
+from .common import ModelOption, friendly_errors
+
+InPath = Annotated[Path, typer.Argument(help="input file")]
+OutPath = Annotated[Path, typer.Option("--output", "-o", help="output file (written atomically)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary")]
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _load(model: str | None):
+    from ..models import load_model
+
+    return load_model(model)
+
+
+@friendly_errors
+def kv_dump(
+    input: InPath,
+    output: OutPath,
+    dtype: Annotated[str, typer.Option(help="stored dtype: bf16, fp16 or fp32")] = "bf16",
+    model: ModelOption = None,
+) -> None:
+    """Prefill a UTF-8 text and export its KV cache as a safetensors cache file."""
+    import torch
+
+    from ..compress import prefill_cache
+    from ..delta import KVCache, save_cachefile
+    from ..textcodec import encode_text
+    from .codec import read_text
+
+    if dtype not in DTYPES:
+        raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    text = read_text(input)
+    lm = _load(model)
+    ids, _ = encode_text(lm.tokenizer, text)
+    restored = prefill_cache(lm.model, ids)
+    save_cachefile(output, KVCache.from_dynamic(restored.cache, ids,
+                                                getattr(torch, DTYPES[dtype])))
+
+
+@friendly_errors
+def kv_compress(
+    input: InPath,
+    output: OutPath,
+    exact: Annotated[bool, typer.Option("--exact", help="lossless, bit for bit (default)")] = False,
+    max_abs_error: Annotated[
+        float | None, typer.Option("--max-abs-error", help="lossy: bound on |restored - original|")
+    ] = None,
+    predictor: Annotated[
+        str, typer.Option(help="recompute (the model's prefill) or none (plain entropy coding)")
+    ] = "recompute",
+    tokens: Annotated[str, typer.Option(help="coded (under the model) or raw")] = "coded",
+    model: ModelOption = None,
+    quiet: Quiet = False,
+) -> None:
+    """Compress a KV cache file (safetensors) to a kv-delta blob."""
+    from ..blob import write_atomic
+    from ..delta import compress_kv, get_predictor, inspect_delta_blob, load_cachefile
+
+    if exact and max_abs_error is not None:
+        raise SeqkvError("--exact and --max-abs-error exclude each other")
+    kv = load_cachefile(input)
+    needs = get_predictor(predictor).needs_model or tokens == "coded"
+    lm = _load(model) if needs else None
+    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, tokens=tokens)
+    write_atomic(output, blob)
+    if not quiet:
+        info = inspect_delta_blob(blob)
+        r = info["residual"]
+        typer.echo(
+            f"{info['tokens']} tokens, {info['components']} components -> {info['bytes']} bytes "
+            f"({info['ratio']:.2f}x; residual {r['bits_per_component']:.3f} bits/component, "
+            f"tokens {info['tokens_part']['bits_per_token']:.2f} bits/token)",
+            err=True,
+        )
+
+
+@friendly_errors
+def kv_restore(
+    input: InPath,
+    output: OutPath,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="refuse a lossy blob: every tensor bit for bit")
+    ] = False,
+    model: ModelOption = None,
+) -> None:
+    """Restore a kv-delta blob to a KV cache file (safetensors)."""
+    from ..blob import read_blob
+    from ..delta import decompress_kv, save_cachefile
+    from ..delta.api import parse
+    from ..delta.predictors import predictor_from_header
+
+    blob = read_blob(input)
+    header, _ = parse(blob)  # refuse a bad blob before loading a model
+    if exact and header["mode"] != "exact":
+        raise SeqkvError(f"{input} is lossy (max abs error {header.get('max_abs_error')}); "
+                         "it cannot restore bit for bit")
+    needs = (predictor_from_header(header["predictor"]).needs_model
+             or header["tokens"]["coding"] == "coded")
+    lm = _load(model) if needs else None
+    save_cachefile(output, decompress_kv(blob, lm))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("kv-dump")(kv_dump)
+    app.command("kv-compress")(kv_compress)
+    app.command("kv-restore")(kv_restore)

@@ -1,0 +1,105 @@
+"""kv-dump / kv-compress / kv-restore: the CLI contract and its one-line errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from seqkv.blob import read_blob
+from seqkv.cli import build_app
+from seqkv.cli import kv as kv_cli
+from seqkv.compress import prefill_cache
+from seqkv.delta import KVCache, inspect_delta_blob, load_cachefile, save_cachefile
+from tests.conftest import tiny_llama
+
+runner = CliRunner()
+app = build_app()
+IDS = list(range(5, 30))
+
+
+@pytest.fixture()
+def tiny(monkeypatch, llama):
+    monkeypatch.setattr(kv_cli, "_load", lambda model: llama)
+    return llama
+
+
+@pytest.fixture()
+def cachefile(tmp_path):
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)  # "computed elsewhere"
+    path = tmp_path / "cache.safetensors"
+    save_cachefile(path, KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS))
+    return path
+
+
+def _equal_files(a, b) -> bool:
+    ta, tb = load_file(a), load_file(b)
+    return ta.keys() == tb.keys() and all(
+        ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
+        and ta[k].contiguous().view(torch.uint8).equal(tb[k].contiguous().view(torch.uint8))
+        for k in ta)
+
+
+@pytest.mark.parametrize("predictor", ["recompute", "none"])
+def test_compress_restore_exact(tiny, cachefile, tmp_path, predictor):
+    skv, out = tmp_path / "c.skv", tmp_path / "out.safetensors"
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "--exact",
+                            "--predictor", predictor, "--tokens", "raw"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(out), "--exact"])
+    assert r.exit_code == 0, r.output
+    assert _equal_files(cachefile, out)
+    info = inspect_delta_blob(read_blob(skv))
+    assert info["mode"] == "exact" and info["predictor"]["name"] == predictor
+
+
+def test_lossy_then_exact_restore_refused(tiny, cachefile, tmp_path):
+    skv = tmp_path / "c.skv"
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "-q",
+                            "--max-abs-error", "0.01"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(tmp_path / "o.st"), "--exact"])
+    assert r.exit_code == 1 and "lossy" in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(tmp_path / "o.st")])
+    assert r.exit_code == 0, r.output
+    a, b = load_cachefile(cachefile), load_cachefile(tmp_path / "o.st")
+    assert all(((x.float() - y.float()).abs() <= 0.01).all() for x, y in
+               zip(a.tensors, b.tensors, strict=True))
+
+
+def test_errors_are_one_line(tiny, cachefile, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    noids = tmp_path / "noids.safetensors"
+    save_file({"layers.0.keys": torch.zeros(1, 1, 2, 4)}, noids)
+    cases = [
+        ["kv-compress", str(tmp_path / "missing"), "-o", str(tmp_path / "x")],
+        ["kv-compress", str(bad), "-o", str(tmp_path / "x")],
+        ["kv-compress", str(noids), "-o", str(tmp_path / "x")],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--predictor", "oracle"],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--exact",
+         "--max-abs-error", "0.1"],
+        ["kv-restore", str(cachefile), "-o", str(tmp_path / "x")],
+    ]
+    for args in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.startswith("seqkv: error:") and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_kv_dump_real_model(smollm2, tmp_path):
+    txt = tmp_path / "in.txt"
+    txt.write_text("The jury praised the city for the manner of the election.\n")
+    st, skv, out = (tmp_path / n for n in ("c.safetensors", "c.skv", "o.safetensors"))
+    r = runner.invoke(app, ["kv-dump", str(txt), "-o", str(st), "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    kv = load_cachefile(st)
+    assert len(kv.keys) == 30 and kv.keys[0].dtype == torch.bfloat16
+    assert kv.keys[0].shape == (1, 3, kv.n_tokens, 64)
+    r = runner.invoke(app, ["kv-compress", str(st), "-o", str(skv), "--exact", "-q",
+                            "--tokens", "raw"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(out), "--exact"])
+    assert r.exit_code == 0, r.output
+    assert _equal_files(st, out)

@@ -1,0 +1,174 @@
+"""The delta tier: bit-exact round trips, corrupt streams, NaN/Inf, empty caches, lossy bounds."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqkv.blob import pack, unpack
+from seqkv.compress import prefill_cache
+from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob
+from seqkv.delta import residual_coding as rc
+from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
+from tests.conftest import tiny_llama
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
+IDS = list(range(3, 27))
+
+
+@pytest.fixture(scope="module")
+def caches(llama, gemma3):
+    return {name: (lm, prefill_cache(lm.model, IDS).cache)
+            for name, lm in (("llama", llama), ("gemma3", gemma3))}
+
+
+def specials(kv: KVCache) -> KVCache:
+    """NaN, +-Inf and -0 planted in the first and last layers."""
+    k, v = kv.keys[0], kv.values[-1]
+    k[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0]).to(k.dtype)
+    v[0, -1, -1, -1] = float("nan")
+    return kv
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("predictor", ["none", "recompute"])
+def test_exact_round_trip(caches, arch, dtype, predictor):
+    lm, cache = caches[arch]
+    kv = specials(KVCache.from_dynamic(cache, IDS, dtype))
+    blob = compress_kv(kv, lm, predictor, tokens="raw")
+    assert decompress_kv(blob, lm).equal_bits(kv)
+
+
+def test_recompute_of_own_numerics_is_nearly_free(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    info = inspect_delta_blob(compress_kv(kv, lm, "recompute", tokens="raw"))
+    assert info["residual"]["bits_per_component"] < 1.0
+    assert info["mode"] == "exact" and info["predictor"]["compute"] == 1.0
+
+
+def test_other_numerics_round_trip_and_cost(caches):
+    """A cache 'computed elsewhere' (bf16 model) restored by the fp32 recomputation."""
+    lm, _ = caches["llama"]
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)
+    kv = KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS)
+    blob = compress_kv(kv, lm, "recompute", tokens="raw")
+    assert decompress_kv(blob, lm).equal_bits(kv)
+    none = inspect_delta_blob(compress_kv(kv, None, "none", tokens="raw"))
+    assert inspect_delta_blob(blob)["residual"]["bits"] < none["residual"]["bits"]
+
+
+def test_coded_tokens_and_inspect_contract(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, lm, "recompute")
+    assert decompress_kv(blob, lm).equal_bits(kv)
+    info = inspect_delta_blob(blob)
+    assert info["kind"] == "kv-delta" and info["tokens_part"]["coding"] == "coded"
+    for part in ("residual", "tokens_part"):
+        assert {"bits_per_component", "bits_per_token"} <= set(info[part])
+    n = info["tokens"]
+    assert info["residual"]["bits_per_token"] == pytest.approx(info["residual"]["bits"] / n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_empty_caches(caches, arch):
+    lm, cache = caches[arch]
+    full = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    empty = KVCache([], [k[:, :, :0] for k in full.keys], [v[:, :, :0] for v in full.values])
+    for predictor in ("none", "recompute"):
+        blob = compress_kv(empty, lm, predictor)
+        assert decompress_kv(blob, lm).equal_bits(empty)
+    no_layers = KVCache(IDS, [], [])
+    assert decompress_kv(compress_kv(no_layers, None, "none"), None).equal_bits(no_layers)
+
+
+def _tamper(blob: bytes, section: int, fn) -> bytes:
+    header, sections = unpack(blob)
+    sections[section] = fn(sections[section])
+    header.pop("sections")
+    return pack(header, sections)
+
+
+def test_corrupted_residual_streams(caches):
+    lm, _ = caches["llama"]
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)  # other numerics: every stream is non-empty
+    kv = KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS)
+    blob = compress_kv(kv, lm, "recompute", tokens="raw")
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x40
+    with pytest.raises(BlobError):
+        decompress_kv(bytes(flipped), lm)
+    with pytest.raises(BlobError):
+        decompress_kv(blob[:-10], lm)
+    # A consistent container around a damaged stream: caught by the decoder or the hash.
+    for section in (2, 3, 4):
+        for fn in (lambda s: bytes([s[0] ^ 1]) + s[1:] if s else b"\x01",
+                   lambda s: s[:-4], lambda s: s + b"\x00\x00\x00\x00"):
+            assert unpack(blob)[1][section]
+            with pytest.raises(BlobError):
+                decompress_kv(_tamper(blob, section, fn), lm)
+
+
+def test_other_model_or_numerics_refused(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, lm, "recompute", tokens="raw")
+    with pytest.raises(ModelMismatchError):
+        decompress_kv(blob, tiny_llama(seed=1))
+    with pytest.raises(SeqkvError):
+        decompress_kv(blob, None)
+    header, sections = unpack(blob)
+    header.pop("sections")
+    header["prediction_hash"] = "0" * 32  # as if this machine computed another prediction
+    with pytest.raises(ModelMismatchError, match="prediction differs"):
+        decompress_kv(pack(header, sections), lm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn],
+                         ids=str)
+@pytest.mark.parametrize("bound", [1e-3, 0.05])
+def test_lossy_bound(caches, dtype, bound):
+    lm, cache = caches["gemma3"]
+    kv = specials(KVCache.from_dynamic(cache, IDS, dtype))
+    for predictor in ("none", "recompute"):
+        blob = compress_kv(kv, lm, predictor, max_abs_error=bound, tokens="raw")
+        back = decompress_kv(blob, lm)
+        for a, b in zip(back.tensors, kv.tensors, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            af, bf = a.float(), b.float()
+            same_special = (torch.isnan(af) & torch.isnan(bf)) | (~torch.isfinite(bf) & (af == bf))
+            assert bool((((af - bf).abs() <= bound) | same_special).all())
+    with pytest.raises(SeqkvError):
+        compress_kv(kv, lm, "recompute", max_abs_error=-1.0)
+
+
+def test_ordered_mapping_exhaustive_16_bit():
+    pats = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = pats.view(dtype)
+        o = rc.to_ordered(x)
+        assert torch.equal(rc.from_ordered(o, dtype, x.shape).view(torch.int16), pats)
+        finite = torch.isfinite(x.float()).numpy()
+        xs, os_ = x.float().numpy()[finite], o[finite]
+        order = np.argsort(os_, kind="stable")
+        assert (np.diff(xs[order]) >= 0).all()  # integer order is float order
+        assert len(np.unique(o)) == len(o)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(1 << 33), 1 << 33), min_size=0, max_size=300))
+def test_residual_symbols_round_trip(values):
+    r = np.asarray(values, dtype=np.int64)
+    sym, off, nbits = rc.residual_symbols(r)
+    assert sym.size == 0 or (sym.min() >= 0 and sym.max() < rc.N_SYMBOLS)
+    data = rc.pack_bits(off, nbits)
+    back = rc.unpack_bits(data, rc.raw_bit_counts(sym))
+    assert np.array_equal(rc.symbols_to_residuals(sym, back), r)
+    coded = rc.encode_blocks([sym[: len(sym) // 2], sym[len(sym) // 2:]])
+    blocks = rc.decode_blocks(coded, [len(sym) // 2, len(sym) - len(sym) // 2])
+    assert np.array_equal(np.concatenate(blocks), sym)
