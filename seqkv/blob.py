@@ -77,14 +77,19 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
     return header, sections
 
 
-def read_blob(path: str | os.PathLike) -> bytes:
+def read_file(path: str | os.PathLike, what: str = "file") -> bytes:
+    """A file's bytes, or a one-line SeqkvError for a missing path or a directory."""
     p = Path(path)
     if p.is_dir():
-        raise SeqkvError(f"is a directory, not a blob: {path}")
+        raise SeqkvError(f"is a directory, not a {what}: {path}")
     try:
         return p.read_bytes()
     except FileNotFoundError as e:
         raise SeqkvError(f"no such file: {path}") from e
+
+
+def read_blob(path: str | os.PathLike) -> bytes:
+    return read_file(path, "blob")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

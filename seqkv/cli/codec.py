@@ -11,31 +11,16 @@ from rich.table import Table
 
 from ..blob import read_blob, write_atomic
 from ..compress import compress_text, decompress_text, inspect_blob
-from ..errors import SeqkvError
 from ..token_codec import DEFAULT_BATCH, DEFAULT_CHUNK
-from .common import ModelOption, friendly_errors, print_json
-
-InPath = Annotated[Path, typer.Argument(help="input file")]
-OutPath = Annotated[Path, typer.Option("--output", "-o", help="output file (written atomically)")]
-
-
-def read_text(path: Path) -> str:
-    if path.is_dir():
-        raise SeqkvError(f"is a directory: {path}")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise SeqkvError(f"no such file: {path}") from e
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SeqkvError(f"{path} is not UTF-8 text (byte {e.start})") from e
-
-
-def _load(model: str | None):
-    from ..models import load_model
-
-    return load_model(model)
+from .common import (
+    InPath,
+    ModelOption,
+    OutPath,
+    friendly_errors,
+    load,
+    print_json,
+    read_text,
+)
 
 
 @friendly_errors
@@ -51,7 +36,7 @@ def compress(
 ) -> None:
     """Compress a UTF-8 text (and so its KV cache) to its tokens, coded under the model."""
     text = read_text(input)
-    lm = _load(model)
+    lm = load(model)
     blob = compress_text(lm, text, chunk_size=chunk_size, batch=batch, progress=not quiet)
     write_atomic(output, blob)
     if not quiet:
@@ -74,7 +59,7 @@ def decompress(
     """Decompress a blob back to its text, byte for byte."""
     blob = read_blob(input)
     inspect_blob(blob)  # refuse a bad blob before loading a model
-    lm = _load(model)
+    lm = load(model)
     text = decompress_text(lm, blob, progress=not quiet)
     write_atomic(output, text.encode("utf-8"))
 
@@ -107,7 +92,7 @@ def demo(
     """Compress real texts, restore their KV caches, verify them, and compare sizes."""
     from ..demo import BUNDLED, bundled_text, run_one
 
-    lm = _load(model)
+    lm = load(model)
     inputs = [(p.name, read_text(p)) for p in texts] if texts else [
         (name, bundled_text(name)) for name in BUNDLED
     ]

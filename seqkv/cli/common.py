@@ -7,16 +7,36 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..blob import read_file
 from ..errors import SeqkvError
 
 ModelOption = Annotated[
     str | None,
     typer.Option("--model", "-m", help="HF model directory or .gguf file (default: SmolLM2-135M)"),
 ]
+
+InPath = Annotated[Path, typer.Argument(help="input file")]
+OutPath = Annotated[Path, typer.Option("--output", "-o", help="output file (written atomically)")]
+
+
+def read_text(path: Path) -> str:
+    data = read_file(path, "text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SeqkvError(f"{path} is not UTF-8 text (byte {e.start})") from e
+
+
+def load(model: str | None):
+    """The model a command runs under (imported late: --help stays fast)."""
+    from ..models import load_model
+
+    return load_model(model)
 
 
 def fail(message: str, code: int = 1) -> None:
