@@ -172,3 +172,16 @@ def test_residual_symbols_round_trip(values):
     coded = rc.encode_blocks([sym[: len(sym) // 2], sym[len(sym) // 2:]])
     blocks = rc.decode_blocks(coded, [len(sym) // 2, len(sym) - len(sym) // 2])
     assert np.array_equal(np.concatenate(blocks), sym)
+
+
+def test_recompute_in_another_dtype(caches):
+    """The bf16 prediction of a bf16 cache: the predictor's dtype is recorded and checked."""
+    lm, _ = caches["llama"]
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)
+    kv = KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS)
+    blob = compress_kv(kv, lm, "recompute", dtype="bfloat16", tokens="raw")
+    info = inspect_delta_blob(blob)
+    assert info["predictor"]["dtype"] == "bfloat16"
+    assert info["predictor"]["numerics"]["dtype"] == "bfloat16"
+    assert decompress_kv(blob, lm).equal_bits(kv)

@@ -59,6 +59,9 @@ def kv_compress(
         str, typer.Option(help="recompute (the model's prefill) or none (plain entropy coding)")
     ] = "recompute",
     tokens: Annotated[str, typer.Option(help="coded (under the model) or raw")] = "coded",
+    predictor_dtype: Annotated[
+        str | None, typer.Option(help="recompute in this dtype (e.g. bfloat16); default: model's")
+    ] = None,
     model: ModelOption = None,
     quiet: Quiet = False,
 ) -> None:
@@ -71,7 +74,8 @@ def kv_compress(
     kv = load_cachefile(input)
     needs = get_predictor(predictor).needs_model or tokens == "coded"
     lm = _load(model) if needs else None
-    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, tokens=tokens)
+    params = {"dtype": predictor_dtype} if predictor_dtype else {}
+    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, tokens=tokens, **params)
     write_atomic(output, blob)
     if not quiet:
         info = inspect_delta_blob(blob)

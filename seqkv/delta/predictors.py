@@ -30,16 +30,33 @@ def layer_flops(config) -> tuple[float, float]:
     return float(layer), float(kv)
 
 
-def _profile(lm: LoadedModel) -> dict:
+def _profile(lm: LoadedModel, model=None) -> dict:
     from ..stepper import device_label, use_repeatable_attention
 
     use_repeatable_attention(lm)
+    model = model if model is not None else lm.model
     return {
         "procedure": "prefill-v1",
         "device": device_label(lm.device),
-        "dtype": lm.fingerprint.dtype,
-        "attn": str(getattr(lm.config, "_attn_implementation", None) or "default"),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn": str(getattr(model.config, "_attn_implementation", None) or "default"),
     }
+
+
+_CASTS: dict = {}
+
+
+def model_in(lm: LoadedModel, dtype: str | None):
+    """lm's model, or a copy cast to ``dtype`` (kept for reuse while lm lives)."""
+    if dtype is None or dtype == lm.fingerprint.dtype:
+        return lm.model
+    import copy
+
+    key = (id(lm.model), dtype)
+    if key not in _CASTS:
+        _CASTS.clear()
+        _CASTS[key] = copy.deepcopy(lm.model).to(getattr(torch, dtype))
+    return _CASTS[key]
 
 
 def check_layout(pred: list[torch.Tensor], layout: Layout, what: str) -> list[torch.Tensor]:
@@ -85,22 +102,27 @@ class Recompute:
 
     name: str = "recompute"
     needs_model: bool = True
+    dtype: str | None = None  # compute in this dtype (a cast copy of the model); None: lm's
     profile: dict = field(default_factory=dict)
 
     def describe(self, config=None) -> dict:
         return {"name": self.name, "compute": 1.0, "numerics": self.profile}
 
     def side_info(self, kv: KVCache, lm: LoadedModel | None) -> bytes:
-        self.profile = _profile(lm)
+        self.profile = _profile(lm, model_in(lm, self.dtype))
         return b""
 
     def predict(self, lm, ids, side: bytes, layout: Layout) -> list[torch.Tensor] | None:
         from ..compress import prefill_cache
 
-        _profile(lm)
+        model = model_in(lm, self.dtype)
+        here = _profile(lm, model)
+        if self.profile and here != self.profile:
+            raise ModelMismatchError(f"blob was coded with predictor numerics {self.profile}; "
+                                     f"this machine has {here}")
         if not ids:
             return [torch.zeros(shape, dtype=dtype) for shape, dtype in layout]
-        cache = prefill_cache(lm.model, ids).cache
+        cache = prefill_cache(model, ids).cache
         pred = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return check_layout(pred, layout, self.name)
 
