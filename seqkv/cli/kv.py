@@ -35,7 +35,7 @@ def kv_dump(
     from ..compress import prefill_cache
     from ..delta import KVCache, save_cachefile
     from ..textcodec import encode_text
-    from .codec import read_text
+    from .common import read_text
 
     if dtype not in DTYPES:
         raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
