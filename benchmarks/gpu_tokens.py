@@ -19,9 +19,9 @@ import constriction
 import numpy as np
 import torch
 
+from seqkv.decoders import ConstrictionDecoder, VectorRansDecoder
 from seqkv.distribution import full_weights, quantized_pmf, symbol_intervals
 from seqkv.models import load_model
-from seqkv.rans import ConstrictionDecoder, VectorRansDecoder
 from seqkv.stepper import PROCEDURE, run_lockstep
 from seqkv.token_codec import TokenCodec
 

@@ -74,12 +74,14 @@ def compress_tokens(
     chunk_size: int = DEFAULT_CHUNK,
     batch: int = DEFAULT_BATCH,
     procedure: str = PROCEDURE,
+    coder: str | None = None,
     text: TextRecipe | None = None,
     progress: bool = False,
 ) -> bytes:
-    """Token ids to a blob."""
+    """Token ids to a blob. ``coder``: "range" or "ans" (default: by the model's device)."""
     ids = [int(i) for i in (ids.reshape(-1).tolist() if torch.is_tensor(ids) else ids)]
-    coding = TokenCodec(lm, chunk_size, batch, procedure=procedure).encode(ids, progress=progress)
+    codec = TokenCodec(lm, chunk_size, batch, procedure=procedure, coder=coder)
+    coding = codec.encode(ids, progress=progress)
     header = {
         "kind": KIND,
         "seqkv": __version__,
@@ -88,6 +90,7 @@ def compress_tokens(
         "numerics": coding.profile.to_dict(),
         "tokens": len(ids),
         "chunk_size": coding.chunk_size,
+        "coder": coding.coder,
         "chunks": [c.n_tokens for c in coding.chunks],
         "token_hash": token_hash(ids),
         "model_bits": coding.model_bits,
@@ -121,7 +124,7 @@ def decompress_tokens(
     numerics = parsed.header["numerics"]
     codec = TokenCodec(
         lm, int(parsed.header["chunk_size"]), int(numerics.get("batch", 1)),
-        procedure=str(numerics.get("procedure")),
+        procedure=str(numerics.get("procedure")), coder=str(parsed.header.get("coder")),
     )
     ids = codec.decode(parsed.chunks, numerics, progress=progress)
     if token_hash(ids) != parsed.header["token_hash"]:
@@ -204,6 +207,7 @@ def inspect_blob(blob: bytes) -> dict:
         "numerics": h["numerics"],
         "chunks": len(parsed.chunks),
         "chunk_size": h["chunk_size"],
+        "coder": h.get("coder"),
         "text": h.get("text") is not None,
         "fp16_kv_bits": h["kv"]["fp16_bits"],
         "turboquant3_kv_bits": h["kv"]["turboquant3_bits"],

@@ -6,9 +6,8 @@ group of up to ``batch`` chunks at a time) and no chunk outgrows the model's con
 The price is the context lost at each chunk start (about 100 bits on SmolLM2) plus
 one 32-bit word of coder flush per chunk, hence long default chunks.
 
-Each chunk is coded with constriction's rANS coder (``stack.AnsCoder``, 24-bit precision,
-32-bit words): range coding in the asymmetric-numeral-systems form, whose decoder is a
-handful of integer operations per stream and so vectorizes across streams on a GPU.
+Each chunk is one stream of constriction's range coder (on the CPU) or rANS coder (on GPUs,
+where its decoder vectorizes across streams): see decoders.py.
 """
 
 from __future__ import annotations
@@ -16,15 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import constriction
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .distribution import model_bits, reduced_weights, symbol_intervals
+from .decoders import CODERS, decoder_for, default_coder, encode_stream
+from .distribution import model_bits, symbol_intervals
 from .errors import SeqkvError
 from .models import LoadedModel
-from .rans import decoder_for
 from .stepper import (
     PROCEDURE,
     PROCEDURES,
@@ -34,9 +32,8 @@ from .stepper import (
     use_repeatable_attention,
 )
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 2048
 DEFAULT_BATCH = 16
-_Categorical = constriction.stream.model.Categorical
 
 
 @dataclass
@@ -56,6 +53,7 @@ class TokenCoding:
     chunks: list[CodedChunk]
     chunk_size: int
     profile: NumericsProfile
+    coder: str
     model_bits: float = 0.0
     per_token_bits: list[float] = field(default_factory=list)
 
@@ -90,6 +88,7 @@ class TokenCodec:
         batch: int = DEFAULT_BATCH,
         decoder: type | None = None,
         procedure: str = PROCEDURE,
+        coder: str | None = None,
     ) -> None:
         max_pos = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
         limit = (int(max_pos) - 1) if max_pos else chunk_size  # position 0 is the prime token
@@ -98,7 +97,10 @@ class TokenCodec:
         self.lm = lm
         self.chunk_size = min(chunk_size, limit)
         self.batch = batch
-        self.decoder = decoder or decoder_for(lm.device)
+        self.coder = coder or default_coder(lm.device)
+        if self.coder not in CODERS:
+            raise SeqkvError(f"unknown entropy coder {self.coder!r}; one of {CODERS}")
+        self.decoder = decoder or decoder_for(lm.device, self.coder)
         if procedure not in PROCEDURES:
             raise SeqkvError(f"unknown coding procedure {procedure!r}; one of {PROCEDURES}")
         self.procedure = procedure
@@ -122,9 +124,8 @@ class TokenCodec:
                 coded, bits = self._encode_group(streams, bar)
                 chunks.extend(coded)
                 per_token.extend(bits)
-        return TokenCoding(
-            chunks, self.chunk_size, self.profile(len(spans)), float(sum(per_token)), per_token
-        )
+        return TokenCoding(chunks, self.chunk_size, self.profile(len(spans)), self.coder,
+                           float(sum(per_token)), per_token)
 
     def _encode_group(self, streams: list[torch.Tensor], bar) -> tuple[list[CodedChunk], list]:
         lengths = [s.numel() for s in streams]
@@ -149,13 +150,8 @@ class TokenCodec:
         starts_np, freqs_np, bits_np = starts.cpu().numpy(), freqs.cpu().numpy(), bits.cpu()
         coded, per_token = [], []
         for row, n in enumerate(lengths):
-            coder = constriction.stream.stack.AnsCoder()
-            coder.encode_reverse(
-                np.ones(n, dtype=np.int32),
-                _Categorical(perfect=False),
-                reduced_weights(starts_np[row, :n], freqs_np[row, :n]),
-            )
-            coded.append(CodedChunk(n, coder.get_compressed().astype(np.uint32)))
+            words = encode_stream(self.coder, starts_np[row, :n], freqs_np[row, :n])
+            coded.append(CodedChunk(n, words))
             per_token.extend(bits_np[row, :n].tolist())
         return coded, per_token
 
@@ -178,7 +174,7 @@ class TokenCodec:
         lengths = torch.tensor([c.n_tokens for c in members])
         steps = int(lengths.max())
         device = self.lm.device
-        decoder = self.decoder([c.words for c in members], device)
+        decoder = self.decoder([c.words for c in members], device, self.coder)
         decoded = torch.zeros((len(members), steps), dtype=torch.long, device=device)
         last = torch.arange(len(members), device=device)
         lengths_dev = lengths.to(device)

@@ -1,11 +1,14 @@
-"""Stream decoders for the token codec: constriction's, and a vectorized one for GPUs.
+"""Stream decoders for the token codec.
 
-Both decode the same bitstream: constriction's ``AnsCoder`` (rANS with a 64-bit state,
-32-bit words, 24-bit precision; words form a stack whose top is the end of the array).
-``VectorRansDecoder`` runs one rANS step for every stream at once as a few integer tensor
-operations, so a GPU decoder never moves a distribution to the host (BRIEF: 49,152 floats a
-token would be 40 GB/s at 200k tokens/s). constriction stays the reference it is tested
-against (tests/test_rans.py).
+Two bitstreams, both constriction's (24-bit precision, 32-bit words):
+- ``range``: its range coder (``queue.RangeEncoder``), ~16 bits of flush per stream; decoded
+  on the host by ``ConstrictionDecoder``. The default where the model runs on the CPU.
+- ``ans``: its rANS coder (``stack.AnsCoder``, 64-bit state; words form a stack whose top is
+  the end of the array), ~32 bits of flush per stream, but its decoder is a handful of integer
+  operations per stream: ``VectorRansDecoder`` runs one step for every stream at once on the
+  GPU, so decoding never moves a distribution to the host (BRIEF: 49,152 floats a token would
+  be 40 GB/s at 200k tokens/s). The default on accelerators; constriction's decoder of the same
+  stream is the reference it is tested against (tests/test_decoders.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import constriction
 import numpy as np
 import torch
 
-from .distribution import PRECISION, full_weights
+from .distribution import PRECISION, full_weights, reduced_weights
 from .errors import BlobError
 
 _Categorical = constriction.stream.model.Categorical
@@ -29,11 +32,31 @@ def _reserved(symbols: torch.Tensor, n_symbols: int) -> torch.Tensor:
     return (symbols <= 0) | (symbols >= n_symbols - 1)
 
 
-class ConstrictionDecoder:
-    """One constriction AnsCoder per stream; takes the distribution on the host."""
+CODERS = ("range", "ans")
 
-    def __init__(self, words: Sequence[np.ndarray], device: torch.device) -> None:
-        self.coders = [constriction.stream.stack.AnsCoder(w.astype(np.uint32)) for w in words]
+
+def encode_stream(coder: str, start: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """One stream's words for tokens given by their (start, freq) intervals, in order."""
+    ones = np.ones(start.size, dtype=np.int32)
+    model = _Categorical(perfect=False)
+    if coder == "range":
+        encoder = constriction.stream.queue.RangeEncoder()
+        encoder.encode(ones, model, reduced_weights(start, freq))
+    else:
+        encoder = constriction.stream.stack.AnsCoder()
+        encoder.encode_reverse(ones, model, reduced_weights(start, freq))
+    return encoder.get_compressed().astype(np.uint32)
+
+
+class ConstrictionDecoder:
+    """One constriction decoder per stream; takes the distribution on the host."""
+
+    def __init__(self, words: Sequence[np.ndarray], device: torch.device,
+                 coder: str = "ans") -> None:
+        kind = (constriction.stream.queue.RangeDecoder if coder == "range"
+                else constriction.stream.stack.AnsCoder)
+        self.coders = [kind(w.astype(np.uint32)) for w in words]
+        self.coder = coder
         self.device = device
 
     def step(self, pmf: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
@@ -51,7 +74,10 @@ class ConstrictionDecoder:
         return torch.from_numpy(symbols - 1).to(self.device)
 
     def finish(self) -> None:
-        if not all(c.is_empty() for c in self.coders):
+        # A range decoder cannot always tell its end (constriction's docs); rANS can.
+        done = [c.maybe_exhausted() if self.coder == "range" else c.is_empty()
+                for c in self.coders]
+        if not all(done):
             raise BlobError("corrupt token stream: data left over after the last token")
 
 
@@ -62,7 +88,10 @@ class VectorRansDecoder:
     mod 2**64 exactly as unsigned ones do, and shifts are masked to be logical.
     """
 
-    def __init__(self, words: Sequence[np.ndarray], device: torch.device) -> None:
+    def __init__(self, words: Sequence[np.ndarray], device: torch.device,
+                 coder: str = "ans") -> None:
+        if coder != "ans":
+            raise BlobError(f"the vectorized decoder reads rANS streams, not {coder!r}")
         n = [int(w.size) for w in words]
         table = np.zeros((len(words), max(max(n), 2)), dtype=np.int64)
         for row, w in enumerate(words):
@@ -102,6 +131,10 @@ class VectorRansDecoder:
             raise BlobError("corrupt token stream: data left over after the last token")
 
 
-def decoder_for(device: torch.device):
-    """constriction on the CPU (the reference); the vectorized decoder on accelerators."""
-    return ConstrictionDecoder if device.type == "cpu" else VectorRansDecoder
+def default_coder(device: torch.device) -> str:
+    return "range" if device.type == "cpu" else "ans"
+
+
+def decoder_for(device: torch.device, coder: str):
+    """The vectorized decoder for rANS streams on accelerators; constriction otherwise."""
+    return VectorRansDecoder if coder == "ans" and device.type != "cpu" else ConstrictionDecoder
