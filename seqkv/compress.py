@@ -190,6 +190,11 @@ def restore_cache(
 
 def inspect_blob(blob: bytes) -> dict:
     """What a blob holds, read from its header alone (no model needed)."""
+    header, _ = unpack(blob)
+    if header.get("kind") == "kv-delta":
+        from .delta import inspect_delta_blob
+
+        return inspect_delta_blob(blob)
     parsed = TokenBlob.parse(blob)
     h = parsed.header
     n, bits = parsed.n_tokens, parsed.bits

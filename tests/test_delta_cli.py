@@ -19,7 +19,7 @@ IDS = list(range(5, 30))
 
 @pytest.fixture()
 def tiny(monkeypatch, llama):
-    monkeypatch.setattr(kv_cli, "_load", lambda model: llama)
+    monkeypatch.setattr(kv_cli, "load", lambda model: llama)
     return llama
 
 

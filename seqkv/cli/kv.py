@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import SeqkvError
-from .common import ModelOption, friendly_errors
+from .common import InPath, ModelOption, OutPath, friendly_errors, load, read_text
 
-InPath = Annotated[Path, typer.Argument(help="input file")]
-OutPath = Annotated[Path, typer.Option("--output", "-o", help="output file (written atomically)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary")]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _load(model: str | None):
-    from ..models import load_model
-
-    return load_model(model)
 
 
 @friendly_errors
@@ -35,12 +26,11 @@ def kv_dump(
     from ..compress import prefill_cache
     from ..delta import KVCache, save_cachefile
     from ..textcodec import encode_text
-    from .common import read_text
 
     if dtype not in DTYPES:
         raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     text = read_text(input)
-    lm = _load(model)
+    lm = load(model)
     ids, _ = encode_text(lm.tokenizer, text)
     restored = prefill_cache(lm.model, ids)
     save_cachefile(output, KVCache.from_dynamic(restored.cache, ids,
@@ -73,7 +63,7 @@ def kv_compress(
         raise SeqkvError("--exact and --max-abs-error exclude each other")
     kv = load_cachefile(input)
     needs = get_predictor(predictor).needs_model or tokens == "coded"
-    lm = _load(model) if needs else None
+    lm = load(model) if needs else None
     params = {"dtype": predictor_dtype} if predictor_dtype else {}
     blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, tokens=tokens, **params)
     write_atomic(output, blob)
@@ -110,7 +100,7 @@ def kv_restore(
                          "it cannot restore bit for bit")
     needs = (predictor_from_header(header["predictor"]).needs_model
              or header["tokens"]["coding"] == "coded")
-    lm = _load(model) if needs else None
+    lm = load(model) if needs else None
     save_cachefile(output, decompress_kv(blob, lm))
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..blob import write_atomic
+from ..blob import read_file, write_atomic
 from ..errors import SeqkvError
 
 FLOAT_DTYPES = {
@@ -132,14 +131,7 @@ def save_cachefile(path: str | os.PathLike, kv: KVCache) -> None:
 
 
 def load_cachefile(path: str | os.PathLike) -> KVCache:
-    p = Path(path)
-    if p.is_dir():
-        raise CacheFileError(f"is a directory, not a cache file: {path}")
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError as e:
-        raise CacheFileError(f"no such file: {path}") from e
-    return parse_cachefile(data, str(path))
+    return parse_cachefile(read_file(path, "cache file"), str(path))
 
 
 def parse_cachefile(data: bytes, name: str = "cache file") -> KVCache:
