@@ -3,8 +3,9 @@
 A sequence is cut into chunks of at most ``chunk_size`` tokens. Each chunk is an independent
 stream: its context is reset to the prime token, so chunks decode in parallel (one lockstep
 group of up to ``batch`` chunks at a time) and no chunk outgrows the model's context window.
-The price is the context lost at each chunk start (about 100 bits on SmolLM2) plus
-one 32-bit word of coder flush per chunk, hence long default chunks.
+The price is the context lost at each chunk start (about 100 bits on SmolLM2) plus the
+coder's flush per chunk (~16 bits for the range coder, ~32 for rANS), hence long default
+chunks.
 
 Each chunk is one stream of constriction's range coder (on the CPU) or rANS coder (on GPUs,
 where its decoder vectorizes across streams): see decoders.py.
