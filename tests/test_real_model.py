@@ -57,3 +57,21 @@ def test_restore_onto_another_model_copy(smollm2):
     ref = prefill_cache(smollm2.model, restored.input_ids[0].tolist())
     assert caches_equal(restored.cache, ref.cache)
     assert torch.equal(restored.next_logits, ref.next_logits)
+
+
+def test_gemma3_real_model_round_trip(gemma3_real):
+    """A second real architecture: Gemma-3-270M (BOS required, 262k vocabulary, sliding-window
+    layers; sequences past its 512-token window are covered by the random-config Gemma-3)."""
+    text = "The jury praised the city for the manner in which the election was conducted."
+    blob = compress_text(gemma3_real, text)
+    assert decompress_text(gemma3_real, blob) == text
+    info = inspect_blob(blob)
+    assert info["model"] == "gemma3-270m" and 1.0 < info["bits_per_token"] < 12.0
+    ids = gemma3_real.tokenizer(text).input_ids
+    assert ids[0] == gemma3_real.tokenizer.bos_token_id
+    original = prefill_cache(gemma3_real.model, ids)
+    restored = restore_cache(gemma3_real, compress_cache(gemma3_real, original.cache, ids))
+    assert caches_equal(restored.cache, original.cache)
+    assert greedy_continue(gemma3_real.model, restored, 6) == greedy_continue(
+        gemma3_real.model, original, 6
+    )

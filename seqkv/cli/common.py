@@ -17,7 +17,8 @@ from ..errors import SeqkvError
 
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="HF model directory or .gguf file (default: SmolLM2-135M)"),
+    typer.Option("--model", "-m", help="smollm2-135m (default), gemma3-270m, or an HF model "
+                 "directory or .gguf file"),
 ]
 
 InPath = Annotated[Path, typer.Argument(help="input file")]
