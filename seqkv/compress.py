@@ -27,6 +27,10 @@ from .token_codec import DEFAULT_BATCH, DEFAULT_CHUNK, CodedChunk, TokenCodec
 KIND = "tokens"
 
 
+def _id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    return [int(i) for i in (ids.reshape(-1).tolist() if torch.is_tensor(ids) else ids)]
+
+
 def token_hash(ids: Sequence[int]) -> str:
     data = np.asarray(ids, dtype="<i8").tobytes()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -41,7 +45,11 @@ class TokenBlob:
 
     @classmethod
     def parse(cls, blob: bytes) -> TokenBlob:
-        header, sections = unpack(blob)
+        return cls.from_parts(*unpack(blob))
+
+    @classmethod
+    def from_parts(cls, header: dict, sections: list[bytes]) -> TokenBlob:
+        """From a container already unpacked (and so already checksum-verified)."""
         if header.get("kind") != KIND:
             raise BlobError(f"not a token blob (kind {header.get('kind')!r})")
         try:
@@ -79,7 +87,7 @@ def compress_tokens(
     progress: bool = False,
 ) -> bytes:
     """Token ids to a blob. ``coder``: "range" or "ans" (default: by the model's device)."""
-    ids = [int(i) for i in (ids.reshape(-1).tolist() if torch.is_tensor(ids) else ids)]
+    ids = _id_list(ids)
     codec = TokenCodec(lm, chunk_size, batch, procedure=procedure, coder=coder)
     coding = codec.encode(ids, progress=progress)
     header = {
@@ -150,7 +158,7 @@ def compress_cache(
     The tensors themselves are not stored: they are a function of the tokens, recomputed on
     restore (``restore_cache``). The cache must hold exactly these tokens.
     """
-    ids = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else list(input_ids)
+    ids = _id_list(input_ids)
     if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
         raise SeqkvError("compress_cache takes one sequence (batch size 1)")
     held = cache.get_seq_length()
@@ -190,12 +198,12 @@ def restore_cache(
 
 def inspect_blob(blob: bytes) -> dict:
     """What a blob holds, read from its header alone (no model needed)."""
-    header, _ = unpack(blob)
+    header, sections = unpack(blob)
     if header.get("kind") == "kv-delta":
         from .delta import inspect_delta_blob
 
         return inspect_delta_blob(blob)
-    parsed = TokenBlob.parse(blob)
+    parsed = TokenBlob.from_parts(header, sections)
     h = parsed.header
     n, bits = parsed.n_tokens, parsed.bits
     return {

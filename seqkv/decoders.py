@@ -59,7 +59,8 @@ class ConstrictionDecoder:
         self.coder = coder
         self.device = device
 
-    def step(self, pmf: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
+    def step(self, pmf: torch.Tensor, active: torch.Tensor | Sequence[bool]) -> torch.Tensor:
+        active = torch.as_tensor(active).tolist()  # host decoders loop in Python anyway
         pmf_np = pmf.cpu().numpy()
         symbols = np.zeros(len(self.coders), dtype=np.int64)
         for row, coder in enumerate(self.coders):
@@ -69,7 +70,7 @@ class ConstrictionDecoder:
                                                              perfect=False))
                 except Exception as e:  # constriction raises on exhausted or invalid streams
                     raise BlobError(f"corrupt token stream: {e}") from e
-        if _reserved(torch.from_numpy(symbols), pmf.shape[-1])[list(active)].any():
+        if _reserved(torch.from_numpy(symbols), pmf.shape[-1])[active].any():
             raise BlobError("corrupt token stream: decoded a reserved symbol")
         return torch.from_numpy(symbols - 1).to(self.device)
 

@@ -50,6 +50,10 @@ class DemoRow:
     cache_exact: bool
     continuation_exact: bool
 
+    @property
+    def exact(self) -> bool:
+        return self.text_exact and self.cache_exact and self.continuation_exact
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -99,12 +99,16 @@ def use_repeatable_attention(lm: LoadedModel) -> None:
 def run_lockstep(
     lm: LoadedModel, n_streams: int, n_steps: int, on_step: StepFn, procedure: str = PROCEDURE
 ) -> None:
-    """Advance n_streams streams n_steps tokens; on_step picks each step's tokens."""
+    """Advance n_streams streams n_steps tokens; on_step picks each step's tokens.
+
+    It runs the model as configured: callers that code (TokenCodec, the store) fix the
+    attention path through ``use_repeatable_attention`` / ``numerics_profile`` first, so a
+    measurement can still run it under another path (benchmarks/gpu_tokens.py does, for SDPA).
+    """
     if procedure not in PROCEDURES:
         raise ModelMismatchError(f"unknown coding procedure {procedure!r}")
     device = lm.device
     configure_determinism(device)
-    use_repeatable_attention(lm)
     cache = DynamicCache(config=lm.config)
     inputs = torch.full((n_streams, 1), lm.prime_token(), dtype=torch.long, device=device)
     kwarg = cache_kwarg(lm.model)

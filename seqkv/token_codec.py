@@ -182,7 +182,7 @@ class TokenCodec:
 
         def on_step(step: int, pmf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             active = lengths_dev > step
-            tokens = decoder.step(pmf, active if device.type != "cpu" else active.tolist())
+            tokens = decoder.step(pmf, active)
             # Finished streams repeat their last token, exactly as the encoder fed them.
             tokens = torch.where(active, tokens, decoded[last, (lengths_dev - 1).clamp(max=step)])
             decoded[:, step] = tokens
