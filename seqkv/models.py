@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: object | None
     fingerprint: Fingerprint
+    _variants: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self):
@@ -75,6 +76,24 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def variant(self, dtype: str | None = None, attn: str | None = None) -> PreTrainedModel:
+        """The model, or a copy cast to ``dtype`` and/or switched to attention ``attn``.
+
+        The last copy is kept for reuse (a predictor runs it on compress and on restore).
+        """
+        here = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        if (dtype in (None, here)) and (attn in (None, self.config._attn_implementation)):
+            return self.model
+        key = (dtype or here, attn or self.config._attn_implementation)
+        if key not in self._variants:
+            import copy
+
+            self._variants.clear()
+            copy_ = copy.deepcopy(self.model).to(getattr(torch, key[0]))
+            copy_.set_attn_implementation(key[1])
+            self._variants[key] = copy_
+        return self._variants[key]
 
     def prime_token(self) -> int:
         """The token every coded chunk is conditioned on first: BOS where the model has one."""

@@ -40,11 +40,14 @@ def _equal_files(a, b) -> bool:
         for k in ta)
 
 
-@pytest.mark.parametrize("predictor", ["recompute", "none"])
-def test_compress_restore_exact(tiny, cachefile, tmp_path, predictor):
+@pytest.mark.parametrize("predictor,extra", [
+    ("recompute", []), ("none", []), ("neighbour", []),
+    ("recompute", ["--predictor-dtype", "bf16", "--predictor-attn", "sdpa"]),
+    ("quantized", ["--copy-quantizer", "turboquant-mse", "--copy-bits", "4"])])
+def test_compress_restore_exact(tiny, cachefile, tmp_path, predictor, extra):
     skv, out = tmp_path / "c.skv", tmp_path / "out.safetensors"
     r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "--exact",
-                            "--predictor", predictor, "--tokens", "raw"])
+                            "--predictor", predictor, "--tokens", "raw", *extra])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(out), "--exact"])
     assert r.exit_code == 0, r.output
@@ -67,6 +70,18 @@ def test_lossy_then_exact_restore_refused(tiny, cachefile, tmp_path):
                zip(a.tensors, b.tensors, strict=True))
 
 
+def test_rel_mse_mode(tiny, cachefile, tmp_path):
+    skv, out = tmp_path / "c.skv", tmp_path / "o.st"
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "-q",
+                            "--rel-mse", "0.001"])
+    assert r.exit_code == 0, r.output
+    assert inspect_delta_blob(read_blob(skv))["lossy"]["rel_mse"] == 0.001
+    assert runner.invoke(app, ["kv-restore", str(skv), "-o", str(out)]).exit_code == 0
+    for x, y in zip(load_cachefile(cachefile).tensors, load_cachefile(out).tensors, strict=True):
+        assert float((y.double() - x.double()).pow(2).sum()) <= 1e-3 * float(
+            x.double().pow(2).sum())
+
+
 def test_errors_are_one_line(tiny, cachefile, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not safetensors")
@@ -79,6 +94,13 @@ def test_errors_are_one_line(tiny, cachefile, tmp_path):
         ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--predictor", "oracle"],
         ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--exact",
          "--max-abs-error", "0.1"],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--rel-mse", "0.1",
+         "--max-abs-error", "0.1"],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--predictor-dtype", "int4"],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--predictor", "neighbour",
+         "--rel-mse", "0.1"],
+        ["kv-compress", str(cachefile), "-o", str(tmp_path / "x"), "--predictor", "quantized",
+         "--copy-quantizer", "nope"],
         ["kv-restore", str(cachefile), "-o", str(tmp_path / "x")],
     ]
     for args in cases:

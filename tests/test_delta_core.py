@@ -33,12 +33,57 @@ def specials(kv: KVCache) -> KVCache:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("predictor", ["none", "recompute"])
+@pytest.mark.parametrize("predictor", ["none", "neighbour", "recompute", "quantized"])
 def test_exact_round_trip(caches, arch, dtype, predictor):
     lm, cache = caches[arch]
     kv = specials(KVCache.from_dynamic(cache, IDS, dtype))
     blob = compress_kv(kv, lm, predictor, tokens="raw")
     assert decompress_kv(blob, lm).equal_bits(kv)
+    assert inspect_delta_blob(blob)["predictor"]["name"] == predictor
+
+
+def test_cheap_predictors_cost_no_compute_and_charge_side_info(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    q = inspect_delta_blob(compress_kv(kv, None, "quantized", method="turboquant-mse", bits=4,
+                                       tokens="raw"))
+    assert q["predictor"]["compute"] == 0.0 and q["predictor"]["bits"] == 4
+    assert q["residual"]["side_bits"] >= 4 * kv.numel  # the copy's codes are charged
+    n = inspect_delta_blob(compress_kv(kv, None, "neighbour", tokens="raw"))
+    assert n["predictor"]["compute"] == 0.0 and n["residual"]["side_bits"] == 0
+    with pytest.raises(SeqkvError, match="exact mode only"):
+        compress_kv(kv, None, "neighbour", max_abs_error=0.1)
+
+
+def test_engine_numerics_make_the_residual_vanish(caches):
+    """Recomputed in the cache's own dtype and attention path, the prediction is the cache."""
+    lm, _ = caches["llama"]
+    engine = lm.variant("bfloat16", "sdpa")
+    kv = KVCache.from_dynamic(prefill_cache(engine, IDS).cache, IDS)
+    fp32 = inspect_delta_blob(compress_kv(kv, lm, "recompute", tokens="raw"))
+    blob = compress_kv(kv, lm, "recompute", dtype="bf16", attn="sdpa", tokens="raw")
+    same = inspect_delta_blob(blob)
+    assert same["predictor"]["numerics"]["attn"] == "sdpa"
+    # Every residual is zero: only the per-block models are stored, no coded symbols.
+    assert unpack(blob)[0]["stream_bytes"][1:3] == [0, 0]
+    assert same["residual"]["bits"] < fp32["residual"]["bits"] / 4
+    assert decompress_kv(blob, lm).equal_bits(kv)
+    with pytest.raises(SeqkvError, match="dtype"):
+        compress_kv(kv, lm, "recompute", dtype="int8")
+    with pytest.raises(SeqkvError, match="attention"):
+        compress_kv(kv, lm, "recompute", attn="magic")
+
+
+def test_external_tokens(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, lm, "recompute", tokens="external")
+    assert inspect_delta_blob(blob)["tokens_part"]["bits"] == 0
+    assert decompress_kv(blob, lm, ids=IDS).equal_bits(kv)
+    with pytest.raises(SeqkvError, match="stored elsewhere"):
+        decompress_kv(blob, lm)
+    with pytest.raises(BlobError, match="hash"):
+        decompress_kv(blob, lm, ids=IDS[::-1])
 
 
 def test_recompute_of_own_numerics_is_nearly_free(caches):
@@ -114,6 +159,21 @@ def test_corrupted_residual_streams(caches):
                 decompress_kv(_tamper(blob, section, fn), lm)
 
 
+@pytest.mark.parametrize("how", ["quantized-side", "rel-mse-payload"])
+def test_corrupted_side_info_and_lossy_payloads(caches, how):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    if how == "quantized-side":
+        blob, section = compress_kv(kv, None, "quantized", tokens="raw"), 1
+    else:
+        blob, section = compress_kv(kv, None, "none", rel_mse=1e-2, tokens="raw"), 5
+    assert unpack(blob)[1][section]
+    for fn in (lambda s: s[:7] + bytes([s[7] ^ 0x10]) + s[8:], lambda s: s[:-3],
+               lambda s: s + b"\x00"):
+        with pytest.raises(BlobError):
+            decompress_kv(_tamper(blob, section, fn), None)
+
+
 def test_other_model_or_numerics_refused(caches):
     lm, cache = caches["llama"]
     kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
@@ -145,6 +205,42 @@ def test_lossy_bound(caches, dtype, bound):
             assert bool((((af - bf).abs() <= bound) | same_special).all())
     with pytest.raises(SeqkvError):
         compress_kv(kv, lm, "recompute", max_abs_error=-1.0)
+
+
+def _rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    fin = torch.isfinite(b.float())
+    err = torch.where(fin, a.double() - b.double(), 0.0).pow(2).sum()
+    return float(err / (torch.where(fin, b.double(), 0.0) ** 2).sum().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("predictor", ["none", "recompute"])
+@pytest.mark.parametrize("target", [1e-2, 1e-4])
+def test_rel_mse_bound_with_per_vector_quantizers(caches, predictor, target):
+    lm, _ = caches["llama"]
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)
+    kv = specials(KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS))
+    blob = compress_kv(kv, lm, predictor, rel_mse=target, tokens="raw")
+    back = decompress_kv(blob, lm)
+    for a, b in zip(back.tensors, kv.tensors, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel_mse(a, b) <= target
+        nonfinite = ~torch.isfinite(b.float())
+        assert torch.equal(a[nonfinite].float().isnan(), b[nonfinite].float().isnan())
+    info = inspect_delta_blob(blob)
+    assert info["lossy"] == {"rel_mse": target, "method": "turboquant-mse"}
+    if predictor == "recompute" or target >= 1e-2:  # head_dim 8: norms cost 4 bits/component
+        assert info["residual"]["bits_per_component"] < 16
+
+
+def test_rel_mse_finer_than_the_dtype_falls_back_to_exact(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, None, "none", rel_mse=1e-12, tokens="raw")
+    assert decompress_kv(blob, None).equal_bits(kv)
+    assert all(unpack(blob)[0]["coded"])
+    with pytest.raises(SeqkvError, match="one bound"):
+        compress_kv(kv, None, "none", rel_mse=1e-2, max_abs_error=0.1)
 
 
 def test_ordered_mapping_exhaustive_16_bit():

@@ -45,12 +45,28 @@ def kv_compress(
     max_abs_error: Annotated[
         float | None, typer.Option("--max-abs-error", help="lossy: bound on |restored - original|")
     ] = None,
+    rel_mse: Annotated[
+        float | None,
+        typer.Option("--rel-mse", help="lossy: per-tensor bound on ||restored - original||^2 / "
+                     "||original||^2 (residuals through TurboQuant-mse)"),
+    ] = None,
     predictor: Annotated[
-        str, typer.Option(help="recompute (the model's prefill) or none (plain entropy coding)")
+        str, typer.Option(help="recompute (the model's prefill), none (plain entropy coding), "
+                          "neighbour (previous position) or quantized (a per-vector copy)")
     ] = "recompute",
     tokens: Annotated[str, typer.Option(help="coded (under the model) or raw")] = "coded",
     predictor_dtype: Annotated[
-        str | None, typer.Option(help="recompute in this dtype (e.g. bfloat16); default: model's")
+        str | None, typer.Option(help="recompute in bf16, fp16 or fp32; default: the model's")
+    ] = None,
+    predictor_attn: Annotated[
+        str | None, typer.Option(help="recompute with eager or sdpa attention; default: seqkv's "
+                                 "repeatable choice (eager on GPUs)")
+    ] = None,
+    copy_quantizer: Annotated[
+        str, typer.Option(help="quantized predictor: the method (int8, fp8, turboquant-mse, ...)")
+    ] = "int8",
+    copy_bits: Annotated[
+        float | None, typer.Option(help="quantized predictor: bits per component")
     ] = None,
     model: ModelOption = None,
     quiet: Quiet = False,
@@ -59,13 +75,18 @@ def kv_compress(
     from ..blob import write_atomic
     from ..delta import compress_kv, get_predictor, inspect_delta_blob, load_cachefile
 
-    if exact and max_abs_error is not None:
-        raise SeqkvError("--exact and --max-abs-error exclude each other")
+    if exact and (max_abs_error is not None or rel_mse is not None):
+        raise SeqkvError("--exact excludes --max-abs-error and --rel-mse")
     kv = load_cachefile(input)
-    needs = get_predictor(predictor).needs_model or tokens == "coded"
+    params: dict = {}
+    if predictor == "recompute":
+        params = {"dtype": predictor_dtype, "attn": predictor_attn}
+    elif predictor == "quantized":
+        params = {"method": copy_quantizer, "bits": copy_bits}
+    needs = get_predictor(predictor, **params).needs_model or tokens == "coded"
     lm = load(model) if needs else None
-    params = {"dtype": predictor_dtype} if predictor_dtype else {}
-    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, tokens=tokens, **params)
+    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, rel_mse=rel_mse,
+                       tokens=tokens, **params)
     write_atomic(output, blob)
     if not quiet:
         info = inspect_delta_blob(blob)
@@ -96,7 +117,7 @@ def kv_restore(
     blob = read_blob(input)
     header, _ = parse(blob)  # refuse a bad blob before loading a model
     if exact and header["mode"] != "exact":
-        raise SeqkvError(f"{input} is lossy (max abs error {header.get('max_abs_error')}); "
+        raise SeqkvError(f"{input} is lossy ({header.get('lossy')}); "
                          "it cannot restore bit for bit")
     needs = (predictor_from_header(header["predictor"]).needs_model
              or header["tokens"]["coding"] == "coded")

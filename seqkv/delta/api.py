@@ -1,7 +1,8 @@
 """The delta tier: a KV cache stored as residuals from a predictor, plus its tokens.
 
-Blob kind ``kv-delta``; sections: tokens (a token-tier blob, or raw int32 ids), predictor side
-information, block models, range-coded symbols, raw residual bits, lossy escapes.
+Blob kind ``kv-delta``; sections: tokens (a token-tier blob, raw int32 ids, or nothing when
+they are kept elsewhere), predictor side information, block models, range-coded symbols, raw
+residual bits, the lossy mode's per-tensor payloads (quantizer codes, escapes).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..models import LoadedModel
 from . import residual_coding as rc
 from .cachefile import FLOAT_DTYPES, KVCache, dtype_name, int_view
+from .lossy import lossy_mode, mode_from_header
 from .predictors import get_predictor, params_of, predictor_from_header
 
 KIND = "kv-delta"
-SECTIONS = ("tokens", "side", "models", "words", "raw", "escapes")
+SECTIONS = ("tokens", "side", "models", "words", "raw", "lossy")
 
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:
@@ -39,19 +41,27 @@ def _layout(header: dict):
 
 
 def _encode_tokens(lm: LoadedModel | None, ids: list[int], tokens: str) -> tuple[str, bytes]:
+    if tokens not in ("coded", "raw", "external"):
+        raise SeqkvError(f"tokens must be 'coded', 'raw' or 'external', not {tokens!r}")
+    if tokens == "external":  # kept elsewhere (the store's trie); only their hash is stored
+        return "external", b""
     if tokens == "coded" and lm is not None and ids:
         from ..compress import compress_tokens
 
         return "coded", compress_tokens(lm, ids)
-    if tokens not in ("coded", "raw"):
-        raise SeqkvError(f"tokens must be 'coded' or 'raw', not {tokens!r}")
     return "raw", np.asarray(ids, dtype="<i4").tobytes()
 
 
-def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes) -> list[int]:
+def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes,
+                   ids: list[int] | None) -> list[int]:
     from ..compress import decompress_tokens, token_hash
 
-    if header["tokens"]["coding"] == "coded":
+    coding = header["tokens"]["coding"]
+    if coding == "external":
+        if ids is None:
+            raise SeqkvError("this blob's tokens are stored elsewhere: pass them (ids=...)")
+        ids = list(ids)
+    elif coding == "coded":
         if lm is None:
             raise SeqkvError("this blob's tokens are coded under a model: pass the model")
         ids = decompress_tokens(lm, data)
@@ -64,75 +74,99 @@ def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes) -> list[in
     return ids
 
 
+def _prediction(p, lm, ids, side, layout) -> list[torch.Tensor] | None:
+    pred = p.predict(lm, ids, side, layout)
+    if pred is not None and getattr(p, "needs_repeat_check", lambda _: False)(lm):
+        again = p.predict(lm, ids, side, layout)
+        if tensors_hash(again) != tensors_hash(pred):
+            raise SeqkvError(
+                f"the {p.name} predictor is not repeatable on {lm.device} with numerics "
+                f"{p.describe()['numerics']}: a restore could not reproduce it (try attn eager)"
+            )
+    return pred
+
+
 def compress_kv(
     kv: KVCache,
     lm: LoadedModel | None = None,
     predictor: str = "recompute",
     *,
     max_abs_error: float | None = None,
+    rel_mse: float | None = None,
     tokens: str = "coded",
     **predictor_params,
 ) -> bytes:
-    """A cache to a kv-delta blob: exact (default), or within ``max_abs_error`` per value."""
+    """A cache to a kv-delta blob: exact (default), within ``max_abs_error`` per value, or
+    within relative MSE ``rel_mse`` per tensor (residuals through seqkv.quant)."""
     from ..compress import token_hash
 
     p = get_predictor(predictor, **predictor_params)
     if p.needs_model and lm is None:
         raise SeqkvError(f"the {predictor} predictor needs the model")
-    if max_abs_error is not None and not (max_abs_error > 0 and np.isfinite(max_abs_error)):
-        raise SeqkvError(f"max_abs_error must be a positive number, got {max_abs_error}")
+    mode = lossy_mode(max_abs_error, rel_mse)
+    if mode is not None and p.along_positions:
+        raise SeqkvError(f"the {predictor} predictor is for exact mode only")
     originals = kv.tensors
     layout = [(tuple(t.shape), t.dtype) for t in originals]
     side = p.side_info(kv, lm)
-    pred = p.predict(lm, kv.input_ids, side, layout)
-    if max_abs_error is not None and pred is None:
+    pred = _prediction(p, lm, kv.input_ids, side, layout)
+    if mode is not None and pred is None:
         pred = [torch.zeros(s, dtype=d) for s, d in layout]
-    blocks, offsets, nbits, escapes = [], [], [], bytearray()
-    restored = []
+    blocks, offsets, nbits, payloads, restored, coded = [], [], [], bytearray(), [], []
     for i, x in enumerate(originals):
-        if pred is None:
-            planes = rc.byte_planes(x)
-            for plane in planes:
+        if pred is None and not p.along_positions:
+            for plane in rc.byte_planes(x):
                 blocks.extend(rc.head_blocks(plane, x.shape))
+            coded.append(1)
             continue
-        if max_abs_error is None:
+        if p.along_positions:
+            r = rc.position_deltas(rc.to_ordered(x), x.shape)
+        elif mode is None:
             r = rc.to_ordered(x) - rc.to_ordered(pred[i])
         else:
-            from .lossy import quantize_residual
-
-            r, esc, recon = quantize_residual(x, pred[i], max_abs_error)
-            rc.put_varints([len(esc[0])], escapes)
-            escapes += esc[0].astype("<i8").tobytes() + esc[1]
+            enc = mode.encode(x, pred[i])
+            if enc is None:  # the bound is finer than the dtype: this tensor exactly
+                r, payload, recon = rc.to_ordered(x) - rc.to_ordered(pred[i]), b"", x
+            else:
+                r, payload, recon = enc
+            rc.put_varints([len(payload)], payloads)
+            payloads += payload
             restored.append(recon)
+        coded.append(int(r is not None))
+        if r is None:
+            continue
         sym, off, nb = rc.residual_symbols(r)
         blocks.extend(rc.head_blocks(sym, x.shape))
         offsets.append(off)
         nbits.append(nb)
-    coded = rc.encode_blocks(blocks)
+    coded_blocks = rc.encode_blocks(blocks)
     raw = rc.pack_bits(np.concatenate(offsets), np.concatenate(nbits)) if offsets else b""
     token_coding, token_data = _encode_tokens(lm, kv.input_ids, tokens)
-    numel = kv.numel
-    residual_bits = 8 * (len(side) + len(coded.models) + len(coded.words) + len(raw)
-                         + len(escapes))
+    residual_bits = 8 * (len(side) + len(coded_blocks.models) + len(coded_blocks.words)
+                         + len(raw) + len(payloads))
     header = {
         "kind": KIND,
         "seqkv": __version__,
         "torch": torch.__version__,
-        "mode": "exact" if max_abs_error is None else "lossy",
+        "mode": "exact" if mode is None else "lossy",
+        "lossy": mode.describe() if mode is not None else None,
         "max_abs_error": max_abs_error,
         "predictor": {**p.describe(lm.config if lm else None), **params_of(p)},
         "model": lm.fingerprint.to_dict() if lm is not None else None,
         "layout": [[list(s), dtype_name(d)] for s, d in layout],
+        "coded": coded,
         "tokens": {"n": kv.n_tokens, "coding": token_coding, "hash": token_hash(kv.input_ids),
                    "bits": 8 * len(token_data)},
-        "components": numel,
+        "components": kv.numel,
         "raw_bits": sum(t.numel() * t.element_size() * 8 for t in originals),
         "residual_bits": residual_bits,
-        "tensors_hash": tensors_hash(originals if max_abs_error is None else restored),
+        "tensors_hash": tensors_hash(originals if mode is None else restored),
         "prediction_hash": tensors_hash(pred) if pred is not None else None,
-        "stream_bytes": [len(coded.models), len(coded.words), len(raw), len(escapes)],
+        "stream_bytes": [len(coded_blocks.models), len(coded_blocks.words), len(raw),
+                         len(payloads)],
     }
-    return pack(header, [token_data, side, coded.models, coded.words, raw, bytes(escapes)])
+    return pack(header, [token_data, side, coded_blocks.models, coded_blocks.words, raw,
+                         bytes(payloads)])
 
 
 def parse(blob: bytes) -> tuple[dict, dict[str, bytes]]:
@@ -141,23 +175,28 @@ def parse(blob: bytes) -> tuple[dict, dict[str, bytes]]:
         raise BlobError(f"not a kv-delta blob (kind {header.get('kind')!r})")
     if len(sections) != len(SECTIONS):
         raise BlobError("corrupt kv-delta blob (sections)")
-    for key in ("layout", "tokens", "predictor", "tensors_hash", "mode", "components"):
+    for key in ("layout", "tokens", "predictor", "tensors_hash", "mode", "components", "coded"):
         if key not in header:
             raise BlobError(f"corrupt kv-delta header (no {key})")
     named = dict(zip(SECTIONS, sections, strict=True))
     if header.get("stream_bytes") != [len(named[k]) for k in SECTIONS[2:]]:
         raise BlobError("corrupt kv-delta blob (residual stream lengths)")
+    if len(header["coded"]) != len(header["layout"]):
+        raise BlobError("corrupt kv-delta header (coded)")
     return header, named
 
 
-def decompress_kv(blob: bytes, lm: LoadedModel | None = None) -> KVCache:
-    """A kv-delta blob back to its cache (bit for bit in exact mode)."""
+def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
+                  ids: list[int] | None = None) -> KVCache:
+    """A kv-delta blob back to its cache (bit for bit in exact mode). ``ids``: the tokens,
+    for a blob written with ``tokens="external"``."""
     header, sec = parse(blob)
     layout = _layout(header)
     try:
         p = predictor_from_header(header["predictor"])
+        mode = mode_from_header(header["lossy"]) if header["mode"] == "lossy" else None
     except (KeyError, TypeError) as e:
-        raise BlobError(f"corrupt kv-delta header (predictor: {e})") from e
+        raise BlobError(f"corrupt kv-delta header (predictor or mode: {e})") from e
     needs_model = p.needs_model or header["tokens"]["coding"] == "coded"
     if needs_model:
         if lm is None:
@@ -166,62 +205,79 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None) -> KVCache:
         problem = lm.fingerprint.mismatch(header.get("model") or {}, tokenizer=False)
         if problem:
             raise ModelMismatchError(problem)
-    ids = _decode_tokens(lm, header, sec["tokens"])
+    ids = _decode_tokens(lm, header, sec["tokens"], ids)
     if any(s[2] > len(ids) for s, _ in layout):
         raise BlobError("corrupt kv-delta header (more positions than tokens)")
     pred = p.predict(lm, ids, sec["side"], layout)
-    lossy = header["mode"] == "lossy"
-    if lossy and pred is None:
+    if mode is not None and pred is None:
         pred = [torch.zeros(s, dtype=d) for s, d in layout]
     if pred is not None and tensors_hash(pred) != header.get("prediction_hash"):
+        if not p.needs_model:  # computed from the blob alone: the blob is damaged
+            raise BlobError("corrupt kv-delta blob (predictor side information)")
         raise ModelMismatchError(
             f"this machine's {p.name} prediction differs from the compressing machine's "
             f"(numerics {header['predictor'].get('numerics')}): it cannot restore this blob"
         )
+    planes = pred is None and not p.along_positions
     sizes = []
-    for shape, dtype in layout:
-        n = int(np.prod(shape))
+    for (shape, dtype), coded in zip(layout, header["coded"], strict=True):
         heads = shape[1]
-        per = [n // heads] * heads if heads else []
-        sizes.extend(per * (rc.width_of(dtype) // 8) if pred is None else per)
+        per = [int(np.prod(shape)) // heads] * heads if heads and coded else []
+        sizes.extend(per * (rc.width_of(dtype) // 8) if planes else per)
     blocks = rc.decode_checked(rc.CodedBlocks(sec["models"], sec["words"]), sizes)
-    out, pos = [], 0
-    syms, shapes = [], []
-    for shape, dtype in layout:
+    syms, pos = [], 0
+    for (shape, dtype), coded in zip(layout, header["coded"], strict=True):
         heads = shape[1]
-        if pred is None:
-            planes = []
-            for _ in range(rc.width_of(dtype) // 8):
-                planes.append(np.concatenate(blocks[pos:pos + heads]) if heads else
-                              np.zeros(0, np.int64))
-                pos += heads
-            out.append(rc.from_byte_planes(planes, dtype, shape))
-        else:
-            syms.append(np.concatenate(blocks[pos:pos + heads]) if heads else
-                        np.zeros(0, np.int64))
-            shapes.append((shape, dtype))
-            pos += heads
-    if pred is not None:
-        nbits = [rc.raw_bit_counts(s) for s in syms]
-        allbits = np.concatenate(nbits) if nbits else np.zeros(0, np.int64)
-        offsets = rc.unpack_bits(sec["raw"], allbits)
-        reader = rc.VarintReader(sec["escapes"])
-        start = 0
-        for i, (s, (shape, dtype)) in enumerate(zip(syms, shapes, strict=True)):
-            nbig = int((s >= rc._BIG0).sum())
-            off = offsets[start:start + nbig]
-            start += nbig
-            r = rc.symbols_to_residuals(s, off)
-            if lossy:
-                from .lossy import dequantize_residual
-
-                out.append(dequantize_residual(r, pred[i], header["max_abs_error"], reader))
-            else:
-                out.append(rc.from_ordered(rc.to_ordered(pred[i]) + r, dtype, shape))
-    restored = KVCache.from_tensors(ids, out)
+        n_planes = rc.width_of(dtype) // 8 if planes else 1
+        if not coded:
+            syms.append(None)
+            continue
+        parts = blocks[pos:pos + heads * n_planes]
+        pos += heads * n_planes
+        per_plane = [np.concatenate(parts[j * heads:(j + 1) * heads]) if heads else
+                     np.zeros(0, np.int64) for j in range(n_planes)]
+        syms.append(per_plane if planes else per_plane[0])
+    if planes:
+        out = [rc.from_byte_planes(pl, dtype, shape) for pl, (shape, dtype) in
+               zip(syms, layout, strict=True)]
+    else:
+        out = _residuals_back(sec, syms, layout, pred, p, mode)
     if tensors_hash(out) != header["tensors_hash"]:
         raise BlobError("restored tensors do not match the stored hash (corrupt residuals)")
-    return restored
+    return KVCache.from_tensors(ids, out)
+
+
+def _residuals_back(sec, syms, layout, pred, p, mode) -> list[torch.Tensor]:
+    present = [s for s in syms if s is not None]
+    nbits = [rc.raw_bit_counts(s) for s in present]
+    allbits = np.concatenate(nbits) if nbits else np.zeros(0, np.int64)
+    offsets = rc.unpack_bits(sec["raw"], allbits)
+    payloads = rc.VarintReader(sec["lossy"])
+    out, start = [], 0
+    for i, (s, (shape, dtype)) in enumerate(zip(syms, layout, strict=True)):
+        r = None
+        if s is not None:
+            nbig = int((s >= rc._BIG0).sum())
+            r = rc.symbols_to_residuals(s, offsets[start:start + nbig])
+            start += nbig
+        if p.along_positions:
+            out.append(rc.from_ordered(rc.undo_position_deltas(r, shape), dtype, shape))
+            continue
+        if mode is not None:
+            n = payloads.read()
+            if payloads.pos + n > len(payloads.data):
+                raise BlobError("corrupt kv-delta blob (lossy payload)")
+            payload = payloads.data[payloads.pos:payloads.pos + n]
+            payloads.pos += n
+            if r is None or mode.uses_symbols:
+                out.append(mode.decode(r, pred[i], payload))
+                continue
+        if r is None:
+            raise BlobError("corrupt kv-delta header (coded)")
+        out.append(rc.from_ordered(rc.to_ordered(pred[i]) + r, dtype, shape))
+    if mode is not None and payloads.pos != len(payloads.data):
+        raise BlobError("corrupt kv-delta blob (trailing lossy payload)")
+    return out
 
 
 def inspect_delta_blob(blob: bytes) -> dict:
@@ -229,7 +285,7 @@ def inspect_delta_blob(blob: bytes) -> dict:
     header, sec = parse(blob)
     n = int(header["tokens"]["n"])
     comps = int(header["components"])
-    res_bits = 8 * sum(len(sec[k]) for k in ("side", "models", "words", "raw", "escapes"))
+    res_bits = 8 * sum(len(sec[k]) for k in ("side", "models", "words", "raw", "lossy"))
     tok_bits = 8 * len(sec["tokens"])
     raw_bits = int(header["raw_bits"])
     total = 8 * len(blob)
@@ -237,6 +293,7 @@ def inspect_delta_blob(blob: bytes) -> dict:
         "kind": KIND,
         "mode": header["mode"],
         "max_abs_error": header.get("max_abs_error"),
+        "lossy": header.get("lossy"),
         "predictor": header["predictor"],
         "model": (header.get("model") or {}).get("name"),
         "tokens": n,

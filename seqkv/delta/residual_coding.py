@@ -50,6 +50,16 @@ def from_ordered(o: np.ndarray, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.from_numpy(s.astype(np_int)).view(dtype).reshape(shape)
 
 
+def position_deltas(o: np.ndarray, shape) -> np.ndarray:
+    """Residuals of the previous-position predictor: differences along T of [1, H, T, D]."""
+    t = o.reshape(shape)
+    return np.diff(t, axis=2, prepend=np.zeros_like(t[:, :, :1])).reshape(-1)
+
+
+def undo_position_deltas(r: np.ndarray, shape) -> np.ndarray:
+    return np.cumsum(r.reshape(shape), axis=2).reshape(-1)
+
+
 # -- symbols ---------------------------------------------------------------------------------
 
 
