@@ -1,15 +1,14 @@
-"""Delta tier on the H200: caches made in bf16 by a batched, padded GPU prefill, restored on
-the GPU and on the CPU with each predictor. No network is needed: the model is a GGUF path,
-the texts are files given on the command line (default: seqkv's bundled texts).
+"""Delta tier on the H200: caches made in bf16 by a batched, padded GPU prefill (SDPA, as a
+serving engine computes them), compressed and restored on the GPU and on the host CPU with
+each predictor and mode. No network is needed: the model is a GGUF path, the texts are files.
 
-    python benchmarks/delta_gpu.py /path/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --tokens 512 --batch 16 [--text-files a.txt b.txt ...] [--no-cpu] --json out.json
+    python benchmarks/delta_gpu.py /path/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 512 \\
+        --batch 16 --text-files a.txt b.txt ... --out DIR [--texts 2] [--device cuda]
 
-Rows: source (bf16, or the bf16 cache cast to fp8 e4m3), predictor, where it runs
-(cuda: compress and restore on the GPU; cpu: on the CPU), bits per component and per token
-of the residual, ratio to the stored dtype, times, and whether the restore was bit-exact.
-Every restore is checked; a row whose predictor is not repeatable says so (verified false,
-or the error) instead of failing the run.
+Writes DIR/delta_gpu.json after every row (a run cut short keeps what it measured) and
+DIR/cache_bf16_text0.safetensors (the first engine cache, for restores on other machines).
+Every exact restore is checked bit for bit; a predictor that is not repeatable on the
+device is reported as the row's error instead of failing the run.
 """
 
 from __future__ import annotations
@@ -28,10 +27,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from delta import batched_cache  # noqa: E402
 
-from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob  # noqa: E402
+from seqkv.delta import (  # noqa: E402
+    KVCache,
+    compress_kv,
+    decompress_kv,
+    inspect_delta_blob,
+    save_cachefile,
+)
 from seqkv.errors import SeqkvError  # noqa: E402
 from seqkv.models import load_model  # noqa: E402
 from seqkv.stepper import configure_determinism  # noqa: E402
+
+# (where, predictor, params, bound): in order of importance, so a cut run keeps the key rows.
+BF16_ROWS = [
+    ("gpu", "recompute", {"dtype": "bf16", "attn": "sdpa"}, {}),  # the engine's numerics
+    ("gpu", "recompute", {"dtype": "bf16", "attn": "eager"}, {}),
+    ("gpu", "recompute", {"dtype": "fp32", "attn": "eager"}, {}),
+    ("gpu", "none", {}, {}),
+    ("cpu", "recompute", {"dtype": "fp32"}, {}),
+    ("cpu", "recompute", {"dtype": "bf16", "attn": "sdpa"}, {}),
+    ("gpu", "neighbour", {}, {}),
+    ("gpu", "quantized", {"method": "int8"}, {}),
+    ("gpu", "recompute", {"dtype": "fp32", "attn": "eager"}, {"rel_mse": 1e-3}),
+    ("gpu", "none", {}, {"rel_mse": 1e-3}),
+    ("gpu", "recompute", {"dtype": "fp32", "attn": "eager"}, {"max_abs_error": 1e-2}),
+]
+FP8_ROWS = [
+    ("gpu", "recompute", {"dtype": "bf16", "attn": "sdpa"}, {}),
+    ("gpu", "recompute", {"dtype": "fp32", "attn": "eager"}, {}),
+    ("gpu", "none", {}, {}),
+]
 
 
 def read_ids(tokenizer, files: list[str], n_tokens: int) -> list[list[int]]:
@@ -42,8 +67,7 @@ def read_ids(tokenizer, files: list[str], n_tokens: int) -> list[list[int]]:
         texts = [p.read_text() for p in sorted(data.glob("*.txt"))]
     out = []
     for k, _ in enumerate(texts):
-        # Rotate and concatenate so every sequence reaches n_tokens even from short files.
-        ids: list[int] = []
+        ids: list[int] = []  # rotate and concatenate so short files reach n_tokens too
         i = k
         while len(ids) < n_tokens:
             ids += list(tokenizer(texts[i % len(texts)]).input_ids)
@@ -52,11 +76,11 @@ def read_ids(tokenizer, files: list[str], n_tokens: int) -> list[list[int]]:
     return out
 
 
-def run(kv: KVCache, lm, where: str, predictor: str, params: dict, bound=None) -> dict:
-    row = {"where": where, "predictor": predictor, **params, "max_abs_error": bound}
+def run(kv: KVCache, lm, predictor: str, params: dict, bound: dict) -> dict:
+    row = {"predictor": predictor, **params, **bound}
     try:
         t0 = time.perf_counter()
-        blob = compress_kv(kv, lm, predictor, max_abs_error=bound, tokens="raw", **params)
+        blob = compress_kv(kv, lm, predictor, tokens="raw", **bound, **params)
         t1 = time.perf_counter()
         back = decompress_kv(blob, lm)
         t2 = time.perf_counter()
@@ -65,12 +89,20 @@ def run(kv: KVCache, lm, where: str, predictor: str, params: dict, bound=None) -
     info = inspect_delta_blob(blob)
     r = info["residual"]
     width = torch.empty((), dtype=kv.keys[0].dtype).element_size() * 8
-    return {**row, "compute": info["predictor"]["compute"],
-            "numerics": info["predictor"].get("numerics"),
-            "bits_per_component": r["bits_per_component"], "bits_per_token": r["bits_per_token"],
-            "ratio": width / r["bits_per_component"] if r["bits"] else None,
-            "compress_s": t1 - t0, "restore_s": t2 - t1,
-            "verified": back.equal_bits(kv) if bound is None else None}
+    row.update(compute=info["predictor"]["compute"], numerics=info["predictor"].get("numerics"),
+               bits_per_component=r["bits_per_component"], bits_per_token=r["bits_per_token"],
+               ratio=width / r["bits_per_component"] if r["bits"] else None,
+               compress_s=t1 - t0, restore_s=t2 - t1)
+    if not bound:
+        row["verified"] = back.equal_bits(kv)
+    elif "rel_mse" in bound:
+        row["worst_rel_mse"] = max(
+            float((b.double() - a.double()).pow(2).sum() / a.double().pow(2).sum().clamp_min(1e-30))
+            for a, b in zip(kv.tensors, back.tensors, strict=True))
+    else:
+        row["worst_abs_error"] = max(float((b.float() - a.float()).abs().max())
+                                     for a, b in zip(kv.tensors, back.tensors, strict=True))
+    return row
 
 
 def main() -> None:
@@ -78,44 +110,39 @@ def main() -> None:
     ap.add_argument("gguf")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="sequences in the padded prefill")
+    ap.add_argument("--texts", type=int, default=2)
     ap.add_argument("--text-files", nargs="*", default=[])
-    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU restores")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    configure_determinism(torch.device("cuda"))
-    gpu = load_model(args.gguf, device="cuda", dtype=torch.bfloat16)
-    engine = copy.deepcopy(gpu.model)  # stays on SDPA; seqkv switches `gpu` to eager
-    cpu = None if args.no_cpu else load_model(args.gguf, device="cpu", dtype=torch.float32)
-    texts = read_ids(gpu.tokenizer, args.text_files, args.tokens)
-    rows = []
-    for k, target in enumerate(texts):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    configure_determinism(device)
+    lms = {"gpu": load_model(args.gguf, device=device, dtype=torch.bfloat16),
+           "cpu": load_model(args.gguf, device="cpu", dtype=torch.float32)}
+    engine = copy.deepcopy(lms["gpu"].model)
+    engine.set_attn_implementation("sdpa")
+    texts = read_ids(lms["gpu"].tokenizer, args.text_files, args.tokens)
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "machine": platform.machine(),
+              "cpu_threads": torch.get_num_threads(), "tokens": args.tokens,
+              "batch": args.batch, "rows": []}
+    for k, target in enumerate(texts[: args.texts]):
         others = [texts[(k + j + 1) % len(texts)][: max(1, args.tokens * (j + 1) // args.batch)]
                   for j in range(args.batch - 1)]
-        # The engine: bf16, batched and padded, default (SDPA) attention.
-        bf16 = batched_cache(engine, target, others)
-        sources = {"bf16": bf16,
-                   "fp8_e4m3": KVCache(bf16.input_ids,
-                                       [t.to(torch.float8_e4m3fn) for t in bf16.keys],
-                                       [t.to(torch.float8_e4m3fn) for t in bf16.values])}
-        for source, kv in sources.items():
-            configs = [("cuda", gpu, "none", {}), ("cuda", gpu, "recompute", {}),
-                       ("cuda", gpu, "recompute", {"dtype": "float32"})]
-            if cpu is not None:
-                configs += [("cpu", cpu, "recompute", {}),
-                            ("cpu", cpu, "recompute", {"dtype": "bfloat16"})]
-            for where, lm, predictor, params in configs:
-                row = run(kv, lm, where, predictor, params)
-                row.update(text=k, tokens=len(target), source=source, batch=args.batch)
-                rows.append(row)
+        bf16 = batched_cache(engine, target, others)  # the engine: bf16, batched, padded, SDPA
+        if k == 0:
+            save_cachefile(out / "cache_bf16_text0.safetensors", bf16)
+        fp8 = KVCache(bf16.input_ids, [t.to(torch.float8_e4m3fn) for t in bf16.keys],
+                      [t.to(torch.float8_e4m3fn) for t in bf16.values])
+        for source, kv, rows in (("bf16", bf16, BF16_ROWS), ("fp8_e4m3", fp8, FP8_ROWS)):
+            for where, predictor, params, bound in rows:
+                row = run(kv, lms[where], predictor, params, bound)
+                row.update(where=where, source=source, text=k, tokens=len(target))
+                result["rows"].append(row)
                 print(json.dumps(row), flush=True)
-            row = run(kv, gpu, "cuda", "recompute", {}, bound=1e-2)
-            row.update(text=k, tokens=len(target), source=source, batch=args.batch)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "machine": platform.machine(), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+                (out / "delta_gpu.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

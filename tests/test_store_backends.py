@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from seqkv.compress import prefill_cache
+from seqkv.delta import KVCache
 from seqkv.errors import ModelMismatchError
 from seqkv.store import Store, StoreCorruptError, StoreError
 from seqkv.store.backend import PAUSE_ENV
@@ -174,6 +175,48 @@ def test_corrupt_record_detected(db, llama, tmp_path):
         txn.put("edge", node.id, bytes(raw))
     with pytest.raises(StoreCorruptError, match="corrupt"):
         Store(db, llama).get_ids("a")
+
+
+def _engine_cache(ids, seed=0) -> KVCache:
+    """A cache 'computed elsewhere': another engine's bf16 numerics."""
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)
+    return KVCache.from_dynamic(prefill_cache(other.model, ids).cache, ids)
+
+
+def test_exact_tier_round_trip_dedup_delete(db, llama):
+    data = seqs()
+    kv_a, kv_b = _engine_cache(data["s0"]), _engine_cache(data["s1"])
+    with Store(db, llama, chunk=CHUNK) as s:
+        s.put("text", data["s2"])
+        r = s.put_exact("a", kv_a)
+        s.put_exact("b", kv_b, dtype="bf16", attn="sdpa")
+        assert r.tokens == len(data["s0"])
+        st = s.stats()
+        assert st["exact_sessions"] == 2 and st["exact_bytes"] > 0
+        assert s.get_ids("a") == data["s0"]  # its tokens are an ordinary session too
+        with pytest.raises(StoreError, match="not stored exactly"):
+            s.get_exact("text")
+    with Store(db, llama) as s2:  # reopened: the very tensors that were put
+        assert s2.get_exact("a").equal_bits(kv_a)
+        assert s2.get_exact("b").equal_bits(kv_b)
+        s2.delete("a")
+        assert s2.backend.read(s2.ns, "exact", "a") is None
+        assert s2.stats()["exact_sessions"] == 1
+        s2.put_exact("b", kv_a, replace=True)
+        assert s2.get_exact("b").equal_bits(kv_a)
+
+
+def test_exact_tier_corrupt_record_detected(db, llama):
+    kv = _engine_cache(seqs()["s0"])
+    s = Store(db, llama, chunk=CHUNK)
+    s.put_exact("a", kv)
+    raw = bytearray(s.backend.read(s.ns, "exact", "a"))
+    raw[len(raw) // 2] ^= 0x01
+    with s.backend.transaction(s.ns) as txn:
+        txn.put("exact", "a", bytes(raw))
+    with pytest.raises(StoreCorruptError, match="corrupt"):
+        Store(db, llama).get_exact("a")
 
 
 def test_foreign_model_refused(db, llama):

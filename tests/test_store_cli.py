@@ -45,3 +45,31 @@ def test_store_cli_contract(tmp_path, smollm2):
     r = runner.invoke(app, ["store", "get", "--db", db, "--session", "zzz", "-o",
                             str(tmp_path / "z")])
     assert r.exit_code == 1 and "no session 'zzz'" in r.output
+
+
+def test_store_exact_tier_cli(tmp_path, monkeypatch, llama):
+    """put --exact CACHE.safetensors, get --exact: the file comes back bit for bit."""
+    import torch
+
+    from seqkv.compress import prefill_cache
+    from seqkv.delta import KVCache, load_cachefile, save_cachefile
+    from tests.conftest import tiny_llama
+
+    monkeypatch.setattr("seqkv.models.load_model", lambda model=None, **kw: llama)
+    other = tiny_llama()
+    other.model.to(torch.bfloat16)
+    ids = list(range(5, 40))
+    kv = KVCache.from_dynamic(prefill_cache(other.model, ids).cache, ids)
+    cache, out, db = tmp_path / "c.safetensors", tmp_path / "o.safetensors", str(tmp_path / "d")
+    save_cachefile(cache, kv)
+    r = runner.invoke(app, ["store", "put", "--db", db, "--session", "x", "--exact",
+                            str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["exact_bytes"] > 0
+    r = runner.invoke(app, ["store", "get", "--db", db, "--session", "x", "--exact",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert load_cachefile(out).equal_bits(kv)
+    r = runner.invoke(app, ["store", "put", "--db", db, "--session", "y", "--exact",
+                            str(tmp_path / "missing.safetensors")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1

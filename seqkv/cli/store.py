@@ -34,28 +34,51 @@ def _open(db: str, namespace: str, model: str | None, need_model: bool = True):
     return Store(db, lm, namespace)
 
 
+ExactOption = Annotated[bool, typer.Option(
+    "--exact", help="the exact tier: INPUT / the output is a KV cache file (safetensors), "
+    "restored bit for bit")]
+
+
 @store_app.command()
 @friendly_errors
 def put(
-    input: Annotated[Path, typer.Argument(help="UTF-8 text file")],
+    input: Annotated[Path, typer.Argument(help="UTF-8 text file (with --exact: a cache file)")],
     db: DbOption,
     session: SessionOption,
     namespace: NsOption = "default",
     model: ModelOption = None,
     replace: Annotated[bool, typer.Option("--replace", help="overwrite the session")] = False,
+    exact: ExactOption = False,
+    predictor_dtype: Annotated[str | None, typer.Option(
+        help="--exact: recompute in bf16, fp16 or fp32 (the engine's dtype predicts best)")] = None,
+    predictor_attn: Annotated[str | None, typer.Option(
+        help="--exact: recompute with eager or sdpa attention")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Store a text as a session (its tokens, coded under the model, deduplicated)."""
-    text = read_text(input)
+    """Store a text as a session (its tokens, coded under the model, deduplicated); with
+    --exact, a KV cache file: its tokens as a session, its tensors as residuals."""
+    if exact:
+        from ..delta import load_cachefile
+
+        kv = load_cachefile(input)
+    else:
+        text = read_text(input)
     with _open(db, namespace, model) as s:
-        r = s.put(session, text, replace=replace)
+        if exact:
+            r = s.put_exact(session, kv, replace=replace, dtype=predictor_dtype,
+                            attn=predictor_attn)
+        else:
+            r = s.put(session, text, replace=replace)
         info = {"session": r.session, "tokens": r.tokens, "shared_tokens": r.shared_tokens,
                 "new_bits": r.new_bits}
+        if exact:
+            info["exact_bytes"] = s.session_info[session]["exact_bytes"]
     if json_:
         print_json(info)
     else:
+        extra = f", {info['exact_bytes']} bytes of exact residuals" if exact else ""
         typer.echo(f"{r.session}: {r.tokens} tokens, {r.shared_tokens} already stored, "
-                   f"{r.new_bits} new bits", err=True)
+                   f"{r.new_bits} new bits{extra}", err=True)
 
 
 @store_app.command()
@@ -66,10 +89,16 @@ def get(
     output: Annotated[Path, typer.Option("--output", "-o", help="output file (atomic)")],
     namespace: NsOption = "default",
     model: ModelOption = None,
+    exact: ExactOption = False,
 ) -> None:
-    """Write a session's text back, byte for byte."""
+    """Write a session's text back, byte for byte (with --exact: its cache file, bit for bit)."""
     with _open(db, namespace, model) as s:
-        write_atomic(output, s.get_text(session).encode("utf-8"))
+        if exact:
+            from ..delta import save_cachefile
+
+            save_cachefile(output, s.get_exact(session))
+        else:
+            write_atomic(output, s.get_text(session).encode("utf-8"))
 
 
 @store_app.command()

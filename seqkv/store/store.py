@@ -1,7 +1,9 @@
 """The PLT store: sessions as paths in a Probabilistic Language Trie, persisted in a backend.
 
 ``Store(db, lm, namespace)``: ``put`` a session (token ids or text, optionally its cache),
-``get_ids`` / ``get_text`` / ``get_cache`` it back, ``delete``, ``stats``, ``nearest``.
+``get_ids`` / ``get_text`` / ``get_cache`` it back, ``delete``, ``stats``, ``nearest``;
+``put_exact`` / ``get_exact``: the exact tier, a cache computed elsewhere stored as residuals
+from the model's prediction and returned bit for bit.
 
 - Dedup: a session's tokens are matched against the namespace's trie; only the part after the
   longest shared prefix is coded (``coding.py``) and stored as a new edge; an edge a new
@@ -26,6 +28,7 @@ import torch
 
 from ..blob import pack, unpack
 from ..compress import RestoredCache, prefill_cache, token_hash
+from ..delta.cachefile import KVCache
 from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..models import LoadedModel
@@ -213,42 +216,62 @@ class Store:
     def put(self, session: str, data, cache=None, replace: bool = False) -> PutResult:
         """Store a session's tokens (ids or text); with ``cache`` (the DynamicCache of exactly
         these tokens) also offer it as a checkpoint at the session's node."""
-        if not session:
-            raise StoreError("the session id must be a non-empty string")
         ids, recipe = self._ids(data)
-        lm = self._need_model()
-
-        def work(txn) -> PutResult:
-            if session in self.trie.sessions:
-                if not replace:
-                    raise StoreError(f"session {session!r} exists (delete it first)")
-                self._delete_in(txn, session)
-            cursor = Cursor(lm, self.chunk)
-            m = self._walk(ids, cursor)
-            node, changed = m.node, []
-            if m.offset < node.n:
-                mid = self.trie.split(node, m.offset)
-                changed += [mid, node]
-                node = mid
-            if m.depth < len(ids):
-                cursor.seek(ids[: m.depth])
-                node = self.trie.add_child(node, ids[m.depth :], cursor.encode(ids[m.depth :]))
-                changed.append(node)
-            for n in changed:
-                txn.put("edge", n.id, pack({"kind": "edge", "p": n.parent.id, "s": n.start,
-                                            "n": n.n, "f": n.first, "h": n.token_hash},
-                                           [n.words.astype("<u4").tobytes()]))
-            self.trie.add_session(session, node)
-            h = {"kind": "session", "node": node.id, "n": len(ids), "hash": token_hash(ids),
-                 "text": recipe.to_dict() if recipe is not None else None}
-            self.session_info[session] = h
-            txn.put("session", session, pack(h, []))
-            return PutResult(session, len(ids), m.depth, sum(n.bits for n in changed))
-
-        result = self._write(work)
+        result = self._write(lambda txn: self._put_in(txn, session, ids, recipe, replace))
         if cache is not None and self.budget > 0:
             self.checkpoint(session, cache)
         return result
+
+    def put_exact(self, session: str, kv: KVCache, replace: bool = False, *,
+                  predictor: str = "recompute", **predictor_params) -> PutResult:
+        """The exact tier: store a cache computed elsewhere (a serving engine's bf16, fp16 or
+        fp8 tensors) so that ``get_exact`` returns it bit for bit. Its tokens join the trie
+        like any session's; its tensors are stored as residuals from ``predictor`` (the
+        model's recomputation by default; arXiv 2604.15356 §4) in a kv-delta blob."""
+        from ..delta import compress_kv
+
+        ids, _ = self._ids(kv.input_ids)
+        blob = compress_kv(kv, self._need_model(), predictor, tokens="external",
+                           **predictor_params)
+
+        def work(txn) -> PutResult:
+            result = self._put_in(txn, session, ids, None, replace, exact_bytes=len(blob))
+            txn.put("exact", session, blob)
+            return result
+
+        return self._write(work)
+
+    def _put_in(self, txn, session: str, ids: list[int], recipe: TextRecipe | None,
+                replace: bool, exact_bytes: int = 0) -> PutResult:
+        if not session:
+            raise StoreError("the session id must be a non-empty string")
+        lm = self._need_model()
+        if session in self.trie.sessions:
+            if not replace:
+                raise StoreError(f"session {session!r} exists (delete it first)")
+            self._delete_in(txn, session)
+        cursor = Cursor(lm, self.chunk)
+        m = self._walk(ids, cursor)
+        node, changed = m.node, []
+        if m.offset < node.n:
+            mid = self.trie.split(node, m.offset)
+            changed += [mid, node]
+            node = mid
+        if m.depth < len(ids):
+            cursor.seek(ids[: m.depth])
+            node = self.trie.add_child(node, ids[m.depth :], cursor.encode(ids[m.depth :]))
+            changed.append(node)
+        for n in changed:
+            txn.put("edge", n.id, pack({"kind": "edge", "p": n.parent.id, "s": n.start,
+                                        "n": n.n, "f": n.first, "h": n.token_hash},
+                                       [n.words.astype("<u4").tobytes()]))
+        self.trie.add_session(session, node)
+        h = {"kind": "session", "node": node.id, "n": len(ids), "hash": token_hash(ids),
+             "text": recipe.to_dict() if recipe is not None else None,
+             "exact_bytes": exact_bytes}
+        self.session_info[session] = h
+        txn.put("session", session, pack(h, []))
+        return PutResult(session, len(ids), m.depth, sum(n.bits for n in changed))
 
     def _delete_in(self, txn, session: str) -> None:
         for n in self.trie.remove_session(session):
@@ -257,7 +280,8 @@ class Store:
                 txn.delete("ckptmeta", n.id)
                 txn.delete("ckpt", n.id)
                 del self.ckpts[n.id]
-        self.session_info.pop(session, None)
+        if (self.session_info.pop(session, None) or {}).get("exact_bytes"):
+            txn.delete("exact", session)
         txn.delete("session", session)
 
     def delete(self, session: str) -> None:
@@ -339,6 +363,22 @@ class Store:
         dtype = next(lm.model.parameters()).dtype
         cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
         return continue_prefill(lm.model, cache, ids, int(h["held"]))
+
+    def get_exact(self, session: str) -> KVCache:
+        """A session put with ``put_exact``: the very tensors that were put, bit for bit."""
+        from ..delta import decompress_kv
+
+        self._session(session)
+        if not self.session_info[session].get("exact_bytes"):
+            raise StoreError(f"session {session!r} was not stored exactly (put it with a cache)")
+        ids = self.get_ids(session)
+        blob = self.backend.read(self.ns, "exact", session)
+        if blob is None:
+            raise StoreCorruptError(f"corrupt store: session {session!r} lost its exact record")
+        try:
+            return decompress_kv(blob, self._need_model(), ids=ids)
+        except BlobError as e:
+            raise StoreCorruptError(f"corrupt store record exact {session}: {e}") from e
 
     # -- checkpoints -------------------------------------------------------------------------
     def _kv_bytes(self, depth: int) -> int:
@@ -441,6 +481,8 @@ class Store:
             "bits_per_unique_token": self.trie.bits_total / max(self.trie.tokens_unique, 1),
             "checkpoints": len(self.ckpts),
             "checkpoint_bytes": sum(int(c["bytes"]) for c in self.ckpts.values()),
+            "exact_sessions": sum(1 for h in self.session_info.values() if h.get("exact_bytes")),
+            "exact_bytes": sum(int(h.get("exact_bytes") or 0) for h in self.session_info.values()),
             "chunk": self.chunk,
         }
         if self.lm is not None:
