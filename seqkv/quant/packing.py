@@ -8,6 +8,9 @@ Rows stay byte-aligned so a cache can append and slice tokens without re-packing
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from ..errors import SeqkvError
@@ -88,6 +91,11 @@ def unpack(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     return out.reshape(*lead, g * 8)[..., :m]
 
 
+def lookup_width(bits: int) -> int:
+    """Index width of :func:`lookup_table`'s table for b-bit codes (0: no table)."""
+    return 8 if bits in (1, 2, 4, 8) else 12 if bits == 3 else 0
+
+
 def lookup_table(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
     """Table that decodes packed bytes straight to codebook values, and its index width in bits.
 
@@ -135,3 +143,31 @@ def decode_with_table(
         idx = torch.stack([word & 0xFFF, word >> 12], dim=-1)
         out = torch.nn.functional.embedding(idx.long(), table)
     return out.reshape(*lead, -1)[..., :m]
+
+
+@functools.lru_cache(maxsize=32)
+def _float_pack_matrix(m: int, bits: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    per = 8 // bits if bits in (1, 2, 4) else 8
+    j = torch.arange(m)
+    mat = torch.zeros(m, m // per, dtype=torch.float64)
+    mat[j, j // per] = torch.exp2((j % per) * bits).double()
+    return mat.to(device=device, dtype=dtype)
+
+
+def pack_float_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` for integer-valued float32 codes (r, m), m a multiple of 8, bits 1..4.
+
+    Packing is linear, so on the CPU it is one small matrix product (each group of codes
+    times its powers of two: exact, the words stay below 2^24) plus one narrowing cast,
+    instead of a chain of byte-wise shifts over strided views.
+    """
+    r, m = codes.shape
+    word = codes @ _float_pack_matrix(m, bits, str(codes.device), codes.dtype)
+    if bits in (1, 2, 4):
+        return word.to(torch.uint8)
+    # 3 bits: eight codes make a 24-bit word; its three low bytes, little-endian, are the bytes.
+    w = word.to(torch.int32)
+    if sys.byteorder != "little":
+        shifts = torch.tensor([0, 8, 16], dtype=torch.int32, device=w.device)
+        return ((w.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(r, -1)
+    return w.view(torch.uint8).reshape(r, m // 8, 4)[..., :3].reshape(r, m // 8 * 3)
