@@ -64,8 +64,9 @@ def test_engine_numerics_make_the_residual_vanish(caches):
     blob = compress_kv(kv, lm, "recompute", dtype="bf16", attn="sdpa", tokens="raw")
     same = inspect_delta_blob(blob)
     assert same["predictor"]["numerics"]["attn"] == "sdpa"
-    # Every residual is zero: only the per-block models are stored, no coded symbols.
-    assert unpack(blob)[0]["stream_bytes"][1:3] == [0, 0]
+    # Every residual is zero: each tensor is flagged so, nothing else is stored.
+    assert unpack(blob)[0]["stream_bytes"][:3] == [0, 0, 0]
+    assert set(unpack(blob)[0]["coded"]) == {2}
     assert same["residual"]["bits"] < fp32["residual"]["bits"] / 4
     assert decompress_kv(blob, lm).equal_bits(kv)
     with pytest.raises(SeqkvError, match="dtype"):
@@ -281,3 +282,20 @@ def test_recompute_in_another_dtype(caches):
     assert info["predictor"]["dtype"] == "bfloat16"
     assert info["predictor"]["numerics"]["dtype"] == "bfloat16"
     assert decompress_kv(blob, lm).equal_bits(kv)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 9), st.integers(1, 6),
+       st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1,
+                max_size=8))
+def test_context_blocks_round_trip(heads, t, d, pool):
+    """Blocks by head and prediction exponent: split then join is the identity."""
+    shape = (1, heads, t, d)
+    n = heads * t * d
+    pred = torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.float32)
+    keys, n_blocks = rc.block_keys(shape, pred.reshape(shape))
+    assert keys.min(initial=0) >= 0 and keys.max(initial=0) < n_blocks
+    values = np.arange(n, dtype=np.int64) * 7 - 3
+    parts = rc.split_blocks(values, keys, n_blocks)
+    assert [len(p) for p in parts] == rc.block_sizes(keys, n_blocks)
+    assert np.array_equal(rc.join_blocks(parts, keys), values)

@@ -22,6 +22,8 @@ from .lossy import lossy_mode, mode_from_header
 from .predictors import get_predictor, params_of, predictor_from_header
 
 KIND = "kv-delta"
+ZERO = 2  # "coded" value of a tensor whose residual is all zero (the prediction was exact)
+SMALL_ZERO = rc.SMALL - 1  # the symbol of residual 0
 SECTIONS = ("tokens", "side", "models", "words", "raw", "lossy")
 
 
@@ -115,8 +117,9 @@ def compress_kv(
     blocks, offsets, nbits, payloads, restored, coded = [], [], [], bytearray(), [], []
     for i, x in enumerate(originals):
         if pred is None and not p.along_positions:
+            keys = rc.block_keys(x.shape)
             for plane in rc.byte_planes(x):
-                blocks.extend(rc.head_blocks(plane, x.shape))
+                blocks.extend(rc.split_blocks(plane, *keys))
             coded.append(1)
             continue
         if p.along_positions:
@@ -132,11 +135,13 @@ def compress_kv(
             rc.put_varints([len(payload)], payloads)
             payloads += payload
             restored.append(recon)
-        coded.append(int(r is not None))
-        if r is None:
+        if r is None or not r.any():  # no symbols, or all zero: nothing to entropy-code
+            coded.append(ZERO if r is not None else 0)
             continue
+        coded.append(1)
         sym, off, nb = rc.residual_symbols(r)
-        blocks.extend(rc.head_blocks(sym, x.shape))
+        blocks.extend(rc.split_blocks(sym, *rc.block_keys(x.shape, None if pred is None
+                                                          else pred[i])))
         offsets.append(off)
         nbits.append(nb)
     coded_blocks = rc.encode_blocks(blocks)
@@ -181,7 +186,8 @@ def parse(blob: bytes) -> tuple[dict, dict[str, bytes]]:
     named = dict(zip(SECTIONS, sections, strict=True))
     if header.get("stream_bytes") != [len(named[k]) for k in SECTIONS[2:]]:
         raise BlobError("corrupt kv-delta blob (residual stream lengths)")
-    if len(header["coded"]) != len(header["layout"]):
+    if (len(header["coded"]) != len(header["layout"])
+            or any(c not in (0, 1, ZERO) for c in header["coded"])):
         raise BlobError("corrupt kv-delta header (coded)")
     return header, named
 
@@ -219,23 +225,23 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
             f"(numerics {header['predictor'].get('numerics')}): it cannot restore this blob"
         )
     planes = pred is None and not p.along_positions
+    keys = [rc.block_keys(shape, None if pred is None else pred[i]) if coded == 1 else None
+            for i, ((shape, _), coded) in enumerate(zip(layout, header["coded"], strict=True))]
     sizes = []
-    for (shape, dtype), coded in zip(layout, header["coded"], strict=True):
-        heads = shape[1]
-        per = [int(np.prod(shape)) // heads] * heads if heads and coded else []
-        sizes.extend(per * (rc.width_of(dtype) // 8) if planes else per)
+    for k, (_, dtype) in zip(keys, layout, strict=True):
+        if k is not None:
+            sizes.extend(rc.block_sizes(*k) * (rc.width_of(dtype) // 8 if planes else 1))
     blocks = rc.decode_checked(rc.CodedBlocks(sec["models"], sec["words"]), sizes)
     syms, pos = [], 0
-    for (shape, dtype), coded in zip(layout, header["coded"], strict=True):
-        heads = shape[1]
-        n_planes = rc.width_of(dtype) // 8 if planes else 1
-        if not coded:
-            syms.append(None)
+    for k, (shape, dtype), coded in zip(keys, layout, header["coded"], strict=True):
+        if k is None:
+            syms.append(np.full(int(np.prod(shape)), SMALL_ZERO) if coded == ZERO else None)
             continue
-        parts = blocks[pos:pos + heads * n_planes]
-        pos += heads * n_planes
-        per_plane = [np.concatenate(parts[j * heads:(j + 1) * heads]) if heads else
-                     np.zeros(0, np.int64) for j in range(n_planes)]
+        n_planes = rc.width_of(dtype) // 8 if planes else 1
+        per_plane = []
+        for _ in range(n_planes):
+            per_plane.append(rc.join_blocks(blocks[pos:pos + k[1]], k[0]))
+            pos += k[1]
         syms.append(per_plane if planes else per_plane[0])
     if planes:
         out = [rc.from_byte_planes(pl, dtype, shape) for pl, (shape, dtype) in

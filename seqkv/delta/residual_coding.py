@@ -239,12 +239,46 @@ def decode_checked(coded: CodedBlocks, sizes: list[int]) -> list[np.ndarray]:
 # -- blocks of a tensor ----------------------------------------------------------------------
 
 
-def head_blocks(flat: np.ndarray, shape) -> list[np.ndarray]:
-    """A [1, H, T, D] tensor's flat values split per head."""
+N_CONTEXTS = 12  # exponent classes of the prediction, per head
+
+
+def exponent_contexts(pred: torch.Tensor) -> np.ndarray:
+    """Each value's context: the binary exponent of its prediction, clipped to 12 classes
+    (zero, non-finite and tiny predictions share class 0). One ulp is a different step at
+    each exponent, so a residual's spread in ulps depends on it: measured on SmolLM2's
+    cross-numerics residual, 5.11 -> 4.61 bits/component with these contexts."""
+    p = np.abs(pred.detach().cpu().float().numpy().reshape(-1))
+    p = np.where(np.isfinite(p), p, 0.0)
+    ctx = np.clip(np.frexp(p)[1] + (N_CONTEXTS - 4), 1, N_CONTEXTS - 1)
+    return np.where(p == 0, 0, ctx).astype(np.int64)
+
+
+def block_keys(shape, pred: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """Which block (one categorical model) codes each value of a [1, H, T, D] tensor: its head,
+    and with a prediction also the prediction's exponent class. Returns (keys, n_blocks)."""
     heads = int(shape[1]) if len(shape) > 1 else 1
-    if flat.size == 0:
-        return [flat[:0] for _ in range(heads)]
-    return list(flat.reshape(heads, -1))
+    n = int(np.prod(shape))
+    head = np.repeat(np.arange(heads, dtype=np.int64), n // heads) if heads else \
+        np.zeros(0, np.int64)
+    if pred is None:
+        return head, heads
+    return head * N_CONTEXTS + exponent_contexts(pred), heads * N_CONTEXTS
+
+
+def split_blocks(values: np.ndarray, keys: np.ndarray, n_blocks: int) -> list[np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=n_blocks)
+    return np.split(values.reshape(-1)[order], np.cumsum(counts)[:-1])
+
+
+def block_sizes(keys: np.ndarray, n_blocks: int) -> list[int]:
+    return np.bincount(keys, minlength=n_blocks).tolist()
+
+
+def join_blocks(parts: list[np.ndarray], keys: np.ndarray) -> np.ndarray:
+    out = np.empty(len(keys), dtype=np.int64)
+    out[np.argsort(keys, kind="stable")] = np.concatenate(parts) if parts else out[:0]
+    return out
 
 
 def byte_planes(t: torch.Tensor) -> list[np.ndarray]:
