@@ -3,11 +3,16 @@
     python benchmarks/gpu_quantizers.py --out DIR            # on a CUDA machine, d = 128
     python benchmarks/gpu_quantizers.py --out DIR --smoke    # tiny sizes, runs on the CPU too
 
-Writes DIR/gpu_quantizers.json. Throughput = bytes of bf16 input (quantize) or of bf16 output
-(dequantize) per second, timed with CUDA events after warm-up, median of --iters runs. Each
-method is also checked for distortion on unit vectors (relative MSE) so a fast but wrong path
-shows up. Optional torch.compile variants (--compile) and the PyPI peer pyturboquant (skipped
-when not installed). Needs no network.
+Writes DIR/gpu_quantizers.json (rewritten after every row, so a cut-off run keeps its rows).
+For every method and bit width it times the library's default path (``compile="auto"``: what a
+user gets, torch.compile'd kernels on CUDA, eager on the CPU) and the eager kernels
+(``compile="never"``) for reference. Throughput = bytes of bf16 input (quantize) or bf16
+output (dequantize) per second, CUDA events after warm-up, median of --iters runs. The first
+call of each (compile included) is reported as ``first_call_s``. Every row also reports the
+relative distortion of its own output and whether the default path fell back to eager, so a
+fast but wrong path shows up. A failing method records its error and the run goes on.
+``--budget-s`` bounds the whole run (rows past it are recorded as skipped). The PyPI peer
+pyturboquant is timed when installed. Needs no network.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,12 +47,15 @@ def _import_quant():
     return importlib.import_module("seqkv.quant")
 
 
-get_quantizer = _import_quant().get_quantizer
+_quant = _import_quant()
+get_quantizer = _quant.get_quantizer
+jit = sys.modules["seqkv.quant.jit"]
 
 CONFIGS = [
     *[("turboquant-mse", b, {}) for b in (1, 2, 3, 4)],
     *[("turboquant-prod", b, {}) for b in (2, 3, 4)],
-    ("turboquant-mse", 3.5, {}),
+    ("turboquant-outlier", 2.5, {}),
+    ("turboquant-outlier", 3.5, {}),
     ("kivi", 2, {"axis": "token"}),
     ("kivi", 4, {"axis": "token"}),
     ("kivi", 2, {"axis": "channel"}),
@@ -55,10 +64,16 @@ CONFIGS = [
 ]
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timer(fn, device: torch.device, warmup: int, iters: int) -> float:
     """Median seconds per call (CUDA events on GPUs, perf_counter on the CPU)."""
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -75,64 +90,93 @@ def timer(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def distortion(q, d: int, device: torch.device) -> float:
-    x = torch.randn(4096, d, device=device)
-    x = (x / x.norm(dim=-1, keepdim=True)).to(torch.bfloat16)
-    xh = q.dequantize(q.quantize(x)).float()
-    return float(((x.float() - xh) ** 2).sum(-1).mean())
+def first_call(fn, device: torch.device):
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
 
 
-def run(args) -> dict:
+def rel_mse(x: torch.Tensor, xh: torch.Tensor, rows: int = 65536) -> float:
+    """Mean over vectors of ||x - x~||^2 / ||x||^2 (= the unit-vector MSE for these methods)."""
+    d = x.shape[-1]
+    a, b = x.reshape(-1, d)[:rows].float(), xh.reshape(-1, d)[:rows].float()
+    return float((((a - b) ** 2).sum(-1) / (a**2).sum(-1).clamp_min(1e-30)).mean())
+
+
+def measure(method, bits, extra, mode, x, xin, gb, device, args) -> dict:
+    q = get_quantizer(method, bits, compile=mode, **extra)
+    failed_before = set(jit._failed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qt, tq0 = first_call(lambda: q.quantize(xin), device)
+        xh, td0 = first_call(lambda: q.dequantize(qt), device)
+        row = {
+            "bits_per_component": qt.bits / qt.numel,
+            "first_call_s": {"quantize": tq0, "dequantize": td0},
+            "rel_mse": rel_mse(xin, xh),
+        }
+        del xh
+        tq = timer(lambda: q.quantize(xin), device, args.warmup, args.iters)
+        td = timer(lambda: q.dequantize(qt), device, args.warmup, args.iters)
+    row |= {"quantize_GBps": gb / tq, "dequantize_GBps": gb / td}
+    fell = sorted({k[0].__name__ for k in set(jit._failed) - failed_before})
+    if fell or caught:
+        row["eager_fallbacks"] = fell
+        row["warnings"] = sorted({str(w.message)[:300] for w in caught})
+    if mode == "auto":
+        row["compiled"] = jit.wants_compile("auto", device) and not fell
+    return row
+
+
+def run(args, write) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     d = args.dim
     n = args.vectors
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
     x = torch.randn(n, d, device=device, dtype=torch.bfloat16)
     gb = x.numel() * x.element_size() / 1e9
-    results = []
+    report = {
+        "device": torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "argv": sys.argv,
+        "dim": d,
+        "vectors": n,
+        "input_GB_bf16": gb,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "default_path": "compile='auto': torch.compile on CUDA, eager on the CPU",
+        "results": [],
+        "peers": [],
+    }
+    results = report["results"]
     for method, bits, extra in CONFIGS:
-        row = {"method": method, "bits": bits, **extra, "variant": "eager"}
-        try:
-            q = get_quantizer(method, bits, **extra)
-            # KIVI expects (..., T, d): tokens on axis -2, as in a cache.
-            xin = x.reshape(64, n // 64, d) if method == "kivi" else x
-            qt = q.quantize(xin)
-            row["bits_per_component"] = qt.bits / qt.numel
-            tq = timer(lambda q=q, xin=xin: q.quantize(xin), device, args.warmup, args.iters)
-            td = timer(lambda q=q, qt=qt: q.dequantize(qt), device, args.warmup, args.iters)
-            row |= {
-                "quantize_GBps": gb / tq,
-                "dequantize_GBps": gb / td,
-                "mse_unit": distortion(q, d, device),
-            }
-            del qt
-            if args.compile and method.startswith("turboquant"):
-                # Fresh, static compilation per method: otherwise dynamo turns the bit width
-                # into a symbolic int on the second quantizer and fails tracing `1 << bits`.
-                torch._dynamo.reset()
-                cq = torch.compile(q.quantize, dynamic=False)
-                cd = torch.compile(q.dequantize, dynamic=False)
-                qt = cq(xin)
-                tq = timer(lambda cq=cq, xin=xin: cq(xin), device, args.warmup, args.iters)
-                td = timer(lambda cd=cd, qt=qt: cd(qt), device, args.warmup, args.iters)
-                results.append(
-                    {
-                        **row,
-                        "variant": "torch.compile",
-                        "quantize_GBps": gb / tq,
-                        "dequantize_GBps": gb / td,
-                    }
-                )
-                del qt
-        except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
-            row["error"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    peers = []
+        # KIVI and the outlier split expect (..., T, d): tokens on axis -2, as in a cache.
+        xin = x.reshape(64, n // 64, d) if method in ("kivi", "turboquant-outlier") else x
+        for variant, mode in (("default", "auto"), ("eager", "never")):
+            row = {"method": method, "bits": bits, **extra, "variant": variant, "compile": mode}
+            elapsed = time.perf_counter() - t_start
+            if elapsed > args.budget_s:
+                row["skipped"] = f"time budget ({elapsed:.0f} s > {args.budget_s:.0f} s)"
+            else:
+                try:
+                    row |= measure(method, bits, extra, mode, x, xin, gb, device, args)
+                except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
+                    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    traceback.print_exc()
+            row["elapsed_s"] = time.perf_counter() - t_start
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            write(report)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    peers = report["peers"]
     try:
-        from pyturboquant.core import InnerProductQuantizer, MSEQuantizer
+        from pyturboquant.core import MSEQuantizer
 
         xf = x.float()
         for bits in (1, 2, 3, 4):
@@ -150,25 +194,12 @@ def run(args) -> dict:
                 }
             )
             print(json.dumps(peers[-1]), flush=True)
-        del InnerProductQuantizer
     except ImportError:
         peers.append({"peer": "pyturboquant", "skipped": "not installed"})
     except Exception as e:  # noqa: BLE001
         peers.append({"peer": "pyturboquant", "error": f"{type(e).__name__}: {e}"})
-    return {
-        "device": torch.cuda.get_device_name(0)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "dim": d,
-        "vectors": n,
-        "input_GB_bf16": gb,
-        "warmup": args.warmup,
-        "iters": args.iters,
-        "results": results,
-        "peers": peers,
-    }
+    report["total_s"] = time.perf_counter() - t_start
+    return report
 
 
 def main() -> None:
@@ -178,7 +209,7 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=None, help="default 8M (2 GB bf16); smoke 4096")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    ap.add_argument("--budget-s", type=float, default=230.0, help="skip rows started after this")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU test)")
     ap.add_argument("--cpu", action="store_true", help="force the CPU")
     args = ap.parse_args()
@@ -188,10 +219,14 @@ def main() -> None:
         args.warmup, args.iters = 1, 2
     args.vectors -= args.vectors % 64
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run(args)
     path = args.out / "gpu_quantizers.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+
+    def write(report: dict) -> None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run(args, write)
+    write(report)
+    print(f"wrote {path} ({report['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,11 +64,18 @@ def tensor_bits(obj) -> int:
     return 0
 
 
-def side_by_side(n: int, d: int) -> list[dict]:
+def side_by_side(n: int, d: int, rounds: int = 5) -> tuple[list[dict], list[dict]]:
+    """Distortion and bits per implementation, then speed measured in interleaved rounds.
+
+    The machine may be shared, so every round times seqkv and each peer back to back on the
+    same inputs (best of 3 calls each), and speed ratios are taken within a round; reported
+    speeds and ratios are medians over the rounds.
+    """
     x, y = unit(n, d, 0), unit(n, d, 1)
     true = (x * y).sum(-1).double()
     mb = x.numel() * 4 / 1e6
     rows = []
+    timed = []  # (row, quant, dequant, qt)
 
     def add(impl, method, bits, quant, dequant, ip=None):
         qt = quant()
@@ -86,16 +94,11 @@ def side_by_side(n: int, d: int) -> list[dict]:
                 else tensor_bits(qt)
             )
             / x.numel(),
-            "quantize_MBps": mb / best_time(quant),
-            "dequantize_MBps": mb / best_time(lambda: dequant(qt)),
         }
         if method == "mse" and float(bits) == int(bits):
             row["mse_optimum"] = lloyd_max_codebook(d, int(bits)).vector_mse
         rows.append(row)
-        print(
-            json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}),
-            flush=True,
-        )
+        timed.append((row, quant, dequant, qt))
 
     for b in (1, 2, 3, 4):
         q = get_quantizer("turboquant-mse", b)
@@ -145,7 +148,54 @@ def side_by_side(n: int, d: int) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - a broken peer is a result, not a crash
         rows.append({"impl": "turboquant", "error": f"{type(e).__name__}: {e}"})
         print(f"turboquant failed: {type(e).__name__}: {e}", flush=True)
-    return rows
+
+    # Speed: each round visits every (method, bits) and times all implementations back to back.
+    secs: dict[int, dict[str, list[float]]] = {id(r): {"q": [], "dq": []} for r, *_ in timed}
+    order = sorted(timed, key=lambda t: (t[0]["method"], t[0]["bits"]))
+    for _ in range(rounds):
+        for row, quant, dequant, qt in order:
+            secs[id(row)]["q"].append(best_time(quant, reps=3))
+            secs[id(row)]["dq"].append(best_time(lambda dq=dequant, qt=qt: dq(qt), reps=3))
+    for row, *_ in timed:
+        s = secs[id(row)]
+        row["quantize_MBps"] = mb / statistics.median(s["q"])
+        row["dequantize_MBps"] = mb / statistics.median(s["dq"])
+        print(
+            json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}),
+            flush=True,
+        )
+    ratios = []
+    for row, *_ in timed:
+        if row["impl"] == "seqkv":
+            continue
+        ours = next(
+            r
+            for r, *_ in timed
+            if r["impl"] == "seqkv" and (r["method"], r["bits"]) == (row["method"], row["bits"])
+        )
+        a, b = secs[id(ours)], secs[id(row)]
+        ratios.append(
+            {
+                "peer": row["impl"],
+                "method": row["method"],
+                "bits": row["bits"],
+                "rounds": rounds,
+                "quantize_speedup_median": statistics.median(
+                    p / o for p, o in zip(b["q"], a["q"], strict=True)
+                ),
+                "dequantize_speedup_median": statistics.median(
+                    p / o for p, o in zip(b["dq"], a["dq"], strict=True)
+                ),
+                "quantize_speedup_min": min(p / o for p, o in zip(b["q"], a["q"], strict=True)),
+                "dequantize_speedup_min": min(p / o for p, o in zip(b["dq"], a["dq"], strict=True)),
+            }
+        )
+        print(
+            json.dumps(
+                {k: round(v, 2) if isinstance(v, float) else v for k, v in ratios[-1].items()}
+            )
+        )
+    return rows, ratios
 
 
 def brown_text(max_chars: int = 20000) -> str:
@@ -329,25 +379,30 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (medians)")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    side = side_by_side(args.vectors, args.dim)
+    side, ratios = side_by_side(args.vectors, args.dim, args.rounds)
     qual = (
         []
         if args.skip_quality
         else quality(args.context, args.held_out, args.gen_tokens, args.prompts)
     )
+    previous = RESULTS / "quantizers.json"
+    if not qual and previous.exists():  # --skip-quality keeps the last measured quality rows
+        qual = json.loads(previous.read_text()).get("quality", [])
     report = {
         "machine": f"{platform.machine()} CPU, {args.threads} threads",
         "torch": torch.__version__,
         "argv": sys.argv,
         "side_by_side": side,
+        "speedup_vs_peers": ratios,
         "quality": qual,
     }
     (RESULTS / "quantizers.json").write_text(json.dumps(report, indent=2) + "\n")
-    if qual:
+    if qual and not args.skip_quality:
         plots(side, qual)
     print(f"wrote {RESULTS / 'quantizers.json'}")
 
