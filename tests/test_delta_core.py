@@ -299,3 +299,35 @@ def test_context_blocks_round_trip(heads, t, d, pool):
     parts = rc.split_blocks(values, keys, n_blocks)
     assert [len(p) for p in parts] == rc.block_sizes(keys, n_blocks)
     assert np.array_equal(rc.join_blocks(parts, keys), values)
+
+
+def test_restore_retries_a_prediction_that_did_not_repeat(caches, monkeypatch):
+    """A recompute that comes out different once (kernels that do not repeat) is retried."""
+    from seqkv.delta.predictors import Recompute
+
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, lm, "recompute", tokens="raw")
+    real, calls = Recompute.predict, []
+
+    def flaky(self, *args):
+        pred = real(self, *args)
+        calls.append(1)
+        if len(calls) == 1:
+            pred[0] = pred[0].clone()
+            pred[0].view(-1)[0] += 1.0
+        return pred
+
+    monkeypatch.setattr(Recompute, "predict", flaky)
+    assert decompress_kv(blob, lm).equal_bits(kv) and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(Recompute, "predict", lambda self, *a: [t + 1 for t in real(self, *a)])
+    with pytest.raises(ModelMismatchError, match="3 attempts"):
+        decompress_kv(blob, lm)
+    def drifting(self, *args):  # a different prediction on every run
+        calls.append(1)
+        return [t + len(calls) for t in real(self, *args)]
+
+    monkeypatch.setattr(Recompute, "predict", drifting)
+    with pytest.raises(SeqkvError, match="not repeatable"):
+        compress_kv(kv, lm, "recompute", tokens="raw")

@@ -77,8 +77,9 @@ def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes,
 
 
 def _prediction(p, lm, ids, side, layout) -> list[torch.Tensor] | None:
+    """The prediction at compress time, computed twice where kernels may not repeat."""
     pred = p.predict(lm, ids, side, layout)
-    if pred is not None and getattr(p, "needs_repeat_check", lambda _: False)(lm):
+    if pred is not None and p.repeat_check:
         again = p.predict(lm, ids, side, layout)
         if tensors_hash(again) != tensors_hash(pred):
             raise SeqkvError(
@@ -86,6 +87,21 @@ def _prediction(p, lm, ids, side, layout) -> list[torch.Tensor] | None:
                 f"{p.describe()['numerics']}: a restore could not reproduce it (try attn eager)"
             )
     return pred
+
+
+def _matching_prediction(p, lm, ids, side, layout, header) -> list[torch.Tensor] | None:
+    """The prediction at restore time: it must hash as the compressing machine's did."""
+    for _ in range(p.restore_attempts):
+        pred = p.predict(lm, ids, side, layout)
+        if pred is None or tensors_hash(pred) == header.get("prediction_hash"):
+            return pred
+    if not p.needs_model:  # computed from the blob alone: the blob is damaged
+        raise BlobError("corrupt kv-delta blob (predictor side information)")
+    raise ModelMismatchError(
+        f"this machine's {p.name} prediction differs from the compressing machine's "
+        f"(numerics {header['predictor'].get('numerics')}; {p.restore_attempts} attempts): "
+        "it cannot restore this blob"
+    )
 
 
 def compress_kv(
@@ -214,16 +230,9 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     ids = _decode_tokens(lm, header, sec["tokens"], ids)
     if any(s[2] > len(ids) for s, _ in layout):
         raise BlobError("corrupt kv-delta header (more positions than tokens)")
-    pred = p.predict(lm, ids, sec["side"], layout)
-    if mode is not None and pred is None:
+    pred = _matching_prediction(p, lm, ids, sec["side"], layout, header)
+    if mode is not None and pred is None:  # lossy without a predictor: residuals from zero
         pred = [torch.zeros(s, dtype=d) for s, d in layout]
-    if pred is not None and tensors_hash(pred) != header.get("prediction_hash"):
-        if not p.needs_model:  # computed from the blob alone: the blob is damaged
-            raise BlobError("corrupt kv-delta blob (predictor side information)")
-        raise ModelMismatchError(
-            f"this machine's {p.name} prediction differs from the compressing machine's "
-            f"(numerics {header['predictor'].get('numerics')}): it cannot restore this blob"
-        )
     planes = pred is None and not p.along_positions
     keys = [rc.block_keys(shape, None if pred is None else pred[i]) if coded == 1 else None
             for i, ((shape, _), coded) in enumerate(zip(layout, header["coded"], strict=True))]
