@@ -10,6 +10,7 @@ from seqkv.blob import pack, unpack
 from seqkv.compress import prefill_cache
 from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob
 from seqkv.delta import residual_coding as rc
+from seqkv.delta.api import parse
 from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
 from tests.conftest import tiny_llama
 
@@ -66,7 +67,7 @@ def test_engine_numerics_make_the_residual_vanish(caches):
     assert same["predictor"]["numerics"]["attn"] == "sdpa"
     # Every residual is zero: each tensor is flagged so, nothing else is stored.
     assert unpack(blob)[0]["stream_bytes"][:3] == [0, 0, 0]
-    assert set(unpack(blob)[0]["coded"]) == {2}
+    assert set(parse(blob)[0]["coded"]) == {2}
     assert same["residual"]["bits"] < fp32["residual"]["bits"] / 4
     assert decompress_kv(blob, lm).equal_bits(kv)
     with pytest.raises(SeqkvError, match="dtype"):
@@ -239,7 +240,7 @@ def test_rel_mse_finer_than_the_dtype_falls_back_to_exact(caches):
     kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
     blob = compress_kv(kv, None, "none", rel_mse=1e-12, tokens="raw")
     assert decompress_kv(blob, None).equal_bits(kv)
-    assert all(unpack(blob)[0]["coded"])
+    assert all(parse(blob)[0]["coded"])
     with pytest.raises(SeqkvError, match="one bound"):
         compress_kv(kv, None, "none", rel_mse=1e-2, max_abs_error=0.1)
 
@@ -331,3 +332,17 @@ def test_restore_retries_a_prediction_that_did_not_repeat(caches, monkeypatch):
     monkeypatch.setattr(Recompute, "predict", drifting)
     with pytest.raises(SeqkvError, match="not repeatable"):
         compress_kv(kv, lm, "recompute", tokens="raw")
+
+
+def test_corrupt_header_layout_and_flags(caches):
+    lm, cache = caches["llama"]
+    kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
+    blob = compress_kv(kv, None, "none", tokens="raw")
+    header, sections = unpack(blob)
+    header.pop("sections")
+    assert len(header["layout"]) < len(kv.tensors)  # run-length coded: layers repeat
+    for key, value in (("layout", [[[1, 2, 24, 8], "bfloat16", -1]]),
+                       ("layout", [[[1, 2, 24, 8], "int9", 6]]),
+                       ("coded", "1" * (len(kv.tensors) - 1)), ("coded", "7" * len(kv.tensors))):
+        with pytest.raises(BlobError, match="corrupt kv-delta header"):
+            decompress_kv(pack({**header, key: value}, sections), None)

@@ -35,9 +35,26 @@ def tensors_hash(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _pack_layout(layout) -> list:
+    """Shapes and dtypes run-length coded: [[shape, dtype, count], ...] (layers repeat)."""
+    runs: list = []
+    for shape, dtype in layout:
+        entry = [list(shape), dtype_name(dtype)]
+        if runs and runs[-1][:2] == entry:
+            runs[-1][2] += 1
+        else:
+            runs.append([*entry, 1])
+    return runs
+
+
 def _layout(header: dict):
     try:
-        return [(tuple(int(s) for s in shape), FLOAT_DTYPES[dt]) for shape, dt in header["layout"]]
+        out = []
+        for shape, dt, count in header["layout"]:
+            if not 0 < int(count) <= 1 << 20 or len(out) + int(count) > 1 << 20:
+                raise ValueError("count")
+            out += [(tuple(int(s) for s in shape), FLOAT_DTYPES[dt])] * int(count)
+        return out
     except (KeyError, TypeError, ValueError) as e:
         raise BlobError(f"corrupt kv-delta header (layout: {e})") from e
 
@@ -174,8 +191,8 @@ def compress_kv(
         "max_abs_error": max_abs_error,
         "predictor": {**p.describe(lm.config if lm else None), **params_of(p)},
         "model": lm.fingerprint.to_dict() if lm is not None else None,
-        "layout": [[list(s), dtype_name(d)] for s, d in layout],
-        "coded": coded,
+        "layout": _pack_layout(layout),
+        "coded": "".join(str(c) for c in coded),
         "tokens": {"n": kv.n_tokens, "coding": token_coding, "hash": token_hash(kv.input_ids),
                    "bits": 8 * len(token_data)},
         "components": kv.numel,
@@ -202,9 +219,11 @@ def parse(blob: bytes) -> tuple[dict, dict[str, bytes]]:
     named = dict(zip(SECTIONS, sections, strict=True))
     if header.get("stream_bytes") != [len(named[k]) for k in SECTIONS[2:]]:
         raise BlobError("corrupt kv-delta blob (residual stream lengths)")
-    if (len(header["coded"]) != len(header["layout"])
-            or any(c not in (0, 1, ZERO) for c in header["coded"])):
+    coded = header["coded"]
+    if (not isinstance(coded, str) or len(coded) != len(_layout(header))
+            or set(coded) - {"0", "1", str(ZERO)}):
         raise BlobError("corrupt kv-delta header (coded)")
+    header["coded"] = [int(c) for c in coded]
     return header, named
 
 
@@ -313,8 +332,8 @@ def inspect_delta_blob(blob: bytes) -> dict:
         "model": (header.get("model") or {}).get("name"),
         "tokens": n,
         "components": comps,
-        "layers": len(header["layout"]) // 2,
-        "dtypes": sorted({d for _, d in header["layout"]}),
+        "layers": len(_layout(header)) // 2,
+        "dtypes": sorted({dtype_name(d) for _, d in _layout(header)}),
         "bytes": len(blob),
         "raw_kv_bits": raw_bits,
         "residual": {
