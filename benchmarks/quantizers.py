@@ -234,6 +234,7 @@ def quality(context: int, held_out: int, gen_tokens: int, prompts: int) -> list[
     from transformers import DynamicCache
 
     from seqkv.models import load_model
+    from seqkv.stepper import cache_kwarg
 
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
@@ -256,12 +257,13 @@ def quality(context: int, held_out: int, gen_tokens: int, prompts: int) -> list[
         # Perplexity of held-out tokens: prefill the context, then feed held-out text in chunks
         # of 32 through the cache, so every token attends to quantized keys and values.
         c, qc = cache()
+        ck = cache_kwarg(model)  # the cache argument's name differs across transformers 5.x
         with torch.no_grad():
-            out = model(ids[None, :context], cache=c)
+            out = model(ids[None, :context], **{ck: c})
             logits = [out.logits[:, -1:]]
             for s in range(context, need - 1, 32):
                 e = min(s + 32, need - 1)
-                logits.append(model(ids[None, s:e], cache=c).logits)
+                logits.append(model(ids[None, s:e], **{ck: c}).logits)
         lg = torch.cat(logits, dim=1)[0]
         nll = torch.nn.functional.cross_entropy(lg.float(), ids[context:need])
         bits_stored = qc.storage_bits() if qc else None
@@ -277,7 +279,7 @@ def quality(context: int, held_out: int, gen_tokens: int, prompts: int) -> list[
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=gen_tokens,
                 do_sample=False,
-                cache=c2,
+                **{ck: c2},
                 pad_token_id=tok.eos_token_id,
             )
             gens.append(g[0, 128:].tolist())

@@ -9,6 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from seqkv.errors import SeqkvError
 from seqkv.quant import get_kv_quantizer
 from seqkv.quant.cache import QuantizedKVCache
+from seqkv.stepper import cache_kwarg
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_generate_from_quantized_cache(model, name, kb, vb, window):
     extra = {"group_size": 4} if name == "kivi" else {}  # whole key groups within 17 tokens
     kv = get_kv_quantizer(name, kb, vb, **extra)
     cache = QuantizedKVCache.for_model(model, kv, residual_length=window)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache, attention_mask=mask)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=mask,
+                         **{cache_kwarg(model): cache})
     assert out.shape == (2, 18)
     layer = cache.layers[0]
     assert layer.keys.shape == (2, 2, 17, 16)  # the last generated token is never fed back
@@ -56,11 +58,12 @@ def test_generate_from_quantized_cache(model, name, kb, vb, window):
 
 def test_quantized_cache_changes_logits_and_int8_barely(model):
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
-    ref = model(ids, cache=DynamicCache(config=model.config)).logits
+    kw = cache_kwarg(model)  # transformers 5.17 names it past_key_values, 5.24 cache
+    ref = model(ids, **{kw: DynamicCache(config=model.config)}).logits
     tq1 = model(
-        ids, cache=QuantizedKVCache.for_model(model, get_kv_quantizer("turboquant-mse", 1, 1))
+        ids, **{kw: QuantizedKVCache.for_model(model, get_kv_quantizer("turboquant-mse", 1, 1))}
     ).logits
-    i8 = model(ids, cache=QuantizedKVCache.for_model(model, get_kv_quantizer("int8"))).logits
+    i8 = model(ids, **{kw: QuantizedKVCache.for_model(model, get_kv_quantizer("int8"))}).logits
     assert (tq1 - ref).abs().max() > 10 * (i8 - ref).abs().max()
     assert (i8 - ref).abs().max() < 1e-2
 

@@ -21,14 +21,16 @@ def test_turboquant_cache_on_smollm2():
     from seqkv.models import load_model
     from seqkv.quant import get_kv_quantizer
     from seqkv.quant.cache import QuantizedKVCache
+    from seqkv.stepper import cache_kwarg
 
     lm = load_model()
+    kw = cache_kwarg(lm.model)
     ids = lm.tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = lm.model(ids, labels=ids, cache=DynamicCache(config=lm.model.config)).loss
+        ref = lm.model(ids, labels=ids, **{kw: DynamicCache(config=lm.model.config)}).loss
         c4 = QuantizedKVCache.for_model(lm.model, get_kv_quantizer("turboquant-mse", 4, 4))
-        q4 = lm.model(ids, labels=ids, cache=c4).loss
+        q4 = lm.model(ids, labels=ids, **{kw: c4}).loss
         c1 = QuantizedKVCache.for_model(lm.model, get_kv_quantizer("turboquant-mse", 1, 1))
-        q1 = lm.model(ids, labels=ids, cache=c1).loss
+        q1 = lm.model(ids, labels=ids, **{kw: c1}).loss
     assert abs(float(q4) - float(ref)) < 0.1 < float(q1) - float(ref)
     assert c4.storage_bits() < c1.storage_bits() * 4

@@ -8,7 +8,8 @@ so each decoding step costs one new chunk's dequantization, not the whole histor
 
 Works with transformers 5.x: ``QuantizedKVCache`` is a ``Cache`` whose ``layers[i]`` are
 ``DynamicLayer``s, so ``layers[i].keys / .values`` are what the model attends to, and it can
-be passed to ``model(..., cache=cache)`` or ``model.generate(..., cache=cache)``.
+be passed to ``model(...)`` or ``generate`` as ``past_key_values=`` (``cache=`` on the
+transformers versions that renamed it; ``seqkv.stepper.cache_kwarg(model)`` gives the name).
 """
 
 from __future__ import annotations
