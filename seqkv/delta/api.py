@@ -23,7 +23,6 @@ from .predictors import get_predictor, params_of, predictor_from_header
 
 KIND = "kv-delta"
 ZERO = 2  # "coded" value of a tensor whose residual is all zero (the prediction was exact)
-SMALL_ZERO = rc.SMALL - 1  # the symbol of residual 0
 SECTIONS = ("tokens", "side", "models", "words", "raw", "lossy")
 
 
@@ -263,7 +262,8 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     syms, pos = [], 0
     for k, (shape, dtype), coded in zip(keys, layout, header["coded"], strict=True):
         if k is None:
-            syms.append(np.full(int(np.prod(shape)), SMALL_ZERO) if coded == ZERO else None)
+            zeros = np.zeros(int(np.prod(shape)), np.int64)
+            syms.append(rc.residual_symbols(zeros)[0] if coded == ZERO else None)
             continue
         n_planes = rc.width_of(dtype) // 8 if planes else 1
         per_plane = []
@@ -317,6 +317,7 @@ def _residuals_back(sec, syms, layout, pred, p, mode) -> list[torch.Tensor]:
 def inspect_delta_blob(blob: bytes) -> dict:
     """What a kv-delta blob holds, from its header and section sizes (no model needed)."""
     header, sec = parse(blob)
+    layout = _layout(header)
     n = int(header["tokens"]["n"])
     comps = int(header["components"])
     res_bits = 8 * sum(len(sec[k]) for k in ("side", "models", "words", "raw", "lossy"))
@@ -332,8 +333,8 @@ def inspect_delta_blob(blob: bytes) -> dict:
         "model": (header.get("model") or {}).get("name"),
         "tokens": n,
         "components": comps,
-        "layers": len(_layout(header)) // 2,
-        "dtypes": sorted({dtype_name(d) for _, d in _layout(header)}),
+        "layers": len(layout) // 2,
+        "dtypes": sorted({dtype_name(d) for _, d in layout}),
         "bytes": len(blob),
         "raw_kv_bits": raw_bits,
         "residual": {
