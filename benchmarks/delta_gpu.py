@@ -18,23 +18,18 @@ import copy
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from delta import batched_cache  # noqa: E402
+from delta import batched_cache, measure_one  # noqa: E402
 
 from seqkv.delta import (  # noqa: E402
     KVCache,
-    compress_kv,
-    decompress_kv,
-    inspect_delta_blob,
     save_cachefile,
 )
-from seqkv.errors import SeqkvError  # noqa: E402
 from seqkv.models import load_model  # noqa: E402
 from seqkv.stepper import configure_determinism  # noqa: E402
 
@@ -76,35 +71,6 @@ def read_ids(tokenizer, files: list[str], n_tokens: int) -> list[list[int]]:
     return out
 
 
-def run(kv: KVCache, lm, predictor: str, params: dict, bound: dict) -> dict:
-    row = {"predictor": predictor, **params, **bound}
-    try:
-        t0 = time.perf_counter()
-        blob = compress_kv(kv, lm, predictor, tokens="raw", **bound, **params)
-        t1 = time.perf_counter()
-        back = decompress_kv(blob, lm)
-        t2 = time.perf_counter()
-    except SeqkvError as e:
-        return {**row, "error": str(e)}
-    info = inspect_delta_blob(blob)
-    r = info["residual"]
-    width = torch.empty((), dtype=kv.keys[0].dtype).element_size() * 8
-    row.update(compute=info["predictor"]["compute"], numerics=info["predictor"].get("numerics"),
-               bits_per_component=r["bits_per_component"], bits_per_token=r["bits_per_token"],
-               ratio=width / r["bits_per_component"] if r["bits"] else None,
-               compress_s=t1 - t0, restore_s=t2 - t1)
-    if not bound:
-        row["verified"] = back.equal_bits(kv)
-    elif "rel_mse" in bound:
-        row["worst_rel_mse"] = max(
-            float((b.double() - a.double()).pow(2).sum() / a.double().pow(2).sum().clamp_min(1e-30))
-            for a, b in zip(kv.tensors, back.tensors, strict=True))
-    else:
-        row["worst_abs_error"] = max(float((b.float() - a.float()).abs().max())
-                                     for a, b in zip(kv.tensors, back.tensors, strict=True))
-    return row
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf")
@@ -138,7 +104,7 @@ def main() -> None:
                       [t.to(torch.float8_e4m3fn) for t in bf16.values])
         for source, kv, rows in (("bf16", bf16, BF16_ROWS), ("fp8_e4m3", fp8, FP8_ROWS)):
             for where, predictor, params, bound in rows:
-                row = run(kv, lms[where], predictor, params, bound)
+                row = measure_one(kv, lms[where], predictor, params, bound)
                 row.update(where=where, source=source, text=k, tokens=len(target))
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
