@@ -70,15 +70,18 @@ def put(
         else:
             r = s.put(session, text, replace=replace)
         info = {"session": r.session, "tokens": r.tokens, "shared_tokens": r.shared_tokens,
-                "new_bits": r.new_bits}
+                "new_tokens": r.new_tokens, "split_edges": r.split_edges,
+                "record_bytes": r.record_bytes}
         if exact:
             info["exact_bytes"] = s.session_info[session]["exact_bytes"]
     if json_:
         print_json(info)
     else:
         extra = f", {info['exact_bytes']} bytes of exact residuals" if exact else ""
-        typer.echo(f"{r.session}: {r.tokens} tokens, {r.shared_tokens} already stored, "
-                   f"{r.new_bits} new bits{extra}", err=True)
+        typer.echo(f"{r.session}: {r.tokens} tokens: {r.shared_tokens} shared with stored "
+                   f"sessions, {r.new_tokens} new (written raw, coded at the next compaction); "
+                   f"{r.split_edges} stored edge(s) split; {r.record_bytes} bytes written"
+                   f"{extra}", err=True)
 
 
 @store_app.command()

@@ -11,7 +11,9 @@ chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redi
     store.py        the facade: put / get / delete / stats / nearest
 """
 
-from .backend import StoreError, open_backend
-from .store import PutResult, Store, StoreCorruptError
+from .backend import StoreBusyError, StoreError, open_backend
+from .records import StoreCorruptError
+from .store import PutResult, Store
 
-__all__ = ["PutResult", "Store", "StoreCorruptError", "StoreError", "open_backend"]
+__all__ = ["PutResult", "Store", "StoreBusyError", "StoreCorruptError", "StoreError",
+           "open_backend"]

@@ -13,15 +13,21 @@ The backends: :mod:`.sqlite` (one file, WAL, the embedded default) and :mod:`.re
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..errors import SeqkvError
 
 
 class StoreError(SeqkvError):
     """A store operation was refused (unknown session, bad URL, busy store)."""
+
+
+class StoreBusyError(StoreError):
+    """Other writers held the store for longer than the busy bound: retry later."""
 
 
 class StoreConflict(Exception):
@@ -51,6 +57,35 @@ class Backend(Protocol):
 
 
 PAUSE_ENV = "SEQKV_STORE_PAUSE_BEFORE_COMMIT"
+BUSY_ENV = "SEQKV_STORE_BUSY_TIMEOUT"
+T = TypeVar("T")
+
+
+def busy_timeout() -> float:
+    """How long a writer keeps retrying a busy store (s): $SEQKV_STORE_BUSY_TIMEOUT or 30."""
+    try:
+        return float(os.environ.get(BUSY_ENV, "30"))
+    except ValueError as e:
+        raise StoreError(f"${BUSY_ENV} must be a number of seconds") from e
+
+
+def retry_busy(attempt: Callable[[], T], is_busy: Callable[[BaseException], bool],
+               bound: float, what: str) -> T:
+    """Run ``attempt`` until it does not fail as busy: exponential backoff with jitter (5 ms
+    doubling to 250 ms) for at most ``bound`` seconds, then StoreBusyError."""
+    deadline = time.monotonic() + bound
+    delay = 0.005
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            if not is_busy(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StoreBusyError(f"store busy, retry: {what} stayed locked by other "
+                                     f"writers for {bound:g} s") from e
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, 0.25)
 
 
 def pause_before_commit() -> None:
@@ -63,12 +98,17 @@ def pause_before_commit() -> None:
         time.sleep(120)
 
 
-def open_backend(db: str) -> Backend:
-    """``redis://HOST:PORT/N`` selects Redis; anything else is a SQLite file path."""
-    if db.startswith(("redis://", "rediss://", "unix://")):
+def is_redis_url(db: str) -> bool:
+    return db.startswith(("redis://", "rediss://", "unix://"))
+
+
+def open_backend(db: str, create: bool = True) -> Backend:
+    """``redis://HOST:PORT/N`` selects Redis; anything else is a SQLite file path. With
+    ``create=False`` a SQLite file that does not exist is refused, not created."""
+    if is_redis_url(db):
         from .redis import RedisBackend
 
         return RedisBackend(db)
     from .sqlite import SqliteBackend
 
-    return SqliteBackend(db)
+    return SqliteBackend(db, create=create)

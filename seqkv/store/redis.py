@@ -11,6 +11,7 @@ and the store retries the operation instead of losing an update.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -18,7 +19,13 @@ from contextlib import contextmanager
 
 import redis
 
-from .backend import StoreConflict, StoreError, pause_before_commit
+from .backend import (
+    StoreBusyError,
+    StoreConflict,
+    StoreError,
+    busy_timeout,
+    pause_before_commit,
+)
 
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) end return 0")
@@ -47,13 +54,13 @@ class _RedisTxn:
 
 
 class RedisBackend:
-    def __init__(self, url: str, lock_wait: float = 300.0) -> None:
+    def __init__(self, url: str, lock_wait: float | None = None) -> None:
         """``redis://HOST:PORT/N``; an optional ``#PREFIX`` keeps several stores in one DB."""
         self.url = url
         url, _, prefix = url.partition("#")
         self.prefix = f"seqkv:{prefix}" if prefix else "seqkv"
         self.lock_ttl = float(os.environ.get("SEQKV_REDIS_LOCK_TTL", "30"))
-        self.lock_wait = lock_wait
+        self.lock_wait = busy_timeout() if lock_wait is None else lock_wait
         try:
             self.r = redis.Redis.from_url(url, socket_timeout=30)
             self.r.ping()
@@ -63,11 +70,13 @@ class RedisBackend:
     @contextmanager
     def transaction(self, ns: str) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
-        deadline = time.monotonic() + self.lock_wait
+        deadline, delay = time.monotonic() + self.lock_wait, 0.005
         while not self.r.set(lock, token, nx=True, px=int(self.lock_ttl * 1000)):
-            if time.monotonic() > deadline:
-                raise StoreError(f"store namespace {ns!r} is busy (lock held too long)")
-            time.sleep(0.02)
+            if time.monotonic() + delay > deadline:
+                raise StoreBusyError(f"store busy, retry: namespace {ns!r} stayed locked by "
+                                     f"other writers for {self.lock_wait:g} s")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, 0.25)
         try:
             with self.r.pipeline() as pipe:
                 gen_key = _key(self.prefix, ns, "gen")

@@ -1,9 +1,14 @@
 """The embedded default backend: one SQLite file in WAL mode.
 
-Every write is one ``BEGIN IMMEDIATE`` transaction (one writer at a time across processes,
-others wait up to ``timeout`` s), committed with ``synchronous=FULL``: a process killed before
-``COMMIT`` leaves no trace, and concurrent writers serialize instead of losing updates.
-Readers see a consistent snapshot without blocking writers (WAL).
+Every write is one ``BEGIN IMMEDIATE`` transaction (one writer at a time across processes),
+committed with ``synchronous=FULL``: a process killed before ``COMMIT`` leaves no trace, and
+concurrent writers serialize instead of losing updates. A writer that finds the store locked
+retries with backoff for up to ``busy`` seconds, then raises StoreBusyError ("store busy,
+retry"). Writers hold the lock only to read and write records (no model work), for
+milliseconds. Readers see a consistent snapshot without blocking writers (WAL).
+
+A file that is not a SQLite database is refused without being touched; with ``create=False``
+(reading commands) a missing file is refused, never created.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .backend import StoreError, pause_before_commit
+from .backend import StoreError, busy_timeout, pause_before_commit, retry_busy
+
+_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -48,25 +55,58 @@ class _SqliteTxn:
                          (self.ns, kind, key))
 
 
-class SqliteBackend:
-    def __init__(self, path: str, timeout: float = 120.0) -> None:
-        p = Path(path)
-        if p.is_dir():
-            raise StoreError(f"is a directory, not a store: {path}")
+def _busy(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and (
+        "locked" in str(e) or "busy" in str(e))
+
+
+def check_sqlite_file(path: str, create: bool) -> Path:
+    """Refuse, before anything is opened or loaded, a path that cannot be a store."""
+    p = Path(path)
+    if p.is_dir():
+        raise StoreError(f"is a directory, not a store: {path}")
+    if not p.exists():
+        if not create:
+            raise StoreError(f"no seqkv store at {path}")
         if not p.parent.is_dir():
             raise StoreError(f"no such directory: {p.parent}")
+        return p
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(_MAGIC))
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
+    if head != _MAGIC and (head or not create):
+        raise StoreError(f"not a seqkv store (not a SQLite file): {path}")
+    return p
+
+
+class SqliteBackend:
+    def __init__(self, path: str, create: bool = True, busy: float | None = None) -> None:
+        p = check_sqlite_file(path, create)
         self.url = str(p)
+        self.busy = busy_timeout() if busy is None else busy
         try:
-            self.con = sqlite3.connect(str(p), timeout=timeout, isolation_level=None)
-            self.con.execute("PRAGMA journal_mode=WAL")
-            self.con.execute("PRAGMA synchronous=FULL")
-            self.con.executescript(_SCHEMA)
+            target = str(p) if create else f"file:{p.resolve().as_posix()}?mode=rw"
+            self.con = sqlite3.connect(target, timeout=0.05, isolation_level=None,
+                                       check_same_thread=False, uri=not create)
+            retry_busy(lambda: self._init(create), _busy, self.busy, "opening the store")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"not a seqkv store (SQLite: {e}): {path}") from e
 
+    def _init(self, create: bool) -> None:
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=FULL")
+        tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master")}
+        if not {"records", "generations"} <= tables:
+            if not create or tables:
+                raise StoreError(f"not a seqkv store (no seqkv tables): {self.url}")
+            self.con.executescript(_SCHEMA)
+
     @contextmanager
     def transaction(self, ns: str) -> Iterator[_SqliteTxn]:
-        self.con.execute("BEGIN IMMEDIATE")
+        retry_busy(lambda: self.con.execute("BEGIN IMMEDIATE"), _busy, self.busy,
+                   "the SQLite write lock")
         try:
             txn = _SqliteTxn(self.con, ns)
             yield txn
@@ -75,16 +115,20 @@ class SqliteBackend:
             pause_before_commit()
             self.con.execute("COMMIT")
         except BaseException:
-            self.con.execute("ROLLBACK")
+            if self.con.in_transaction:
+                self.con.execute("ROLLBACK")
             raise
 
     def snapshot(self, ns: str, kinds: tuple[str, ...]) -> tuple[int, dict[str, dict[str, bytes]]]:
-        self.con.execute("BEGIN")
-        try:
-            txn = _SqliteTxn(self.con, ns)
-            return txn.generation, {k: txn.read_kind(k) for k in kinds}
-        finally:
-            self.con.execute("COMMIT")
+        def read() -> tuple[int, dict[str, dict[str, bytes]]]:
+            self.con.execute("BEGIN")
+            try:
+                txn = _SqliteTxn(self.con, ns)
+                return txn.generation, {k: txn.read_kind(k) for k in kinds}
+            finally:
+                self.con.execute("COMMIT")
+
+        return retry_busy(read, _busy, self.busy, "a consistent read")
 
     def generation(self, ns: str) -> int:
         row = self.con.execute("SELECT gen FROM generations WHERE ns = ?", (ns,)).fetchone()

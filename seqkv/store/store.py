@@ -5,28 +5,37 @@
 ``put_exact`` / ``get_exact``: the exact tier, a cache computed elsewhere stored as residuals
 from the model's prediction and returned bit for bit.
 
-- Dedup: a session's tokens are matched against the namespace's trie; only the part after the
-  longest shared prefix is coded (``coding.py``) and stored as a new edge; an edge a new
-  session leaves mid-way is split (a cut, both halves re-coded). N sessions sharing a prompt
-  pay for it once.
+- Write path: ``put`` matches a session's tokens against the namespace's trie and writes only
+  the part after the longest shared prefix, as a *raw* edge (its token ids, checksummed), in
+  one transaction, with no model work under the write lock: it returns once the session is
+  durable. An edge a new session leaves mid-way is split (a coded edge whose intervals are in
+  memory: a cut, both halves re-coded without the model; otherwise two raw halves). N sessions
+  sharing a prompt pay for it once. Matching needs the tokens of the coded edges on the path:
+  an edge the query passes through whole is recognised by its token hash; one the query ends
+  or diverges inside is decoded with the model *before* the transaction is taken.
+- Compaction (``compact()``, ``compaction.py``) later codes pending raw edges under the model
+  (``coding.py``), many at once, and swaps each raw record for its coded one by
+  compare-and-swap. Raw edges are read back without the model.
 - Namespaces: each has its own trie, records, generation and checkpoint budget; nothing is
   matched, shared or evicted across them, so one tenant's contents cannot change another's
   stored bytes, or its put/get work (hence timing).
 - A store records the model fingerprint and numerics profile (procedure, chunk, device,
   dtype, attention) on creation and refuses any other model with ModelMismatchError.
 - Every write is one backend transaction: a killed writer leaves no partial session, and
-  concurrent writers serialize (each re-reads the trie if another committed since).
+  concurrent writers serialize (each re-reads the trie if another committed since); a writer
+  that finds the store locked for longer than the busy bound gets StoreBusyError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from ..blob import pack, unpack
+from ..blob import pack
 from ..compress import RestoredCache, prefill_cache, token_hash
 from ..delta.cachefile import KVCache
 from ..errors import BlobError, ModelMismatchError, SeqkvError
@@ -34,7 +43,7 @@ from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..models import LoadedModel
 from ..stepper import numerics_profile
 from ..textcodec import TextRecipe, decode_text, encode_text
-from .backend import StoreConflict, StoreError, open_backend
+from .backend import Backend, StoreConflict, StoreError, open_backend
 from .checkpoints import (
     NodeInfo,
     continue_prefill,
@@ -43,6 +52,15 @@ from .checkpoints import (
     serialize_kv,
 )
 from .coding import PROCEDURE, Cursor, encode_intervals
+from .records import (
+    KINDS,
+    META_NS,
+    StoreCorruptError,
+    pack_edge,
+    pack_session,
+    parse,
+    parse_edge,
+)
 from .trie import Node, Trie, edge_hash
 
 DEFAULT_CHUNK = 512
@@ -50,45 +68,45 @@ DEFAULT_CHUNK = 512
 # continued from there reproduces one full prefill bit for bit (CPU kernels block by 16 rows;
 # at other cuts results differ in the last ulp), so restoring from a raw checkpoint is exact.
 ALIGN = 16
-META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
-_KINDS = ("edge", "session", "ckptmeta")
+WRITE_ATTEMPTS = 20  # transactions one write may take (conflicts, edges to decode first)
+R = TypeVar("R")
 
-
-class StoreCorruptError(BlobError):
-    """A record failed its checksum or does not fit the trie."""
+__all__ = ["PutResult", "Store", "StoreCorruptError"]
 
 
 @dataclass
 class PutResult:
+    """What one put wrote. ``tokens`` = ``shared_tokens`` + ``new_tokens``."""
+
     session: str
-    tokens: int
-    shared_tokens: int  # tokens already in the trie (deduplicated)
-    new_bits: int  # coded bits this put added (new edges and re-coded split halves)
+    tokens: int  # the session's length
+    shared_tokens: int  # its longest prefix already in the trie (stored once, not rewritten)
+    new_tokens: int  # tokens after that prefix: written as a raw edge, coded at compaction
+    split_edges: int  # stored edges cut in two because the session leaves them mid-way
+    record_bytes: int  # bytes of the records this put wrote (edges and the session)
 
 
-def _parse(kind: str, key: str, data: bytes) -> tuple[dict, list[bytes]]:
-    try:
-        header, sections = unpack(data)
-    except BlobError as e:
-        raise StoreCorruptError(f"corrupt store record {kind} {key}: {e}") from e
-    if header.get("kind") != kind:
-        raise StoreCorruptError(f"corrupt store record {kind} {key}: kind {header.get('kind')!r}")
-    return header, sections
+class _Blocked(Exception):
+    """The trie changed under a writer and an edge must be decoded (outside the lock)."""
 
 
 class Store:
-    def __init__(self, db: str, lm: LoadedModel | None = None, namespace: str = "default", *,
+    def __init__(self, db: str | Backend, lm: LoadedModel | None = None,
+                 namespace: str = "default", *, create: bool = True,
                  chunk: int = DEFAULT_CHUNK, checkpoint_budget: int = 0,
                  checkpoint_policy: str = "prior", checkpoint_quant: tuple[str, float] | None = None
                  ) -> None:
-        if not namespace:
+        """Open the store ``db`` (a path, a ``redis://`` URL, or an open backend). Without a
+        model only model-free operations work (raw edges, delete, stats); ``create=False``
+        refuses a store that does not exist yet instead of creating it."""
+        if not namespace or not isinstance(namespace, str):
             raise StoreError("the namespace must be a non-empty string")
-        self.backend = open_backend(str(db))
+        self.backend = open_backend(db, create=create) if isinstance(db, str) else db
         self.lm, self.ns = lm, namespace
         self.budget = int(checkpoint_budget)
         self.policy = policy_by_name(checkpoint_policy)
         self.quant = checkpoint_quant
-        self.chunk = self._check_meta(chunk)
+        self.chunk = self._check_meta(chunk, create)
         self.trie = Trie(encode_intervals)
         self.session_info: dict[str, dict] = {}
         self.ckpts: dict[str, dict] = {}  # node id -> checkpoint meta
@@ -103,10 +121,10 @@ class Store:
         p = numerics_profile(self.lm, 1).to_dict()
         return {**p, "procedure": PROCEDURE, "chunk": chunk}
 
-    def _check_meta(self, chunk: int) -> int:
+    def _check_meta(self, chunk: int, create: bool = True) -> int:
         raw = self.backend.read(META_NS, "meta", "store")
         if raw is not None:
-            meta, _ = _parse("meta", "store", raw)
+            meta, _ = parse("meta", "store", raw)
             if self.lm is not None:
                 problem = self.lm.fingerprint.mismatch(meta["model"])
                 if problem:
@@ -118,7 +136,7 @@ class Store:
                             f"store was written with numerics {key}={value!r}; "
                             f"this process has {key}={mine.get(key)!r}")
             return int(meta["numerics"]["chunk"])
-        if self.lm is None:
+        if self.lm is None or not create:
             raise StoreError(f"no seqkv store at {self.backend.url} (put a session first)")
         max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
         chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
@@ -140,84 +158,102 @@ class Store:
         trie = Trie(encode_intervals)
         parsed = []
         for key, data in records["edge"].items():
-            h, sections = _parse("edge", key, data)
-            words = np.frombuffer(sections[0], dtype="<u4").astype(np.uint32)
-            parsed.append((int(h["s"]), key, h, words))
-        for start, key, h, words in sorted(parsed, key=lambda r: r[0]):
+            h, node = parse_edge(key, data)
+            parsed.append((node.start, key, h, node))
+        for start, key, h, node in sorted(parsed, key=lambda r: r[0]):
             parent = trie.nodes.get(h["p"])
             if parent is None or parent.depth != start:
                 raise StoreCorruptError(f"corrupt store: edge {key} does not fit the trie")
-            node = Node(key, parent, start, int(h["n"]), int(h["f"]), words, token_hash=h["h"])
+            node.parent = parent
             prev = old.get(key)
             if (prev is not None and prev.known and prev.start == start and prev.n == node.n
                     and prev.token_hash == node.token_hash):
-                node.tokens, node.intervals = prev.tokens, prev.intervals
+                node.tokens, node.intervals = prev.tokens, prev.intervals  # decoded before
             trie.attach(node)
         info = {}
         for name, data in records["session"].items():
-            h, _ = _parse("session", name, data)
+            h, _ = parse("session", name, data)
             node = trie.nodes.get(h["node"])
             if node is None or node.depth != int(h["n"]):
                 raise StoreCorruptError(f"corrupt store: session {name!r} has no path")
             trie.add_session(name, node)
             info[name] = h
-        self.ckpts = {k: _parse("ckptmeta", k, v)[0] for k, v in records["ckptmeta"].items()}
+        self.ckpts = {k: parse("ckptmeta", k, v)[0] for k, v in records["ckptmeta"].items()}
         self.trie, self.session_info, self._gen = trie, info, gen
 
     def refresh(self) -> None:
         """Re-read the namespace if another writer committed since we last looked."""
         if self.backend.generation(self.ns) != self._gen:
-            gen, records = self.backend.snapshot(self.ns, _KINDS)
+            gen, records = self.backend.snapshot(self.ns, KINDS)
             self._load(gen, records)
 
-    def _write(self, fn):
-        """Run fn(txn) inside a write transaction on an up-to-date trie; retry on conflict."""
-        for _ in range(20):
+    def _write(self, fn: Callable[..., R], prepare: Callable[[], None] | None = None) -> R:
+        """Run fn(txn) inside a write transaction on an up-to-date trie; retry on conflict.
+        ``prepare`` runs before each attempt, outside the transaction, on a fresh snapshot: the
+        model work a write needs (decoding edges to match against) happens there, so the
+        write lock is never held while the model runs; fn raises _Blocked if it finds the trie
+        changed so that more decoding is needed."""
+        for _ in range(WRITE_ATTEMPTS):
+            if prepare is not None:
+                self.refresh()
+                prepare()
             try:
                 with self.backend.transaction(self.ns) as txn:
                     if txn.generation != self._gen:
-                        self._load(txn.generation, {k: txn.read_kind(k) for k in _KINDS})
+                        self._load(txn.generation, {k: txn.read_kind(k) for k in KINDS})
                     result = fn(txn)
                 self._gen = txn.generation + 1
                 return result
-            except StoreConflict:
+            except (StoreConflict, _Blocked):
                 self._gen = -1
             except BaseException:
                 self._gen = -1  # the in-memory trie may hold uncommitted changes
                 raise
-        raise StoreError("too many concurrent writers; try again")
+        raise StoreError("store busy, retry: too many concurrent writers changed the trie")
 
     # -- inputs ------------------------------------------------------------------------------
     def _ids(self, data: str | Sequence[int] | torch.Tensor) -> tuple[list[int], TextRecipe | None]:
         lm = self._need_model()
         if isinstance(data, str):
             return encode_text(lm.tokenizer, data)
-        ids = data.reshape(-1).tolist() if torch.is_tensor(data) else [int(i) for i in data]
+        try:
+            ids = data.reshape(-1).tolist() if torch.is_tensor(data) else [int(i) for i in data]
+        except (TypeError, ValueError) as e:
+            raise SeqkvError(f"token ids must be integers ({e})") from e
         if not ids:
             raise SeqkvError("nothing to store: zero tokens")
         if min(ids) < 0 or max(ids) >= lm.vocab_size:
             raise SeqkvError(f"token id out of range for a vocabulary of {lm.vocab_size}")
         return ids, None
 
-    def _walk(self, ids: list[int], cursor: Cursor):
-        """Match ids against the trie, decoding edges with unknown tokens on the way."""
+    def _decode(self, node: Node, before: list[int], cursor: Cursor | None = None) -> None:
+        """Decode a coded edge whose tokens are unknown, given its path's tokens ``before``."""
+        cursor = cursor or Cursor(self._need_model(), self.chunk)
+        cursor.seek(before)
+        node.tokens, node.intervals = cursor.decode(node.words, node.n)
+        if edge_hash(node.tokens) != node.token_hash:
+            node.tokens = node.intervals = None
+            raise StoreCorruptError(f"edge {node.id} decoded to tokens that do not match its "
+                                    "hash (corrupt record, or other numerics)")
+
+    def _walk(self, ids: list[int]):
+        """Match ids against the trie, decoding (with the model) edges the match stops in."""
+        cursor = None
         while True:
             m = self.trie.match(ids)
             if m.blocked is None:
                 return m
-            b = m.blocked
-            cursor.seek(ids[: b.start])
-            b.tokens, b.intervals = cursor.decode(b.words, b.n)
-            if edge_hash(b.tokens) != b.token_hash:
-                raise StoreCorruptError(f"edge {b.id} decoded to tokens that do not match its "
-                                        "hash (corrupt record, or other numerics)")
+            cursor = cursor or Cursor(self._need_model(), self.chunk)
+            self._decode(m.blocked, ids[: m.blocked.start], cursor)
 
     # -- API ---------------------------------------------------------------------------------
     def put(self, session: str, data, cache=None, replace: bool = False) -> PutResult:
         """Store a session's tokens (ids or text); with ``cache`` (the DynamicCache of exactly
-        these tokens) also offer it as a checkpoint at the session's node."""
+        these tokens) also offer it as a checkpoint at the session's node. Returns once the
+        session is durable; its new tokens are coded by a later ``compact()``."""
         ids, recipe = self._ids(data)
-        result = self._write(lambda txn: self._put_in(txn, session, ids, recipe, replace))
+        result = self._write(lambda txn: self._put_in(txn, session, ids, recipe, replace),
+                             prepare=lambda: self._walk(ids))
         if cache is not None and self.budget > 0:
             self.checkpoint(session, cache)
         return result
@@ -237,41 +273,44 @@ class Store:
         def work(txn) -> PutResult:
             result = self._put_in(txn, session, ids, None, replace, exact_bytes=len(blob))
             txn.put("exact", session, blob)
+            result.record_bytes += len(blob)
             return result
 
-        return self._write(work)
+        return self._write(work, prepare=lambda: self._walk(ids))
 
     def _put_in(self, txn, session: str, ids: list[int], recipe: TextRecipe | None,
                 replace: bool, exact_bytes: int = 0) -> PutResult:
-        if not session:
+        if not session or not isinstance(session, str):
             raise StoreError("the session id must be a non-empty string")
-        lm = self._need_model()
+        if self.trie.match(ids).blocked is not None:
+            raise _Blocked()
         if session in self.trie.sessions:
             if not replace:
                 raise StoreError(f"session {session!r} exists (delete it first)")
             self._delete_in(txn, session)
-        cursor = Cursor(lm, self.chunk)
-        m = self._walk(ids, cursor)
-        node, changed = m.node, []
+        m = self.trie.match(ids)  # deleting only removed edges: the match is still unblocked
+        node, changed, split = m.node, [], 0
         if m.offset < node.n:
             mid = self.trie.split(node, m.offset)
             changed += [mid, node]
-            node = mid
+            node, split = mid, 1
         if m.depth < len(ids):
-            cursor.seek(ids[: m.depth])
-            node = self.trie.add_child(node, ids[m.depth :], cursor.encode(ids[m.depth :]))
+            node = self.trie.add_child(node, ids[m.depth :])
             changed.append(node)
+        written = 0
         for n in changed:
-            txn.put("edge", n.id, pack({"kind": "edge", "p": n.parent.id, "s": n.start,
-                                        "n": n.n, "f": n.first, "h": n.token_hash},
-                                       [n.words.astype("<u4").tobytes()]))
+            record = pack_edge(n)
+            txn.put("edge", n.id, record)
+            written += len(record)
         self.trie.add_session(session, node)
         h = {"kind": "session", "node": node.id, "n": len(ids), "hash": token_hash(ids),
              "text": recipe.to_dict() if recipe is not None else None,
              "exact_bytes": exact_bytes}
         self.session_info[session] = h
-        txn.put("session", session, pack(h, []))
-        return PutResult(session, len(ids), m.depth, sum(n.bits for n in changed))
+        record = pack_session(h)
+        txn.put("session", session, record)
+        return PutResult(session, len(ids), m.depth, len(ids) - m.depth, split,
+                         written + len(record))
 
     def _delete_in(self, txn, session: str) -> None:
         for n in self.trie.remove_session(session):
@@ -285,6 +324,7 @@ class Store:
         txn.delete("session", session)
 
     def delete(self, session: str) -> None:
+        """Delete a session (no model needed); edges no other session uses are freed."""
         def work(txn):
             if session not in self.trie.sessions:
                 raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
@@ -303,9 +343,21 @@ class Store:
             raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
         return node
 
+    def _path_ids(self, path: list[Node], ids: list[int] | None = None,
+                  cursor: Cursor | None = None) -> tuple[list[int], Cursor | None]:
+        """The tokens of ``path`` (after ``ids``, the tokens above it): raw and known edges as
+        they are, coded unknown ones decoded (only those need the model)."""
+        ids = list(ids or [])
+        for e in path:
+            if not e.known:
+                cursor = cursor or Cursor(self._need_model(), self.chunk)
+                self._decode(e, ids, cursor)
+            ids.extend(e.tokens)
+        return ids, cursor
+
     def _restore_ids(
         self, session: str, use_checkpoint: bool
-    ) -> tuple[list[int], Node | None, bytes | None, Cursor]:
+    ) -> tuple[list[int], Node | None, bytes | None]:
         node = self._session(session)
         path = self.trie.path(node)
         ckpt_node, ckpt_data, ids, begin = None, None, [], 0
@@ -316,22 +368,12 @@ class Store:
                     if data is not None:
                         ckpt_node, ckpt_data, begin = path[i], data, i + 1
                         break
-        cursor = Cursor(self._need_model(), self.chunk)
         if ckpt_node is not None:
-            h, sections = _parse("ckpt", ckpt_node.id, ckpt_data)
+            h, sections = parse("ckpt", ckpt_node.id, ckpt_data)
             ids = np.frombuffer(sections[0], dtype="<u4").astype(np.int64).tolist()
             if len(ids) != ckpt_node.depth:
                 raise StoreCorruptError(f"checkpoint {ckpt_node.id} has the wrong length")
-        cursor.seek(ids)
-        for e in path[begin:]:
-            if e.known:
-                cursor.feed(e.tokens)
-            else:
-                e.tokens, e.intervals = cursor.decode(e.words, e.n)
-                if edge_hash(e.tokens) != e.token_hash:
-                    raise StoreCorruptError(f"edge {e.id} decoded to tokens that do not match "
-                                            "its hash (corrupt record, or other numerics)")
-            ids.extend(e.tokens)
+        ids, cursor = self._path_ids(path[begin:], ids)
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
@@ -339,11 +381,12 @@ class Store:
         for e in path:
             self.hits[e.id] = self.hits.get(e.id, 0) + 1
             self.last[e.id] = self.clock
-        self.last_restore = {"decode_steps": cursor.steps,
+        self.last_restore = {"decode_steps": cursor.steps if cursor else 0,
                              "checkpoint_depth": ckpt_node.depth if ckpt_node else 0}
-        return ids, ckpt_node, ckpt_data, cursor
+        return ids, ckpt_node, ckpt_data
 
     def get_ids(self, session: str, use_checkpoint: bool = True) -> list[int]:
+        """A session's token ids (the model is needed only for coded edges)."""
         return self._restore_ids(session, use_checkpoint)[0]
 
     def get_text(self, session: str) -> str:
@@ -356,10 +399,10 @@ class Store:
     def get_cache(self, session: str, use_checkpoint: bool = True) -> RestoredCache:
         """The session's KV cache: from its deepest checkpoint plus a prefill of the rest."""
         lm = self._need_model()
-        ids, ckpt_node, data, _ = self._restore_ids(session, use_checkpoint)
+        ids, ckpt_node, data = self._restore_ids(session, use_checkpoint)
         if ckpt_node is None:
             return prefill_cache(lm.model, ids)
-        h, sections = _parse("ckpt", ckpt_node.id, data)
+        h, sections = parse("ckpt", ckpt_node.id, data)
         dtype = next(lm.model.parameters()).dtype
         cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
         return continue_prefill(lm.model, cache, ids, int(h["held"]))
@@ -447,8 +490,10 @@ class Store:
             if (n.sessions or len(n.children) > 1) and n.depth >= ALIGN:
                 path = self.trie.path(n)
                 anc = [a.id for a in path[:-1] if a.sessions or len(a.children) > 1]
+                # pending raw edges count at their stored size (32 bits a token) until coded
+                bits = float(sum(32 * a.n if a.raw else a.bits for a in path))
                 out[n.id] = NodeInfo(n.id, n.depth, self._kv_bytes(n.depth), self.trie.refs(n),
-                                     float(sum(a.bits for a in path)), self.hits.get(n.id, 0),
+                                     bits, self.hits.get(n.id, 0),
                                      self.last.get(n.id, 0.0), anc)
         return out
 
@@ -471,14 +516,20 @@ class Store:
     def stats(self) -> dict:
         self.refresh()
         tokens_total = sum(int(h["n"]) for h in self.session_info.values())
+        pending = self.trie.pending()
+        raw_tokens = sum(n.n for n in pending)
         out = {
             "namespace": self.ns,
             "sessions": len(self.trie.sessions),
             "tokens_total": tokens_total,
             "tokens_unique": self.trie.tokens_unique,
             "edges": sum(1 for _ in self.trie.edges()),
-            "bits_total": self.trie.bits_total,
-            "bits_per_unique_token": self.trie.bits_total / max(self.trie.tokens_unique, 1),
+            "bits_total": self.trie.bits_total,  # coded edges' streams
+            "bits_per_unique_token":  # over coded tokens (raw ones are not coded yet)
+                self.trie.bits_total / max(self.trie.tokens_unique - raw_tokens, 1),
+            "raw_edges": len(pending),  # written by put, pending compaction
+            "raw_tokens": raw_tokens,
+            "raw_bytes": 4 * raw_tokens,
             "checkpoints": len(self.ckpts),
             "checkpoint_bytes": sum(int(c["bytes"]) for c in self.ckpts.values()),
             "exact_sessions": sum(1 for h in self.session_info.values() if h.get("exact_bytes")),
@@ -496,11 +547,12 @@ class Store:
         common prefix under the model (most shared information first), with its token count."""
         ids, _ = self._ids(data)
         self.refresh()
-        cursor = Cursor(self._need_model(), self.chunk)
-        m = self._walk(ids, cursor)
-        on_path = {n.id: n for n in self.trie.path(m.node)}
+        m = self._walk(ids)
+        path = self.trie.path(m.node)
+        self._intervals(path)
+        on_path = {n.id: n for n in path}
         cum, total = {"root": (0, 0.0)}, 0.0
-        for n in self.trie.path(m.node):
+        for n in path:
             upto = n.n if n is not m.node else m.offset
             total += n.info_bits(upto)
             cum[n.id] = (n.start + upto, total)
@@ -514,6 +566,17 @@ class Store:
                          "session_tokens": int(self.session_info[name]["n"])})
         rows.sort(key=lambda r: (-r["d_T_bits"], -r["shared_tokens"], r["session"]))
         return rows[:k]
+
+    def _intervals(self, path: list[Node]) -> None:
+        """Fill in the per-token intervals of a path's edges whose tokens are known but whose
+        intervals are not (raw edges, edges matched by their hash): the model codes them."""
+        cursor, ids = None, []
+        for e in path:
+            if e.intervals is None:
+                cursor = cursor or Cursor(self._need_model(), self.chunk)
+                cursor.seek(ids)
+                e.intervals = cursor.encode(e.tokens)
+            ids.extend(e.tokens)
 
     def close(self) -> None:
         self.backend.close()

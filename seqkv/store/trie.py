@@ -5,17 +5,22 @@ plain ``match`` / ``insert`` / ``split`` / ``remove_session``. What makes it pro
 on the edges: each carries its tokens' fixed-point intervals (start, freq) under the model,
 given the edge's full prefix from the root, and the range-coded words of those tokens.
 
-An edge's tokens may be *unknown* in memory (only its first token, length and coded words were
-loaded from a backend): ``match`` then stops at it and reports it as ``blocked``, and the caller
-decodes it (that needs the model) and calls ``match`` again.
+An edge is *raw* (its token ids as written by ``put``, pending compaction) or *coded* (a rANS
+stream). A coded edge's tokens may be *unknown* in memory (only its first token, length, token
+hash and words were loaded from a backend): ``match`` then checks the query's span against the
+edge's token hash, and passes through it when the whole edge matches (no model needed); only
+when the query ends or diverges inside such an edge does it stop there and report it as
+``blocked``, and the caller decodes it (that needs the model) and calls ``match`` again.
 
-Intervals are per token and depend only on the token's path, so splitting an edge is a cut of
-its token and interval arrays; both halves are then re-coded (``encode``), cheaply, without the
-model. ``bits_total`` is the sum, over unique edges, of their coded bits.
+Intervals are per token and depend only on the token's path, so splitting a coded edge whose
+intervals are known is a cut of its token and interval arrays, both halves re-coded
+(``encode``), cheaply, without the model; any other split leaves two raw halves for the next
+compaction. ``bits_total`` is the sum, over coded edges, of their coded bits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,12 +45,13 @@ class Node:
     start: int  # absolute position of the edge's first token on its path
     n: int  # edge length in tokens
     first: int  # the edge's first token (-1 for the root)
-    words: np.ndarray  # range-coded tokens (uint32)
+    words: np.ndarray  # range-coded tokens (uint32); empty while raw
     tokens: list[int] | None = None  # None: not decoded in this process
     intervals: np.ndarray | None = None  # [n, 2] int64, in memory only
     token_hash: str = ""
     children: dict[int, Node] = field(default_factory=dict)
     sessions: set[str] = field(default_factory=set)
+    raw: bool = False  # stored as token ids, pending compaction (tokens always known)
 
     @property
     def depth(self) -> int:
@@ -53,7 +59,8 @@ class Node:
 
     @property
     def bits(self) -> int:
-        return 32 * int(self.words.size)
+        """Coded bits of the edge (0 while raw: it is not coded yet)."""
+        return 0 if self.raw else 32 * int(self.words.size)
 
     @property
     def known(self) -> bool:
@@ -91,7 +98,11 @@ class Trie:
             if child is None:
                 break
             if not child.known:
-                return Match(node, node.n, depth, blocked=child)
+                span = ids[depth : depth + child.n]
+                if len(span) == child.n and edge_hash(span) == child.token_hash:
+                    child.tokens = list(span)  # the whole edge matches: its tokens are these
+                else:
+                    return Match(node, node.n, depth, blocked=child)
             k = 0
             while k < child.n and depth + k < len(ids) and child.tokens[k] == ids[depth + k]:
                 k += 1
@@ -131,29 +142,46 @@ class Trie:
     def tokens_unique(self) -> int:
         return sum(n.n for n in self.edges())
 
+    def pending(self) -> list[Node]:
+        """Raw edges (not coded yet), shallowest first."""
+        return sorted((n for n in self.edges() if n.raw), key=lambda n: (n.start, n.id))
+
     # -- updates (each returns the nodes whose records changed) ---------------------------
     def split(self, node: Node, k: int) -> Node:
         """Cut ``node``'s edge after k tokens; returns the new middle node (node keeps its id,
-        its children, sessions and depth, so its checkpoints stay valid). Both halves re-coded."""
-        assert node.known and 0 < k < node.n and node.intervals is not None
+        its children, sessions and depth, so its checkpoints stay valid). A coded edge whose
+        intervals are known has both halves re-coded (no model); otherwise both halves are raw."""
+        assert node.known and 0 < k < node.n
+        recode = not node.raw and node.intervals is not None
+        iv = node.intervals
         parent = node.parent
-        mid = Node(new_id(), parent, node.start, k, node.first, self.encode(node.intervals[:k]),
-                   node.tokens[:k], node.intervals[:k].copy())
+        empty = np.zeros(0, np.uint32)
+        mid = Node(new_id(), parent, node.start, k, node.first,
+                   self.encode(iv[:k]) if recode else empty, node.tokens[:k],
+                   iv[:k].copy() if iv is not None else None, raw=not recode)
         mid.token_hash = edge_hash(mid.tokens)
         parent.children[mid.first] = mid
-        node.tokens, node.intervals = node.tokens[k:], node.intervals[k:].copy()
+        node.tokens = node.tokens[k:]
+        node.intervals = iv[k:].copy() if iv is not None else None
         node.parent, node.start, node.n = mid, node.start + k, node.n - k
         node.first = node.tokens[0]
-        node.words = self.encode(node.intervals)
+        node.words = self.encode(node.intervals) if recode else empty
+        node.raw = not recode
         node.token_hash = edge_hash(node.tokens)
         mid.children[node.first] = node
         self.nodes[mid.id] = mid
         return mid
 
-    def add_child(self, parent: Node, tokens: list[int], intervals: np.ndarray) -> Node:
+    def add_child(self, parent: Node, tokens: list[int],
+                  intervals: np.ndarray | None = None) -> Node:
+        """A new edge below ``parent``: coded from ``intervals``, or raw without them."""
         assert tokens and tokens[0] not in parent.children
-        child = Node(new_id(), parent, parent.depth, len(tokens), tokens[0],
-                     self.encode(intervals), list(tokens), np.asarray(intervals, np.int64))
+        if intervals is None:
+            child = Node(new_id(), parent, parent.depth, len(tokens), tokens[0],
+                         np.zeros(0, np.uint32), list(tokens), None, raw=True)
+        else:
+            child = Node(new_id(), parent, parent.depth, len(tokens), tokens[0],
+                         self.encode(intervals), list(tokens), np.asarray(intervals, np.int64))
         child.token_hash = edge_hash(child.tokens)
         parent.children[child.first] = child
         self.nodes[child.id] = child
@@ -182,6 +210,4 @@ class Trie:
 
 
 def edge_hash(tokens: list[int]) -> str:
-    import hashlib
-
     return hashlib.blake2b(np.asarray(tokens, "<i8").tobytes(), digest_size=8).hexdigest()

@@ -1,0 +1,78 @@
+"""The store's records: what each kind holds and how it is packed.
+
+Every record is one checksummed ``seqkv.blob`` container (blake2b over header and sections), so
+a flipped bit anywhere is refused on read as :class:`StoreCorruptError`.
+
+    meta      (store-wide)  model fingerprint and numerics profile the store was created under
+    edge      one trie edge: parent id, start, length, first token, token hash, and either
+              the token ids (``raw``: written by ``put``, pending compaction; the token hash is
+              checked on read) or one rANS stream of them (coded)
+    session   the node a session ends at, its length and token hash, its text recipe
+    ckptmeta  / ckpt    a KV checkpoint's size (read with the trie) / its payload (read on restore)
+    exact     a session's exact-tier residual blob
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..blob import pack, unpack
+from ..errors import BlobError
+from .trie import Node, edge_hash
+
+META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
+KINDS = ("edge", "session", "ckptmeta")  # what a namespace's trie is loaded from
+
+
+class StoreCorruptError(BlobError):
+    """A record failed its checksum or does not fit the trie."""
+
+
+def parse(kind: str, key: str, data: bytes) -> tuple[dict, list[bytes]]:
+    """Header and sections of a record of ``kind``, or StoreCorruptError."""
+    try:
+        header, sections = unpack(data)
+    except BlobError as e:
+        raise StoreCorruptError(f"corrupt store record {kind} {key}: {e}") from e
+    if header.get("kind") != kind:
+        raise StoreCorruptError(f"corrupt store record {kind} {key}: kind {header.get('kind')!r}")
+    return header, sections
+
+
+def pack_edge(node: Node) -> bytes:
+    """A raw edge holds its token ids (4 bytes each), a coded one its rANS words."""
+    header = {"kind": "edge", "p": node.parent.id, "s": node.start, "n": node.n,
+              "f": node.first, "h": node.token_hash}
+    if node.raw:
+        header["raw"] = True
+        return pack(header, [np.asarray(node.tokens, "<u4").tobytes()])
+    return pack(header, [node.words.astype("<u4").tobytes()])
+
+
+def parse_edge(key: str, data: bytes) -> tuple[dict, Node]:
+    """An edge record as a detached node (parent unset) and its header."""
+    h, sections = parse("edge", key, data)
+    try:
+        start, n, first, th = int(h["s"]), int(h["n"]), int(h["f"]), str(h["h"])
+        words = np.frombuffer(sections[0], dtype="<u4").astype(np.uint32)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise StoreCorruptError(f"corrupt store record edge {key}: {e}") from e
+    if h.get("raw"):
+        tokens = words.astype(np.int64).tolist()
+        if len(tokens) != n or edge_hash(tokens) != th or tokens[0] != first:
+            raise StoreCorruptError(f"corrupt store record edge {key}: tokens do not match "
+                                    "their hash")
+        node = Node(key, None, start, n, first, np.zeros(0, np.uint32), tokens, None, th,
+                    raw=True)
+    else:
+        node = Node(key, None, start, n, first, words, token_hash=th)
+    return h, node
+
+
+def same_edge(a: dict, b: dict) -> bool:
+    """Two edge headers describe the same edge content at the same place (compare-and-swap)."""
+    return all(a.get(k) == b.get(k) for k in ("p", "s", "n", "f", "h", "raw"))
+
+
+def pack_session(header: dict) -> bytes:
+    return pack({**header, "kind": "session"}, [])

@@ -1,0 +1,85 @@
+"""The write path: put writes raw edges with no model work, reads of raw edges need no model,
+and a writer that finds the store busy backs off, then says "store busy, retry"."""
+
+import sqlite3
+
+import pytest
+
+from seqkv.store import Store, StoreBusyError, StoreError
+from seqkv.store import coding as coding_mod
+from seqkv.store.redis import _key
+
+from .test_store_backends import CHUNK, db, seqs  # noqa: F401 - the db fixture
+
+
+@pytest.fixture
+def no_model_steps(monkeypatch):
+    """Any forward step of the store's coder fails the test."""
+
+    def boom(self, token):
+        raise AssertionError("the model ran during a put")
+
+    monkeypatch.setattr(coding_mod.Cursor, "_step", boom)
+
+
+def test_put_writes_raw_edges_without_the_model(db, llama, no_model_steps):  # noqa: F811
+    base = list(range(10, 19))  # 9 tokens
+    s = Store(db, llama, chunk=CHUNK)
+    r1 = s.put("a", base)
+    assert (r1.tokens, r1.shared_tokens, r1.new_tokens, r1.split_edges) == (9, 0, 9, 0)
+    r2 = s.put("b", base[:5] + [200, 201, 202, 203])  # leaves a's edge after 5 tokens
+    assert (r2.tokens, r2.shared_tokens, r2.new_tokens, r2.split_edges) == (9, 5, 4, 1)
+    assert r2.record_bytes > 0
+    r3 = s.put("c", base + [7])  # extends a's path
+    assert (r3.shared_tokens, r3.new_tokens, r3.split_edges) == (9, 1, 0)
+    st = s.stats()
+    assert st["bits_total"] == 0 and st["raw_edges"] == st["edges"] == 4
+    assert st["raw_tokens"] == st["tokens_unique"] == 9 + 4 + 1
+    with Store(db, None) as bare:  # no model at all: raw edges read back as they are
+        assert bare.get_ids("a") == base and bare.get_ids("c") == base + [7]
+        assert bare.get_ids("b") == base[:5] + [200, 201, 202, 203]
+        bare.delete("c")
+        assert bare.sessions() == ["a", "b"]
+        with pytest.raises(StoreError, match="needs the store's model"):
+            bare.put("d", [5, 6])
+
+
+def test_replace_and_duplicate_sessions_on_raw_edges(db, llama, no_model_steps):  # noqa: F811
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("a", [5, 6, 7, 8])
+    with pytest.raises(StoreError, match="exists"):
+        s.put("a", [5, 6])
+    r = s.put("a", [5, 6, 9], replace=True)
+    assert r.shared_tokens == 0  # the old path was freed first: nothing left to share
+    assert Store(db, None).get_ids("a") == [5, 6, 9]
+    assert s.stats()["tokens_unique"] == 3
+
+
+def _hold_lock(db_url: str, ns: str = "default"):
+    """Hold the store's write lock the way another writer would; returns a release function."""
+    if db_url.startswith("redis://"):
+        import redis
+
+        url, _, prefix = db_url.partition("#")
+        r = redis.Redis.from_url(url)
+        key = _key(f"seqkv:{prefix}", ns, "lock")
+        r.set(key, "someone-else", px=60_000)
+        return lambda: r.delete(key)
+    con = sqlite3.connect(db_url, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    return lambda: (con.execute("ROLLBACK"), con.close())
+
+
+def test_busy_store_backs_off_then_says_retry(db, llama, monkeypatch):  # noqa: F811
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("a", [5, 6, 7])
+    monkeypatch.setenv("SEQKV_STORE_BUSY_TIMEOUT", "0.4")
+    writer = Store(db, llama)
+    release = _hold_lock(db)
+    try:
+        with pytest.raises(StoreBusyError, match="store busy, retry"):
+            writer.put("b", [5, 6, 8])
+    finally:
+        release()
+    writer.put("b", [5, 6, 8])  # free again: the same writer succeeds
+    assert Store(db, None).get_ids("b") == [5, 6, 8]
