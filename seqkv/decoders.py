@@ -117,8 +117,9 @@ class VectorRansDecoder:
         refill = active & (((state >> 32) & _LOW32) == 0) & (self.left > 0)
         word = self.words.gather(1, (self.left - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         state = torch.where(refill, (state << 32) | word, state)
-        self.left = self.left - refill.long()
-        self.state = torch.where(active, state, self.state)
+        # In place, so a CUDA graph that captured this step advances the same tensors.
+        self.left.sub_(refill.long())
+        self.state.copy_(torch.where(active, state, self.state))
         self.bad |= active & _reserved(symbols, pmf.shape[-1])
         # A corrupt stream may land on a reserved symbol: keep feeding the model valid ids
         # (finish() reports the corruption) rather than indexing outside its vocabulary.

@@ -1,0 +1,185 @@
+"""Token streams coded under the integer engine (the token tier's and the store's coder).
+
+Encode is one batched prefill: every position's distribution at once, from which only each
+token's (start, freq) interval leaves the device, range-coded by constriction's rANS coder.
+Decode is step by step: every stream of a group advances one token per step, and the step
+(forward, distribution, vectorized rANS decode, state update, cache write) is captured once
+as a CUDA graph per attention span on GPUs. Because the engine is exact integer arithmetic,
+the encoder's prefill and the decoder's steps give the same frequencies at every position,
+at any group size, on any device: groups are chosen for speed alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..decoders import VectorRansDecoder, encode_stream
+from .model import IntModel
+
+ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes
+Progress = Callable[[int], None]
+
+
+def _rows_budget(device: torch.device) -> int:
+    """Tokens prefilled per group: bounded by host memory on CPUs, by speed on GPUs."""
+    return 2048 if device.type == "cpu" else 65536
+
+
+class EngineCodec:
+    """Encode and decode token streams, each from position 0 after ``prime``."""
+
+    def __init__(self, model: IntModel, prime: int, graphs: bool | None = None) -> None:
+        self.model = model
+        self.prime = int(prime)
+        self.device = model.device
+        self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+
+    # -- encode ---------------------------------------------------------------------------
+    def intervals(self, streams: Sequence[Sequence[int]], skip: Sequence[int] | None = None,
+                  progress: Progress | None = None) -> list[np.ndarray]:
+        """(start, freq) rows [n - skip, 2] of each stream's tokens after its first ``skip``
+        (context that is fed, not coded)."""
+        skip = list(skip) if skip is not None else [0] * len(streams)
+        out: list[np.ndarray | None] = [None] * len(streams)
+        order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))
+        budget = _rows_budget(self.device)
+        group: list[int] = []
+        for i in order + [-1]:
+            if i >= 0 and (not group or (len(group) + 1) * len(streams[group[0]]) <= budget):
+                group.append(i)
+                continue
+            if group:
+                rows = self._encode_group([streams[j] for j in group], [skip[j] for j in group])
+                for j, r in zip(group, rows, strict=True):
+                    out[j] = r
+                    if progress:
+                        progress(len(r))
+            group = [i]
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _encode_group(self, streams: list[Sequence[int]], skip: list[int]) -> list[np.ndarray]:
+        lengths = [len(s) for s in streams]
+        t = max(lengths)
+        inputs = torch.full((len(streams), t), self.prime, dtype=torch.long)
+        targets = torch.zeros((len(streams), t), dtype=torch.long)
+        for row, s in enumerate(streams):
+            ids = torch.as_tensor(list(s), dtype=torch.long)
+            inputs[row, 1 : len(s)] = ids[:-1]
+            targets[row, : len(s)] = ids
+        keep = torch.zeros((len(streams), t), dtype=torch.bool)
+        for row, (n, k) in enumerate(zip(lengths, skip, strict=True)):
+            keep[row, k:n] = True
+        h = self.model.prefill_hidden(inputs.to(self.device))
+        flat_keep = keep.reshape(-1).to(self.device)
+        h = h.reshape(-1, h.shape[-1])[flat_keep]
+        sym = (targets.reshape(-1).to(self.device)[flat_keep] + 1).unsqueeze(1)
+        starts, freqs = [], []
+        for s, pmf in self.model.head_pmf(h):
+            block = sym[s : s + pmf.shape[0]]
+            freqs.append(pmf.gather(1, block).squeeze(1))
+            starts.append((pmf.cumsum(dim=1) - pmf).gather(1, block).squeeze(1))
+        rows = torch.stack([torch.cat(starts), torch.cat(freqs)], dim=1).cpu().numpy()
+        counts = keep.sum(dim=1).tolist()
+        return list(np.split(rows, np.cumsum(counts)[:-1]))
+
+    def encode(self, streams: Sequence[Sequence[int]],
+               progress: Progress | None = None) -> list[np.ndarray]:
+        """One rANS stream (uint32 words) per token stream."""
+        return [encode_stream("ans", r[:, 0], r[:, 1])
+                for r in self.intervals(streams, progress=progress)]
+
+    # -- decode ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, words: Sequence[np.ndarray], lengths: Sequence[int],
+               contexts: Sequence[Sequence[int]] | None = None,
+               progress: Progress | None = None) -> list[list[int]]:
+        """Decode streams of ``lengths`` tokens in one lockstep group; each continues its
+        context (fed, not decoded; default none)."""
+        if not words:
+            return []
+        contexts = [list(c) for c in contexts] if contexts is not None else [[]] * len(words)
+        group = _DecodeGroup(self, words, list(lengths), contexts)
+        return group.run(progress)
+
+
+class _DecodeGroup:
+    """Static buffers of one lockstep decode, and its step (captured per span on GPUs)."""
+
+    def __init__(self, codec: EngineCodec, words, lengths: list[int], contexts: list[list[int]]):
+        m, dev = codec.model, codec.device
+        b = len(words)
+        self.codec, self.model, self.lengths_host = codec, m, lengths
+        prefixes = [[codec.prime] + c for c in contexts]
+        self.start = [len(p) - 1 for p in prefixes]  # position of each stream's first fed token
+        self.steps = max(lengths)
+        self.capacity = max(s + self.steps for s in self.start) + 1
+        self.cache = m.new_cache(b, self.capacity)
+        longest = max(self.start)
+        if longest > 0:  # contexts: their keys and values by one prefill, as steps would write
+            ids = torch.full((b, longest), codec.prime, dtype=torch.long)
+            for row, p in enumerate(prefixes):
+                ids[row, : len(p) - 1] = torch.as_tensor(p[:-1])
+            m.prefill_hidden(ids.to(dev), cache=self.cache)
+        self.tokens = torch.as_tensor([p[-1] for p in prefixes], dtype=torch.long, device=dev)
+        self.pos = torch.as_tensor(self.start, dtype=torch.long, device=dev)
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=dev)
+        self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros((b, self.steps), dtype=torch.long, device=dev)
+        self.decoder = VectorRansDecoder(list(words), dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _span(self, step: int) -> int:
+        need = max(self.start) + step + 1
+        if not self.codec.graphs:
+            return need
+        span = 64
+        while span < need:
+            span *= 2
+        return min(span, self.capacity)
+
+    def _step(self, span: int) -> None:
+        m = self.model
+        pmf = m.pmf(m.step_logits(self.cache, self.tokens, self.pos, span))
+        active = self.step_t < self.lengths
+        symbols = self.decoder.step(pmf, active)
+        self.tokens.copy_(torch.where(active, symbols, self.tokens))
+        self.out.scatter_(1, self.step_t.expand(self.out.shape[0], 1), self.tokens.unsqueeze(1))
+        self.pos.add_(1)
+        self.step_t.add_(1)
+
+    def _graph(self, span: int) -> torch.cuda.CUDAGraph:
+        if span not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool()):
+                self._step(span)
+            self.graphs[span] = graph
+        return self.graphs[span]
+
+    def _pool(self):
+        if not hasattr(self, "_mempool"):
+            self._mempool = torch.cuda.graph_pool_handle()
+        return self._mempool
+
+    def run(self, progress: Progress | None) -> list[list[int]]:
+        lengths = self.lengths_host
+        for step in range(self.steps):
+            span = self._span(step)
+            if self.codec.graphs and step > 0:
+                self._graph(span).replay()
+            elif self.codec.graphs:  # the first step eagerly, on a side stream: warm-up
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(span)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                self._step(span)
+            if progress:
+                progress(sum(1 for n in lengths if step < n))
+        self.decoder.finish()
+        rows = self.out.cpu()
+        return [rows[i, :n].tolist() for i, n in enumerate(lengths)]

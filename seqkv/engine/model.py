@@ -1,0 +1,263 @@
+"""The integer forward pass: one function of (integer weights, tokens) on every device.
+
+Two drivers share every per-token operation: ``prefill`` runs whole chunks at once (the
+encoder: all positions' distributions from one pass), ``step`` advances each stream one
+token over a static KV cache (the decoder). The only reductions are integer sums and maxima,
+the GEMMs are exact (intops.py) and the nonlinearities are tables (tables.py), so both give
+the same integers at every position, at any group size, thread count or device.
+
+Fixed-point formats: the residual stream and GEMM outputs are Q16; queries, keys and values
+Q10 (|x| < 2**21, so q.k and p.v sums stay exact in float64); attention weights Q16;
+next-token weights Q30; rotary tables Q14.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..distribution import TOTAL
+from . import tables
+from .intops import (
+    bit_length,
+    div_round,
+    exact_bmm,
+    int_matmul,
+    isqrt,
+    quantize_rows,
+    rshift_round,
+)
+from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
+
+QKV_FRAC = 10
+QKV_LIMIT = (1 << 21) - 1
+_NEG = -(1 << 60)
+_D_LIMIT = 1 << 34
+
+
+def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+    """Q16 [..., in] -> Q16 [..., out]: per-row int14 activations x int8 weights, exactly."""
+    shape = v.shape
+    q, k = quantize_rows(v.reshape(-1, shape[-1]))
+    acc = int_matmul(q, lin.w.t()) * lin.mant
+    y = rshift_round(acc, lin.exp - k.unsqueeze(-1))
+    if lin.bias is not None:
+        y = y + lin.bias
+    return y.reshape(*shape[:-1], -1)
+
+
+def rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
+    """RMSNorm of Q16 rows, times the gain, in Q16."""
+    k = (bit_length(h.abs().amax(dim=-1)) - 20).clamp(min=0)
+    xs = rshift_round(h, k.unsqueeze(-1))
+    mean = (xs * xs).sum(dim=-1) // h.shape[-1] + (norm.eps32 >> (2 * k))
+    r = isqrt(mean).clamp(min=1).unsqueeze(-1)
+    num = xs * norm.gain
+    if norm.frac <= FRAC:
+        return div_round(num << (FRAC - norm.frac), r)
+    return div_round(num, r << (norm.frac - FRAC))
+
+
+def _table_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The factor table (sigmoid or GELU) at Q16 inputs, and x times it, in Q16."""
+    n = table.shape[0] // 2
+    idx = rshift_round(x, FRAC - tables.SIGMOID_IN).clamp(-n, n - 1) + n
+    return rshift_round(x.clamp(-(1 << 40), 1 << 40) * table[idx], tables.SIGMOID_OUT)
+
+
+class IntModel:
+    """The engine's model on one device: integer weights and their tables."""
+
+    def __init__(self, weights: IntWeights, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.w = weights.to(self.device)
+        self.spec = weights.spec
+        self.digest = weights.digest
+        dev = self.device
+        self.exp_attn = torch.from_numpy(tables.exp_table(tables.ATTN_BITS)).to(dev)
+        self.exp_prob = torch.from_numpy(tables.exp_table(tables.PROB_BITS)).to(dev)
+        act = tables.sigmoid_table() if self.spec.act == "silu" else tables.gelu_tanh_table()
+        self.act_table = torch.from_numpy(act).to(dev)
+        self._scale = round(self.spec.attn_scale * (1 << 24))
+        self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_len = 0
+
+    # -- tables ---------------------------------------------------------------------------
+    def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n_positions > self._rope_len:
+            self._rope.clear()
+            self._rope_len = max(n_positions, 2 * self._rope_len, 64)
+        if theta not in self._rope:
+            cos, sin = tables.rope_table(theta, self.spec.head_dim, self._rope_len)
+            self._rope[theta] = (torch.from_numpy(cos).to(self.device),
+                                 torch.from_numpy(sin).to(self.device))
+        return self._rope[theta]
+
+    def prepare(self, n_positions: int) -> None:
+        """Build the rotary tables for n_positions up front (outside any CUDA graph)."""
+        for theta in set(self.spec.thetas):
+            self.rope(theta, n_positions)
+
+    # -- shared per-token pieces ----------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.w.embed[ids].to(torch.int64) * self.w.embed_mant[ids].unsqueeze(-1)
+        return rshift_round(e, (self.w.embed_exp[ids] - FRAC).unsqueeze(-1))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding (rotate-half form) of Q16 [..., T, d] into Q10."""
+        half = x.shape[-1] // 2
+        x = x.clamp(-(1 << 40), 1 << 40)
+        x1, x2 = x[..., :half], x[..., half:]
+        shift = FRAC + tables.ROPE_BITS - QKV_FRAC
+        out = torch.cat([rshift_round(x1 * cos - x2 * sin, shift),
+                         rshift_round(x2 * cos + x1 * sin, shift)], dim=-1)
+        return out.clamp(-QKV_LIMIT, QKV_LIMIT)
+
+    def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, pos: torch.Tensor, n_pos: int):
+        """Queries [B, Hkv, rep, T, d] and keys, values [B, Hkv, T, d] in Q10 at positions
+        pos [B, T] (all below n_pos)."""
+        s = self.spec
+        b, t = h.shape[:2]
+        qkv = linear(rms_norm(h, layer.attn_norm), layer.qkv)
+        nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
+        q = qkv[..., :nq].reshape(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = qkv[..., nq : nq + nk].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
+        v = qkv[..., nq + nk :].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm), rms_norm(k, layer.k_norm)
+        cos, sin = self.rope(s.thetas[i], n_pos)
+        c, sn = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+        q, k = self._rotate(q, c, sn), self._rotate(k, c, sn)
+        v = rshift_round(v, FRAC - QKV_FRAC).clamp(-QKV_LIMIT, QKV_LIMIT)
+        rep = s.n_heads // s.n_kv
+        return q.reshape(b, s.n_kv, rep, t, s.head_dim), k, v
+
+    def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of Q10 queries [B, Hkv, rep, T, d] over Q10 keys/values
+        [B, Hkv, S, d]; allowed [B, 1, 1, T, S]. Returns Q16 [B, T, H * d]."""
+        b, hkv, rep, t, d = q.shape
+        scores = exact_bmm(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2))
+        scores = scores.reshape(b, hkv, rep, t, -1)
+        scores = torch.where(allowed, scores, _NEG)
+        dist = (scores.amax(dim=-1, keepdim=True) - scores).clamp(max=_D_LIMIT)
+        idx = rshift_round(dist * self._scale, 32).clamp(max=self.exp_attn.shape[0] - 1)
+        p = torch.where(allowed, self.exp_attn[idx], 0)
+        total = p.sum(dim=-1, keepdim=True)
+        out = exact_bmm(p.reshape(b, hkv, rep * t, -1), v).reshape(b, hkv, rep, t, d)
+        out = div_round(out, total) << (FRAC - QKV_FRAC)
+        return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
+
+    def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
+        att = linear(att, layer.o)
+        if layer.post_attn_norm is not None:
+            att = rms_norm(att, layer.post_attn_norm)
+        h = h + att
+        gu = linear(rms_norm(h, layer.mlp_norm), layer.gate_up)
+        half = gu.shape[-1] // 2
+        gate, up = gu[..., :half], gu[..., half:]
+        act = _table_lookup(self.act_table, gate).clamp(-(1 << 30), 1 << 30)
+        mlp = linear(rshift_round(act * up.clamp(-(1 << 30), 1 << 30), FRAC), layer.down)
+        if layer.post_mlp_norm is not None:
+            mlp = rms_norm(mlp, layer.post_mlp_norm)
+        return h + mlp
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Q16 logits of the last norm's output."""
+        return linear(rms_norm(h, self.w.final_norm), self.w.head)
+
+    def pmf(self, logits: torch.Tensor) -> torch.Tensor:
+        """Integer frequencies [..., V + 2] summing to 2**PRECISION (distribution.py's layout:
+        two never-coded dummies at the ends, every token at least 1)."""
+        vocab = logits.shape[-1]
+        budget = TOTAL - (vocab + 2)
+        dist = logits.amax(dim=-1, keepdim=True) - logits
+        idx = rshift_round(dist, FRAC - tables.EXP_STEP).clamp(max=self.exp_prob.shape[0] - 1)
+        p = self.exp_prob[idx]
+        freq = torch.div(p * budget, p.sum(dim=-1, keepdim=True), rounding_mode="floor")
+        remainder = budget - freq.sum(dim=-1, keepdim=True)
+        freq = freq.scatter_add(-1, logits.argmax(dim=-1, keepdim=True), remainder)
+        ones = torch.ones_like(freq[..., :1])
+        return torch.cat([ones, freq + 1, ones], dim=-1)
+
+    # -- drivers --------------------------------------------------------------------------
+    def _allowed(self, qpos: torch.Tensor, kpos: torch.Tensor, i: int) -> torch.Tensor:
+        """Causal (and sliding-window) visibility [B, 1, 1, T, S] for positions [B, T], [B, S]."""
+        q, k = qpos.unsqueeze(-1), kpos.unsqueeze(-2)
+        ok = (k <= q) & (k >= 0)
+        window = self.spec.windows[i]
+        if window:
+            ok &= (q - k) < window
+        return ok[:, None, None]
+
+    @torch.inference_mode()
+    def prefill_hidden(self, ids: torch.Tensor, cache: StepCache | None = None,
+                       budget: int = 1 << 24) -> torch.Tensor:
+        """The last hidden states (Q16 [B, T, hidden]) of sequences ids [B, T] at positions
+        0..T-1, optionally writing their keys and values into ``cache`` (the same integers a
+        step-by-step run writes). Attention runs in query blocks of about ``budget`` scores."""
+        b, t = ids.shape
+        pos = torch.arange(t, device=self.device).expand(b, t)
+        block = max(16, budget // max(1, b * self.spec.n_heads * t))
+        h = self.embed(ids)
+        for i, layer in enumerate(self.w.layers):
+            q, k, v = self._qkv(layer, i, h, pos, t)
+            if cache is not None:
+                cache.keys[i][:, :, :t] = k.to(torch.float64)
+                cache.values[i][:, :, :t] = v.to(torch.float64)
+            att = torch.cat([
+                self._attend(q[..., s:e, :], k[:, :, :e], v[:, :, :e],
+                             self._allowed(pos[:, s:e], pos[:, :e], i))
+                for s, e in ((s, min(s + block, t)) for s in range(0, t, block))
+            ], dim=1)
+            h = self._finish_layer(layer, h, att)
+        return h
+
+    def head_pmf(self, h: torch.Tensor, block: int = 512):
+        """Yield (row offset, pmf [n, V + 2]) for blocks of rows of hidden states h [N, hidden]."""
+        for s in range(0, h.shape[0], block):
+            yield s, self.pmf(self.head(h[s : s + block]))
+
+    # -- step -----------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> StepCache:
+        s = self.spec
+        shape = (batch, s.n_kv, capacity, s.head_dim)
+        self.prepare(capacity)
+        return StepCache(
+            keys=[torch.zeros(shape, dtype=torch.float64, device=self.device)
+                  for _ in range(s.n_layers)],
+            values=[torch.zeros(shape, dtype=torch.float64, device=self.device)
+                    for _ in range(s.n_layers)],
+            capacity=capacity,
+        )
+
+    @torch.inference_mode()
+    def step_logits(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor,
+                    span: int | None = None) -> torch.Tensor:
+        """Feed tokens [B] at positions pos [B] (writing the cache there) and return Q16
+        logits [B, V] of the next token. ``span``: attend over the first ``span`` cache
+        slots (a static bound >= max(pos) + 1; default the whole capacity)."""
+        span = span or cache.capacity
+        b = tokens.shape[0]
+        s = self.spec
+        kpos = torch.arange(span, device=self.device).expand(b, span)
+        slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
+        h = self.embed(tokens.unsqueeze(1))
+        for i, layer in enumerate(self.w.layers):
+            q, k, v = self._qkv(layer, i, h, pos.unsqueeze(1), cache.capacity)
+            cache.keys[i].scatter_(2, slot, k.to(torch.float64))
+            cache.values[i].scatter_(2, slot, v.to(torch.float64))
+            allowed = self._allowed(pos.unsqueeze(1), kpos, i)
+            att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
+                               allowed)
+            h = self._finish_layer(layer, h, att)
+        return self.head(h[:, 0])
+
+
+@dataclass
+class StepCache:
+    """A static KV cache: Q10 integers held in float64 (exact) for the attention GEMMs."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    capacity: int
