@@ -1,4 +1,5 @@
-"""`seqkv store put | get | delete | stats | nearest`: the PLT store from the command line.
+"""`seqkv store put | get | delete | stats | nearest | compact`: the PLT store from the command
+line.
 
 ``--db PATH`` is a SQLite file (created on first put); ``--db redis://HOST:PORT/N`` a Redis one.
 """
@@ -144,6 +145,28 @@ def nearest(
     else:
         for r in rows:
             typer.echo(f"{r['session']}\t{r['shared_tokens']} tokens\t{r['d_T_bits']:.1f} bits")
+
+
+@store_app.command()
+@friendly_errors
+def compact(
+    db: DbOption,
+    namespace: NsOption = "default",
+    model: ModelOption = None,
+    batch: Annotated[int, typer.Option(help="edges coded per round (one transaction each)",
+                                       min=1)] = 64,
+    json_: JsonOption = False,
+) -> None:
+    """Code the sessions' pending raw edges under the model (swapped in atomically; safe to
+    interrupt, the next run continues)."""
+    with _open(db, namespace, model) as s:
+        r = s.compact(batch=batch)
+    if json_:
+        print_json(r.to_dict())
+    else:
+        typer.echo(f"coded {r.edges} edges ({r.tokens} tokens): {r.raw_bits} raw bits -> "
+                   f"{r.coded_bits} coded bits; {r.skipped} changed meanwhile and left for "
+                   f"the next run; {r.pending} still pending", err=True)
 
 
 def register(app: typer.Typer) -> None:

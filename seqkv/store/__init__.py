@@ -5,7 +5,10 @@ under the model given its full prefix, so shared prefixes are stored once; KV ch
 chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redis persistence.
 
     trie.py         the radix trie (pure: match / insert / split / remove)
-    coding.py       the canonical per-path context and an edge's rANS stream
+    coding.py       the canonical per-path context, an edge's rANS stream, and the one seam
+                    to the model (encode_edges / decode_edges, a batch of edges at a time)
+    records.py      the record codec: raw and coded edges, sessions, meta
+    compaction.py   pending raw edges coded later and swapped in by compare-and-swap
     backend.py      the backend protocol; sqlite.py, redis.py
     checkpoints.py  KV checkpoints and the caching policies
     store.py        the facade: put / get / delete / stats / nearest

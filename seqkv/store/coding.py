@@ -124,3 +124,37 @@ class Cursor:
             tokens.append(symbol - 1)
             self.path.append(symbol - 1)
         return tokens, rows
+
+
+# -- the seam a batched engine replaces ------------------------------------------------------
+# Everything the store asks of the model goes through these two functions: a batch of edges,
+# each with the tokens of its path above it. Rows are the tokens' fixed-point (start, freq)
+# intervals under the canonical context rule above; the edge's stream is
+# ``encode_intervals(rows)``. This implementation runs one Cursor (one stream at a time,
+# reusing context where consecutive jobs share a path); a batched integer engine can take its
+# place with the same signatures and the same rows.
+
+EncodeJob = tuple[list[int], list[int]]  # (path before the edge, the edge's tokens)
+DecodeJob = tuple[list[int], np.ndarray, int]  # (path before the edge, words, n tokens)
+
+
+def encode_edges(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[np.ndarray]:
+    """The (start, freq) rows [n, 2] int64 of each job's edge tokens given its path."""
+    cursor = Cursor(lm, chunk)
+    out = []
+    for path, tokens in jobs:
+        cursor.seek(path)
+        out.append(cursor.encode(tokens))
+    return out
+
+
+def decode_edges(lm: LoadedModel, chunk: int,
+                 jobs: list[DecodeJob]) -> list[tuple[list[int], np.ndarray]]:
+    """Each job's edge decoded from its words given its path: (tokens, rows). A corrupt
+    stream raises BlobError."""
+    cursor = Cursor(lm, chunk)
+    out = []
+    for path, words, n in jobs:
+        cursor.seek(path)
+        out.append(cursor.decode(words, n))
+    return out

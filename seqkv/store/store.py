@@ -29,6 +29,7 @@ from the model's prediction and returned bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -51,7 +52,8 @@ from .checkpoints import (
     policy_by_name,
     serialize_kv,
 )
-from .coding import PROCEDURE, Cursor, encode_intervals
+from .coding import PROCEDURE, decode_edges, encode_edges, encode_intervals
+from .compaction import DEFAULT_BATCH, CompactResult, compact
 from .records import (
     KINDS,
     META_NS,
@@ -115,6 +117,9 @@ class Store:
         self.clock = 0.0
         self._gen = -1
         self.last_restore: dict = {}
+        self.decoded_tokens = 0  # tokens of coded edges this process decoded with the model
+        # held around every model call (a server shares one model between threads)
+        self.model_lock: AbstractContextManager = nullcontext()
 
     # -- store-wide meta -------------------------------------------------------------------
     def _profile(self, chunk: int) -> dict:
@@ -226,25 +231,27 @@ class Store:
             raise SeqkvError(f"token id out of range for a vocabulary of {lm.vocab_size}")
         return ids, None
 
-    def _decode(self, node: Node, before: list[int], cursor: Cursor | None = None) -> None:
+    def _decode(self, node: Node, before: list[int]) -> None:
         """Decode a coded edge whose tokens are unknown, given its path's tokens ``before``."""
-        cursor = cursor or Cursor(self._need_model(), self.chunk)
-        cursor.seek(before)
-        node.tokens, node.intervals = cursor.decode(node.words, node.n)
-        if edge_hash(node.tokens) != node.token_hash:
-            node.tokens = node.intervals = None
+        lm = self._need_model()
+        try:
+            with self.model_lock:
+                [(tokens, rows)] = decode_edges(lm, self.chunk, [(before, node.words, node.n)])
+        except BlobError as e:
+            raise StoreCorruptError(f"corrupt store record edge {node.id}: {e}") from e
+        if edge_hash(tokens) != node.token_hash:
             raise StoreCorruptError(f"edge {node.id} decoded to tokens that do not match its "
                                     "hash (corrupt record, or other numerics)")
+        node.tokens, node.intervals = tokens, rows
+        self.decoded_tokens += node.n
 
     def _walk(self, ids: list[int]):
         """Match ids against the trie, decoding (with the model) edges the match stops in."""
-        cursor = None
         while True:
             m = self.trie.match(ids)
             if m.blocked is None:
                 return m
-            cursor = cursor or Cursor(self._need_model(), self.chunk)
-            self._decode(m.blocked, ids[: m.blocked.start], cursor)
+            self._decode(m.blocked, ids[: m.blocked.start])
 
     # -- API ---------------------------------------------------------------------------------
     def put(self, session: str, data, cache=None, replace: bool = False) -> PutResult:
@@ -267,8 +274,9 @@ class Store:
         from ..delta import compress_kv
 
         ids, _ = self._ids(kv.input_ids)
-        blob = compress_kv(kv, self._need_model(), predictor, tokens="external",
-                           **predictor_params)
+        with self.model_lock:
+            blob = compress_kv(kv, self._need_model(), predictor, tokens="external",
+                               **predictor_params)
 
         def work(txn) -> PutResult:
             result = self._put_in(txn, session, ids, None, replace, exact_bytes=len(blob))
@@ -343,17 +351,16 @@ class Store:
             raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
         return node
 
-    def _path_ids(self, path: list[Node], ids: list[int] | None = None,
-                  cursor: Cursor | None = None) -> tuple[list[int], Cursor | None]:
+    def _path_ids(self, path: list[Node], ids: list[int] | None = None) -> tuple[list[int], int]:
         """The tokens of ``path`` (after ``ids``, the tokens above it): raw and known edges as
-        they are, coded unknown ones decoded (only those need the model)."""
-        ids = list(ids or [])
+        they are, coded unknown ones decoded (only those need the model); and how many tokens
+        were decoded."""
+        ids, before = list(ids or []), self.decoded_tokens
         for e in path:
             if not e.known:
-                cursor = cursor or Cursor(self._need_model(), self.chunk)
-                self._decode(e, ids, cursor)
+                self._decode(e, ids)
             ids.extend(e.tokens)
-        return ids, cursor
+        return ids, self.decoded_tokens - before
 
     def _restore_ids(
         self, session: str, use_checkpoint: bool
@@ -373,7 +380,7 @@ class Store:
             ids = np.frombuffer(sections[0], dtype="<u4").astype(np.int64).tolist()
             if len(ids) != ckpt_node.depth:
                 raise StoreCorruptError(f"checkpoint {ckpt_node.id} has the wrong length")
-        ids, cursor = self._path_ids(path[begin:], ids)
+        ids, decoded = self._path_ids(path[begin:], ids)
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
@@ -381,7 +388,7 @@ class Store:
         for e in path:
             self.hits[e.id] = self.hits.get(e.id, 0) + 1
             self.last[e.id] = self.clock
-        self.last_restore = {"decode_steps": cursor.steps if cursor else 0,
+        self.last_restore = {"decoded_tokens": decoded,
                              "checkpoint_depth": ckpt_node.depth if ckpt_node else 0}
         return ids, ckpt_node, ckpt_data
 
@@ -400,12 +407,13 @@ class Store:
         """The session's KV cache: from its deepest checkpoint plus a prefill of the rest."""
         lm = self._need_model()
         ids, ckpt_node, data = self._restore_ids(session, use_checkpoint)
-        if ckpt_node is None:
-            return prefill_cache(lm.model, ids)
-        h, sections = parse("ckpt", ckpt_node.id, data)
-        dtype = next(lm.model.parameters()).dtype
-        cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
-        return continue_prefill(lm.model, cache, ids, int(h["held"]))
+        with self.model_lock:
+            if ckpt_node is None:
+                return prefill_cache(lm.model, ids)
+            h, sections = parse("ckpt", ckpt_node.id, data)
+            dtype = next(lm.model.parameters()).dtype
+            cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
+            return continue_prefill(lm.model, cache, ids, int(h["held"]))
 
     def get_exact(self, session: str) -> KVCache:
         """A session put with ``put_exact``: the very tensors that were put, bit for bit."""
@@ -419,7 +427,8 @@ class Store:
         if blob is None:
             raise StoreCorruptError(f"corrupt store: session {session!r} lost its exact record")
         try:
-            return decompress_kv(blob, self._need_model(), ids=ids)
+            with self.model_lock:
+                return decompress_kv(blob, self._need_model(), ids=ids)
         except BlobError as e:
             raise StoreCorruptError(f"corrupt store record exact {session}: {e}") from e
 
@@ -453,7 +462,8 @@ class Store:
         if cache is not None and cache.get_seq_length() >= held:
             cache.crop(held)
         else:
-            cache = prefill_cache(lm.model, ids[:held]).cache
+            with self.model_lock:
+                cache = prefill_cache(lm.model, ids[:held]).cache
         meta, kv = serialize_kv(cache, *(self.quant or (None, None)))
         record = pack({"kind": "ckpt", "node": node.id, "depth": node.depth, "held": held,
                        "kv": meta},
@@ -570,13 +580,22 @@ class Store:
     def _intervals(self, path: list[Node]) -> None:
         """Fill in the per-token intervals of a path's edges whose tokens are known but whose
         intervals are not (raw edges, edges matched by their hash): the model codes them."""
-        cursor, ids = None, []
+        jobs, todo, ids = [], [], []
         for e in path:
             if e.intervals is None:
-                cursor = cursor or Cursor(self._need_model(), self.chunk)
-                cursor.seek(ids)
-                e.intervals = cursor.encode(e.tokens)
+                jobs.append((list(ids), e.tokens))
+                todo.append(e)
             ids.extend(e.tokens)
+        if jobs:
+            with self.model_lock:
+                rows = encode_edges(self._need_model(), self.chunk, jobs)
+            for e, r in zip(todo, rows, strict=True):
+                e.intervals = r
+
+    def compact(self, batch: int = DEFAULT_BATCH, max_rounds: int = 10_000) -> CompactResult:
+        """Code the namespace's pending raw edges under the model, ``batch`` edges a round,
+        each swapped raw -> coded atomically by compare-and-swap (see ``compaction.py``)."""
+        return compact(self, batch, max_rounds)
 
     def close(self) -> None:
         self.backend.close()
