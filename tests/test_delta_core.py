@@ -61,10 +61,11 @@ def test_engine_numerics_make_the_residual_vanish(caches):
     lm, _ = caches["llama"]
     engine = lm.variant("bfloat16", "sdpa")
     kv = KVCache.from_dynamic(prefill_cache(engine, IDS).cache, IDS)
-    fp32 = inspect_delta_blob(compress_kv(kv, lm, "recompute", tokens="raw"))
+    fp32 = inspect_delta_blob(compress_kv(kv, lm, "recompute", dtype="fp32", tokens="raw"))
     blob = compress_kv(kv, lm, "recompute", dtype="bf16", attn="sdpa", tokens="raw")
     same = inspect_delta_blob(blob)
     assert same["predictor"]["numerics"]["attn"] == "sdpa"
+    assert same["predictor"]["build"] == "cast"  # lm.variant casts RoPE's buffers too
     # Every residual is zero: each tensor is flagged so, nothing else is stored.
     assert unpack(blob)[0]["stream_bytes"][:3] == [0, 0, 0]
     assert set(parse(blob)[0]["coded"]) == {2}
@@ -143,9 +144,9 @@ def _tamper(blob: bytes, section: int, fn) -> bytes:
 def test_corrupted_residual_streams(caches):
     lm, _ = caches["llama"]
     other = tiny_llama()
-    other.model.to(torch.bfloat16)  # other numerics: every stream is non-empty
+    other.model.to(torch.bfloat16)  # other numerics than fp32: every stream is non-empty
     kv = KVCache.from_dynamic(prefill_cache(other.model, IDS).cache, IDS)
-    blob = compress_kv(kv, lm, "recompute", tokens="raw")
+    blob = compress_kv(kv, lm, "recompute", dtype="fp32", tokens="raw")
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x40
     with pytest.raises(BlobError):

@@ -18,6 +18,7 @@ import torch
 from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..models import LoadedModel
 from .cachefile import KVCache
+from .numerics import BUILDS, candidates, dtype_of, prefill_kv, search, variant
 
 Layout = list[tuple[tuple[int, ...], torch.dtype]]
 
@@ -87,17 +88,22 @@ class Recompute:
     """The model's own prefill of the tokens on the restoring machine, cast to the stored
     dtype (arXiv 2604.15356 §4, layer two). Cost: one full prefill.
 
-    ``dtype`` and ``attn`` pick the numerics (a cast copy of the model, an attention path):
-    run in the serving engine's dtype and kernels, the prediction can equal the cache bit
-    for bit. Exact restores need the compressing and restoring machines to compute the same
-    prediction: the numerics are recorded and a hash of the prediction is checked.
+    ``dtype``, ``attn`` and ``build`` pick the numerics (the model in a dtype, an attention
+    path, built as ``from_pretrained(dtype=...)`` builds it or by ``.to(dtype)``; see
+    seqkv.delta.numerics): run in the serving engine's numerics, the prediction equals the
+    cache bit for bit. What is left None is searched at compress: each candidate runs over
+    the first layers and the cheapest residual wins; the candidates' costs are recorded
+    (``search``). Exact restores need both machines to compute the same prediction: the
+    numerics are recorded and a hash of the prediction is checked.
     """
 
     name: str = "recompute"
     needs_model: bool = True
     along_positions: bool = False
-    dtype: str | None = None  # None: lm's dtype
-    attn: str | None = None  # None: seqkv's repeatable default (eager on GPUs)
+    dtype: str | None = None  # None: searched (the cache's dtype, the model's)
+    attn: str | None = None  # None: searched (sdpa, eager; seqkv's default for the model's dtype)
+    build: str | None = None  # None: searched (loaded, cast); "legacy" in blobs before builds
+    search: list = field(default_factory=list)  # the candidates tried, best first
     profile: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +111,10 @@ class Recompute:
         if self.attn is not None and self.attn not in ATTENTION:
             raise SeqkvError(f"predictor attention must be one of {', '.join(ATTENTION)}, "
                              f"not {self.attn!r}")
+        if self.build is not None and self.build not in (*BUILDS, "legacy"):
+            raise SeqkvError(f"predictor build must be one of {', '.join(BUILDS)}, "
+                             f"not {self.build!r}")
+        self._ranked: list = []
 
     def describe(self, config=None) -> dict:
         return {"name": self.name, "compute": 1.0, "numerics": self.profile}
@@ -114,18 +124,23 @@ class Recompute:
 
         if self.attn is None:
             use_repeatable_attention(lm)
-        return lm.variant(self.dtype, self.attn)
+        if self.build in (None, "legacy"):  # blobs written before builds were recorded
+            return lm.variant(self.dtype, self.attn)
+        return variant(lm, self.dtype or dtype_of(lm.model), self.build, self.attn)
 
     def numerics(self, lm: LoadedModel) -> dict:
         from ..stepper import device_label
 
         model = self.model(lm)
-        return {
+        out = {
             "procedure": "prefill-v1",
             "device": device_label(lm.device),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": dtype_of(model),
             "attn": str(model.config._attn_implementation or "default"),
         }
+        if self.build not in (None, "legacy"):
+            out["build"] = self.build
+        return out
 
     # Kernels may not repeat bit for bit from run to run: on the H200 host's CPU (16 threads)
     # one fp32 restore of four computed another prediction than its compress had (refused by
@@ -134,21 +149,48 @@ class Recompute:
     restore_attempts = 3
 
     def side_info(self, kv: KVCache, lm: LoadedModel | None) -> bytes:
+        if None in (self.dtype, self.attn, self.build) and kv.input_ids and kv.tensors:
+            self._choose(kv, lm)
+        elif self.build is None:
+            self.build = "loaded"
         self.profile = self.numerics(lm)
         return b""
 
-    def predict(self, lm, ids, side: bytes, layout: Layout) -> list[torch.Tensor] | None:
-        from ..compress import prefill_cache
+    def _choose(self, kv: KVCache, lm: LoadedModel) -> None:
+        """Search the numerics left open on the first layers; keep the cheapest."""
+        stored = max(kv.tensors, key=lambda t: t.numel()).dtype
+        cands = candidates(lm, stored, self.dtype, self.attn, self.build)
 
+        def run(c, n_layers):
+            return prefill_kv(self._with(c).model(lm), kv.input_ids, n_layers)
+
+        self._ranked = search(lm, kv.tensors, kv.input_ids, cands, run)
+        self.search = [c.record() for c in self._ranked]
+        self._use(self._ranked[0])
+
+    def _with(self, c) -> Recompute:
+        return Recompute(dtype=c.dtype, attn=c.attn, build=c.build)
+
+    def _use(self, c) -> None:
+        self.dtype, self.attn, self.build = c.dtype, c.attn, c.build
+
+    def next_candidate(self, lm: LoadedModel) -> bool:
+        """After the chosen numerics did not repeat: the next best searched one, if any."""
+        if len(self._ranked) < 2:
+            return False
+        self._ranked.pop(0)
+        self._use(self._ranked[0])
+        self.profile = self.numerics(lm)
+        return True
+
+    def predict(self, lm, ids, side: bytes, layout: Layout) -> list[torch.Tensor] | None:
         here = self.numerics(lm)
         if self.profile and here != self.profile:
             raise ModelMismatchError(f"blob was coded with predictor numerics {self.profile}; "
                                      f"this machine has {here}")
         if not ids:
             return [torch.zeros(shape, dtype=dtype) for shape, dtype in layout]
-        cache = prefill_cache(self.model(lm), ids).cache
-        pred = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        return check_layout(pred, layout, self.name)
+        return check_layout(prefill_kv(self.model(lm), ids), layout, self.name)
 
 
 @dataclass
@@ -221,6 +263,8 @@ def get_predictor(name: str, **params) -> object:
 
 def predictor_from_header(d: dict):
     params = {k: v for k, v in d.items() if k not in ("name", "compute", "numerics")}
+    if d["name"] == "recompute" and "build" not in params:
+        params["build"] = "legacy"  # written before builds were recorded: as it was computed then
     p = get_predictor(d["name"], **params)
     if "numerics" in d and hasattr(p, "profile"):
         p.profile = dict(d["numerics"])
