@@ -78,7 +78,8 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
 
 
 def read_file(path: str | os.PathLike, what: str = "file") -> bytes:
-    """A file's bytes, or a one-line SeqkvError for a missing path or a directory."""
+    """A file's bytes, or a one-line SeqkvError for a missing path, a directory or an
+    unreadable file."""
     p = Path(path)
     if p.is_dir():
         raise SeqkvError(f"is a directory, not a {what}: {path}")
@@ -86,28 +87,68 @@ def read_file(path: str | os.PathLike, what: str = "file") -> bytes:
         return p.read_bytes()
     except FileNotFoundError as e:
         raise SeqkvError(f"no such file: {path}") from e
+    except OSError as e:
+        raise SeqkvError(f"cannot read {what} {path}: {e.strerror or e}") from e
 
 
 def read_blob(path: str | os.PathLike) -> bytes:
+    """A blob file's bytes (checked when unpacked), or a one-line SeqkvError."""
     return read_file(path, "blob")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, rename: all or nothing."""
+    """Write via a temp file in the same directory, fsync, rename: all or nothing.
+
+    The file gets the mode a plain open() would give it: an existing file's own mode, a new
+    one 0o666 less the umask. Errors name ``path``, never the temp file.
+    """
     p = Path(path)
     directory = p.parent if str(p.parent) else Path(".")
     if not directory.is_dir():
         raise SeqkvError(f"no such directory: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
+    if p.is_dir():
+        raise SeqkvError(f"is a directory: {path}")
+    try:
+        if p.exists():
+            mode = p.stat().st_mode & 0o777
+        else:
+            mask = None
+            try:  # Linux: read the umask without setting it (os.umask is process-wide)
+                with open("/proc/self/status", encoding="ascii") as status:
+                    for line in status:
+                        if line.startswith("Umask:"):
+                            mask = int(line.split()[1], 8)
+            except (OSError, ValueError, IndexError):
+                pass
+            if mask is None:
+                mask = os.umask(0o022)
+                os.umask(mask)
+            mode = 0o666 & ~mask
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise SeqkvError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise SeqkvError(f"cannot write {path}: {e.strerror or e}") from e
         raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
