@@ -10,22 +10,27 @@ from rich.console import Console
 from rich.table import Table
 
 from ..blob import read_blob, write_atomic
-from ..compress import compress_text, decompress_text, inspect_blob
-from ..token_codec import DEFAULT_BATCH, DEFAULT_CHUNK
 from .common import (
-    InPath,
+    BlobIn,
+    Command,
     ModelOption,
     OutPath,
+    TextIn,
     friendly_errors,
     load,
     print_json,
     read_text,
 )
 
+# seqkv.token_codec's DEFAULT_CHUNK and DEFAULT_BATCH, repeated so --help needs no torch
+# (tests/test_cli_help.py checks that they agree).
+DEFAULT_CHUNK = 2048
+DEFAULT_BATCH = 16
+
 
 @friendly_errors
 def compress(
-    input: InPath,
+    input: TextIn,
     output: OutPath,
     model: ModelOption = None,
     chunk_size: Annotated[
@@ -37,6 +42,8 @@ def compress(
     """Compress a UTF-8 text (and so its KV cache) to its tokens, coded under the model."""
     text = read_text(input)
     lm = load(model)
+    from ..compress import compress_text, inspect_blob
+
     blob = compress_text(lm, text, chunk_size=chunk_size, batch=batch, progress=not quiet)
     write_atomic(output, blob)
     if not quiet:
@@ -51,12 +58,14 @@ def compress(
 
 @friendly_errors
 def decompress(
-    input: InPath,
+    input: BlobIn,
     output: OutPath,
     model: ModelOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress")] = False,
 ) -> None:
     """Decompress a blob back to its text, byte for byte."""
+    from ..compress import decompress_text, inspect_blob
+
     blob = read_blob(input)
     inspect_blob(blob)  # refuse a bad blob before loading a model
     lm = load(model)
@@ -66,10 +75,12 @@ def decompress(
 
 @friendly_errors
 def inspect(
-    input: InPath,
+    input: BlobIn,
     json_: Annotated[bool, typer.Option("--json", help="print a JSON object")] = False,
 ) -> None:
     """Show what a blob holds (no model needed)."""
+    from ..compress import inspect_blob
+
     info = inspect_blob(read_blob(input))
     if json_:
         print_json(info)
@@ -122,7 +133,5 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(compress)
-    app.command()(decompress)
-    app.command()(inspect)
-    app.command()(demo)
+    for command in (compress, decompress, inspect, demo):
+        app.command(cls=Command)(command)

@@ -1,4 +1,9 @@
-"""What every CLI command shares: one-line errors, JSON output, the model option."""
+"""What every CLI command shares: one-line errors, JSON output, the model option, and help
+that renders flags as flags.
+
+Nothing here imports torch, transformers or the codec: `seqkv --help` must stay fast, so the
+heavy modules are imported inside the commands.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from ..blob import read_file
 from ..errors import SeqkvError
@@ -21,8 +27,56 @@ ModelOption = Annotated[
                  "directory or .gguf file"),
 ]
 
-InPath = Annotated[Path, typer.Argument(help="input file")]
+TextIn = Annotated[Path, typer.Argument(metavar="INPUT", help="UTF-8 text file")]
+BlobIn = Annotated[Path, typer.Argument(metavar="INPUT", help="blob file (.skv)")]
+CacheIn = Annotated[Path, typer.Argument(metavar="INPUT", help="KV cache file (safetensors)")]
 OutPath = Annotated[Path, typer.Option("--output", "-o", help="output file (written atomically)")]
+
+
+# --- help rendering ------------------------------------------------------------------------
+
+def _flags_take_no_value(params: list) -> None:
+    # typer 0.29's rich help prints a type after every option, flags included
+    # (`--quiet <bool>`, `--help <bool>`); an empty metavar prints none.
+    for p in params:
+        if isinstance(p, TyperOption) and getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+
+
+class Command(TyperCommand):
+    """A typer command whose help shows flags without a value and arguments as INPUT."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _flags_take_no_value(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _flags_take_no_value([option])
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        # typer 0.29 writes a required argument as `{input}`; the usual form is INPUT / [INPUT].
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class Group(TyperGroup):
+    """The top-level `seqkv` group: its --help is a flag too."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _flags_take_no_value([option])
+        return option
 
 
 def read_text(path: Path) -> str:

@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from ..errors import SeqkvError
-from .common import InPath, ModelOption, OutPath, friendly_errors, load, read_text
+from .common import (
+    BlobIn,
+    CacheIn,
+    Command,
+    ModelOption,
+    OutPath,
+    TextIn,
+    friendly_errors,
+    load,
+    read_text,
+)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary")]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -15,7 +25,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 @friendly_errors
 def kv_dump(
-    input: InPath,
+    input: TextIn,
     output: OutPath,
     dtype: Annotated[str, typer.Option(help="stored dtype: bf16, fp16 or fp32")] = "bf16",
     model: ModelOption = None,
@@ -39,9 +49,12 @@ def kv_dump(
 
 @friendly_errors
 def kv_compress(
-    input: InPath,
+    input: CacheIn,
     output: OutPath,
-    exact: Annotated[bool, typer.Option("--exact", help="lossless, bit for bit (default)")] = False,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="lossless, bit for bit (the default without "
+                           "--max-abs-error or --rel-mse; refuses them)")
+    ] = False,
     max_abs_error: Annotated[
         float | None, typer.Option("--max-abs-error", help="lossy: bound on |restored - original|")
     ] = None,
@@ -101,7 +114,7 @@ def kv_compress(
 
 @friendly_errors
 def kv_restore(
-    input: InPath,
+    input: BlobIn,
     output: OutPath,
     exact: Annotated[
         bool, typer.Option("--exact", help="refuse a lossy blob: every tensor bit for bit")
@@ -126,6 +139,6 @@ def kv_restore(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("kv-dump")(kv_dump)
-    app.command("kv-compress")(kv_compress)
-    app.command("kv-restore")(kv_restore)
+    app.command("kv-dump", cls=Command)(kv_dump)
+    app.command("kv-compress", cls=Command)(kv_compress)
+    app.command("kv-restore", cls=Command)(kv_restore)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import friendly_errors, print_json
+from .common import Command, friendly_errors, print_json
 
 # (method, bits, extra constructor arguments) measured by `seqkv quantizers`.
 CONFIGS: list[tuple[str, float, dict[str, Any]]] = [
@@ -63,13 +63,13 @@ def measure(dim: int, n: int = 4096, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("quantizers")
+    @app.command("quantizers", cls=Command)
     @friendly_errors
     def quantizers(
         dim: Annotated[int, typer.Option("--dim", help="vector (head) dimension")] = 128,
         vectors: Annotated[int, typer.Option("--vectors", help="random unit vectors")] = 4096,
         seed: Annotated[int, typer.Option("--seed", help="seed of the random vectors")] = 0,
-        json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
     ) -> None:
         """Distortion, inner-product bias and true stored bits per component of each quantizer."""
         rows = measure(dim, vectors, seed)
