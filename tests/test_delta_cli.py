@@ -19,7 +19,7 @@ IDS = list(range(5, 30))
 
 @pytest.fixture()
 def tiny(monkeypatch, llama):
-    monkeypatch.setattr(kv_cli, "load", lambda model: llama)
+    monkeypatch.setattr(kv_cli, "load", lambda model, needed=None: llama)
     return llama
 
 
@@ -80,6 +80,20 @@ def test_rel_mse_mode(tiny, cachefile, tmp_path):
     for x, y in zip(load_cachefile(cachefile).tensors, load_cachefile(out).tensors, strict=True):
         assert float((y.double() - x.double()).pow(2).sum()) <= 1e-3 * float(
             x.double().pow(2).sum())
+
+
+def test_restore_refuses_a_blob_of_another_model_before_loading(tiny, cachefile, tmp_path,
+                                                                monkeypatch):
+    skv = tmp_path / "c.skv"
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "-q"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.undo()  # the real load: a packaged model would be loaded, but is refused first
+    monkeypatch.setattr("seqkv.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(tmp_path / "o.st")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "written with model 'tiny-llama-0', not 'smollm2-135m'" in r.output
+    r = runner.invoke(app, ["kv-restore", str(cachefile), "-o", str(tmp_path / "o.st")])
+    assert r.exit_code == 1 and "not a seqkv blob" in r.output
 
 
 def test_errors_are_one_line(tiny, cachefile, tmp_path):

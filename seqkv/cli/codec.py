@@ -10,22 +10,56 @@ from rich.console import Console
 from rich.table import Table
 
 from ..blob import read_blob, write_atomic
+from ..errors import SeqkvError
 from .common import (
+    WARN_AFTER_S,
     BlobIn,
     Command,
     ModelOption,
     OutPath,
     TextIn,
+    blob_info,
+    check_output,
+    coding_seconds,
     friendly_errors,
     load,
     print_json,
     read_text,
+    warn_if_slow,
 )
 
 # seqkv.token_codec's DEFAULT_CHUNK and DEFAULT_BATCH, repeated so --help needs no torch
 # (tests/test_cli_help.py checks that they agree).
 DEFAULT_CHUNK = 2048
 DEFAULT_BATCH = 16
+
+ENCODE_ADVICE = ("faster: a GPU (from Python: seqkv.load_model(..., device=\"cuda\")), more "
+                 "chunks coded at once (--batch), or shorter chunks so a short text runs as more "
+                 "parallel streams (--chunk-size; each chunk restarts the context, a few bits "
+                 "more)")
+
+
+def _warn_encode(lm, text: str, chunk_size: int, batch: int) -> None:
+    device = lm.device.type
+    # A token is at least one byte (plus a few specials): skip tokenizing when even that
+    # upper bound is quick.
+    bound = len(text.encode("utf-8")) + 8
+    if coding_seconds(bound, chunk_size, batch, device) <= WARN_AFTER_S:
+        return
+    tokens = len(lm.tokenizer(text).input_ids) if lm.tokenizer is not None else bound
+    warn_if_slow("coding", tokens, chunk_size, batch, device, ENCODE_ADVICE)
+
+
+def _warn_decode(info: dict) -> None:
+    try:
+        tokens, chunks = int(info["tokens"]), int(info["chunks"])
+        chunk_size = int(info["chunk_size"])
+        batch = int(info["numerics"].get("batch", 1))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a header without these: no estimate
+    warn_if_slow("decoding", tokens, chunk_size, min(batch, max(chunks, 1)), "cpu",
+                 f"the blob's {chunks} chunk(s) of up to {chunk_size} tokens decode "
+                 f"{batch} at a time, as they were coded (compress --chunk-size/--batch)")
 
 
 @friendly_errors
@@ -36,18 +70,27 @@ def compress(
     chunk_size: Annotated[
         int, typer.Option(help="tokens per independently coded chunk")
     ] = DEFAULT_CHUNK,
-    batch: Annotated[int, typer.Option(help="chunks coded in lockstep")] = DEFAULT_BATCH,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
+    batch: Annotated[
+        int, typer.Option(help="chunks coded in lockstep (parallel streams)")
+    ] = DEFAULT_BATCH,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress, time estimate or summary")
+    ] = False,
 ) -> None:
     """Compress a UTF-8 text (and so its KV cache) to its tokens, coded under the model."""
-    text = read_text(input)
+    if chunk_size < 1 or batch < 1:
+        raise SeqkvError("--chunk-size and --batch must be at least 1")
+    text = read_text(input, allow_empty=False)
+    check_output(output)
     lm = load(model)
-    from ..compress import compress_text, inspect_blob
+    from ..compress import compress_text
 
+    if not quiet:
+        _warn_encode(lm, text, chunk_size, batch)
     blob = compress_text(lm, text, chunk_size=chunk_size, batch=batch, progress=not quiet)
     write_atomic(output, blob)
     if not quiet:
-        info = inspect_blob(blob)
+        info = blob_info(blob, output)
         typer.echo(
             f"{info['tokens']} tokens -> {info['bytes']} bytes "
             f"({info['bits_per_token']:.2f} bits/token; fp16 KV {info['fp16_kv_bits'] // 8} bytes, "
@@ -61,14 +104,23 @@ def decompress(
     input: BlobIn,
     output: OutPath,
     model: ModelOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress or time estimate")
+    ] = False,
 ) -> None:
     """Decompress a blob back to its text, byte for byte."""
-    from ..compress import decompress_text, inspect_blob
-
     blob = read_blob(input)
-    inspect_blob(blob)  # refuse a bad blob before loading a model
-    lm = load(model)
+    check_output(output)
+    info = blob_info(blob, input)  # refuse a bad blob before loading a model
+    if info.get("kind") == "kv-delta":
+        raise SeqkvError(f"{input} is a kv-delta blob (a KV cache): use seqkv kv-restore")
+    if info.get("text") is False:
+        raise SeqkvError(f"{input} holds token ids, not text: restore the cache from Python")
+    if not quiet:
+        _warn_decode(info)
+    lm = load(model, info.get("model"))
+    from ..compress import decompress_text
+
     text = decompress_text(lm, blob, progress=not quiet)
     write_atomic(output, text.encode("utf-8"))
 
@@ -79,9 +131,7 @@ def inspect(
     json_: Annotated[bool, typer.Option("--json", help="print a JSON object")] = False,
 ) -> None:
     """Show what a blob holds (no model needed)."""
-    from ..compress import inspect_blob
-
-    info = inspect_blob(read_blob(input))
+    info = blob_info(read_blob(input), input)
     if json_:
         print_json(info)
         return
@@ -103,10 +153,10 @@ def demo(
     """Compress real texts, restore their KV caches, verify them, and compare sizes."""
     from ..demo import BUNDLED, bundled_text, run_one
 
-    lm = load(model)
-    inputs = [(p.name, read_text(p)) for p in texts] if texts else [
+    inputs = [(p.name, read_text(p, allow_empty=False)) for p in texts] if texts else [
         (name, bundled_text(name)) for name in BUNDLED
     ]
+    lm = load(model)
     console = Console(stderr=json_)
     console.width = max(console.width, 132)  # the table is wider than a default pipe's 80
     rows = []

@@ -1,14 +1,15 @@
-"""What every CLI command shares: one-line errors, JSON output, the model option, and help
-that renders flags as flags.
+"""What every CLI command shares: one-line errors, JSON output, the model option, the checks
+that run before a model loads, and help that renders flags as flags.
 
 Nothing here imports torch, transformers or the codec: `seqkv --help` must stay fast, so the
-heavy modules are imported inside the commands.
+heavy modules are imported inside the commands, after the cheap checks.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -79,20 +80,116 @@ class Group(TyperGroup):
         return option
 
 
-def read_text(path: Path) -> str:
+# --- inputs and outputs, checked before any model loads --------------------------------------
+
+def read_text(path: Path, allow_empty: bool = True) -> str:
+    """A UTF-8 text file's text, or a one-line SeqkvError (missing, a directory, not UTF-8,
+    empty unless allow_empty)."""
     data = read_file(path, "text file")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SeqkvError(f"{path} is not UTF-8 text (byte {e.start})") from e
+    if not text and not allow_empty:
+        raise SeqkvError(f"{path} is an empty text: nothing to compress")
+    return text
 
 
-def load(model: str | None):
-    """The model a command runs under (imported late: --help stays fast)."""
+def check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written: its folder is missing or not writable,
+    or the path is a directory. Cheap, so commands run it before loading a model."""
+    directory = path.parent
+    if not directory.exists():
+        raise SeqkvError(f"no such directory: {directory}")
+    if not directory.is_dir():
+        raise SeqkvError(f"not a directory: {directory}")
+    if path.is_dir():
+        raise SeqkvError(f"is a directory: {path}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SeqkvError(f"cannot write to directory: {directory}")
+
+
+def blob_info(blob: bytes, path: Path) -> dict:
+    """seqkv.inspect_blob, with any failure as a one-line SeqkvError naming the file."""
+    from ..compress import inspect_blob
+
+    try:
+        return inspect_blob(blob)
+    except SeqkvError as e:
+        raise SeqkvError(f"{path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a header this version cannot read is bad input
+        raise SeqkvError(f"{path}: unreadable blob header ({type(e).__name__}: {e})") from e
+
+
+def check_model_name(model: str | None, needed: str | None) -> None:
+    """Refuse, before loading, a packaged model (or the default) other than the one a blob
+    names in its header. A path is not checked here: its name is only known once loaded."""
+    from ..models import DEFAULT_MODEL, PACKAGED
+
+    requested = DEFAULT_MODEL if model in (None, "default") else str(model)
+    if needed is None or requested not in PACKAGED or requested == needed:
+        return
+    hint = f"--model {needed}" if needed in PACKAGED else "--model and that model's path"
+    raise SeqkvError(f"the blob was written with model {needed!r}, not {requested!r}: "
+                     f"pass {hint}")
+
+
+def load(model: str | None, needed: str | None = None):
+    """The model a command runs under (imported late: --help stays fast). ``needed``: the
+    model a blob's header names; a packaged model other than it is refused before loading."""
+    check_model_name(model, needed)
     from ..models import load_model
 
     return load_model(model)
 
+
+# --- what the work will cost ----------------------------------------------------------------
+
+# Rough rates, measured with the current coder (README, BENCHMARKS, issue 12): on the 2-core
+# CPU one stream codes ~20 tokens/s, 6 streams ~65, 16 streams ~88 (about 20 * streams^0.55
+# tokens/s); on the H200 the HF eager step, ~22 steps/s, sets the pace up to ~1,024 streams.
+CPU_TOKENS_PER_S_ONE_STREAM = 20.0
+CPU_STREAM_EXPONENT = 0.55
+GPU_STEPS_PER_S = 22.0
+WARN_AFTER_S = 60.0
+
+
+def coding_seconds(tokens: int, chunk_size: int, batch: int, device: str = "cpu") -> float:
+    """Estimated seconds to code (or decode) ``tokens`` in chunks of ``chunk_size``, ``batch``
+    chunks in lockstep, on ``device`` ("cpu", "cuda", ...). An estimate, not a promise."""
+    if tokens <= 0:
+        return 0.0
+    chunk_size, batch = max(chunk_size, 1), max(batch, 1)
+    chunks = math.ceil(tokens / chunk_size)
+    streams = min(batch, chunks)
+    steps = math.ceil(chunks / batch) * min(chunk_size, tokens)  # each group: its longest chunk
+    if device.startswith("cuda"):
+        steps_per_s = GPU_STEPS_PER_S
+    else:
+        steps_per_s = CPU_TOKENS_PER_S_ONE_STREAM * streams ** CPU_STREAM_EXPONENT / streams
+    return steps / steps_per_s
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def warn_if_slow(what: str, tokens: int, chunk_size: int, batch: int, device: str,
+                 advice: str) -> float:
+    """Print one line to stderr, before the work starts, when it will take over a minute."""
+    seconds = coding_seconds(tokens, chunk_size, batch, device)
+    if seconds > WARN_AFTER_S:
+        where = "a GPU" if device.startswith("cuda") else "this CPU"
+        typer.echo(f"seqkv: note: {what} {tokens:,} tokens on {where} will take about "
+                   f"{_duration(seconds)} (a rough estimate); {advice}", err=True)
+    return seconds
+
+
+# --- errors and output ----------------------------------------------------------------------
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line to stderr and exit non-zero."""

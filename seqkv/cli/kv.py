@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..blob import read_blob, read_file, write_atomic
 from ..errors import SeqkvError
 from .common import (
     BlobIn,
@@ -14,13 +15,23 @@ from .common import (
     ModelOption,
     OutPath,
     TextIn,
+    blob_info,
+    check_output,
     friendly_errors,
     load,
     read_text,
+    warn_if_slow,
 )
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no time estimate or summary")]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOKEN_CODINGS = ("coded", "raw")
+
+
+def _warn_tokens(what: str, n_tokens: int, chunk_size: int, batch: int) -> None:
+    warn_if_slow(what, n_tokens, chunk_size, batch, "cpu",
+                 "--tokens raw stores them uncoded (4 bytes each) and needs no coding pass"
+                 if what == "coding" else "the tokens were coded under the model")
 
 
 @friendly_errors
@@ -39,7 +50,8 @@ def kv_dump(
 
     if dtype not in DTYPES:
         raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    text = read_text(input)
+    text = read_text(input, allow_empty=False)
+    check_output(output)
     lm = load(model)
     ids, _ = encode_text(lm.tokenizer, text)
     restored = prefill_cache(lm.model, ids)
@@ -85,23 +97,31 @@ def kv_compress(
     quiet: Quiet = False,
 ) -> None:
     """Compress a KV cache file (safetensors) to a kv-delta blob."""
-    from ..blob import write_atomic
-    from ..delta import compress_kv, get_predictor, inspect_delta_blob, load_cachefile
-
     if exact and (max_abs_error is not None or rel_mse is not None):
         raise SeqkvError("--exact excludes --max-abs-error and --rel-mse")
-    kv = load_cachefile(input)
+    if tokens not in TOKEN_CODINGS:
+        raise SeqkvError(f"--tokens must be coded or raw, not {tokens!r}")
+    data = read_file(input, "cache file")
+    check_output(output)
+    from ..delta import compress_kv, get_predictor, parse_cachefile
+    from ..token_codec import DEFAULT_BATCH, DEFAULT_CHUNK
+
+    kv = parse_cachefile(data, str(input))
     params: dict = {}
     if predictor == "recompute":
         params = {"dtype": predictor_dtype, "attn": predictor_attn}
     elif predictor == "quantized":
         params = {"method": copy_quantizer, "bits": copy_bits}
     needs = get_predictor(predictor, **params).needs_model or tokens == "coded"
+    if tokens == "coded" and not quiet:
+        _warn_tokens("coding", kv.n_tokens, DEFAULT_CHUNK, DEFAULT_BATCH)
     lm = load(model) if needs else None
     blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, rel_mse=rel_mse,
                        tokens=tokens, **params)
     write_atomic(output, blob)
     if not quiet:
+        from ..delta import inspect_delta_blob
+
         info = inspect_delta_blob(blob)
         r = info["residual"]
         typer.echo(
@@ -122,20 +142,36 @@ def kv_restore(
     model: ModelOption = None,
 ) -> None:
     """Restore a kv-delta blob to a KV cache file (safetensors)."""
-    from ..blob import read_blob
+    blob = read_blob(input)
+    check_output(output)
+    info = blob_info(blob, input)  # refuse a bad blob before loading a model
+    if info.get("kind") != "kv-delta":
+        raise SeqkvError(f"{input} is not a kv-delta blob (a text's blob: use seqkv decompress)")
     from ..delta import decompress_kv, save_cachefile
     from ..delta.api import parse
     from ..delta.predictors import predictor_from_header
 
-    blob = read_blob(input)
-    header, _ = parse(blob)  # refuse a bad blob before loading a model
+    header, sections = parse(blob)
     if exact and header["mode"] != "exact":
         raise SeqkvError(f"{input} is lossy ({header.get('lossy')}); "
                          "it cannot restore bit for bit")
-    needs = (predictor_from_header(header["predictor"]).needs_model
-             or header["tokens"]["coding"] == "coded")
-    lm = load(model) if needs else None
+    coded = header["tokens"]["coding"] == "coded"
+    needs = predictor_from_header(header["predictor"]).needs_model or coded
+    if coded:
+        tokens = blob_info(sections["tokens"], input)
+        _warn_decode_tokens(tokens)
+    lm = load(model, info.get("model")) if needs else None
     save_cachefile(output, decompress_kv(blob, lm))
+
+
+def _warn_decode_tokens(info: dict) -> None:
+    try:
+        chunks, chunk_size = int(info["chunks"]), int(info["chunk_size"])
+        batch = int(info["numerics"].get("batch", 1))
+        tokens = int(info["tokens"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a header without these: no estimate
+    _warn_tokens("decoding", tokens, chunk_size, min(batch, max(chunks, 1)))
 
 
 def register(app: typer.Typer) -> None:
