@@ -25,7 +25,7 @@ from seqkv.compress import prefill_cache  # noqa: E402
 from seqkv.kvsize import fp16_kv_bits, turboquant_kv_bits  # noqa: E402
 from seqkv.models import load_model  # noqa: E402
 from seqkv.store import Store  # noqa: E402
-from seqkv.store.checkpoints import LRUPolicy, PriorGuidedPolicy, restore_cost  # noqa: E402
+from seqkv.store.policies import LRUPolicy, PriorGuidedPolicy, restore_cost  # noqa: E402
 
 
 def head(tok, text: str, n: int) -> list[int]:

@@ -7,11 +7,12 @@ chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redi
     trie.py         the radix trie (pure: match / insert / split / remove)
     coding.py       the canonical per-path context, an edge's rANS stream, and the one seam
                     to the model (encode_edges / decode_edges, a batch of edges at a time)
-    records.py      the record codec: raw and coded edges, sessions, meta
+    records.py      the record codec: raw and coded edges, sessions, meta; a trie from records
     compaction.py   pending raw edges coded later and swapped in by compare-and-swap
     backend.py      the backend protocol; sqlite.py, redis.py
-    checkpoints.py  KV checkpoints and the caching policies
-    store.py        the facade: put / get / delete / stats / nearest
+    checkpoints.py  the checkpoint manager: KV checkpoints at nodes under a byte budget
+    policies.py     which nodes keep one: the Policy interface, LRU and prior-guided
+    store.py        the facade: put / get / delete / stats / nearest / compact
 """
 
 from .backend import StoreBusyError, StoreError, open_backend

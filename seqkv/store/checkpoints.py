@@ -1,4 +1,4 @@
-"""KV checkpoints at trie nodes, and which nodes deserve one (prior-guided vs LRU).
+"""KV checkpoints at trie nodes: the checkpoint manager of one namespace.
 
 A checkpoint at a node of depth d holds the materialized serving KV of the node's path (the
 cache one prefill of path[:d] produces: raw, in the model's dtype, or per-vector quantized with
@@ -9,30 +9,37 @@ tokens before them, as the context resets at fixed positions), and only the suff
 on top of the checkpoint's KV. With a raw checkpoint the result equals a full prefill bit for
 bit (tested); a quantized one trades that for size.
 
-Policies (arXiv 2604.06228, prior-guided caching): both see the same accesses and the same
-byte budget and return the set of nodes to keep.
-
-- :class:`LRUPolicy`: the node a restore ended at is admitted; least recently used goes first.
-- :class:`PriorGuidedPolicy`: a node's value is its expected reuse times the restore compute
-  it saves per byte. Expected reuse = observed hits + the prior's estimate, and the prior is
-  the PLT's measure of the node: how many stored sessions pass through it (each is a future
-  restore that would start there) weighted by the model's own probability of the path,
-  2^(-bits/token) (a low-surprisal prefix, a template or system prompt, is likely to be sent
-  again by sessions not yet seen). Greedy knapsack by value density under the budget; the
-  saving of a node counts only the compute beyond its deepest kept ancestor.
+Which nodes get one is a :class:`~.policies.Policy`'s choice (``policies.py``: LRU and
+prior-guided); the :class:`CheckpointManager` keeps the store's checkpoint records (loaded with
+the trie), counts observed restores through each node, and materializes and drops checkpoints
+to follow the policy under the byte budget.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..compress import RestoredCache
-from ..errors import BlobError, SeqkvError
+from ..blob import pack
+from ..compress import RestoredCache, prefill_cache
+from ..errors import BlobError
+from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..stepper import cache_kwarg
+from .backend import StoreError
+from .policies import NodeInfo, Policy
+from .records import StoreCorruptError, parse
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .trie import Node
+
+# A checkpoint's KV covers its path cut down to a multiple of ALIGN positions: a prefill
+# continued from there reproduces one full prefill bit for bit (CPU kernels block by 16 rows;
+# at other cuts results differ in the last ulp), so restoring from a raw checkpoint is exact.
+ALIGN = 16
 
 
 def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -105,90 +112,141 @@ def continue_prefill(model, cache: DynamicCache, ids: list[int], held: int) -> R
     return RestoredCache(cache, all_ids, out.logits[:, -1])
 
 
-# -- policies ------------------------------------------------------------------------------
+class CheckpointManager:
+    """One namespace's KV checkpoints: records ``ckptmeta`` (sizes, loaded with the trie) and
+    ``ckpt`` (payloads, read on restore); observed restores; a policy and a byte budget."""
 
+    def __init__(self, store: Store, budget: int, policy: Policy,
+                 quant: tuple[str, float] | None) -> None:
+        self.store, self.budget, self.policy, self.quant = store, int(budget), policy, quant
+        self.meta: dict[str, dict] = {}  # node id -> checkpoint meta
+        self.hits: dict[str, int] = {}  # in memory: observed restores through a node
+        self.last: dict[str, float] = {}
+        self.clock = 0.0
 
-@dataclass
-class NodeInfo:
-    """What a policy knows about a candidate node."""
+    def load(self, records: dict[str, bytes]) -> None:
+        self.meta = {k: parse("ckptmeta", k, v)[0] for k, v in records.items()}
 
-    id: str
-    depth: int
-    bytes: int  # checkpoint size
-    refs: int  # stored sessions through the node
-    bits: float  # -log2 P_M(path) as coded
-    hits: int = 0
-    last: float = 0.0  # last access (logical clock)
-    ancestors: list[str] = field(default_factory=list)  # candidate ids above it, nearest last
+    @property
+    def bytes(self) -> int:
+        return sum(int(c["bytes"]) for c in self.meta.values())
 
+    def delete_in(self, txn, node_id: str) -> None:
+        """Inside a write: the node is gone, so is its checkpoint."""
+        if node_id in self.meta:
+            txn.delete("ckptmeta", node_id)
+            txn.delete("ckpt", node_id)
+            del self.meta[node_id]
 
-def restore_cost(
-    depth: int, ckpt_depth: int, chunk: int, step_cost: float, prefill_cost: float
-) -> float:
-    """Restore compute (seconds, from measured unit costs) of a path of ``depth`` tokens when
-    its deepest checkpoint is at ``ckpt_depth``: decode steps from the context window start,
-    plus prefill of the suffix."""
-    window = ckpt_depth - ckpt_depth % chunk if ckpt_depth else 0
-    return (depth - window) * step_cost + (depth - ckpt_depth) * prefill_cost
+    # -- restore ---------------------------------------------------------------------------
+    def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
+        """The deepest checkpoint on ``path``: (index in path, header, sections), or None."""
+        s = self.store
+        for i in range(len(path) - 1, -1, -1):
+            if path[i].id in self.meta:
+                data = s.backend.read(s.ns, "ckpt", path[i].id)
+                if data is not None:
+                    h, sections = parse("ckpt", path[i].id, data)
+                    if len(sections[0]) != 4 * path[i].depth:
+                        raise StoreCorruptError(f"checkpoint {path[i].id} has the wrong length")
+                    return i, h, sections
+        return None
 
+    def touch(self, path: list[Node]) -> None:
+        """A restore went through these nodes."""
+        self.clock += 1
+        for e in path:
+            self.hits[e.id] = self.hits.get(e.id, 0) + 1
+            self.last[e.id] = self.clock
 
-@dataclass
-class LRUPolicy:
-    name: str = "lru"
+    def restore(self, header: dict, sections: list[bytes], ids: list[int]) -> RestoredCache:
+        """A checkpoint's KV plus a prefill of the rest of ``ids``."""
+        lm = self.store._need_model()
+        dtype = next(lm.model.parameters()).dtype
+        cache = deserialize_kv(header["kv"], sections[1], lm.config, dtype, lm.device)
+        return continue_prefill(lm.model, cache, ids, int(header["held"]))
 
-    def select(self, nodes: dict[str, NodeInfo], kept: set[str], accessed: str | None,
-               budget: int) -> set[str]:
-        keep = set(kept) | ({accessed} if accessed else set())
-        order = sorted(keep, key=lambda i: nodes[i].last)
-        used = sum(nodes[i].bytes for i in keep)
-        for i in order:
-            if used <= budget:
-                break
-            keep.discard(i)
-            used -= nodes[i].bytes
-        return keep
+    # -- materialize / drop ----------------------------------------------------------------
+    def kv_bytes(self, depth: int) -> int:
+        """The estimated size of a checkpoint at ``depth`` (what the policy budgets with)."""
+        lm = self.store._need_model()
+        cfg = lm.config
+        depth -= depth % ALIGN
+        if self.quant is None:
+            dtype = next(lm.model.parameters()).dtype
+            dtype_bits = 8 * torch.empty(0, dtype=dtype).element_size()
+            return fp16_kv_bits(cfg, depth) // 16 * dtype_bits // 8 + 4 * depth
+        return turboquant_kv_bits(cfg, depth, int(self.quant[1])) // 8 + 4 * depth
 
+    def checkpoint(self, target: str, cache=None) -> int:
+        """Materialize a checkpoint at a session's node (or a node id); returns its bytes."""
+        s = self.store
+        lm = s._need_model()
+        s.refresh()
+        node = s.trie.sessions.get(target) or s.trie.nodes.get(target)
+        if node is None or node is s.trie.root:
+            raise StoreError(f"no session or node {target!r}")
+        ids = s._path_ids(s.trie.path(node))[0]
+        held = node.depth - node.depth % ALIGN
+        if held == 0:
+            raise StoreError(f"a checkpoint needs at least {ALIGN} tokens of path")
+        if cache is not None and cache.get_seq_length() >= held:
+            cache.crop(held)
+        else:
+            with s.model_lock:
+                cache = prefill_cache(lm.model, ids[:held]).cache
+        meta, kv = serialize_kv(cache, *(self.quant or (None, None)))
+        record = pack({"kind": "ckpt", "node": node.id, "depth": node.depth, "held": held,
+                       "kv": meta},
+                      [np.asarray(ids, "<u4").tobytes(), kv])
+        cmeta = {"kind": "ckptmeta", "node": node.id, "depth": node.depth, "bytes": len(record),
+                 "format": meta["format"]}
 
-@dataclass
-class PriorGuidedPolicy:
-    """Expected reuse (hits + prior_weight * refs * 2^-bits/token) x saving / bytes."""
+        def work(txn) -> None:
+            cur = s.trie.nodes.get(node.id)
+            if cur is None or cur.depth != node.depth:
+                raise StoreError("the node was deleted meanwhile")
+            txn.put("ckpt", node.id, record)
+            txn.put("ckptmeta", node.id, pack(cmeta, []))
+            self.meta[node.id] = cmeta
 
-    prior_weight: float = 1.0
-    name: str = "prior"
+        s._write(work)
+        return len(record)
 
-    def expected_reuse(self, n: NodeInfo) -> float:
-        per_token = n.bits / max(n.depth, 1)
-        return n.hits + self.prior_weight * n.refs * (1.0 + 2.0 ** (-per_token))
+    def drop(self, node_id: str) -> None:
+        def work(txn) -> None:
+            txn.delete("ckpt", node_id)
+            txn.delete("ckptmeta", node_id)
+            self.meta.pop(node_id, None)
 
-    def select(self, nodes: dict[str, NodeInfo], kept: set[str], accessed: str | None,
-               budget: int) -> set[str]:
-        keep: set[str] = set()
-        used = 0
-        remaining = dict(nodes)
-        while remaining:
-            best, best_score = None, 0.0
-            for i, n in remaining.items():
-                if n.bytes > budget - used:
-                    continue
-                base = max((nodes[a].depth for a in n.ancestors if a in keep), default=0)
-                score = self.expected_reuse(n) * (n.depth - base) / max(n.bytes, 1)
-                if score > best_score:
-                    best, best_score = i, score
-            if best is None:
-                break
-            keep.add(best)
-            used += nodes[best].bytes
-            del remaining[best]
-        return keep
+        self.store._write(work)
 
+    # -- the policy ------------------------------------------------------------------------
+    def candidates(self) -> dict[str, NodeInfo]:
+        """Nodes that may hold a checkpoint: session ends and branch points."""
+        trie = self.store.trie
+        out = {}
+        for n in trie.edges():
+            if (n.sessions or len(n.children) > 1) and n.depth >= ALIGN:
+                path = trie.path(n)
+                anc = [a.id for a in path[:-1] if a.sessions or len(a.children) > 1]
+                # pending raw edges count at their stored size (32 bits a token) until coded
+                bits = float(sum(32 * a.n if a.raw else a.bits for a in path))
+                out[n.id] = NodeInfo(n.id, n.depth, self.kv_bytes(n.depth), trie.refs(n),
+                                     bits, self.hits.get(n.id, 0), self.last.get(n.id, 0.0), anc)
+        return out
 
-def policy_by_name(name: str):
-    if name == "lru":
-        return LRUPolicy()
-    if name in ("prior", "prior-guided"):
-        return PriorGuidedPolicy()
-    raise SeqkvError(f"unknown checkpoint policy {name!r} (lru, prior)")
-
-
-def dumps(obj: dict) -> str:
-    return json.dumps(obj, sort_keys=True)
+    def rebalance(self, accessed: str | None = None) -> dict:
+        """Let the policy pick the checkpoints under the byte budget; materialize and evict."""
+        s = self.store
+        s.refresh()
+        nodes = self.candidates()
+        acc = s.trie.sessions[accessed].id if accessed in s.trie.sessions else None
+        keep = self.policy.select(nodes, set(self.meta) & set(nodes), acc, self.budget)
+        dropped = [i for i in list(self.meta) if i not in keep]
+        for i in dropped:
+            self.drop(i)
+        added = [i for i in keep if i not in self.meta]
+        for i in added:
+            self.checkpoint(i)
+        return {"kept": sorted(keep), "added": added, "dropped": dropped, "bytes": self.bytes}

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..blob import pack, unpack
 from ..errors import BlobError
-from .trie import Node, edge_hash
+from .coding import encode_intervals
+from .trie import Node, Trie, edge_hash
 
 META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
 KINDS = ("edge", "session", "ckptmeta")  # what a namespace's trie is loaded from
@@ -76,3 +77,34 @@ def same_edge(a: dict, b: dict) -> bool:
 
 def pack_session(header: dict) -> bytes:
     return pack({**header, "kind": "session"}, [])
+
+
+def load_trie(records: dict[str, dict[str, bytes]],
+              known: dict[str, Node]) -> tuple[Trie, dict[str, dict]]:
+    """A namespace's trie and session headers from its ``edge`` and ``session`` records.
+    Tokens and intervals this process already has for an unchanged edge (same id, start,
+    length and token hash in ``known``) are kept, so nothing is decoded twice."""
+    trie = Trie(encode_intervals)
+    parsed = []
+    for key, data in records["edge"].items():
+        h, node = parse_edge(key, data)
+        parsed.append((node.start, key, h, node))
+    for start, key, h, node in sorted(parsed, key=lambda r: r[0]):
+        parent = trie.nodes.get(h["p"])
+        if parent is None or parent.depth != start:
+            raise StoreCorruptError(f"corrupt store: edge {key} does not fit the trie")
+        node.parent = parent
+        prev = known.get(key)
+        if (prev is not None and prev.known and prev.start == start and prev.n == node.n
+                and prev.token_hash == node.token_hash):
+            node.tokens, node.intervals = prev.tokens, prev.intervals  # decoded before
+        trie.attach(node)
+    info = {}
+    for name, data in records["session"].items():
+        h, _ = parse("session", name, data)
+        node = trie.nodes.get(h.get("node"))
+        if node is None or node.depth != int(h.get("n", -1)):
+            raise StoreCorruptError(f"corrupt store: session {name!r} has no path")
+        trie.add_session(name, node)
+        info[name] = h
+    return trie, info

@@ -45,31 +45,22 @@ from ..models import LoadedModel
 from ..stepper import numerics_profile
 from ..textcodec import TextRecipe, decode_text, encode_text
 from .backend import Backend, StoreConflict, StoreError, open_backend
-from .checkpoints import (
-    NodeInfo,
-    continue_prefill,
-    deserialize_kv,
-    policy_by_name,
-    serialize_kv,
-)
+from .checkpoints import CheckpointManager
 from .coding import PROCEDURE, decode_edges, encode_edges, encode_intervals
 from .compaction import DEFAULT_BATCH, CompactResult, compact
+from .policies import NodeInfo, Policy, policy_by_name
 from .records import (
     KINDS,
     META_NS,
     StoreCorruptError,
+    load_trie,
     pack_edge,
     pack_session,
     parse,
-    parse_edge,
 )
 from .trie import Node, Trie, edge_hash
 
 DEFAULT_CHUNK = 512
-# A checkpoint's KV covers its path cut down to a multiple of ALIGN positions: a prefill
-# continued from there reproduces one full prefill bit for bit (CPU kernels block by 16 rows;
-# at other cuts results differ in the last ulp), so restoring from a raw checkpoint is exact.
-ALIGN = 16
 WRITE_ATTEMPTS = 20  # transactions one write may take (conflicts, edges to decode first)
 R = TypeVar("R")
 
@@ -96,8 +87,8 @@ class Store:
     def __init__(self, db: str | Backend, lm: LoadedModel | None = None,
                  namespace: str = "default", *, create: bool = True,
                  chunk: int = DEFAULT_CHUNK, checkpoint_budget: int = 0,
-                 checkpoint_policy: str = "prior", checkpoint_quant: tuple[str, float] | None = None
-                 ) -> None:
+                 checkpoint_policy: str | Policy = "prior",
+                 checkpoint_quant: tuple[str, float] | None = None) -> None:
         """Open the store ``db`` (a path, a ``redis://`` URL, or an open backend). Without a
         model only model-free operations work (raw edges, delete, stats); ``create=False``
         refuses a store that does not exist yet instead of creating it."""
@@ -105,16 +96,12 @@ class Store:
             raise StoreError("the namespace must be a non-empty string")
         self.backend = open_backend(db, create=create) if isinstance(db, str) else db
         self.lm, self.ns = lm, namespace
-        self.budget = int(checkpoint_budget)
-        self.policy = policy_by_name(checkpoint_policy)
-        self.quant = checkpoint_quant
+        policy = (policy_by_name(checkpoint_policy) if isinstance(checkpoint_policy, str)
+                  else checkpoint_policy)
+        self.checkpoints = CheckpointManager(self, checkpoint_budget, policy, checkpoint_quant)
         self.chunk = self._check_meta(chunk, create)
         self.trie = Trie(encode_intervals)
         self.session_info: dict[str, dict] = {}
-        self.ckpts: dict[str, dict] = {}  # node id -> checkpoint meta
-        self.hits: dict[str, int] = {}  # in memory: observed restores through a node
-        self.last: dict[str, float] = {}
-        self.clock = 0.0
         self._gen = -1
         self.last_restore: dict = {}
         self.decoded_tokens = 0  # tokens of coded edges this process decoded with the model
@@ -159,32 +146,9 @@ class Store:
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self, gen: int, records: dict[str, dict[str, bytes]]) -> None:
-        old = self.trie.nodes
-        trie = Trie(encode_intervals)
-        parsed = []
-        for key, data in records["edge"].items():
-            h, node = parse_edge(key, data)
-            parsed.append((node.start, key, h, node))
-        for start, key, h, node in sorted(parsed, key=lambda r: r[0]):
-            parent = trie.nodes.get(h["p"])
-            if parent is None or parent.depth != start:
-                raise StoreCorruptError(f"corrupt store: edge {key} does not fit the trie")
-            node.parent = parent
-            prev = old.get(key)
-            if (prev is not None and prev.known and prev.start == start and prev.n == node.n
-                    and prev.token_hash == node.token_hash):
-                node.tokens, node.intervals = prev.tokens, prev.intervals  # decoded before
-            trie.attach(node)
-        info = {}
-        for name, data in records["session"].items():
-            h, _ = parse("session", name, data)
-            node = trie.nodes.get(h["node"])
-            if node is None or node.depth != int(h["n"]):
-                raise StoreCorruptError(f"corrupt store: session {name!r} has no path")
-            trie.add_session(name, node)
-            info[name] = h
-        self.ckpts = {k: parse("ckptmeta", k, v)[0] for k, v in records["ckptmeta"].items()}
-        self.trie, self.session_info, self._gen = trie, info, gen
+        self.trie, self.session_info = load_trie(records, self.trie.nodes)
+        self.checkpoints.load(records["ckptmeta"])
+        self._gen = gen
 
     def refresh(self) -> None:
         """Re-read the namespace if another writer committed since we last looked."""
@@ -323,10 +287,7 @@ class Store:
     def _delete_in(self, txn, session: str) -> None:
         for n in self.trie.remove_session(session):
             txn.delete("edge", n.id)
-            if n.id in self.ckpts:
-                txn.delete("ckptmeta", n.id)
-                txn.delete("ckpt", n.id)
-                del self.ckpts[n.id]
+            self.checkpoints.delete_in(txn, n.id)
         if (self.session_info.pop(session, None) or {}).get("exact_bytes"):
             txn.delete("exact", session)
         txn.delete("session", session)
@@ -364,33 +325,22 @@ class Store:
 
     def _restore_ids(
         self, session: str, use_checkpoint: bool
-    ) -> tuple[list[int], Node | None, bytes | None]:
+    ) -> tuple[list[int], tuple[int, dict, list[bytes]] | None]:
         node = self._session(session)
         path = self.trie.path(node)
-        ckpt_node, ckpt_data, ids, begin = None, None, [], 0
-        if use_checkpoint:
-            for i in range(len(path) - 1, -1, -1):
-                if path[i].id in self.ckpts:
-                    data = self.backend.read(self.ns, "ckpt", path[i].id)
-                    if data is not None:
-                        ckpt_node, ckpt_data, begin = path[i], data, i + 1
-                        break
-        if ckpt_node is not None:
-            h, sections = parse("ckpt", ckpt_node.id, ckpt_data)
-            ids = np.frombuffer(sections[0], dtype="<u4").astype(np.int64).tolist()
-            if len(ids) != ckpt_node.depth:
-                raise StoreCorruptError(f"checkpoint {ckpt_node.id} has the wrong length")
+        ckpt = self.checkpoints.deepest(path) if use_checkpoint else None
+        ids, begin = [], 0
+        if ckpt is not None:
+            begin = ckpt[0] + 1
+            ids = np.frombuffer(ckpt[2][0], dtype="<u4").astype(np.int64).tolist()
         ids, decoded = self._path_ids(path[begin:], ids)
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
-        self.clock += 1
-        for e in path:
-            self.hits[e.id] = self.hits.get(e.id, 0) + 1
-            self.last[e.id] = self.clock
+        self.checkpoints.touch(path)
         self.last_restore = {"decoded_tokens": decoded,
-                             "checkpoint_depth": ckpt_node.depth if ckpt_node else 0}
-        return ids, ckpt_node, ckpt_data
+                             "checkpoint_depth": path[begin - 1].depth if ckpt else 0}
+        return ids, ckpt
 
     def get_ids(self, session: str, use_checkpoint: bool = True) -> list[int]:
         """A session's token ids (the model is needed only for coded edges)."""
@@ -406,14 +356,11 @@ class Store:
     def get_cache(self, session: str, use_checkpoint: bool = True) -> RestoredCache:
         """The session's KV cache: from its deepest checkpoint plus a prefill of the rest."""
         lm = self._need_model()
-        ids, ckpt_node, data = self._restore_ids(session, use_checkpoint)
+        ids, ckpt = self._restore_ids(session, use_checkpoint)
         with self.model_lock:
-            if ckpt_node is None:
+            if ckpt is None:
                 return prefill_cache(lm.model, ids)
-            h, sections = parse("ckpt", ckpt_node.id, data)
-            dtype = next(lm.model.parameters()).dtype
-            cache = deserialize_kv(h["kv"], sections[1], lm.config, dtype, lm.device)
-            return continue_prefill(lm.model, cache, ids, int(h["held"]))
+            return self.checkpoints.restore(ckpt[1], ckpt[2], ids)
 
     def get_exact(self, session: str) -> KVCache:
         """A session put with ``put_exact``: the very tensors that were put, bit for bit."""
@@ -432,95 +379,31 @@ class Store:
         except BlobError as e:
             raise StoreCorruptError(f"corrupt store record exact {session}: {e}") from e
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints (checkpoints.py; which nodes: policies.py) --------------------------
+    @property
+    def ckpts(self) -> dict[str, dict]:
+        return self.checkpoints.meta
+
+    @property
+    def budget(self) -> int:
+        return self.checkpoints.budget
+
     def _kv_bytes(self, depth: int) -> int:
-        cfg = self._need_model().config
-        depth -= depth % ALIGN
-        if self.quant is None:
-            dtype = next(self.lm.model.parameters()).dtype
-            dtype_bits = 8 * torch.empty(0, dtype=dtype).element_size()
-            return fp16_kv_bits(cfg, depth) // 16 * dtype_bits // 8 + 4 * depth
-        return turboquant_kv_bits(cfg, depth, int(self.quant[1])) // 8 + 4 * depth
+        return self.checkpoints.kv_bytes(depth)
 
     def checkpoint(self, target: str, cache=None) -> int:
         """Materialize a checkpoint at a session's node (or a node id); returns its bytes."""
-        lm = self._need_model()
-        self.refresh()
-        node = self.trie.sessions.get(target) or self.trie.nodes.get(target)
-        if node is None or node is self.trie.root:
-            raise StoreError(f"no session or node {target!r}")
-        ids = []
-        for e in self.trie.path(node):
-            if not e.known:
-                ids = self.get_ids(next(iter(self._sessions_below(node))), use_checkpoint=True)
-                break
-            ids.extend(e.tokens)
-        ids = ids[: node.depth]
-        held = node.depth - node.depth % ALIGN
-        if held == 0:
-            raise StoreError(f"a checkpoint needs at least {ALIGN} tokens of path")
-        if cache is not None and cache.get_seq_length() >= held:
-            cache.crop(held)
-        else:
-            with self.model_lock:
-                cache = prefill_cache(lm.model, ids[:held]).cache
-        meta, kv = serialize_kv(cache, *(self.quant or (None, None)))
-        record = pack({"kind": "ckpt", "node": node.id, "depth": node.depth, "held": held,
-                       "kv": meta},
-                      [np.asarray(ids, "<u4").tobytes(), kv])
-        cmeta = {"kind": "ckptmeta", "node": node.id, "depth": node.depth, "bytes": len(record),
-                 "format": meta["format"]}
-
-        def work(txn):
-            if node.id not in self.trie.nodes:
-                raise StoreError("the node was deleted meanwhile")
-            txn.put("ckpt", node.id, record)
-            txn.put("ckptmeta", node.id, pack(cmeta, []))
-            self.ckpts[node.id] = cmeta
-
-        self._write(work)
-        return len(record)
-
-    def _sessions_below(self, node: Node):
-        for n in self.trie.subtree(node):
-            yield from n.sessions
+        return self.checkpoints.checkpoint(target, cache)
 
     def drop_checkpoint(self, node_id: str) -> None:
-        def work(txn):
-            txn.delete("ckpt", node_id)
-            txn.delete("ckptmeta", node_id)
-            self.ckpts.pop(node_id, None)
-
-        self._write(work)
+        self.checkpoints.drop(node_id)
 
     def candidates(self) -> dict[str, NodeInfo]:
-        """Nodes that may hold a checkpoint: session ends and branch points."""
-        out = {}
-        for n in self.trie.edges():
-            if (n.sessions or len(n.children) > 1) and n.depth >= ALIGN:
-                path = self.trie.path(n)
-                anc = [a.id for a in path[:-1] if a.sessions or len(a.children) > 1]
-                # pending raw edges count at their stored size (32 bits a token) until coded
-                bits = float(sum(32 * a.n if a.raw else a.bits for a in path))
-                out[n.id] = NodeInfo(n.id, n.depth, self._kv_bytes(n.depth), self.trie.refs(n),
-                                     bits, self.hits.get(n.id, 0),
-                                     self.last.get(n.id, 0.0), anc)
-        return out
+        return self.checkpoints.candidates()
 
     def rebalance(self, accessed: str | None = None) -> dict:
         """Let the policy pick the checkpoints under the byte budget; materialize and evict."""
-        self.refresh()
-        nodes = self.candidates()
-        acc = self.trie.sessions[accessed].id if accessed in self.trie.sessions else None
-        keep = self.policy.select(nodes, set(self.ckpts) & set(nodes), acc, self.budget)
-        dropped = [i for i in list(self.ckpts) if i not in keep]
-        for i in dropped:
-            self.drop_checkpoint(i)
-        added = [i for i in keep if i not in self.ckpts]
-        for i in added:
-            self.checkpoint(i)
-        return {"kept": sorted(keep), "added": added, "dropped": dropped,
-                "bytes": sum(int(c["bytes"]) for c in self.ckpts.values())}
+        return self.checkpoints.rebalance(accessed)
 
     # -- queries -----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -541,7 +424,7 @@ class Store:
             "raw_tokens": raw_tokens,
             "raw_bytes": 4 * raw_tokens,
             "checkpoints": len(self.ckpts),
-            "checkpoint_bytes": sum(int(c["bytes"]) for c in self.ckpts.values()),
+            "checkpoint_bytes": self.checkpoints.bytes,
             "exact_sessions": sum(1 for h in self.session_info.values() if h.get("exact_bytes")),
             "exact_bytes": sum(int(h.get("exact_bytes") or 0) for h in self.session_info.values()),
             "chunk": self.chunk,
