@@ -82,6 +82,28 @@ def test_rel_mse_mode(tiny, cachefile, tmp_path):
             x.double().pow(2).sum())
 
 
+def test_summary_says_what_each_number_counts(tiny, cachefile, tmp_path):
+    """Issue 12: the token part's bits/token is the coded stream's, not the inner blob's
+    header included; that header is reported as bytes."""
+    from seqkv import inspect_blob
+    from seqkv.delta.api import parse
+
+    skv = tmp_path / "c.skv"
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "--exact"])
+    assert r.exit_code == 0, r.output
+    line = r.output.strip().splitlines()[-1]
+    blob = read_blob(skv)
+    info, inner = inspect_delta_blob(blob), parse(blob)[1]["tokens"]
+    coded = inspect_blob(inner)["bits_per_token"]
+    assert coded < info["tokens_part"]["bits_per_token"]  # the header is not counted in
+    assert (f"tokens coded at {coded:.2f} bits/token ({len(inner):,} bytes with their blob's "
+            "header)") in line
+    assert line.startswith(f"{len(IDS)} tokens, {info['components']:,} components -> "
+                           f"{len(blob):,} bytes, {info['ratio']:.2f}x smaller")
+    r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "--tokens", "raw"])
+    assert f"tokens stored raw ({4 * len(IDS)} bytes)" in r.output
+
+
 def test_restore_refuses_a_blob_of_another_model_before_loading(tiny, cachefile, tmp_path,
                                                                 monkeypatch):
     skv = tmp_path / "c.skv"

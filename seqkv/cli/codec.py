@@ -91,10 +91,12 @@ def compress(
     write_atomic(output, blob)
     if not quiet:
         info = blob_info(blob, output)
+        n, size = info["tokens"], len(blob)
         typer.echo(
-            f"{info['tokens']} tokens -> {info['bytes']} bytes "
-            f"({info['bits_per_token']:.2f} bits/token; fp16 KV {info['fp16_kv_bits'] // 8} bytes, "
-            f"{info['ratio_vs_fp16']:.0f}x)",
+            f"{n} tokens -> {size} bytes: the coded tokens take {info['bits_per_token']:.2f} "
+            f"bits/token, the whole file {8 * size / n:.2f} bits/token with its header; "
+            f"{info['fp16_kv_bits'] / (8 * size):,.0f}x smaller than the fp16 KV cache "
+            f"({info['fp16_kv_bits'] // 8:,} bytes)",
             err=True,
         )
 

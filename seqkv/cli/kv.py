@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -120,16 +121,7 @@ def kv_compress(
                        tokens=tokens, **params)
     write_atomic(output, blob)
     if not quiet:
-        from ..delta import inspect_delta_blob
-
-        info = inspect_delta_blob(blob)
-        r = info["residual"]
-        typer.echo(
-            f"{info['tokens']} tokens, {info['components']} components -> {info['bytes']} bytes "
-            f"({info['ratio']:.2f}x; residual {r['bits_per_component']:.3f} bits/component, "
-            f"tokens {info['tokens_part']['bits_per_token']:.2f} bits/token)",
-            err=True,
-        )
+        typer.echo(_summary(blob), err=True)
 
 
 @friendly_errors
@@ -172,6 +164,30 @@ def _warn_decode_tokens(info: dict) -> None:
     except (KeyError, TypeError, ValueError, AttributeError):
         return  # a header without these: no estimate
     _warn_tokens("decoding", tokens, chunk_size, min(batch, max(chunks, 1)))
+
+
+def _summary(blob: bytes) -> str:
+    """One line saying what each number counts (issue 12: the token part's bits/token used
+    to include the inner blob's header)."""
+    from ..delta import inspect_delta_blob
+    from ..delta.api import parse
+
+    info = inspect_delta_blob(blob)
+    n, r, t = info["tokens"], info["residual"], info["tokens_part"]
+    line = (f"{n} tokens, {info['components']:,} components -> {info['bytes']:,} bytes, "
+            f"{info['ratio']:.2f}x smaller than the cache's tensors; residuals "
+            f"{r['bits_per_component']:.3f} bits/component ({r['bits'] // 8:,} bytes)")
+    tok_bytes = t["bits"] // 8
+    if t["coding"] == "coded" and tok_bytes:
+        try:
+            coded = blob_info(parse(blob)[1]["tokens"], Path("tokens"))["bits_per_token"]
+        except SeqkvError:
+            return line + f"; tokens {tok_bytes:,} bytes with their blob's header"
+        return line + (f"; tokens coded at {coded:.2f} bits/token ({tok_bytes:,} bytes with "
+                       "their blob's header)")
+    if t["coding"] == "raw":
+        return line + f"; tokens stored raw ({tok_bytes:,} bytes)"
+    return line
 
 
 def register(app: typer.Typer) -> None:
