@@ -17,13 +17,20 @@ from ..blob import pack, unpack
 from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..models import LoadedModel
 from . import residual_coding as rc
-from .cachefile import FLOAT_DTYPES, KVCache, dtype_name, int_view
-from .lossy import lossy_mode, mode_from_header
-from .predictors import get_predictor, params_of, predictor_from_header
+from .cachefile import KVCache, dtype_name, int_view
+from .header import (
+    KIND,
+    SECTIONS,
+    DeltaHeader,
+    lossy_digest,
+    lossy_mode_of,
+    predictor_of,
+    read_header,
+)
+from .lossy import lossy_mode
+from .predictors import get_predictor, params_of
 
-KIND = "kv-delta"
 ZERO = 2  # "coded" value of a tensor whose residual is all zero (the prediction was exact)
-SECTIONS = ("tokens", "side", "models", "words", "raw", "lossy")
 
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:
@@ -46,18 +53,6 @@ def _pack_layout(layout) -> list:
     return runs
 
 
-def _layout(header: dict):
-    try:
-        out = []
-        for shape, dt, count in header["layout"]:
-            if not 0 < int(count) <= 1 << 20 or len(out) + int(count) > 1 << 20:
-                raise ValueError("count")
-            out += [(tuple(int(s) for s in shape), FLOAT_DTYPES[dt])] * int(count)
-        return out
-    except (KeyError, TypeError, ValueError) as e:
-        raise BlobError(f"corrupt kv-delta header (layout: {e})") from e
-
-
 def _encode_tokens(lm: LoadedModel | None, ids: list[int], tokens: str) -> tuple[str, bytes]:
     if tokens not in ("coded", "raw", "external"):
         raise SeqkvError(f"tokens must be 'coded', 'raw' or 'external', not {tokens!r}")
@@ -74,7 +69,7 @@ def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes,
                    ids: list[int] | None) -> list[int]:
     from ..compress import decompress_tokens, token_hash
 
-    coding = header["tokens"]["coding"]
+    coding = header.tokens.coding
     if coding == "external":
         if ids is None:
             raise SeqkvError("this blob's tokens are stored elsewhere: pass them (ids=...)")
@@ -87,7 +82,7 @@ def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes,
         if len(data) % 4:
             raise BlobError("corrupt kv-delta blob (token section)")
         ids = np.frombuffer(data, dtype="<i4").astype(np.int64).tolist()
-    if token_hash(ids) != header["tokens"]["hash"]:
+    if token_hash(ids) != header.tokens.hash:
         raise BlobError("decoded tokens do not match the stored hash")
     return ids
 
@@ -113,13 +108,13 @@ def _matching_prediction(p, lm, ids, side, layout, header) -> list[torch.Tensor]
     """The prediction at restore time: it must hash as the compressing machine's did."""
     for _ in range(p.restore_attempts):
         pred = p.predict(lm, ids, side, layout)
-        if pred is None or tensors_hash(pred) == header.get("prediction_hash"):
+        if pred is None or tensors_hash(pred) == header.prediction_hash:
             return pred
     if not p.needs_model:  # computed from the blob alone: the blob is damaged
         raise BlobError("corrupt kv-delta blob (predictor side information)")
     raise ModelMismatchError(
         f"this machine's {p.name} prediction differs from the compressing machine's "
-        f"(numerics {header['predictor'].get('numerics')}; {p.restore_attempts} attempts): "
+        f"(numerics {header.predictor.get('numerics')}; {p.restore_attempts} attempts): "
         "it cannot restore this blob"
     )
 
@@ -206,28 +201,17 @@ def compress_kv(
         "stream_bytes": [len(coded_blocks.models), len(coded_blocks.words), len(raw),
                          len(payloads)],
     }
+    if mode is not None and "rel_mse" in header["lossy"]:
+        header["lossy_digest"] = lossy_digest(header["lossy"])
     return pack(header, [token_data, side, coded_blocks.models, coded_blocks.words, raw,
                          bytes(payloads)])
 
 
-def parse(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+def parse(blob: bytes) -> tuple[DeltaHeader, dict[str, bytes]]:
+    """The checked header (seqkv.delta.header) and named sections of a kv-delta blob."""
     header, sections = unpack(blob)
-    if header.get("kind") != KIND:
-        raise BlobError(f"not a kv-delta blob (kind {header.get('kind')!r})")
-    if len(sections) != len(SECTIONS):
-        raise BlobError("corrupt kv-delta blob (sections)")
-    for key in ("layout", "tokens", "predictor", "tensors_hash", "mode", "components", "coded"):
-        if key not in header:
-            raise BlobError(f"corrupt kv-delta header (no {key})")
-    named = dict(zip(SECTIONS, sections, strict=True))
-    if header.get("stream_bytes") != [len(named[k]) for k in SECTIONS[2:]]:
-        raise BlobError("corrupt kv-delta blob (residual stream lengths)")
-    coded = header["coded"]
-    if (not isinstance(coded, str) or len(coded) != len(_layout(header))
-            or set(coded) - {"0", "1", str(ZERO)}):
-        raise BlobError("corrupt kv-delta header (coded)")
-    header["coded"] = [int(c) for c in coded]
-    return header, named
+    checked = read_header(header, sections)
+    return checked, dict(zip(SECTIONS, sections, strict=True))
 
 
 def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
@@ -235,37 +219,36 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     """A kv-delta blob back to its cache (bit for bit in exact mode). ``ids``: the tokens,
     for a blob written with ``tokens="external"``."""
     header, sec = parse(blob)
-    layout = _layout(header)
-    try:
-        p = predictor_from_header(header["predictor"])
-        mode = mode_from_header(header["lossy"]) if header["mode"] == "lossy" else None
-    except (KeyError, TypeError) as e:
-        raise BlobError(f"corrupt kv-delta header (predictor or mode: {e})") from e
-    needs_model = p.needs_model or header["tokens"]["coding"] == "coded"
+    layout = header.layout
+    p = predictor_of(header)
+    mode = lossy_mode_of(header)
+    needs_model = p.needs_model or header.tokens.coding == "coded"
     if needs_model:
         if lm is None:
             raise SeqkvError(f"this blob needs the model it was written with "
-                             f"({(header.get('model') or {}).get('name')})")
-        problem = lm.fingerprint.mismatch(header.get("model") or {}, tokenizer=False)
+                             f"({(header.model or {}).get('name')})")
+        problem = lm.fingerprint.mismatch(header.model or {}, tokenizer=False)
         if problem:
             raise ModelMismatchError(problem)
     ids = _decode_tokens(lm, header, sec["tokens"], ids)
-    if any(s[2] > len(ids) for s, _ in layout):
-        raise BlobError("corrupt kv-delta header (more positions than tokens)")
+    if len(ids) != header.tokens.n:
+        raise BlobError("corrupt kv-delta header (tokens: n)")
     pred = _matching_prediction(p, lm, ids, sec["side"], layout, header)
     if mode is not None and pred is None:  # lossy without a predictor: residuals from zero
         pred = [torch.zeros(s, dtype=d) for s, d in layout]
     planes = pred is None and not p.along_positions
     keys = [rc.block_keys(shape, None if pred is None else pred[i]) if coded == 1 else None
-            for i, ((shape, _), coded) in enumerate(zip(layout, header["coded"], strict=True))]
+            for i, ((shape, _), coded) in enumerate(zip(layout, header.coded, strict=True))]
     sizes = []
     for k, (_, dtype) in zip(keys, layout, strict=True):
         if k is not None:
             sizes.extend(rc.block_sizes(*k) * (rc.width_of(dtype) // 8 if planes else 1))
     blocks = rc.decode_checked(rc.CodedBlocks(sec["models"], sec["words"]), sizes)
     syms, pos = [], 0
-    for k, (shape, dtype), coded in zip(keys, layout, header["coded"], strict=True):
+    for k, (shape, dtype), coded in zip(keys, layout, header.coded, strict=True):
         if k is None:
+            if coded == ZERO and planes:  # never written: plain coding has no prediction
+                raise BlobError("corrupt kv-delta header (coded)")
             zeros = np.zeros(int(np.prod(shape)), np.int64)
             syms.append(rc.residual_symbols(zeros)[0] if coded == ZERO else None)
             continue
@@ -276,11 +259,13 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
             pos += k[1]
         syms.append(per_plane if planes else per_plane[0])
     if planes:
+        if any(s is None for s in syms):
+            raise BlobError("corrupt kv-delta header (coded)")
         out = [rc.from_byte_planes(pl, dtype, shape) for pl, (shape, dtype) in
                zip(syms, layout, strict=True)]
     else:
         out = _residuals_back(sec, syms, layout, pred, p, mode)
-    if tensors_hash(out) != header["tensors_hash"]:
+    if tensors_hash(out) != header.tensors_hash:
         raise BlobError("restored tensors do not match the stored hash (corrupt residuals)")
     return KVCache.from_tensors(ids, out)
 
@@ -299,6 +284,8 @@ def _residuals_back(sec, syms, layout, pred, p, mode) -> list[torch.Tensor]:
             r = rc.symbols_to_residuals(s, offsets[start:start + nbig])
             start += nbig
         if p.along_positions:
+            if r is None:
+                raise BlobError("corrupt kv-delta header (coded)")
             out.append(rc.from_ordered(rc.undo_position_deltas(r, shape), dtype, shape))
             continue
         if mode is not None:
@@ -319,22 +306,20 @@ def _residuals_back(sec, syms, layout, pred, p, mode) -> list[torch.Tensor]:
 
 
 def inspect_delta_blob(blob: bytes) -> dict:
-    """What a kv-delta blob holds, from its header and section sizes (no model needed)."""
+    """What a kv-delta blob holds, from its checked header and section sizes (no model)."""
     header, sec = parse(blob)
-    layout = _layout(header)
-    n = int(header["tokens"]["n"])
-    comps = int(header["components"])
-    res_bits = 8 * sum(len(sec[k]) for k in ("side", "models", "words", "raw", "lossy"))
-    tok_bits = 8 * len(sec["tokens"])
-    raw_bits = int(header["raw_bits"])
+    layout = header.layout
+    n, comps, raw_bits = header.tokens.n, header.components, header.raw_bits
+    res_bits = header.residual_bits  # checked: the residual sections' size
+    tok_bits = header.tokens.bits  # checked: the token section's size
     total = 8 * len(blob)
     return {
         "kind": KIND,
-        "mode": header["mode"],
-        "max_abs_error": header.get("max_abs_error"),
-        "lossy": header.get("lossy"),
-        "predictor": header["predictor"],
-        "model": (header.get("model") or {}).get("name"),
+        "mode": header.mode,
+        "max_abs_error": header.max_abs_error,
+        "lossy": header.lossy,
+        "predictor": header.predictor,
+        "model": (header.model or {}).get("name"),
         "tokens": n,
         "components": comps,
         "layers": len(layout) // 2,
@@ -349,7 +334,7 @@ def inspect_delta_blob(blob: bytes) -> dict:
             "model_bits": 8 * len(sec["models"]),
         },
         "tokens_part": {
-            "coding": header["tokens"]["coding"],
+            "coding": header.tokens.coding,
             "bits": tok_bits,
             "bits_per_component": tok_bits / comps if comps else 0.0,
             "bits_per_token": tok_bits / n if n else 0.0,
