@@ -15,9 +15,26 @@ chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redi
     store.py        the facade: put / get / delete / stats / nearest / compact
 """
 
-from .backend import StoreBusyError, StoreError, open_backend
-from .records import StoreCorruptError
-from .store import PutResult, Store
+from .backend import (
+    META_NS,
+    NoSessionError,
+    SessionExistsError,
+    StoreBusyError,
+    StoreError,
+    open_backend,
+)
 
-__all__ = ["PutResult", "Store", "StoreBusyError", "StoreCorruptError", "StoreError",
-           "open_backend"]
+__all__ = ["META_NS", "NoSessionError", "PutResult", "SessionExistsError", "Store",
+           "StoreBusyError", "StoreCorruptError", "StoreError", "open_backend"]
+
+_LAZY = {"PutResult": ".store", "Store": ".store", "StoreCorruptError": ".records"}
+
+
+def __getattr__(name: str):
+    """The model-side names load on first use (torch), so that opening a backend to check a
+    path, and `seqkv --help`, stay light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

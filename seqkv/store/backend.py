@@ -26,6 +26,17 @@ class StoreError(SeqkvError):
     """A store operation was refused (unknown session, bad URL, busy store)."""
 
 
+META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
+
+
+class SessionExistsError(StoreError):
+    """A put of a session id that exists, without replace."""
+
+
+class NoSessionError(StoreError):
+    """The namespace holds no session of that id."""
+
+
 class StoreBusyError(StoreError):
     """Other writers held the store for longer than the busy bound: retry later."""
 

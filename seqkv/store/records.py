@@ -21,7 +21,6 @@ from ..errors import BlobError
 from .coding import encode_intervals
 from .trie import Node, Trie, edge_hash
 
-META_NS = ""  # store-wide records live in the empty namespace, which users cannot name
 KINDS = ("edge", "session", "ckptmeta")  # what a namespace's trie is loaded from
 
 

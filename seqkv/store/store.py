@@ -44,14 +44,21 @@ from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..models import LoadedModel
 from ..stepper import numerics_profile
 from ..textcodec import TextRecipe, decode_text, encode_text
-from .backend import Backend, StoreConflict, StoreError, open_backend
+from .backend import (
+    META_NS,
+    Backend,
+    NoSessionError,
+    SessionExistsError,
+    StoreConflict,
+    StoreError,
+    open_backend,
+)
 from .checkpoints import CheckpointManager
 from .coding import PROCEDURE, decode_edges, encode_edges, encode_intervals
 from .compaction import DEFAULT_BATCH, CompactResult, compact
 from .policies import NodeInfo, Policy, policy_by_name
 from .records import (
     KINDS,
-    META_NS,
     StoreCorruptError,
     load_trie,
     pack_edge,
@@ -258,7 +265,7 @@ class Store:
             raise _Blocked()
         if session in self.trie.sessions:
             if not replace:
-                raise StoreError(f"session {session!r} exists (delete it first)")
+                raise SessionExistsError(f"session {session!r} exists (delete it first)")
             self._delete_in(txn, session)
         m = self.trie.match(ids)  # deleting only removed edges: the match is still unblocked
         node, changed, split = m.node, [], 0
@@ -296,7 +303,7 @@ class Store:
         """Delete a session (no model needed); edges no other session uses are freed."""
         def work(txn):
             if session not in self.trie.sessions:
-                raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
+                raise NoSessionError(f"no session {session!r} in namespace {self.ns!r}")
             self._delete_in(txn, session)
 
         self._write(work)
@@ -305,11 +312,20 @@ class Store:
         self.refresh()
         return sorted(self.trie.sessions)
 
+    def has(self, session: str) -> bool:
+        self.refresh()
+        return session in self.trie.sessions
+
+    def is_text(self, session: str) -> bool:
+        """Whether the session was put as text (``get_text`` works), not as token ids."""
+        self._session(session)
+        return self.session_info[session].get("text") is not None
+
     def _session(self, session: str) -> Node:
         self.refresh()
         node = self.trie.sessions.get(session)
         if node is None:
-            raise StoreError(f"no session {session!r} in namespace {self.ns!r}")
+            raise NoSessionError(f"no session {session!r} in namespace {self.ns!r}")
         return node
 
     def _path_ids(self, path: list[Node], ids: list[int] | None = None) -> tuple[list[int], int]:
