@@ -1,7 +1,10 @@
-"""`seqkv store put | get | delete | stats | nearest | compact`: the PLT store from the command
-line.
+"""`seqkv store put | get | delete | stats | nearest | compact` and `seqkv serve`.
 
-``--db PATH`` is a SQLite file (created on first put); ``--db redis://HOST:PORT/N`` a Redis one.
+``--db PATH`` is a SQLite file (created by the first put; reading commands never create one);
+``--db redis://HOST:PORT/N`` a Redis one; ``--server URL`` talks to a running `seqkv serve`
+instead (with ``--api-key`` or $SEQKV_API_KEY). Everything heavy (torch, the model, the store,
+the server) is imported inside the commands, after the cheap checks: `seqkv --help` stays
+fast and a bad ``--db`` is refused before any model loads.
 """
 
 from __future__ import annotations
@@ -12,40 +15,74 @@ from typing import Annotated
 import typer
 
 from ..blob import write_atomic
-from .codec import read_text
-from .common import ModelOption, friendly_errors, print_json
+from ..errors import SeqkvError
+from .common import Command, ModelOption, check_output, friendly_errors, print_json, read_text
 
-store_app = typer.Typer(help="A store of many sessions: shared prefixes stored once (PLT).",
-                        no_args_is_help=True)
-
-DbOption = Annotated[str, typer.Option("--db", help="SQLite file, or redis://HOST:PORT/N")]
-NsOption = Annotated[str, typer.Option("--namespace", help="dedup happens only within one")]
+DbOption = Annotated[str | None, typer.Option(
+    "--db", help="the store: a SQLite file, or redis://HOST:PORT/N (or use --server)")]
+ServerOption = Annotated[str | None, typer.Option(
+    "--server", help="a running `seqkv serve` (http://HOST:PORT) instead of --db")]
+KeyOption = Annotated[str | None, typer.Option(
+    "--api-key", help="--server: the API key (default: $SEQKV_API_KEY)")]
+NsOption = Annotated[str, typer.Option(
+    "--namespace", help="--db: the namespace (dedup happens only within one); "
+    "over --server the API key picks it")]
 SessionOption = Annotated[str, typer.Option("--session", help="session id")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _open(db: str, namespace: str, model: str | None, need_model: bool = True):
-    from ..store import Store
-
-    lm = None
-    if need_model:
-        from ..models import load_model
-
-        lm = load_model(model)
-    return Store(db, lm, namespace)
-
-
 ExactOption = Annotated[bool, typer.Option(
     "--exact", help="the exact tier: INPUT / the output is a KV cache file (safetensors), "
     "restored bit for bit")]
 
 
-@store_app.command()
-@friendly_errors
+def _client(db: str | None, server: str | None, api_key: str | None):
+    """Exactly one of --db and --server; the Client for --server, None for --db."""
+    if (db is None) == (server is None):
+        raise SeqkvError("give exactly one of --db and --server")
+    if server is None:
+        if api_key is not None:
+            raise SeqkvError("--api-key goes with --server")
+        return None
+    from ..client import Client
+
+    return Client(server, api_key)
+
+
+def _open(db: str, namespace: str, model: str | None, need_model: bool = True,
+          create: bool = False):
+    """The store at ``db``: checked first (a missing store is refused unless ``create``, a file
+    that is not a SQLite store always), and only then the model loaded."""
+    from ..store.backend import META_NS, StoreError, open_backend
+
+    backend = open_backend(db, create=create)
+    try:
+        if not create and backend.read(META_NS, "meta", "store") is None:
+            raise StoreError(f"no seqkv store at {db} (put a session first)")
+        lm = None
+        if need_model:
+            from .common import load
+
+            lm = load(model)
+        from ..store import Store
+
+        return Store(backend, lm, namespace, create=create)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _no_exact_over_server(exact: bool, client) -> None:
+    if exact and client is not None:
+        raise SeqkvError("--exact works with --db only (the server does not serve the exact "
+                         "tier yet)")
+
+
 def put(
-    input: Annotated[Path, typer.Argument(help="UTF-8 text file (with --exact: a cache file)")],
-    db: DbOption,
+    input: Annotated[Path, typer.Argument(metavar="INPUT",
+                                          help="UTF-8 text file (with --exact: a cache file)")],
     session: SessionOption,
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
     namespace: NsOption = "default",
     model: ModelOption = None,
     replace: Annotated[bool, typer.Option("--replace", help="overwrite the session")] = False,
@@ -56,46 +93,63 @@ def put(
         help="--exact: recompute with eager or sdpa attention")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Store a text as a session (its tokens, coded under the model, deduplicated); with
-    --exact, a KV cache file: its tokens as a session, its tensors as residuals."""
+    """Store a text as a session: durable at once, its new tokens written raw (coded under the
+    model by `store compact` or a server's background compaction); shared prefixes are
+    stored once. With --exact, a KV cache file: its tokens as a session, its tensors as
+    residuals."""
+    client = _client(db, server, api_key)
+    _no_exact_over_server(exact, client)
     if exact:
         from ..delta import load_cachefile
 
         kv = load_cachefile(input)
     else:
-        text = read_text(input)
-    with _open(db, namespace, model) as s:
-        if exact:
-            r = s.put_exact(session, kv, replace=replace, dtype=predictor_dtype,
-                            attn=predictor_attn)
-        else:
-            r = s.put(session, text, replace=replace)
-        info = {"session": r.session, "tokens": r.tokens, "shared_tokens": r.shared_tokens,
-                "new_tokens": r.new_tokens, "split_edges": r.split_edges,
-                "record_bytes": r.record_bytes}
-        if exact:
-            info["exact_bytes"] = s.session_info[session]["exact_bytes"]
+        text = read_text(input, allow_empty=False)
+    if client is not None:
+        info = client.put(session, text=text, replace=replace)
+    else:
+        with _open(db, namespace, model, create=True) as s:
+            if exact:
+                r = s.put_exact(session, kv, replace=replace, dtype=predictor_dtype,
+                                attn=predictor_attn)
+            else:
+                r = s.put(session, text, replace=replace)
+            info = {"session": r.session, "tokens": r.tokens, "shared_tokens": r.shared_tokens,
+                    "new_tokens": r.new_tokens, "split_edges": r.split_edges,
+                    "record_bytes": r.record_bytes}
+            if exact:
+                info["exact_bytes"] = s.session_info[session]["exact_bytes"]
     if json_:
         print_json(info)
-    else:
-        extra = f", {info['exact_bytes']} bytes of exact residuals" if exact else ""
-        typer.echo(f"{r.session}: {r.tokens} tokens: {r.shared_tokens} shared with stored "
-                   f"sessions, {r.new_tokens} new (written raw, coded at the next compaction); "
-                   f"{r.split_edges} stored edge(s) split; {r.record_bytes} bytes written"
-                   f"{extra}", err=True)
+        return
+    line = (f"{info['session']}: {info['tokens']} tokens = {info['shared_tokens']} shared with "
+            f"stored sessions (stored once) + {info['new_tokens']} new (written raw, "
+            "coded at the next compaction)")
+    if "split_edges" in info:
+        line += (f"; {info['split_edges']} stored edge(s) split; {info['record_bytes']} bytes "
+                 "of records written")
+    if exact:
+        line += f"; {info['exact_bytes']} bytes of exact residuals"
+    typer.echo(line, err=True)
 
 
-@store_app.command()
-@friendly_errors
 def get(
-    db: DbOption,
     session: SessionOption,
     output: Annotated[Path, typer.Option("--output", "-o", help="output file (atomic)")],
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
     namespace: NsOption = "default",
     model: ModelOption = None,
     exact: ExactOption = False,
 ) -> None:
     """Write a session's text back, byte for byte (with --exact: its cache file, bit for bit)."""
+    client = _client(db, server, api_key)
+    _no_exact_over_server(exact, client)
+    check_output(output)
+    if client is not None:
+        write_atomic(output, client.get_text(session).encode("utf-8"))
+        return
     with _open(db, namespace, model) as s:
         if exact:
             from ..delta import save_cachefile
@@ -105,21 +159,37 @@ def get(
             write_atomic(output, s.get_text(session).encode("utf-8"))
 
 
-@store_app.command()
-@friendly_errors
-def delete(db: DbOption, session: SessionOption, namespace: NsOption = "default",
-           model: ModelOption = None) -> None:
-    """Delete a session; edges no other session uses are freed."""
-    with _open(db, namespace, model) as s:
+def delete(
+    session: SessionOption,
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
+    namespace: NsOption = "default",
+) -> None:
+    """Delete a session (no model needed); edges no other session uses are freed."""
+    client = _client(db, server, api_key)
+    if client is not None:
+        client.delete(session)
+        return
+    with _open(db, namespace, None, need_model=False) as s:
         s.delete(session)
 
 
-@store_app.command()
-@friendly_errors
-def stats(db: DbOption, namespace: NsOption = "default", json_: JsonOption = False) -> None:
-    """Sessions, tokens (total and unique) and coded bits of a namespace (no model needed)."""
-    with _open(db, namespace, None, need_model=False) as s:
-        info = s.stats()
+def stats(
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
+    namespace: NsOption = "default",
+    json_: JsonOption = False,
+) -> None:
+    """Sessions, tokens (total and unique), coded bits and raw (pending) edges of a namespace
+    (no model needed)."""
+    client = _client(db, server, api_key)
+    if client is not None:
+        info = client.stats()
+    else:
+        with _open(db, namespace, None, need_model=False) as s:
+            info = s.stats()
     if json_:
         print_json(info)
     else:
@@ -127,19 +197,25 @@ def stats(db: DbOption, namespace: NsOption = "default", json_: JsonOption = Fal
             typer.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
 
 
-@store_app.command()
-@friendly_errors
 def nearest(
-    input: Annotated[Path, typer.Argument(help="UTF-8 text file (the new prompt)")],
-    db: DbOption,
+    input: Annotated[Path, typer.Argument(metavar="INPUT",
+                                          help="UTF-8 text file (the new prompt)")],
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
     namespace: NsOption = "default",
     model: ModelOption = None,
-    k: Annotated[int, typer.Option("-k", help="how many sessions")] = 10,
+    k: Annotated[int, typer.Option("-k", help="how many sessions", min=1)] = 10,
     json_: JsonOption = False,
 ) -> None:
     """Stored sessions nearest to a prompt by d_T = -log2 P_M(common prefix), most shared first."""
-    with _open(db, namespace, model) as s:
-        rows = s.nearest(read_text(input), k=k)
+    client = _client(db, server, api_key)
+    text = read_text(input, allow_empty=False)
+    if client is not None:
+        rows = client.nearest(text=text, k=k)
+    else:
+        with _open(db, namespace, model) as s:
+            rows = s.nearest(text, k=k)
     if json_:
         print_json(rows)
     else:
@@ -147,27 +223,59 @@ def nearest(
             typer.echo(f"{r['session']}\t{r['shared_tokens']} tokens\t{r['d_T_bits']:.1f} bits")
 
 
-@store_app.command()
-@friendly_errors
 def compact(
-    db: DbOption,
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
     namespace: NsOption = "default",
     model: ModelOption = None,
-    batch: Annotated[int, typer.Option(help="edges coded per round (one transaction each)",
-                                       min=1)] = 64,
+    batch: Annotated[int, typer.Option(help="--db: edges coded per round (one transaction "
+                                       "each)", min=1)] = 64,
     json_: JsonOption = False,
 ) -> None:
     """Code the sessions' pending raw edges under the model (swapped in atomically; safe to
     interrupt, the next run continues)."""
-    with _open(db, namespace, model) as s:
-        r = s.compact(batch=batch)
-    if json_:
-        print_json(r.to_dict())
+    client = _client(db, server, api_key)
+    if client is not None:
+        info = client.compact()
     else:
-        typer.echo(f"coded {r.edges} edges ({r.tokens} tokens): {r.raw_bits} raw bits -> "
-                   f"{r.coded_bits} coded bits; {r.skipped} changed meanwhile and left for "
-                   f"the next run; {r.pending} still pending", err=True)
+        with _open(db, namespace, model) as s:
+            info = s.compact(batch=batch).to_dict()
+    if json_:
+        print_json(info)
+    else:
+        typer.echo(f"coded {info['edges']} edges ({info['tokens']} tokens): {info['raw_bits']} "
+                   f"raw bits -> {info['coded_bits']} coded bits; {info['skipped']} changed "
+                   f"meanwhile and left for the next run; {info['pending']} still pending",
+                   err=True)
+
+
+def serve(
+    db: Annotated[str, typer.Option("--db", help="the store: a SQLite file (created if "
+                                    "missing), or redis://HOST:PORT/N")],
+    host: Annotated[str, typer.Option(help="address to listen on (without --keys: loopback "
+                                      "only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8765,
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", help="KEYS.json mapping each API key to its namespace; without it the "
+        "default namespace is served, on loopback only")] = None,
+    model: ModelOption = None,
+    max_body: Annotated[int, typer.Option(help="largest request body, bytes", min=1)] = 8 << 20,
+    compact_interval: Annotated[float, typer.Option(
+        help="seconds between background compactions (0: only POST /v1/compact)",
+        min=0)] = 2.0,
+) -> None:
+    """Serve the store over HTTP (JSON API, OpenAPI docs at /docs) until interrupted."""
+    from ..server import serve as run
+
+    run(db, host=host, port=port, keys=str(keys) if keys else None, model=model,
+        max_body=max_body, compact_interval=compact_interval)
 
 
 def register(app: typer.Typer) -> None:
+    store_app = typer.Typer(help="A store of many sessions: shared prefixes stored once (PLT).",
+                            no_args_is_help=True)
+    for command in (put, get, delete, stats, nearest, compact):
+        store_app.command(cls=Command)(friendly_errors(command))
     app.add_typer(store_app, name="store")
+    app.command("serve", cls=Command)(friendly_errors(serve))

@@ -1,0 +1,358 @@
+"""`seqkv serve` end to end: a real uvicorn server in a subprocess on a loopback port, driven
+through seqkv.client (and raw HTTP for malformed requests): the API contract, auth and
+namespace isolation (path tricks included), size limits, the CLI's --server, and two server
+processes sharing one Redis store."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from seqkv.cli import build_app
+from seqkv.client import Client, NotFound, ServerError
+
+from .test_store_backends import REDIS_URL, _redis_up
+
+runner = CliRunner()
+TEXT_A = "The quick brown fox jumps over the lazy dog."
+TEXT_B = "The quick brown cat sleeps."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tests/conftest.py's tiny Llama with a small byte-level BPE tokenizer, saved as an HF
+    directory, so `seqkv serve --model DIR` loads it like any model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .conftest import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([TEXT_A * 5, TEXT_B * 5, "You are a careful assistant."], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(d)
+    tiny_llama().model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    from seqkv.models import load_model
+
+    return load_model(str(model_dir))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, db: str, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(self.port),
+             "--model", str(model_dir), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the server did not answer /healthz"
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start(model_dir):
+    servers = []
+
+    def go(db: str, *args: str) -> Server:
+        servers.append(Server(model_dir, db, *args))
+        return servers[-1]
+
+    yield go
+    for s in servers:
+        s.stop()
+
+
+def raw(url: str, method: str, path: str, body: bytes | None = None,
+        headers: dict | None = None) -> tuple[int, dict | bytes]:
+    """One HTTP request as sent, the status and the JSON (or bytes) answered."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    if r.getheader("content-type", "").startswith("application/json"):
+        return r.status, json.loads(data)
+    return r.status, data
+
+
+def test_api_contract_end_to_end(tmp_path, start, lm):
+    from seqkv.compress import prefill_cache
+    from seqkv.delta import KVCache, parse_cachefile
+
+    db = str(tmp_path / "store.db")
+    srv = start(db, "--max-body", "4096", "--compact-interval", "0")
+    c = Client(srv.url)
+    assert c.healthz()
+    a = c.put("a", text=TEXT_A)
+    assert a["created"] and a["tokens"] == len(lm.tokenizer(TEXT_A).input_ids)
+    b = c.put("b", text=TEXT_B)
+    assert b["shared_tokens"] > 0 and b["new_tokens"] == b["tokens"] - b["shared_tokens"]
+    ids = [5, 6, 7, 8, 9, 10]
+    status, body = raw(srv.url, "PUT", "/v1/sessions/n", json.dumps({"ids": ids}).encode(),
+                       {"Content-Type": "application/json"})
+    assert (status, body["created"]) == (201, True)
+    status, body = raw(srv.url, "PUT", "/v1/sessions/n", json.dumps({"ids": ids}).encode(),
+                       {"Content-Type": "application/json"})
+    assert (status, body["created"]) == (200, False)  # replaced
+    with pytest.raises(ServerError) as e:
+        c.put("n", ids=ids, replace=False)
+    assert e.value.status == 409
+    assert c.get("a") == {"session": "a", "ids": lm.tokenizer(TEXT_A).input_ids, "text": TEXT_A}
+    assert c.get("n") == {"session": "n", "ids": ids, "text": None}
+    st = c.stats()
+    assert st["raw_edges"] > 0 and st["sessions"] == 3  # durable, not coded yet
+    r = c.compact()
+    assert r["pending"] == 0 and r["edges"] == st["raw_edges"] and r["coded_bits"] > 0
+    st = c.stats()
+    assert st["raw_edges"] == 0 and st["bits_total"] == r["coded_bits"]
+    cli = runner.invoke(build_app(), ["store", "stats", "--db", db, "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout).items() <= st.items()  # `store stats --json`'s fields
+    assert c.get("a")["text"] == TEXT_A  # now decoded from its coded edges
+    # the restored KV cache, in kv-dump's interchange format, equals a prefill bit for bit
+    kv = parse_cachefile(c.get_cache("a"))
+    full = prefill_cache(lm.model, lm.tokenizer(TEXT_A).input_ids)
+    assert kv.equal_bits(KVCache.from_dynamic(full.cache, full.input_ids))
+    rows = c.nearest(text="The quick brown fox sat", k=2)
+    assert rows[0]["session"] == "a" and rows[0]["shared_tokens"] >= rows[1]["shared_tokens"]
+    assert c.delete("b") == {"session": "b", "deleted": True}
+    with pytest.raises(NotFound):
+        c.get("b")
+    with pytest.raises(NotFound):
+        c.delete("b")
+    assert set(c.get("a")) == {"session", "ids", "text"}
+    # OpenAPI docs
+    status, spec = raw(srv.url, "GET", "/openapi.json")
+    assert status == 200 and "/v1/sessions/{session}/cache" in spec["paths"]
+    assert raw(srv.url, "GET", "/docs")[0] == 200
+
+
+def test_malformed_requests_get_json_errors(tmp_path, start):
+    srv = start(str(tmp_path / "store.db"), "--max-body", "4096", "--compact-interval", "0")
+    j = {"Content-Type": "application/json"}
+
+    def put(body: bytes, path="/v1/sessions/x", headers=j):
+        return raw(srv.url, "PUT", path, body, headers)
+
+    cases = [
+        (put(b"{not json"), 422),
+        (put(b'{"text": 5}'), 422),
+        (put(b'{"ids": ["a"]}'), 422),
+        (put(b'{"ids": [true]}'), 422),
+        (put(b'{"text": "hi", "other": 1}'), 422),
+        (put(b"[]"), 422),
+        (put(b'{"text": "hi", "ids": [5]}'), 400),
+        (put(b"{}"), 400),
+        (put(b'{"ids": []}'), 400),
+        (put(b'{"ids": [99999]}'), 400),  # outside the vocabulary
+        (put(b'{"ids": [-1]}'), 400),
+        (put(b'{"text": ""}'), 400),
+        (put(b'{"text": "hi"}', "/v1/sessions/a%20b"), 400),  # a space in the id
+        (put(b'{"ids": [5]}' + b" " * 5000), 413),  # over --max-body 4096
+        (raw(srv.url, "GET", "/v1/nope"), 404),
+        (raw(srv.url, "PATCH", "/v1/sessions/x"), 405),
+        (raw(srv.url, "POST", "/v1/nearest", b'{"text": "hi", "k": 0}', j), 422),
+        (raw(srv.url, "GET", "/v1/sessions/never"), 404),
+    ]
+    for i, ((status, body), expected) in enumerate(cases):
+        assert status == expected, (i, status, body)
+        assert isinstance(body, dict) and set(body) == {"error"} and body["error"], (i, body)
+        assert "Traceback" not in body["error"]
+    # a chunked body (no Content-Length) over the limit is refused while it streams
+    host, port = srv.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("PUT", "/v1/sessions/x")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b'{"text": "' + b"a" * 3000
+    for part in (chunk, b"b" * 3000, b'"}'):
+        conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+    conn.send(b"0\r\n\r\n")
+    r = conn.getresponse()
+    assert r.status == 413 and "error" in json.loads(r.read())
+    conn.close()
+    assert Client(srv.url).stats()["sessions"] == 0  # nothing was stored by any of them
+
+
+def test_api_keys_and_namespace_isolation(tmp_path, start):
+    keys = tmp_path / "keys.json"
+    ka, kb = "key-a-" + uuid.uuid4().hex, "key-b-" + uuid.uuid4().hex
+    keys.write_text(json.dumps({ka: "tenant-a", kb: "tenant-b"}))
+    srv = start(str(tmp_path / "store.db"), "--keys", str(keys), "--compact-interval", "0.2")
+    a, b = Client(srv.url, ka), Client(srv.url, kb)
+    assert Client(srv.url).healthz()  # health needs no key
+    for key in (None, "wrong", ka + "x", ka[:-1]):
+        with pytest.raises(ServerError) as e:
+            Client(srv.url, key or "").stats()
+        assert e.value.status == 401
+    status, body = raw(srv.url, "GET", "/v1/stats", headers={"Authorization": f"Basic {ka}"})
+    assert status == 401 and set(body) == {"error"}
+    status, _ = raw(srv.url, "PUT", "/v1/sessions/x", b'{"ids": [5]}',
+                    {"Content-Type": "application/json"})
+    assert status == 401  # no key, no write
+    a.put("secret", ids=[5, 6, 7, 8])
+    a.put("shared-name", ids=[9, 9])
+    b.put("shared-name", ids=[10, 11])
+    assert a.get("shared-name")["ids"] == [9, 9] and b.get("shared-name")["ids"] == [10, 11]
+    never = raw(srv.url, "GET", "/v1/sessions/never-existed",
+                headers={"Authorization": f"Bearer {kb}"})
+    other = raw(srv.url, "GET", "/v1/sessions/secret", headers={"Authorization": f"Bearer {kb}"})
+    assert other == never and other[0] == 404  # indistinguishable from a missing session
+    tricks = ["/v1/sessions/..%2Fsecret", "/v1/sessions/%2E%2E/secret",
+              "/v1/sessions/secret/../secret", "/v1/sessions/tenant-a%2Fsecret",
+              "/v1/sessions/tenant-a:secret", "/v1/sessions/%73ecret%00",
+              "/v1/../v1/sessions/secret/cache", "/v1/sessions/secret%2Fcache"]
+    for path in tricks:
+        for method in ("GET", "DELETE"):
+            status, body = raw(srv.url, method, path, headers={"Authorization": f"Bearer {kb}"})
+            assert status in (400, 404, 405), (method, path, status, body)
+            assert isinstance(body, dict) and set(body) == {"error"}, (method, path, body)
+    for call in (lambda: b.get("secret"), lambda: b.get_cache("secret"),
+                 lambda: b.delete("secret")):
+        with pytest.raises(NotFound):
+            call()
+    assert b.stats()["sessions"] == 1 and a.stats()["sessions"] == 2
+    assert [r["session"] for r in b.nearest(ids=[5, 6, 7])] == ["shared-name"]
+    assert a.get("secret")["ids"] == [5, 6, 7, 8]  # untouched by b's attempts
+    deadline = time.monotonic() + 60  # the background compactor codes both namespaces
+    while a.stats()["raw_edges"] or b.stats()["raw_edges"]:
+        assert time.monotonic() < deadline, "background compaction did not run"
+        time.sleep(0.2)
+    assert a.get("secret")["ids"] == [5, 6, 7, 8]
+
+
+def test_serve_refuses_non_loopback_without_keys_and_bad_keys(tmp_path):
+    app = build_app()
+    r = runner.invoke(app, ["serve", "--db", str(tmp_path / "s.db"), "--host", "0.0.0.0"])
+    assert r.exit_code == 1 and "non-loopback" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    bad = tmp_path / "keys.json"
+    for content in ("{not json", "[]", "{}", '{"k": ""}'):
+        bad.write_text(content)
+        r = runner.invoke(app, ["serve", "--db", str(tmp_path / "s.db"), "--keys", str(bad)])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_store_cli_over_server(tmp_path, start, monkeypatch):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"k1-" + "x" * 20: "t1"}))
+    srv = start(str(tmp_path / "store.db"), "--keys", str(keys), "--compact-interval", "0")
+    app = build_app()
+    (tmp_path / "in.txt").write_text(TEXT_A)
+    monkeypatch.setenv("SEQKV_API_KEY", "k1-" + "x" * 20)
+    base = ["--server", srv.url]
+    r = runner.invoke(app, ["store", "put", "--session", "s", str(tmp_path / "in.txt"), *base,
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["new_tokens"] > 0
+    r = runner.invoke(app, ["store", "put", "--session", "s", str(tmp_path / "in.txt"), *base])
+    assert r.exit_code == 1 and "exists" in r.output  # no --replace: refused, as with --db
+    r = runner.invoke(app, ["store", "compact", *base, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["pending"] == 0, r.output
+    r = runner.invoke(app, ["store", "get", "--session", "s", "-o", str(tmp_path / "o.txt"),
+                            *base])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o.txt").read_text() == TEXT_A
+    r = runner.invoke(app, ["store", "stats", *base, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["namespace"] == "t1"
+    r = runner.invoke(app, ["store", "nearest", str(tmp_path / "in.txt"), *base, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["session"] == "s"
+    r = runner.invoke(app, ["store", "delete", "--session", "s", *base])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["store", "delete", "--session", "s", *base])
+    assert r.exit_code == 1 and "HTTP 404" in r.output
+    r = runner.invoke(app, ["store", "stats", *base, "--api-key", "nope"])
+    assert r.exit_code == 1 and "HTTP 401" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["store", "stats", "--server", f"http://127.0.0.1:{free_port()}"])
+    assert r.exit_code == 1 and "cannot reach" in r.output
+
+
+def _redis_db() -> str:
+    if not _redis_up():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but no Redis answers at {REDIS_URL} (scripts/services.sh)")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return f"{REDIS_URL}#test-{uuid.uuid4().hex}"
+
+
+def test_two_servers_share_one_redis_store(start):
+    db = _redis_db()
+    one = Client(start(db, "--compact-interval", "0.3").url)
+    two = Client(start(db, "--compact-interval", "0.3").url)
+    one.put("a", text=TEXT_A)
+    assert two.get("a")["text"] == TEXT_A
+    two.put("b", text=TEXT_B)
+    assert one.get("b")["text"] == TEXT_B
+    # both write and both compact at once: nothing lost, nothing stored twice
+    errors = []
+
+    def writer(c, prefix):
+        try:
+            for i in range(6):
+                c.put(f"{prefix}{i}", ids=[5, 6, 7, 8, 20 + i, 30 + i])
+            c.compact()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(c, p)) for c, p in ((one, "x"), (two, "y"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    one.compact()
+    st1, st2 = one.stats(), two.stats()
+    assert st1 == st2 and st1["sessions"] == 14 and st1["raw_edges"] == 0
+    for p in ("x", "y"):
+        for i in range(6):
+            assert two.get(f"{p}{i}")["ids"] == [5, 6, 7, 8, 20 + i, 30 + i]
+    one.delete("x0")
+    with pytest.raises(NotFound):
+        two.get("x0")
