@@ -38,3 +38,34 @@ def test_cursor_matches_run_lockstep_and_resets_at_fixed_positions(llama):
     dec.seek(ids[:33])
     tokens, rows = dec.decode(encode_intervals(got[33:]), len(ids) - 33)
     assert tokens == ids[33:] and np.array_equal(rows, got[33:])
+
+
+def test_encode_edges_reuses_a_shared_prefix_exactly(llama, gemma3):
+    """Sibling edges below one prefix: the cursor crops back to the prefix instead of
+    re-running it, and the rows are those a fresh cursor computes for each edge alone."""
+    from seqkv.store.coding import decode_edges, encode_edges
+
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, 290) for _ in range(30)]
+    jobs = [(prefix + [7] * i, [rng.randrange(3, 290) for _ in range(6)]) for i in range(4)]
+    jobs += [(prefix[:12], [5, 6, 7]), (prefix + [9], [8, 8])]
+    for lm in (llama, gemma3):  # gemma3's sliding-window layers cannot crop: it re-runs
+        rows = encode_edges(lm, 24, jobs)
+        for (path, tokens), r in zip(jobs, rows, strict=True):
+            fresh = Cursor(lm, 24)
+            fresh.seek(path)
+            assert np.array_equal(r, fresh.encode(tokens))
+        back = decode_edges(lm, 24, [(p, encode_intervals(r), len(t))
+                                     for (p, t), r in zip(jobs, rows, strict=True)])
+        assert [b[0] for b in back] == [t for _, t in jobs]
+    cursor = Cursor(llama, 24)  # the shared window [24, 30) is run once, not per edge
+    for path, tokens in jobs[:4]:
+        cursor.seek(path)
+        cursor.encode(tokens)
+    separate = 0
+    for path, tokens in jobs[:4]:
+        c = Cursor(llama, 24)
+        c.seek(path)
+        c.encode(tokens)
+        separate += c.steps
+    assert cursor.steps < separate

@@ -83,3 +83,21 @@ def test_busy_store_backs_off_then_says_retry(db, llama, monkeypatch):  # noqa: 
         release()
     writer.put("b", [5, 6, 8])  # free again: the same writer succeeds
     assert Store(db, None).get_ids("b") == [5, 6, 8]
+
+
+def test_put_with_its_cache_keeps_a_checkpoint(tmp_path, llama):
+    import torch
+
+    from seqkv.compress import prefill_cache
+
+    ids = list(range(3, 40))
+    s = Store(str(tmp_path / "s.db"), llama, chunk=CHUNK, checkpoint_budget=10**9)
+    s.put("a", ids, cache=prefill_cache(llama.model, ids).cache)
+    assert s.stats()["checkpoints"] == 1
+    fresh = Store(str(tmp_path / "s.db"), llama)
+    restored = fresh.get_cache("a")
+    assert fresh.last_restore["checkpoint_depth"] == len(ids)
+    full = prefill_cache(llama.model, ids)  # (bit for bit only at some cuts: see checkpoints)
+    assert torch.allclose(restored.next_logits, full.next_logits, atol=1e-5)
+    assert all(torch.allclose(x.keys, y.keys, atol=1e-5) for x, y in
+               zip(restored.cache.layers, full.cache.layers, strict=True))

@@ -191,7 +191,7 @@ class CheckpointManager:
         if held == 0:
             raise StoreError(f"a checkpoint needs at least {ALIGN} tokens of path")
         if cache is not None and cache.get_seq_length() >= held:
-            cache.crop(held)
+            cache.crop(held - cache.get_seq_length())  # relative: the API of every version
         else:
             with s.model_lock:
                 cache = prefill_cache(lm.model, ids[:held]).cache

@@ -59,17 +59,30 @@ class Cursor:
         self._fed = 0  # model inputs run in this window (the prime counts as one)
         self._cache: DynamicCache | None = None
         self._pmf: torch.Tensor | None = None
+        self._can_crop = False
         self.steps = 0  # forward steps run (for restore-cost accounting)
         self._kwarg = cache_kwarg(lm.model)
         configure_determinism(lm.device)
 
     def seek(self, path: list[int]) -> None:
-        """Move to another path; the computed context is kept if the new path shares it."""
+        """Move to another path. The computed context is kept as far as the new path shares
+        it: wholly if it continues what was run; else, within the same window, the cache is
+        cropped back to the shared part (exact: the kept positions are the very K/V a fresh
+        run computes), so sibling edges below one prefix do not re-run the prefix."""
         path = [int(t) for t in path]
         if self._window >= 0:
-            end = self._window + self._fed - 1  # path tokens already run as inputs
-            if len(path) < end or path[self._window : end] != self.path[self._window : end]:
-                self._window = -1
+            w, fed, pos = self._window, self._fed, len(path)
+            run = self.path[w : w + fed - 1]  # path tokens run as inputs after the prime
+            m = 0
+            while m < len(run) and w + m < pos and path[w + m] == run[m]:
+                m += 1
+            if m < len(run):  # the new path leaves (or ends inside) what was run
+                keep = min(1 + m, pos - w)  # inputs to keep, at least one to re-run for pmf
+                if pos - pos % self.chunk == w and keep >= 1 and self._can_crop:
+                    self._cache.crop(keep - fed)
+                    self._fed = keep
+                else:
+                    self._window = -1
         self.path = path
 
     def feed(self, tokens: list[int]) -> None:
@@ -92,6 +105,9 @@ class Cursor:
             self._window, self._fed = window, 0
             self._cache = DynamicCache(config=self.lm.config)
             self._step(self.lm.prime_token())
+            # cropping is exact only for full-attention layers (a sliding window drops K/V)
+            self._can_crop = all(type(layer).__name__ == "DynamicLayer"
+                                 for layer in self._cache.layers)
         while self._fed < pos - window + 1:
             self._step(self.path[window + self._fed - 1])
         return self._pmf
