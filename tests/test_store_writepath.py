@@ -101,3 +101,21 @@ def test_put_with_its_cache_keeps_a_checkpoint(tmp_path, llama):
     assert torch.allclose(restored.next_logits, full.next_logits, atol=1e-5)
     assert all(torch.allclose(x.keys, y.keys, atol=1e-5) for x, y in
                zip(restored.cache.layers, full.cache.layers, strict=True))
+
+
+def test_a_lost_redis_is_one_store_error(db, llama, monkeypatch):  # noqa: F811
+    if not db.startswith("redis://"):
+        pytest.skip("Redis only")
+    import redis
+
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("a", [5, 6, 7])
+
+    def gone(*a, **k):
+        raise redis.ConnectionError("Connection refused")
+
+    for name in ("get", "hget", "set", "pipeline"):
+        monkeypatch.setattr(s.backend.r, name, gone)
+    for call in (lambda: s.put("b", [5, 6]), s.stats, lambda: s.get_ids("a")):
+        with pytest.raises(StoreError, match="Redis at .*ConnectionError"):
+            call()

@@ -68,7 +68,20 @@ class RedisBackend:
             raise StoreError(f"cannot reach Redis at {url}: {e}") from e
 
     @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A Redis failure (connection lost, timeout, out of memory) as one StoreError line."""
+        try:
+            yield
+        except redis.RedisError as e:
+            raise StoreError(f"Redis at {self.url}: {type(e).__name__}: {e}") from e
+
+    @contextmanager
     def transaction(self, ns: str) -> Iterator[_RedisTxn]:
+        with self._errors(), self._transaction(ns) as txn:
+            yield txn
+
+    @contextmanager
+    def _transaction(self, ns: str) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
         deadline, delay = time.monotonic() + self.lock_wait, 0.005
         while not self.r.set(lock, token, nx=True, px=int(self.lock_ttl * 1000)):
@@ -100,7 +113,8 @@ class RedisBackend:
             self.r.eval(_RELEASE, 1, lock, token)
 
     def snapshot(self, ns: str, kinds: tuple[str, ...]) -> tuple[int, dict[str, dict[str, bytes]]]:
-        with self.r.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one consistent read
+        # MULTI/EXEC: one consistent read
+        with self._errors(), self.r.pipeline(transaction=True) as pipe:
             pipe.get(_key(self.prefix, ns, "gen"))
             for k in kinds:
                 pipe.hgetall(_key(self.prefix, ns, k))
@@ -110,13 +124,16 @@ class RedisBackend:
         }
 
     def generation(self, ns: str) -> int:
-        return int(self.r.get(_key(self.prefix, ns, "gen")) or 0)
+        with self._errors():
+            return int(self.r.get(_key(self.prefix, ns, "gen")) or 0)
 
     def read(self, ns: str, kind: str, key: str) -> bytes | None:
-        return self.r.hget(_key(self.prefix, ns, kind), key)
+        with self._errors():
+            return self.r.hget(_key(self.prefix, ns, kind), key)
 
     def namespaces(self) -> list[str]:
-        return sorted(m.decode() for m in self.r.smembers(f"{self.prefix}:namespaces"))
+        with self._errors():
+            return sorted(m.decode() for m in self.r.smembers(f"{self.prefix}:namespaces"))
 
     def close(self) -> None:
         self.r.close()

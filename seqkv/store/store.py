@@ -49,6 +49,7 @@ from .backend import (
     Backend,
     NoSessionError,
     SessionExistsError,
+    StoreBusyError,
     StoreConflict,
     StoreError,
     open_backend,
@@ -185,7 +186,7 @@ class Store:
             except BaseException:
                 self._gen = -1  # the in-memory trie may hold uncommitted changes
                 raise
-        raise StoreError("store busy, retry: too many concurrent writers changed the trie")
+        raise StoreBusyError("store busy, retry: too many concurrent writers changed the trie")
 
     # -- inputs ------------------------------------------------------------------------------
     def _ids(self, data: str | Sequence[int] | torch.Tensor) -> tuple[list[int], TextRecipe | None]:
