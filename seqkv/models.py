@@ -89,11 +89,23 @@ class LoadedModel:
         if key not in self._variants:
             import copy
 
-            self._variants.clear()
+            for k in [k for k in self._variants if k != "engine"]:
+                del self._variants[k]
             copy_ = copy.deepcopy(self.model).to(getattr(torch, key[0]))
             copy_.set_attn_implementation(key[1])
             self._variants[key] = copy_
         return self._variants[key]
+
+    def engine(self):
+        """The integer coder engine of this model on its device (seqkv.engine.IntModel), or
+        None when the architecture has no integer mapping (the HF lockstep path is used).
+
+        Integer weights are derived once per machine and kept in the user cache, keyed by the
+        float weights' hash; the cached file's digest is re-checked on every load.
+        """
+        if "engine" not in self._variants:
+            self._variants["engine"] = _load_engine(self)
+        return self._variants["engine"]
 
     def prime_token(self) -> int:
         """The token every coded chunk is conditioned on first: BOS where the model has one."""
@@ -104,6 +116,33 @@ class LoadedModel:
             if tid is not None and 0 <= int(tid) < self.vocab_size:
                 return int(tid)
         return 0
+
+
+def _load_engine(lm: LoadedModel):
+    from .engine import IntModel, Unsupported, arch_spec, integerize
+    from .engine import weights as engine_weights
+
+    try:
+        spec = arch_spec(lm.config)
+    except Unsupported:
+        return None
+    path = cache_dir() / "engine" / f"{lm.fingerprint.weights}.safetensors"
+    weights = None
+    if path.is_file():
+        try:
+            weights = engine_weights.load(path, spec)
+        except (OSError, ValueError, KeyError):
+            weights = None  # damaged or stale: derive again below
+    if weights is None:
+        weights = integerize(lm.model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            engine_weights.save(weights, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache costs time, not correctness
+    return IntModel(weights, lm.device)
 
 
 def cache_dir() -> Path:

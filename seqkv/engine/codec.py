@@ -11,6 +11,7 @@ at any group size, on any device: groups are chosen for speed alone.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -85,6 +86,17 @@ class EngineCodec:
         rows = torch.stack([torch.cat(starts), torch.cat(freqs)], dim=1).cpu().numpy()
         counts = keep.sum(dim=1).tolist()
         return list(np.split(rows, np.cumsum(counts)[:-1]))
+
+    @torch.inference_mode()
+    def frequency_digest(self, ids: Sequence[int]) -> str:
+        """blake2b of every position's full frequency table for one stream: the golden vector
+        that pins the engine's numerics across machines."""
+        inputs = torch.as_tensor([[self.prime, *list(ids)[:-1]]], dtype=torch.long)
+        h = self.model.prefill_hidden(inputs.to(self.device))[0]
+        digest = hashlib.blake2b(digest_size=16)
+        for _, pmf in self.model.head_pmf(h):
+            digest.update(pmf.cpu().numpy().astype("<i8").tobytes())
+        return digest.hexdigest()
 
     def encode(self, streams: Sequence[Sequence[int]],
                progress: Progress | None = None) -> list[np.ndarray]:

@@ -49,17 +49,18 @@ def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int_matmul(q: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """Exact q @ wt for int64 q with |q| <= 2**ACT_BITS and int8 wt [K, N]: int64 [M, N].
+    """2 * q @ (A + B / 256), exactly, as float64 [M, N] holding integers, for int64 q with
+    |q| <= 2**ACT_BITS and wt = [A | B], int8 [K, 2N] (weights and their rounding residuals).
 
-    q is split into two int8 halves (q = 256 hi + lo) stacked as one GEMM's rows, so the
-    weights are read once.
+    q = 128 hi + lo with int8 halves, stacked as one GEMM's rows so each weight is read once:
+    2 q.A = 256 hi.A + 2 lo.A exactly, and the residual term is taken on hi alone
+    (hi.B = 2 q.B / 256 up to lo's 0.8% of the row's range).
     """
-    lo = ((q + 128) & 255) - 128
-    hi = (q - lo) >> 8
-    m = q.shape[0]
-    both = torch.cat([hi, lo]).to(torch.int8)
-    acc = _int8_gemm(both, wt).to(torch.int64)
-    return acc[:m] * 256 + acc[m:]
+    lo = ((q + 64) & 127) - 64
+    hi = (q - lo) >> 7
+    m, n = q.shape[0], wt.shape[1] // 2
+    acc = _int8_gemm(torch.cat([hi, lo]).to(torch.int8), wt).to(torch.float64)
+    return acc[:m, :n] * 256 + acc[m:, :n] * 2 + acc[:m, n:]
 
 
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,8 +79,3 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _f64_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # Products of int8s summed over K < 2**30 stay far below 2**53: exact in float64.
     return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
-
-
-def exact_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product of integer tensors whose sums stay below 2**53, as int64."""
-    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)

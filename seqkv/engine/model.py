@@ -6,13 +6,15 @@ token over a static KV cache (the decoder). The only reductions are integer sums
 the GEMMs are exact (intops.py) and the nonlinearities are tables (tables.py), so both give
 the same integers at every position, at any group size, thread count or device.
 
-Fixed-point formats: the residual stream and GEMM outputs are Q16; queries, keys and values
-Q10 (|x| < 2**21, so q.k and p.v sums stay exact in float64); attention weights Q16;
-next-token weights Q30; rotary tables Q14.
+Fixed-point formats: the residual stream and GEMM outputs are Q16 int64; queries, keys and
+values Q12, bounded so that q.k and p.v sums stay exact in float64; attention weights Q16;
+next-token weights Q30; rotary tables Q14. GEMM inputs are int14 per row (dyadic scale),
+weights int8 per output channel plus an int8 residual (intops.int_matmul).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,6 @@ from . import tables
 from .intops import (
     bit_length,
     div_round,
-    exact_bmm,
     int_matmul,
     isqrt,
     quantize_rows,
@@ -30,18 +31,21 @@ from .intops import (
 )
 from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
 
-QKV_FRAC = 10
-QKV_LIMIT = (1 << 21) - 1
-_NEG = -(1 << 60)
-_D_LIMIT = 1 << 34
+QKV_FRAC = 12
+MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many keys
 
 
 def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
-    """Q16 [..., in] -> Q16 [..., out]: per-row int14 activations x int8 weights, exactly."""
+    """Q16 [..., in] -> Q16 [..., out]: per-row int14 activations x int8 weights, exactly.
+
+    The rescaling runs in float64 on integers below 2**53 times powers of two: each step is
+    exact, and the one rounding (to the nearest integer) is an IEEE-defined operation.
+    """
     shape = v.shape
     q, k = quantize_rows(v.reshape(-1, shape[-1]))
-    acc = int_matmul(q, lin.w.t()) * lin.mant
-    y = rshift_round(acc, lin.exp - k.unsqueeze(-1))
+    acc = int_matmul(q, lin.w.t())
+    y = torch.round(acc * lin.scale * torch.ldexp(torch.ones_like(acc[:, :1]), k.unsqueeze(-1)))
+    y = y.to(torch.int64)
     if lin.bias is not None:
         y = y + lin.bias
     return y.reshape(*shape[:-1], -1)
@@ -79,7 +83,14 @@ class IntModel:
         self.exp_prob = torch.from_numpy(tables.exp_table(tables.PROB_BITS)).to(dev)
         act = tables.sigmoid_table() if self.spec.act == "silu" else tables.gelu_tanh_table()
         self.act_table = torch.from_numpy(act).to(dev)
-        self._scale = round(self.spec.attn_scale * (1 << 24))
+        self.exp_attn_f = self.exp_attn.to(torch.float64)
+        # |q|, |k|, |v| below 2**lim: q.k sums (head_dim terms) and p.v sums (Q16 weights,
+        # MAX_POSITIONS terms) stay below 2**53, exact in float64.
+        lim = min((53 - (self.spec.head_dim - 1).bit_length()) // 2,
+                  53 - tables.ATTN_BITS - (MAX_POSITIONS - 1).bit_length())
+        self._qkv_limit = (1 << lim) - 1
+        # score units (Q20) to table steps (2**-EXP_STEP nat), a float64 constant fixed here
+        self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -112,7 +123,7 @@ class IntModel:
         shift = FRAC + tables.ROPE_BITS - QKV_FRAC
         out = torch.cat([rshift_round(x1 * cos - x2 * sin, shift),
                          rshift_round(x2 * cos + x1 * sin, shift)], dim=-1)
-        return out.clamp(-QKV_LIMIT, QKV_LIMIT)
+        return out.clamp(-self._qkv_limit, self._qkv_limit)
 
     def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, pos: torch.Tensor, n_pos: int):
         """Queries [B, Hkv, rep, T, d] and keys, values [B, Hkv, T, d] in Q10 at positions
@@ -129,7 +140,7 @@ class IntModel:
         cos, sin = self.rope(s.thetas[i], n_pos)
         c, sn = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
         q, k = self._rotate(q, c, sn), self._rotate(k, c, sn)
-        v = rshift_round(v, FRAC - QKV_FRAC).clamp(-QKV_LIMIT, QKV_LIMIT)
+        v = rshift_round(v, FRAC - QKV_FRAC).clamp(-self._qkv_limit, self._qkv_limit)
         rep = s.n_heads // s.n_kv
         return q.reshape(b, s.n_kv, rep, t, s.head_dim), k, v
 
@@ -137,15 +148,18 @@ class IntModel:
         """Softmax attention of Q10 queries [B, Hkv, rep, T, d] over Q10 keys/values
         [B, Hkv, S, d]; allowed [B, 1, 1, T, S]. Returns Q16 [B, T, H * d]."""
         b, hkv, rep, t, d = q.shape
-        scores = exact_bmm(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2))
-        scores = scores.reshape(b, hkv, rep, t, -1)
-        scores = torch.where(allowed, scores, _NEG)
-        dist = (scores.amax(dim=-1, keepdim=True) - scores).clamp(max=_D_LIMIT)
-        idx = rshift_round(dist * self._scale, 32).clamp(max=self.exp_attn.shape[0] - 1)
-        p = torch.where(allowed, self.exp_attn[idx], 0)
+        # float64 holds every integer here exactly; the only rounded operations (the scale
+        # multiply, the final division) are IEEE-defined, so they agree on every device.
+        scores = torch.matmul(q.reshape(b, hkv, rep * t, d).to(torch.float64),
+                              k.transpose(-1, -2).to(torch.float64))
+        scores = scores.reshape(b, hkv, rep, t, -1).masked_fill(~allowed, -math.inf)
+        dist = scores.amax(dim=-1, keepdim=True) - scores  # +inf where not allowed
+        idx = torch.floor(dist * self._index_scale).clamp(max=self.exp_attn.shape[0] - 1)
+        p = self.exp_attn_f[idx.to(torch.int64)]
         total = p.sum(dim=-1, keepdim=True)
-        out = exact_bmm(p.reshape(b, hkv, rep * t, -1), v).reshape(b, hkv, rep, t, d)
-        out = div_round(out, total) << (FRAC - QKV_FRAC)
+        out = torch.matmul(p.reshape(b, hkv, rep * t, -1), v.to(torch.float64))
+        out = torch.round(out.reshape(b, hkv, rep, t, d) * (1 << (FRAC - QKV_FRAC)) / total)
+        out = out.to(torch.int64)
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
 
     def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
