@@ -117,7 +117,6 @@ def main() -> None:
     save(streams=len(lists), tokens=n_tok, encode_s=t_enc, encode_tok_s=n_tok / t_enc,
          bits_per_token=engine_bits(rows) / n_tok, float_bits_per_token=fbits / n_tok,
          bits_ratio=engine_bits(rows) / fbits)
-    words = [codec.encode([s])[0] for s in lists[:1]]
     from seqkv.decoders import encode_stream
     words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
     flush = sum(32 * w.size for w in words) - engine_bits(rows)

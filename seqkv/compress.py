@@ -3,6 +3,13 @@
 The cache of a causal LM is a deterministic function of its token prefix, so it carries at
 most H(token_{i+1} | token_{<=i}) bits per position (arXiv 2604.15356, §3). A blob holds the
 coded tokens; restoring the cache is decoding them and re-running prefill.
+
+Two procedures give the coder its probabilities:
+- the integer engine (seqkv.engine), for the architectures it maps (Llama, Qwen2/3, Mistral,
+  Gemma-3): the same integers on every device, group size and thread count; compact blobs
+  (token_blob.py);
+- the HF lockstep procedure (stepper.py) for every other causal LM: exact only under the
+  numerics recorded in its JSON blob (device, dtype, attention, group size, threads).
 """
 
 from __future__ import annotations
@@ -13,16 +20,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
-from . import __version__
+from . import __version__, token_blob
 from .blob import pack, unpack
+from .engine.codec import ENGINE_ID, EngineCodec
+from .engine.model import MAX_POSITIONS
 from .errors import BlobError, ModelMismatchError, SeqkvError
 from .kvsize import fp16_kv_bits, turboquant_kv_bits
-from .models import LoadedModel
+from .models import LoadedModel, model_name, packaged_kv_bits
 from .stepper import PROCEDURE, cache_kwarg
 from .textcodec import TextRecipe, decode_text, encode_text
-from .token_codec import DEFAULT_BATCH, DEFAULT_CHUNK, CodedChunk, TokenCodec
+from .token_codec import DEFAULT_BATCH, DEFAULT_CHUNK, CodedChunk, TokenCodec, split_chunks
+
+ENGINE = "engine"
+PROCEDURES = (ENGINE, PROCEDURE)
 
 KIND = "tokens"
 
@@ -75,20 +88,49 @@ class TokenBlob:
         return sum(c.bits for c in self.chunks)
 
 
+def _check_ids(lm: LoadedModel, ids: list[int]) -> None:
+    if not ids:
+        raise SeqkvError("nothing to encode: zero tokens")
+    if min(ids) < 0 or max(ids) >= lm.vocab_size:
+        raise SeqkvError(f"token id out of range for a vocabulary of {lm.vocab_size}")
+
+
+def _engine(lm: LoadedModel, procedure: str | None):
+    """The integer engine to code with, or None for the HF lockstep procedure."""
+    if procedure not in (None, *PROCEDURES):
+        raise SeqkvError(f"unknown coding procedure {procedure!r}; one of {PROCEDURES}")
+    if procedure == PROCEDURE:
+        return None
+    engine = lm.engine()
+    if engine is None and procedure == ENGINE:
+        raise SeqkvError(f"the integer engine does not cover {lm.fingerprint.name!r}'s "
+                         "architecture: use the lockstep procedure")
+    return engine
+
+
 def compress_tokens(
     lm: LoadedModel,
     ids: Sequence[int] | torch.Tensor,
     *,
     chunk_size: int = DEFAULT_CHUNK,
     batch: int = DEFAULT_BATCH,
-    procedure: str = PROCEDURE,
+    procedure: str | None = None,
     coder: str | None = None,
     text: TextRecipe | None = None,
+    text_digest: bytes | None = None,
     progress: bool = False,
 ) -> bytes:
-    """Token ids to a blob. ``coder``: "range" or "ans" (default: by the model's device)."""
+    """Token ids to a blob: under the integer engine where the architecture maps (default),
+    else the HF lockstep procedure (``procedure`` forces one). ``batch`` and ``coder`` apply
+    to the lockstep procedure only: the engine's blobs decode at any group size."""
     ids = _id_list(ids)
-    codec = TokenCodec(lm, chunk_size, batch, procedure=procedure, coder=coder)
+    _check_ids(lm, ids)
+    if chunk_size < 1 or batch < 1:
+        raise SeqkvError("chunk size and batch must be positive")
+    engine = _engine(lm, procedure)
+    if engine is not None:
+        return _compress_engine(lm, engine, ids, chunk_size, text, text_digest, progress)
+    codec = TokenCodec(lm, chunk_size, batch, procedure=PROCEDURE, coder=coder)
     coding = codec.encode(ids, progress=progress)
     header = {
         "kind": KIND,
@@ -111,10 +153,31 @@ def compress_tokens(
     return pack(header, [c.words.astype("<u4").tobytes() for c in coding.chunks])
 
 
+def engine_chunk_size(lm: LoadedModel, chunk_size: int) -> int:
+    """Chunks fit the context window (position 0 holds the prime token) and the engine."""
+    max_pos = getattr(lm.config.get_text_config(), "max_position_embeddings", None) or chunk_size
+    return max(1, min(chunk_size, int(max_pos) - 1, MAX_POSITIONS - 1))
+
+
+def _compress_engine(lm, engine, ids, chunk_size, text, text_digest, progress) -> bytes:
+    chunk_size = engine_chunk_size(lm, chunk_size)
+    streams = [ids[a:b] for a, b in split_chunks(len(ids), chunk_size)]
+    codec = EngineCodec(engine, lm.prime_token())
+    with tqdm(total=len(ids), desc="encode", unit="tok", disable=not progress) as bar:
+        words = codec.encode(streams, progress=bar.update)
+    header = token_blob.TokenHeader(
+        engine=ENGINE_ID, model=engine.digest[:8], n_tokens=len(ids), chunk_size=chunk_size,
+        words=[int(w.size) for w in words], token_hash=token_blob.ids_hash(ids),
+        text=text, text_hash=text_digest if text is not None else None,
+    )
+    return token_blob.pack(header, words)
+
+
 def compress_text(lm: LoadedModel, text: str, **options) -> bytes:
     """Text to a blob from which both the text (byte for byte) and its KV cache come back."""
     ids, recipe = encode_text(lm.tokenizer, text)
-    return compress_tokens(lm, ids, text=recipe, **options)
+    return compress_tokens(lm, ids, text=recipe, text_digest=token_blob.text_hash(text),
+                           **options)
 
 
 def check_model(lm: LoadedModel, header: dict, tokenizer: bool = False) -> None:
@@ -123,10 +186,50 @@ def check_model(lm: LoadedModel, header: dict, tokenizer: bool = False) -> None:
         raise ModelMismatchError(problem)
 
 
+def _engine_for_blob(lm: LoadedModel, header: token_blob.TokenHeader):
+    if header.engine != ENGINE_ID:
+        raise BlobError(f"blob was coded by integer engine version {header.engine}; this "
+                        f"seqkv has version {ENGINE_ID}")
+    engine = lm.engine()
+    if engine is None:
+        raise ModelMismatchError(
+            f"blob was coded under the integer engine with model {model_name(header.model)}; "
+            f"{lm.fingerprint.name!r} has no integer mapping")
+    if engine.digest[:8] != header.model:
+        raise ModelMismatchError(
+            f"blob was written with model {model_name(header.model)} (engine weights "
+            f"{header.model.hex()}), not {lm.fingerprint.name!r} ({engine.digest[:8].hex()})")
+    return engine
+
+
+def decode_group_size(device: torch.device) -> int:
+    """Chunks decoded in one lockstep group: any size decodes the same, so it is set for speed."""
+    return 64 if device.type == "cpu" else 1024
+
+
+def _decompress_engine(lm: LoadedModel, blob: bytes, progress: bool) -> tuple[list[int], object]:
+    header, streams = token_blob.unpack(blob)
+    engine = _engine_for_blob(lm, header)
+    codec = EngineCodec(engine, lm.prime_token())
+    lengths = header.chunk_lengths
+    group = decode_group_size(engine.device)
+    ids: list[int] = []
+    with tqdm(total=header.n_tokens, desc="decode", unit="tok", disable=not progress) as bar:
+        for g in range(0, len(streams), group):
+            for row in codec.decode(streams[g : g + group], lengths[g : g + group],
+                                    progress=bar.update):
+                ids.extend(row)
+    if token_blob.ids_hash(ids) != header.token_hash:
+        raise BlobError("decoded tokens do not match the stored hash (corrupt stream)")
+    return ids, header
+
+
 def decompress_tokens(
     lm: LoadedModel, blob: bytes | TokenBlob, progress: bool = False
 ) -> list[int]:
     """A blob back to its token ids, verified against the stored hash."""
+    if isinstance(blob, bytes | bytearray) and token_blob.is_token_blob(blob):
+        return _decompress_engine(lm, bytes(blob), progress)[0]
     parsed = blob if isinstance(blob, TokenBlob) else TokenBlob.parse(blob)
     check_model(lm, parsed.header)
     numerics = parsed.header["numerics"]
@@ -134,14 +237,36 @@ def decompress_tokens(
         lm, int(parsed.header["chunk_size"]), int(numerics.get("batch", 1)),
         procedure=str(numerics.get("procedure")), coder=str(parsed.header.get("coder")),
     )
-    ids = codec.decode(parsed.chunks, numerics, progress=progress)
-    if token_hash(ids) != parsed.header["token_hash"]:
-        raise BlobError("decoded tokens do not match the stored hash (corrupt stream, or "
-                        "this machine's numerics differ from the encoder's)")
+    try:
+        ids = codec.decode(parsed.chunks, numerics, progress=progress)
+        if token_hash(ids) != parsed.header["token_hash"]:
+            raise BlobError("decoded tokens do not match the stored hash (corrupt stream, or "
+                            "this machine's numerics differ from the encoder's)")
+    except BlobError as e:
+        if "threads" not in numerics:
+            raise BlobError(
+                "this blob is in seqkv 0.1's token format (HF lockstep, CPU thread count not "
+                "recorded) and does not decode here: decode it with the seqkv, machine and "
+                "thread count that wrote it, then compress it again") from e
+        raise
     return ids
 
 
 def decompress_text(lm: LoadedModel, blob: bytes, progress: bool = False) -> str:
+    if token_blob.is_token_blob(blob):
+        header, _ = token_blob.unpack(blob)
+        if header.text is None:
+            raise SeqkvError("this blob holds token ids, not text: restore the cache or ids "
+                             "instead")
+        if lm.tokenizer is None:
+            raise SeqkvError("this model has no tokenizer: cannot turn tokens back into text")
+        ids, header = _decompress_engine(lm, blob, progress)
+        text = decode_text(lm.tokenizer, ids, header.text)
+        if token_blob.text_hash(text) != header.text_hash:
+            raise ModelMismatchError("the tokens decoded exactly, but this tokenizer turns them "
+                                     "into other text than was compressed (another tokenizer "
+                                     "version?)")
+        return text
     parsed = TokenBlob.parse(blob)
     if parsed.header.get("text") is None:
         raise SeqkvError("this blob holds token ids, not text: restore the cache or ids instead")
@@ -196,8 +321,39 @@ def restore_cache(
     return prefill_cache(target if target is not None else lm.model, ids)
 
 
+def _inspect_engine(blob: bytes) -> dict:
+    header, streams = token_blob.unpack(blob)
+    n = header.n_tokens
+    bits = 32 * sum(int(w.size) for w in streams)
+    name = model_name(header.model)
+    kv = packaged_kv_bits(name, n)
+    return {
+        "kind": KIND,
+        "format": "compact",
+        "tokens": n,
+        "bits": bits,
+        "bytes": len(blob),
+        "header_bytes": len(blob) - bits // 8,
+        "bits_per_token": bits / n,
+        "file_bits_per_token": 8 * len(blob) / n,
+        "model": name,
+        "engine": header.engine,
+        "engine_weights": header.model.hex(),
+        "chunks": len(streams),
+        "chunk_size": header.chunk_size,
+        "coder": "ans",
+        "text": header.text is not None,
+        "fp16_kv_bits": kv[0] if kv else None,
+        "turboquant3_kv_bits": kv[1] if kv else None,
+        "ratio_vs_fp16": kv[0] / bits if kv else None,
+        "ratio_vs_turboquant3": kv[1] / bits if kv else None,
+    }
+
+
 def inspect_blob(blob: bytes) -> dict:
     """What a blob holds, read from its header alone (no model needed)."""
+    if token_blob.is_token_blob(blob):
+        return _inspect_engine(blob)
     header, sections = unpack(blob)
     if header.get("kind") == "kv-delta":
         from .delta import inspect_delta_blob
@@ -208,6 +364,7 @@ def inspect_blob(blob: bytes) -> dict:
     n, bits = parsed.n_tokens, parsed.bits
     return {
         "kind": h["kind"],
+        "format": "json",
         "tokens": n,
         "bits": bits,
         "bytes": len(blob),

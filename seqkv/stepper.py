@@ -23,6 +23,8 @@ from .errors import ModelMismatchError
 from .models import LoadedModel
 
 PROCEDURE = "lockstep-v1"  # DynamicCache, one token per stream per step: any model, any device
+# The HF fallback for architectures the integer engine (seqkv.engine) does not cover: exact
+# only on the same device, dtype, attention path, group size and CPU thread count.
 PROCEDURES = (PROCEDURE,)
 
 # on_step(step, pmf [B, V+2] int64, logits [B, V]) -> the tokens at this step [B] (long)
@@ -38,13 +40,19 @@ class NumericsProfile:
     dtype: str
     attn: str
     batch: int
+    threads: int  # CPU float kernels split their sums by thread count; 0 on accelerators
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def check(self, recorded: dict) -> None:
-        """Refuse to decode a blob whose numerics this machine cannot reproduce."""
-        for key in ("procedure", "device", "dtype", "attn", "batch"):
+        """Refuse to decode a blob whose numerics this machine cannot reproduce.
+
+        Blobs of seqkv 0.1 recorded no thread count: they are decoded as they come, and a
+        failure is reported as that format's (``compress.decompress_tokens``)."""
+        for key in ("procedure", "device", "dtype", "attn", "batch", "threads"):
+            if key == "threads" and key not in recorded:
+                continue
             if recorded.get(key) != getattr(self, key):
                 raise ModelMismatchError(
                     f"blob was coded with numerics {key}={recorded.get(key)!r}; "
@@ -75,6 +83,7 @@ def numerics_profile(lm: LoadedModel, batch: int, procedure: str = PROCEDURE) ->
         dtype=lm.fingerprint.dtype,
         attn=str(getattr(lm.config, "_attn_implementation", None) or "default"),
         batch=batch,
+        threads=torch.get_num_threads() if lm.device.type == "cpu" else 0,
     )
 
 

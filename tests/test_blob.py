@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from seqkv import compress_tokens, decompress_tokens, inspect_blob
+from seqkv import compress_tokens, decompress_tokens, inspect_blob, token_blob
 from seqkv.blob import MAGIC, pack, unpack, write_atomic
 from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
+from seqkv.stepper import PROCEDURE as LOCKSTEP
 
 from .conftest import tiny_gemma3, tiny_llama
 
@@ -16,7 +17,14 @@ IDS = list(range(3, 60, 2))
 
 @pytest.fixture(scope="module")
 def blob(llama) -> bytes:
-    return compress_tokens(llama, IDS, chunk_size=10, batch=2)
+    """A compact (engine) token blob."""
+    return compress_tokens(llama, IDS, chunk_size=10)
+
+
+@pytest.fixture(scope="module")
+def json_blob(llama) -> bytes:
+    """A JSON-container token blob (the HF lockstep procedure's)."""
+    return compress_tokens(llama, IDS, chunk_size=10, batch=2, procedure=LOCKSTEP)
 
 
 def test_container_round_trip():
@@ -36,15 +44,19 @@ def test_foreign_blob(llama, data):
         decompress_tokens(llama, data)
 
 
-def test_every_truncation_refused(llama, blob):
+@pytest.mark.parametrize("kind", ["blob", "json_blob"])
+def test_every_truncation_refused(llama, kind, request):
+    blob = request.getfixturevalue(kind)
     for n in range(1, len(blob)):
         with pytest.raises(BlobError):
             inspect_blob(blob[:n])
 
 
-def test_corruption_fuzz_never_gives_wrong_tokens(llama, blob):
+@pytest.mark.parametrize("kind", ["blob", "json_blob"])
+def test_corruption_fuzz_never_gives_wrong_tokens(llama, kind, request):
+    blob = request.getfixturevalue(kind)
     rng = random.Random(0)
-    for _ in range(300):
+    for _ in range(150):
         data = bytearray(blob)
         for _ in range(rng.randint(1, 3)):
             pos = rng.randrange(len(data))
@@ -53,8 +65,8 @@ def test_corruption_fuzz_never_gives_wrong_tokens(llama, blob):
             decompress_tokens(llama, bytes(data))
 
 
-def test_future_version_refused(blob):
-    data = bytearray(blob)
+def test_future_version_refused(json_blob):
+    data = bytearray(json_blob)
     data[len(MAGIC)] = 99
     with pytest.raises(BlobError, match="version 99"):
         inspect_blob(bytes(data))
@@ -68,23 +80,36 @@ def test_wrong_model_refused(blob):
         decompress_tokens(tiny_gemma3(), blob)
 
 
-def test_corrupt_stream_with_valid_checksum_is_caught(llama):
+def test_corrupt_stream_with_valid_checksum_is_caught(llama, blob):
     """A payload damaged before checksumming still fails: the token hash catches it."""
-    from seqkv.compress import TokenBlob
-
-    good = compress_tokens(llama, IDS)
-    parsed = TokenBlob.parse(good)
-    header, sections = unpack(good)
-    words = bytearray(sections[0])
-    words[0] ^= 0x10
-    bad = pack({k: v for k, v in header.items() if k != "sections"}, [bytes(words)])
-    assert TokenBlob.parse(bad).n_tokens == parsed.n_tokens
+    header, streams = token_blob.unpack(blob)
+    streams[0] = streams[0].copy()
+    streams[0][0] ^= 0x10
+    bad = token_blob.pack(header, streams)
+    assert inspect_blob(bad)["tokens"] == len(IDS)
     with pytest.raises(BlobError):
         decompress_tokens(llama, bad)
 
 
+def test_compact_header_is_small(blob):
+    info = inspect_blob(blob)
+    assert info["format"] == "compact"
+    assert info["header_bytes"] <= 64  # magic, engine, model, sizes, hashes, checksum
+
+
+def test_engine_version_and_flags_checked(llama, blob):
+    header, streams = token_blob.unpack(blob)
+    header.engine += 1
+    with pytest.raises(BlobError, match="engine version"):
+        decompress_tokens(llama, token_blob.pack(header, streams))
+    data = bytearray(blob[:-8])
+    data[4] |= 0x80
+    with pytest.raises(BlobError, match="flags"):
+        inspect_blob(bytes(data) + token_blob.short_hash(bytes(data)))
+
+
 def test_numerics_mismatch_refused(llama):
-    header, sections = unpack(compress_tokens(llama, IDS))
+    header, sections = unpack(compress_tokens(llama, IDS, procedure=LOCKSTEP))
     header["numerics"]["device"] = "cuda:NVIDIA H200"
     bad = pack({k: v for k, v in header.items() if k != "sections"}, sections)
     with pytest.raises(ModelMismatchError, match="device"):

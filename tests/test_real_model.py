@@ -56,7 +56,9 @@ def test_restore_onto_another_model_copy(smollm2):
     restored = restore_cache(smollm2, blob, target=target)
     ref = prefill_cache(smollm2.model, restored.input_ids[0].tolist())
     assert caches_equal(restored.cache, ref.cache)
-    assert torch.equal(restored.next_logits, ref.next_logits)
+    # Two copies of one float model may take different CPU kernels (alignment): the ids and
+    # cache are exact, float logits are only as close as float kernels make them.
+    assert torch.allclose(restored.next_logits, ref.next_logits, atol=1e-4)
 
 
 def test_gemma3_real_model_round_trip(gemma3_real):

@@ -206,12 +206,13 @@ class IntModel:
 
     @torch.inference_mode()
     def prefill_hidden(self, ids: torch.Tensor, cache: StepCache | None = None,
-                       budget: int = 1 << 24) -> torch.Tensor:
+                       budget: int | None = None) -> torch.Tensor:
         """The last hidden states (Q16 [B, T, hidden]) of sequences ids [B, T] at positions
         0..T-1, optionally writing their keys and values into ``cache`` (the same integers a
         step-by-step run writes). Attention runs in query blocks of about ``budget`` scores."""
         b, t = ids.shape
         pos = torch.arange(t, device=self.device).expand(b, t)
+        budget = budget or (1 << (24 if self.device.type == "cpu" else 28))
         block = max(16, budget // max(1, b * self.spec.n_heads * t))
         h = self.embed(ids)
         for i, layer in enumerate(self.w.layers):
@@ -227,8 +228,9 @@ class IntModel:
             h = self._finish_layer(layer, h, att)
         return h
 
-    def head_pmf(self, h: torch.Tensor, block: int = 512):
+    def head_pmf(self, h: torch.Tensor, block: int | None = None):
         """Yield (row offset, pmf [n, V + 2]) for blocks of rows of hidden states h [N, hidden]."""
+        block = block or (512 if self.device.type == "cpu" else 4096)
         for s in range(0, h.shape[0], block):
             yield s, self.pmf(self.head(h[s : s + block]))
 
