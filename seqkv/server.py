@@ -23,8 +23,8 @@ backend transaction and compaction swaps edges by compare-and-swap.
 
 Errors are JSON ``{"error": "..."}``: 400 bad input, 401 no or unknown key, 404 no such
 session (or route), 409 the session exists (a PUT with ``?replace=false``), 413 body too
-large, 422 malformed body, 503 store busy (retry), 500 an unexpected failure (no traceback is
-sent).
+large, 422 malformed body, 503 store busy (retry), 500 a corrupt stored record or an
+unexpected failure (no traceback is sent).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import SeqkvError
+from .errors import BlobError, SeqkvError
 from .store.backend import NoSessionError, SessionExistsError, StoreBusyError
 
 log = logging.getLogger("seqkv.server")
@@ -297,6 +297,12 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     @app.exception_handler(StoreBusyError)
     async def busy(request: Request, exc: StoreBusyError):
         return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(BlobError)
+    async def corrupt(request: Request, exc: BlobError):
+        # the request was fine: a stored record failed its checksum (or another model's)
+        log.error("corrupt store on %s %s: %s", request.method, request.url.path, exc)
+        return _error(500, str(exc))
 
     @app.exception_handler(SeqkvError)
     async def bad_input(request: Request, exc: SeqkvError):

@@ -65,13 +65,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, db: str, *args: str) -> None:
+    def __init__(self, model_dir: Path, db: str, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(self.port),
              "--model", str(model_dir), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
         while True:
             assert self.proc.poll() is None, self.proc.stderr.read().decode()[-3000:]
@@ -96,8 +96,8 @@ class Server:
 def start(model_dir):
     servers = []
 
-    def go(db: str, *args: str) -> Server:
-        servers.append(Server(model_dir, db, *args))
+    def go(db: str, *args: str, env: dict | None = None) -> Server:
+        servers.append(Server(model_dir, db, *args, env=env))
         return servers[-1]
 
     yield go
@@ -172,7 +172,9 @@ def test_api_contract_end_to_end(tmp_path, start, lm):
 
 
 def test_malformed_requests_get_json_errors(tmp_path, start):
-    srv = start(str(tmp_path / "store.db"), "--max-body", "4096", "--compact-interval", "0")
+    db = str(tmp_path / "store.db")
+    srv = start(db, "--max-body", "4096", "--compact-interval", "0",
+                env={"SEQKV_STORE_BUSY_TIMEOUT": "0.5"})
     j = {"Content-Type": "application/json"}
 
     def put(body: bytes, path="/v1/sessions/x", headers=j):
@@ -217,6 +219,32 @@ def test_malformed_requests_get_json_errors(tmp_path, start):
     assert r.status == 413 and "error" in json.loads(r.read())
     conn.close()
     assert Client(srv.url).stats()["sessions"] == 0  # nothing was stored by any of them
+    # a store another writer keeps locked: 503 "store busy, retry", never an internal error
+    import sqlite3
+
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        status, body = raw(srv.url, "PUT", "/v1/sessions/x", b'{"ids": [5, 6]}', j)
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert status == 503 and body["error"].startswith("store busy, retry"), (status, body)
+    assert raw(srv.url, "PUT", "/v1/sessions/x", b'{"ids": [5, 6]}', j)[0] == 201
+    # a stored record that fails its checksum is the server's fault: 500, one JSON line
+    con = sqlite3.connect(db, isolation_level=None)
+    row = con.execute("SELECT value FROM records WHERE kind = 'session' AND key = 'x'"
+                      ).fetchone()
+    assert row, list(con.execute("SELECT ns, kind, key FROM records"))
+    (value,) = row
+    value = bytearray(value)
+    value[len(value) // 2] ^= 1
+    con.execute("UPDATE records SET value = ? WHERE kind = 'session' AND key = 'x'",
+                (bytes(value),))
+    con.execute("UPDATE generations SET gen = gen + 1")
+    con.close()
+    status, body = raw(srv.url, "GET", "/v1/sessions/x")
+    assert status == 500 and "corrupt" in body["error"] and set(body) == {"error"}, body
 
 
 def test_api_keys_and_namespace_isolation(tmp_path, start):

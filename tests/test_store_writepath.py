@@ -119,3 +119,25 @@ def test_a_lost_redis_is_one_store_error(db, llama, monkeypatch):  # noqa: F811
     for call in (lambda: s.put("b", [5, 6]), s.stats, lambda: s.get_ids("a")):
         with pytest.raises(StoreError, match="Redis at .*ConnectionError"):
             call()
+
+
+def test_commits_survive_another_process_opening_the_file(tmp_path, llama):
+    """Several stores on one SQLite file in one process (as a server has), and another process
+    reading it in between: every commit stays (no descriptor of the file is closed behind
+    SQLite's back, which would drop this process's locks and let the reader delete the WAL)."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "s.db")
+    w = Store(path, llama, chunk=CHUNK)
+    Store(path, llama)  # a second store opened (and its path checked) while w's is open
+    read = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(sorted(k for (k,) in "
+            "c.execute(\"SELECT key FROM records WHERE kind = 'session'\"))); c.close()")
+
+    def sessions_seen_outside():
+        return subprocess.run([sys.executable, "-c", read, path], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    for i, name in enumerate(["x", "y", "z"]):
+        w.put(name, [5, 6 + i])
+        assert sessions_seen_outside() == str(["x", "y", "z"][: i + 1])

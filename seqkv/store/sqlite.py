@@ -13,14 +13,14 @@ A file that is not a SQLite database is refused without being touched; with ``cr
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .backend import StoreError, busy_timeout, pause_before_commit, retry_busy
-
-_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -60,8 +60,16 @@ def _busy(e: BaseException) -> bool:
         "locked" in str(e) or "busy" in str(e))
 
 
+def _uri(p: Path, mode: str) -> str:
+    return f"file:{urllib.parse.quote(p.resolve().as_posix())}?mode={mode}"
+
+
 def check_sqlite_file(path: str, create: bool) -> Path:
-    """Refuse, before anything is opened or loaded, a path that cannot be a store."""
+    """Refuse, before anything is opened or loaded, a path that cannot be a store.
+
+    The file is probed through SQLite (a read-only connection), never with open(): closing any
+    other descriptor of a database file drops every POSIX lock this process holds on it, so
+    another process could then delete the WAL under our open connections and lose commits."""
     p = Path(path)
     if p.is_dir():
         raise StoreError(f"is a directory, not a store: {path}")
@@ -71,13 +79,17 @@ def check_sqlite_file(path: str, create: bool) -> Path:
         if not p.parent.is_dir():
             raise StoreError(f"no such directory: {p.parent}")
         return p
+    if not os.access(p, os.R_OK):
+        raise StoreError(f"cannot read {path}: permission denied")
     try:
-        with open(p, "rb") as f:
-            head = f.read(len(_MAGIC))
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
-    if head != _MAGIC and (head or not create):
-        raise StoreError(f"not a seqkv store (not a SQLite file): {path}")
+        probe = sqlite3.connect(_uri(p, "ro"), uri=True, timeout=0.05)
+        try:
+            probe.execute("PRAGMA schema_version").fetchone()
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as e:
+        if not _busy(e):  # a locked database is a database
+            raise StoreError(f"not a seqkv store (not a SQLite file): {path}") from e
     return p
 
 
@@ -87,7 +99,7 @@ class SqliteBackend:
         self.url = str(p)
         self.busy = busy_timeout() if busy is None else busy
         try:
-            target = str(p) if create else f"file:{p.resolve().as_posix()}?mode=rw"
+            target = str(p) if create else _uri(p, "rw")
             self.con = sqlite3.connect(target, timeout=0.05, isolation_level=None,
                                        check_same_thread=False, uri=not create)
             retry_busy(lambda: self._init(create), _busy, self.busy, "opening the store")
