@@ -122,6 +122,8 @@ def arch_spec(config) -> ArchSpec:
     """The spec of a supported config, or Unsupported."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     kind = getattr(cfg, "model_type", "")
+    if kind not in ("llama", "qwen2", "qwen3", "mistral", "gemma3_text"):
+        raise Unsupported(f"model type {kind!r}")
     n = int(cfg.num_hidden_layers)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     common = dict(

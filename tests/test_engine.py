@@ -1,0 +1,267 @@
+"""The integer coder engine: one integer function, whatever the path, group or thread count."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from seqkv import compress_tokens, decompress_text, decompress_tokens, inspect_blob, token_blob
+from seqkv.blob import pack, unpack
+from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, integerize
+from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
+from seqkv.models import ENGINE_WEIGHTS, from_objects
+
+from .conftest import tiny_gemma3, tiny_llama
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def tiny_qwen(kind: str):
+    common = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(7)
+    if kind == "qwen2":  # biases on q, k, v
+        return from_objects(Qwen2ForCausalLM(Qwen2Config(**common)), None, "tiny-qwen2")
+    return from_objects(Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common)), None, "tiny-qwen3")
+
+
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "qwen2": lambda: tiny_qwen("qwen2"),
+          "qwen3": lambda: tiny_qwen("qwen3")}
+
+
+def _prefill_pmf(model: IntModel, ids: torch.Tensor) -> torch.Tensor:
+    h = model.prefill_hidden(ids)
+    rows = torch.cat([p for _, p in model.head_pmf(h.reshape(-1, h.shape[-1]))])
+    return rows.reshape(*ids.shape, -1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prefill_equals_step_at_every_position(name):
+    """The encoder's one prefill and the decoder's steps give the same integers everywhere;
+    40 positions run well past the random Gemma-3's sliding window of 8."""
+    lm = MODELS[name]()
+    model = IntModel(integerize(lm.model))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (3, 40), generator=g)
+    prefill = _prefill_pmf(model, ids)
+    cache = model.new_cache(3, 40)
+    for t in range(40):
+        step = model.pmf(model.step_logits(cache, ids[:, t], torch.full((3,), t)))
+        assert torch.equal(step, prefill[:, t]), f"position {t}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_engine_follows_the_float_model(name):
+    lm = MODELS[name]()
+    model = IntModel(integerize(lm.model))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    freq = _prefill_pmf(model, ids)[..., 1:-1].double() / 2**24
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits.double(), -1)
+    kl = (logp.exp() * (logp - freq.log())).sum(-1)
+    assert float(kl.max()) < 1e-3
+
+
+def test_group_size_changes_nothing(llama):
+    """A stream's frequencies alone equal its frequencies inside a padded group of 8, and
+    streams coded together decode in groups of 1, 3 or 8 alike."""
+    model = IntModel(integerize(llama.model))
+    g = torch.Generator().manual_seed(3)
+    streams = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 30, 17, 1, 25, 4,
+                                                                           30, 12)]
+    alone = _prefill_pmf(model, torch.tensor([[1, *streams[1][:-1]]]))[0]
+    group = torch.ones((8, 30), dtype=torch.long)
+    for row, s in enumerate(streams):
+        group[row, 1 : len(s)] = torch.tensor(s[:-1])
+    assert torch.equal(_prefill_pmf(model, group)[1], alone)
+    codec = EngineCodec(model, llama.prime_token())
+    words = codec.encode(streams)
+    assert [codec.encode([s])[0].tolist() for s in streams] == [w.tolist() for w in words]
+    lengths = [len(s) for s in streams]
+    for size in (1, 3, 8):
+        out = []
+        for start in range(0, 8, size):
+            out += codec.decode(words[start : start + size], lengths[start : start + size])
+        assert out == streams
+
+
+def test_contexts_decode_like_a_continuation(llama):
+    """Streams that continue a context (fed by prefill) decode as if stepped through it."""
+    codec = EngineCodec(IntModel(integerize(llama.model)), llama.prime_token())
+    g = torch.Generator().manual_seed(4)
+    full = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (20, 33, 7)]
+    cut = [5, 30, 2]
+    rows = codec.intervals(full, skip=cut)
+    whole = codec.intervals(full)
+    for r, w, c in zip(rows, whole, cut, strict=True):
+        assert np.array_equal(r, w[c:])
+    from seqkv.decoders import encode_stream
+
+    words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
+    tails = codec.decode(words, [len(f) - c for f, c in zip(full, cut, strict=True)],
+                         contexts=[f[:c] for f, c in zip(full, cut, strict=True)])
+    assert tails == [f[c:] for f, c in zip(full, cut, strict=True)]
+
+
+_THREADS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from transformers import LlamaConfig, LlamaForCausalLM
+from seqkv import compress_tokens, decompress_tokens, from_objects
+config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+model = LlamaForCausalLM(config)
+model.load_state_dict(torch.load(sys.argv[2]))
+lm = from_objects(model, None, "tiny")
+ids = list(range(3, 300, 2))
+if sys.argv[3] == "encode":
+    open(sys.argv[4], "wb").write(compress_tokens(lm, ids, chunk_size=64))
+else:
+    assert decompress_tokens(lm, open(sys.argv[4], "rb").read()) == ids
+    print("decoded")
+"""
+
+
+def test_any_thread_count(tmp_path):
+    """Blobs coded with 1 and 2 CPU threads are the same bytes and decode under the other
+    (torch fixes its thread pool per process, hence subprocesses)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    torch.manual_seed(5)
+    torch.save(LlamaForCausalLM(config).state_dict(), tmp_path / "w.pt")
+    script = tmp_path / "run.py"
+    script.write_text(_THREADS_SCRIPT)
+
+    def run(threads: int, mode: str, blob: Path) -> str:
+        out = subprocess.run([sys.executable, str(script), str(threads), str(tmp_path / "w.pt"),
+                              mode, str(blob)], capture_output=True, text=True, timeout=300,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    run(1, "encode", tmp_path / "one.skv")
+    run(2, "encode", tmp_path / "two.skv")
+    assert (tmp_path / "one.skv").read_bytes() == (tmp_path / "two.skv").read_bytes()
+    assert "decoded" in run(2, "decode", tmp_path / "one.skv")
+    assert "decoded" in run(1, "decode", tmp_path / "two.skv")
+
+
+def tiny_gpt2():
+    config = GPT2Config(vocab_size=200, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(6)
+    return from_objects(GPT2LMHeadModel(config), None, "tiny-gpt2")
+
+
+def test_uncovered_architecture_falls_back_and_records_threads():
+    lm = tiny_gpt2()
+    with pytest.raises(Unsupported):
+        arch_spec(lm.config)
+    assert lm.engine() is None
+    ids = list(range(5, 90))
+    blob = compress_tokens(lm, ids, chunk_size=40)
+    info = inspect_blob(blob)
+    assert info["format"] == "json" and info["numerics"]["procedure"] == "lockstep-v1"
+    assert info["numerics"]["threads"] == torch.get_num_threads()
+    assert decompress_tokens(lm, blob) == ids
+    header, sections = unpack(blob)
+    header["numerics"]["threads"] += 1
+    with pytest.raises(ModelMismatchError, match="threads"):
+        decompress_tokens(lm, pack({k: v for k, v in header.items() if k != "sections"},
+                                   sections))
+    with pytest.raises(SeqkvError, match="does not cover"):
+        compress_tokens(lm, ids, procedure="engine")
+
+
+def test_previous_format_blobs_decode_or_are_refused_by_name(llama):
+    """seqkv 0.1 blobs (no thread count) decode when the numerics match; otherwise the error
+    names their format rather than blaming corruption."""
+    ids = list(range(3, 50))
+    header, sections = unpack(compress_tokens(llama, ids, chunk_size=20, procedure="lockstep-v1"))
+    del header["numerics"]["threads"]
+    header = {k: v for k, v in header.items() if k != "sections"}
+    assert decompress_tokens(llama, pack(header, sections)) == ids
+    words = bytearray(sections[0])
+    words[0] ^= 0x40
+    with pytest.raises(BlobError, match="0.1's token format"):
+        decompress_tokens(llama, pack(header, [bytes(words), *sections[1:]]))
+
+
+def test_crafted_compact_headers_are_refused_or_exact(llama, monkeypatch):
+    """10,000 checksum-valid edits of a compact blob's header: each is refused with seqkv's
+    own error or decodes to exactly the original ids."""
+    decode, seen = EngineCodec.decode, {}
+
+    def memo(self, words, lengths, *args, **kwargs):  # the decode is a pure function
+        key = (tuple(w.tobytes() for w in words), tuple(lengths))
+        if key not in seen:
+            try:
+                seen[key] = decode(self, words, lengths, *args, **kwargs)
+            except SeqkvError as e:
+                seen[key] = e
+        if isinstance(seen[key], SeqkvError):
+            raise seen[key]
+        return seen[key]
+
+    monkeypatch.setattr(EngineCodec, "decode", memo)
+    ids = list(range(3, 40))
+    blob = compress_tokens(llama, ids, chunk_size=16)
+    header_end = len(blob) - 8 - 4 * (inspect_blob(blob)["bits"] // 32)
+    rng = random.Random(7)
+    outcomes = {"refused": 0, "exact": 0}
+    for _ in range(10_000):
+        data = bytearray(blob[:-8])
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(4, header_end)
+            data[pos] = rng.randrange(256) if rng.random() < 0.5 else data[pos] ^ (
+                1 << rng.randrange(8))
+        if rng.random() < 0.2:  # also grow or shrink the header
+            pos = rng.randrange(4, header_end)
+            data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
+        crafted = bytes(data) + token_blob.short_hash(bytes(data))
+        try:
+            token_blob.unpack(crafted)
+        except BlobError:
+            outcomes["refused"] += 1
+            continue
+        try:
+            got = decompress_tokens(llama, crafted)
+        except SeqkvError:
+            outcomes["refused"] += 1
+            continue
+        assert got == ids
+        outcomes["exact"] += 1
+    assert outcomes["refused"] > 9_000
+
+
+@pytest.mark.slow
+def test_golden_vectors(smollm2):
+    """The engine's integer weights, every position's frequencies for a bundled text and a
+    small committed blob: the same on every machine (checked on the H200 too, BENCHMARKS.md)."""
+    golden = json.loads((GOLDEN / "smollm2_engine.json").read_text())
+    engine = smollm2.engine()
+    assert engine.digest.hex() == golden["weights_digest"]
+    assert engine.digest[:8].hex() == ENGINE_WEIGHTS["smollm2-135m"]
+    from seqkv.demo import bundled_text
+
+    codec = EngineCodec(engine, smollm2.prime_token())
+    ids = smollm2.tokenizer(bundled_text("brown_news")).input_ids
+    assert len(ids) == golden["tokens"]
+    assert codec.frequency_digest(ids) == golden["frequency_digest"]
+    blob = (GOLDEN / "smollm2_news.skv").read_bytes()
+    assert decompress_text(smollm2, blob) == bundled_text("brown_news")[: golden["blob_chars"]]
