@@ -108,20 +108,26 @@ class EngineCodec:
     @torch.inference_mode()
     def decode(self, words: Sequence[np.ndarray], lengths: Sequence[int],
                contexts: Sequence[Sequence[int]] | None = None,
-               progress: Progress | None = None) -> list[list[int]]:
+               progress: Progress | None = None,
+               decoder: VectorRansDecoder | None = None) -> list[list[int]]:
         """Decode streams of ``lengths`` tokens in one lockstep group; each continues its
-        context (fed, not decoded; default none)."""
-        if not words:
-            return []
+        context (fed, not decoded; default none).
+
+        ``decoder``: carry on an open decoder of these streams (whose state persists across
+        calls, e.g. across context resets) instead of opening one; the caller then checks its
+        end with ``decoder.finish()``."""
+        if not words or max(lengths, default=0) == 0:
+            return [[] for _ in words]
         contexts = [list(c) for c in contexts] if contexts is not None else [[]] * len(words)
-        group = _DecodeGroup(self, words, list(lengths), contexts)
-        return group.run(progress)
+        group = _DecodeGroup(self, words, list(lengths), contexts, decoder)
+        return group.run(progress, finish=decoder is None)
 
 
 class _DecodeGroup:
     """Static buffers of one lockstep decode, and its step (captured per span on GPUs)."""
 
-    def __init__(self, codec: EngineCodec, words, lengths: list[int], contexts: list[list[int]]):
+    def __init__(self, codec: EngineCodec, words, lengths: list[int], contexts: list[list[int]],
+                 decoder: VectorRansDecoder | None = None):
         m, dev = codec.model, codec.device
         b = len(words)
         self.codec, self.model, self.lengths_host = codec, m, lengths
@@ -141,7 +147,7 @@ class _DecodeGroup:
         self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=dev)
         self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros((b, self.steps), dtype=torch.long, device=dev)
-        self.decoder = VectorRansDecoder(list(words), dev)
+        self.decoder = decoder or VectorRansDecoder(list(words), dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _span(self, step: int) -> int:
@@ -176,7 +182,7 @@ class _DecodeGroup:
             self._mempool = torch.cuda.graph_pool_handle()
         return self._mempool
 
-    def run(self, progress: Progress | None) -> list[list[int]]:
+    def run(self, progress: Progress | None, finish: bool = True) -> list[list[int]]:
         lengths = self.lengths_host
         for step in range(self.steps):
             span = self._span(step)
@@ -192,6 +198,7 @@ class _DecodeGroup:
                 self._step(span)
             if progress:
                 progress(sum(1 for n in lengths if step < n))
-        self.decoder.finish()
+        if finish:
+            self.decoder.finish()
         rows = self.out.cpu()
         return [rows[i, :n].tolist() for i, n in enumerate(lengths)]
