@@ -1,6 +1,7 @@
 """The write path: put writes raw edges with no model work, reads of raw edges need no model,
 and a writer that finds the store busy backs off, then says "store busy, retry"."""
 
+import os
 import sqlite3
 
 import pytest
@@ -141,3 +142,32 @@ def test_commits_survive_another_process_opening_the_file(tmp_path, llama):
     for i, name in enumerate(["x", "y", "z"]):
         w.put(name, [5, 6 + i])
         assert sessions_seen_outside() == str(["x", "y", "z"][: i + 1])
+
+
+def _create_and_write(path, q):
+    from seqkv.store.sqlite import SqliteBackend
+
+    try:
+        b = SqliteBackend(path)
+        with b.transaction("ns") as t:
+            t.put("k", str(os.getpid()), b"x")
+        q.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        q.put(repr(e))
+
+
+def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
+    """The schema is created in one transaction: no process sees half of it (and refuses the
+    store as 'not a seqkv store'), as six racing creators did before."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(5):
+        path, q = str(tmp_path / f"s{trial}.db"), ctx.Queue()
+        procs = [ctx.Process(target=_create_and_write, args=(path, q)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert results == ["ok"] * 6

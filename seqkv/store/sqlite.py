@@ -22,12 +22,13 @@ from pathlib import Path
 
 from .backend import StoreError, busy_timeout, pause_before_commit, retry_busy
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS records (
     ns TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
-    PRIMARY KEY (ns, kind, key)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS generations (ns TEXT PRIMARY KEY, gen INTEGER NOT NULL);
-"""
+    PRIMARY KEY (ns, kind, key)) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS generations (ns TEXT PRIMARY KEY, gen INTEGER NOT NULL)",
+]
+_TABLES = {"records", "generations"}
 
 
 class _SqliteTxn:
@@ -106,14 +107,29 @@ class SqliteBackend:
         except sqlite3.DatabaseError as e:
             raise StoreError(f"not a seqkv store (SQLite: {e}): {path}") from e
 
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT name FROM sqlite_master")}
+
     def _init(self, create: bool) -> None:
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=FULL")
-        tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master")}
-        if not {"records", "generations"} <= tables:
-            if not create or tables:
+        if _TABLES <= self._tables():
+            return
+        if not create:
+            raise StoreError(f"not a seqkv store (no seqkv tables): {self.url}")
+        # one transaction: processes creating the same new store at once never see half a
+        # schema, and another application's database (tables, none of ours) is not touched
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            tables = self._tables()
+            if tables and not _TABLES <= tables:
                 raise StoreError(f"not a seqkv store (no seqkv tables): {self.url}")
-            self.con.executescript(_SCHEMA)
+            for statement in _SCHEMA:
+                self.con.execute(statement)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def transaction(self, ns: str) -> Iterator[_SqliteTxn]:
