@@ -179,7 +179,7 @@ class Service:
                 if self._stop.is_set():
                     break
                 try:
-                    self.compact(ns, max_rounds=64)
+                    self.compact(ns, max_rounds=4)  # short rounds: shutdown stays prompt
                 except Exception as e:  # noqa: BLE001 - keep compacting; report and go on
                     log.warning("background compaction of %r failed: %s", ns, e)
 
