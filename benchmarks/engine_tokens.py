@@ -146,6 +146,7 @@ def main() -> None:
     if args.decode_words:
         other = np.load(args.decode_words)
         ow = [other[k] for k in sorted(other.files, key=lambda k: int(k.split("_")[1]))]
+        ow = ow[: len(lists)]
         got = codec.decode(ow, [len(s) for s in lists[: len(ow)]])
         save(cross_machine_streams=len(ow), cross_machine_exact=got == lists[: len(ow)])
 

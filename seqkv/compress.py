@@ -165,6 +165,8 @@ def _compress_engine(lm, engine, ids, chunk_size, text, text_digest, progress) -
     codec = EngineCodec(engine, lm.prime_token())
     with tqdm(total=len(ids), desc="encode", unit="tok", disable=not progress) as bar:
         words = codec.encode(streams, progress=bar.update)
+    if text is not None and text_digest is None:  # the text these ids and recipe give back
+        text_digest = token_blob.text_hash(decode_text(lm.tokenizer, ids, text))
     header = token_blob.TokenHeader(
         engine=ENGINE_ID, model=engine.digest[:8], n_tokens=len(ids), chunk_size=chunk_size,
         words=[int(w.size) for w in words], token_hash=token_blob.ids_hash(ids),

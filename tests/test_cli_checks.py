@@ -90,7 +90,8 @@ def test_blob_of_another_model_refused_before_loading(no_model, foreign_text_blo
     if model:
         args += ["--model", model]
     needed = "smollm2-135m" if model in (None, "default") else model
-    _one_line_error(runner.invoke(app, args), "'tiny-text-0'", f"not '{needed}'", "--model")
+    # Compact blobs name a model by its engine weights (packaged models by name).
+    _one_line_error(runner.invoke(app, args), "engine weights", f"not '{needed}'", "--model")
     assert not (tmp_path / "o.txt").exists()
 
 
