@@ -18,7 +18,7 @@ from seqkv.store import Store
 from seqkv.store import coding as coding_mod
 from seqkv.store import compaction as compaction_mod
 from seqkv.store.backend import PAUSE_ENV
-from seqkv.store.coding import Cursor, encode_intervals
+from seqkv.store.coding import ENGINE_PROCEDURE, encode_edges, encode_intervals
 
 from .test_store_backends import CHUNK, db, seqs  # noqa: F401 - the db fixture
 
@@ -51,10 +51,11 @@ def test_compact_codes_edges_as_direct_coding_would(db, llama):  # noqa: F811
     st = s.stats()
     assert st["raw_edges"] == 0 and st["bits_total"] == r.coded_bits > 0
     fresh = check_store(db, llama, data)  # coded edges decoded from their bits
-    for node in fresh.trie.edges():  # one rANS stream per edge, the same words as today's coder
-        cursor = Cursor(llama, CHUNK)
-        cursor.seek(path_tokens(fresh, node)[: node.start])
-        assert np.array_equal(node.words, encode_intervals(cursor.encode(node.tokens)))
+    assert fresh.procedure == ENGINE_PROCEDURE  # the integer engine codes Llama stores
+    for node in fresh.trie.edges():  # one rANS stream per edge, as coding one edge alone gives
+        before = path_tokens(fresh, node)[: node.start]
+        [rows] = encode_edges(llama, CHUNK, [(before, node.tokens)], ENGINE_PROCEDURE)
+        assert np.array_equal(node.words, encode_intervals(rows))
     again = fresh.compact()  # idempotent
     assert (again.edges, again.pending) == (0, 0)
     assert Store(db, llama).stats()["bits_total"] == st["bits_total"]
@@ -70,12 +71,12 @@ def test_fresh_process_put_uses_token_hashes_and_never_codes_under_the_lock(
     calls = []
 
     def watch(real):
-        def wrapper(lm, chunk, jobs):
+        def wrapper(lm, chunk, jobs, *procedure):
             calls.append(len(jobs))
             for st in (fresh, fresh2):
                 con = getattr(st.backend, "con", None)
                 assert con is None or not con.in_transaction, "the model ran under the lock"
-            return real(lm, chunk, jobs)
+            return real(lm, chunk, jobs, *procedure)
         return wrapper
 
     monkeypatch.setattr("seqkv.store.store.decode_edges", watch(coding_mod.decode_edges))
@@ -103,12 +104,12 @@ def test_compare_and_swap_leaves_concurrent_split_and_delete_alone(db, llama, mo
     real = compaction_mod.encode_edges
     rounds = []
 
-    def racing(lm, chunk, jobs):
+    def racing(lm, chunk, jobs, *procedure):
         if not rounds:  # while the batch is being coded, another writer splits and deletes
             other.put("late", late)
             other.delete("s1")
         rounds.append(len(jobs))
-        return real(lm, chunk, jobs)
+        return real(lm, chunk, jobs, *procedure)
 
     monkeypatch.setattr(compaction_mod, "encode_edges", racing)
     r = s.compact(batch=100)

@@ -13,6 +13,12 @@ The :class:`Cursor` is lazy: fed tokens whose intervals are already known cost n
 distribution is needed, and then only the tokens since the last reset are run, so a put that
 shares a long prompt pays at most ``chunk`` forward steps of context.
 
+With the integer engine (seqkv.engine, the default where the architecture maps) the same rule
+holds with the engine's probabilities: each (edge, window) piece is one stream of a batched
+prefill when encoding, and edges decode together in one lockstep group per window, their
+contexts fed by prefill (``_engine_encode`` / ``_engine_decode``). Stores record which
+procedure coded them; stores of seqkv 0.1 keep the lockstep one.
+
 Each edge is one rANS stream (constriction's AnsCoder, 24-bit fixed point, the token codec's
 3-symbol reduced model trick), so its cost is its tokens' information plus at most ~64 bits.
 """
@@ -24,12 +30,15 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from ..decoders import VectorRansDecoder
 from ..distribution import TOTAL, full_weights, quantized_pmf, reduced_weights, symbol_intervals
+from ..engine import EngineCodec
 from ..errors import BlobError
 from ..models import LoadedModel
 from ..stepper import cache_kwarg, configure_determinism
 
-PROCEDURE = "plt-path-lockstep-v1"
+PROCEDURE = "plt-path-lockstep-v1"  # HF forward, one stream: the fallback (and seqkv 0.1)
+ENGINE_PROCEDURE = "plt-path-engine"  # the integer engine: any device, any group
 _Categorical = constriction.stream.model.Categorical
 
 
@@ -154,8 +163,17 @@ EncodeJob = tuple[list[int], list[int]]  # (path before the edge, the edge's tok
 DecodeJob = tuple[list[int], np.ndarray, int]  # (path before the edge, words, n tokens)
 
 
-def encode_edges(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[np.ndarray]:
+def procedure_for(lm: LoadedModel) -> str:
+    """The coding procedure a new store of this model uses: the integer engine where the
+    architecture maps (the same probabilities on every machine), else the HF lockstep one."""
+    return ENGINE_PROCEDURE if lm.engine() is not None else PROCEDURE
+
+
+def encode_edges(lm: LoadedModel, chunk: int, jobs: list[EncodeJob],
+                 procedure: str = PROCEDURE) -> list[np.ndarray]:
     """The (start, freq) rows [n, 2] int64 of each job's edge tokens given its path."""
+    if procedure == ENGINE_PROCEDURE:
+        return _engine_encode(lm, chunk, jobs) if jobs else []
     cursor = Cursor(lm, chunk)
     out = []
     for path, tokens in jobs:
@@ -164,13 +182,76 @@ def encode_edges(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[np.
     return out
 
 
-def decode_edges(lm: LoadedModel, chunk: int,
-                 jobs: list[DecodeJob]) -> list[tuple[list[int], np.ndarray]]:
+def decode_edges(lm: LoadedModel, chunk: int, jobs: list[DecodeJob],
+                 procedure: str = PROCEDURE) -> list[tuple[list[int], np.ndarray]]:
     """Each job's edge decoded from its words given its path: (tokens, rows). A corrupt
     stream raises BlobError."""
+    if procedure == ENGINE_PROCEDURE:
+        return _engine_decode(lm, chunk, jobs) if jobs else []
     cursor = Cursor(lm, chunk)
     out = []
     for path, words, n in jobs:
         cursor.seek(path)
         out.append(cursor.decode(words, n))
     return out
+
+
+# -- the integer engine behind the seam ------------------------------------------------------
+
+
+def _windows(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
+    """(window start, tokens in it) of the positions [start, start + n), window by window."""
+    out, p, end = [], start, start + n
+    while p < end:
+        w = p - p % chunk
+        take = min(end, w + chunk) - p
+        out.append((w, take))
+        p += take
+    return out
+
+
+def _engine_encode(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[np.ndarray]:
+    streams, skips, owner = [], [], []
+    for j, (path, tokens) in enumerate(jobs):
+        full = list(path) + list(tokens)
+        for w, take in _windows(len(path), len(tokens), chunk):
+            begin = max(len(path), w)
+            streams.append(full[w : begin + take])
+            skips.append(begin - w)
+            owner.append(j)
+    rows = EngineCodec(lm.engine(), lm.prime_token()).intervals(streams, skip=skips)
+    out: list[list[np.ndarray]] = [[] for _ in jobs]
+    for j, r in zip(owner, rows, strict=True):
+        out[j].append(r)
+    return [np.concatenate(r) if r else np.zeros((0, 2), dtype=np.int64) for r in out]
+
+
+def _engine_decode(lm: LoadedModel, chunk: int,
+                   jobs: list[DecodeJob]) -> list[tuple[list[int], np.ndarray]]:
+    """All edges in one lockstep group per window round: an edge crossing a window boundary
+    goes on in the next round from a fresh context, its rANS state carried over."""
+    engine = lm.engine()
+    codec = EngineCodec(engine, lm.prime_token())
+    segments = [_windows(len(path), n, chunk) for path, _, n in jobs]
+    decoder = VectorRansDecoder([np.asarray(w, dtype=np.uint32) for _, w, _ in jobs],
+                                engine.device)
+    decoded: list[list[int]] = [[] for _ in jobs]
+    for r in range(max((len(s) for s in segments), default=0)):
+        lengths, contexts = [], []
+        for (path, _, _), segs, got in zip(jobs, segments, decoded, strict=True):
+            if r >= len(segs):
+                lengths.append(0)
+                contexts.append([])
+                continue
+            w, take = segs[r]
+            full = list(path) + got
+            lengths.append(take)
+            contexts.append(full[w : max(len(path), w)])
+        words = [w for _, w, _ in jobs]
+        for got, new in zip(decoded, codec.decode(words, lengths, contexts, decoder=decoder),
+                            strict=True):
+            got.extend(new)
+    decoder.finish()
+    rows = _engine_encode(lm, chunk, [(path, got) for (path, _, _), got in
+                                      zip(jobs, decoded, strict=True)])
+    return list(zip(decoded, rows, strict=True))

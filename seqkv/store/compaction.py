@@ -63,7 +63,7 @@ def compact(store: Store, batch: int = DEFAULT_BATCH, max_rounds: int = 10_000) 
                 paths[parent.id] = store._path_ids(store.trie.path(parent))[0]
             jobs.append((paths[parent.id], list(node.tokens)))
         with store.model_lock:
-            rows = encode_edges(lm, store.chunk, jobs)
+            rows = encode_edges(lm, store.chunk, jobs, store.procedure)
         coded = [(n.id, (n.parent.id, n.start, n.n, n.token_hash), encode_intervals(r), r)
                  for n, r in zip(todo, rows, strict=True)]
 

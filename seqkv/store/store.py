@@ -39,6 +39,8 @@ import torch
 from ..blob import pack
 from ..compress import RestoredCache, prefill_cache, token_hash
 from ..delta.cachefile import KVCache
+from ..engine.codec import ENGINE_ID
+from ..engine.model import MAX_POSITIONS
 from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..models import LoadedModel
@@ -55,7 +57,14 @@ from .backend import (
     open_backend,
 )
 from .checkpoints import CheckpointManager
-from .coding import PROCEDURE, decode_edges, encode_edges, encode_intervals
+from .coding import (
+    ENGINE_PROCEDURE,
+    PROCEDURE,
+    decode_edges,
+    encode_edges,
+    encode_intervals,
+    procedure_for,
+)
 from .compaction import DEFAULT_BATCH, CompactResult, compact
 from .policies import NodeInfo, Policy, policy_by_name
 from .records import (
@@ -117,7 +126,12 @@ class Store:
         self.model_lock: AbstractContextManager = nullcontext()
 
     # -- store-wide meta -------------------------------------------------------------------
-    def _profile(self, chunk: int) -> dict:
+    def _profile(self, chunk: int, procedure: str) -> dict:
+        """What the store's coded edges depend on: for the engine its version and integer
+        weights; for the lockstep fallback the whole float numerics profile."""
+        if procedure == ENGINE_PROCEDURE:
+            return {"procedure": procedure, "engine": ENGINE_ID,
+                    "weights": self.lm.engine().digest[:8].hex(), "chunk": chunk}
         p = numerics_profile(self.lm, 1).to_dict()
         return {**p, "procedure": PROCEDURE, "chunk": chunk}
 
@@ -125,11 +139,15 @@ class Store:
         raw = self.backend.read(META_NS, "meta", "store")
         if raw is not None:
             meta, _ = parse("meta", "store", raw)
+            self.procedure = str(meta["numerics"].get("procedure", PROCEDURE))
             if self.lm is not None:
                 problem = self.lm.fingerprint.mismatch(meta["model"])
                 if problem:
                     raise ModelMismatchError(problem.replace("blob", "store"))
-                mine = self._profile(int(meta["numerics"]["chunk"]))
+                if self.procedure == ENGINE_PROCEDURE and self.lm.engine() is None:
+                    raise ModelMismatchError("store was coded under the integer engine, which "
+                                             "this model's architecture has no mapping for")
+                mine = self._profile(int(meta["numerics"]["chunk"]), self.procedure)
                 for key, value in meta["numerics"].items():
                     if mine.get(key) != value:
                         raise ModelMismatchError(
@@ -140,8 +158,11 @@ class Store:
             raise StoreError(f"no seqkv store at {self.backend.url} (put a session first)")
         max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
         chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
+        procedure = procedure_for(self.lm)
+        if procedure == ENGINE_PROCEDURE:
+            chunk = min(chunk, MAX_POSITIONS - 1)
         header = {"kind": "meta", "model": self.lm.fingerprint.to_dict(),
-                  "numerics": self._profile(chunk), "format": 1}
+                  "numerics": self._profile(chunk, procedure), "format": 1}
         with self.backend.transaction(META_NS) as txn:
             if txn.read("meta", "store") is None:
                 txn.put("meta", "store", pack(header, []))
@@ -208,7 +229,8 @@ class Store:
         lm = self._need_model()
         try:
             with self.model_lock:
-                [(tokens, rows)] = decode_edges(lm, self.chunk, [(before, node.words, node.n)])
+                [(tokens, rows)] = decode_edges(lm, self.chunk, [(before, node.words, node.n)],
+                                                self.procedure)
         except BlobError as e:
             raise StoreCorruptError(f"corrupt store record edge {node.id}: {e}") from e
         if edge_hash(tokens) != node.token_hash:
@@ -488,7 +510,7 @@ class Store:
             ids.extend(e.tokens)
         if jobs:
             with self.model_lock:
-                rows = encode_edges(self._need_model(), self.chunk, jobs)
+                rows = encode_edges(self._need_model(), self.chunk, jobs, self.procedure)
             for e, r in zip(todo, rows, strict=True):
                 e.intervals = r
 
