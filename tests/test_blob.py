@@ -1,5 +1,6 @@
 """Every way a blob can be wrong gives a clear SeqkvError, never wrong tokens."""
 
+import json
 import random
 
 import pytest
@@ -129,3 +130,54 @@ def test_atomic_write(tmp_path):
 def test_token_ids_as_tensor(llama):
     blob = compress_tokens(llama, torch.tensor([IDS]))
     assert decompress_tokens(llama, blob) == IDS
+
+
+_ODD_VALUES = [None, True, -1, 0, 1, 2**40, 1.5, float("nan"), "", "x", [], [1], [[0, 1, 2]],
+               {}, {"a": 1}, "0" * 32]
+
+
+def test_crafted_json_headers_are_refused_or_exact(llama, json_blob, monkeypatch):
+    """10,000 checksum-valid edits of the JSON token header (wrong types, missing or unknown
+    fields, nested edits): each refused with seqkv's own error or decoded exactly."""
+    from seqkv.token_codec import TokenCodec
+
+    decode, seen = TokenCodec.decode, {}
+
+    def memo(self, chunks, profile=None, progress=False):  # a pure function of its inputs
+        key = (tuple(c.words.tobytes() for c in chunks), repr(profile), self.batch)
+        if key not in seen:
+            try:
+                seen[key] = decode(self, chunks, profile, progress)
+            except SeqkvError as e:
+                seen[key] = e
+        if isinstance(seen[key], SeqkvError):
+            raise seen[key]
+        return seen[key]
+
+    monkeypatch.setattr(TokenCodec, "decode", memo)
+    header, sections = unpack(json_blob)
+    header.pop("sections")
+    rng = random.Random(11)
+    refused = exact = 0
+    for _ in range(10_000):
+        h = json.loads(json.dumps(header))
+        for _ in range(rng.randint(1, 2)):
+            target = h
+            key = rng.choice([*h.keys(), "extra"])
+            if isinstance(h.get(key), dict) and h[key] and rng.random() < 0.5:
+                target, key = h[key], rng.choice([*h[key].keys(), "extra"])
+            if rng.random() < 0.15:
+                target.pop(key, None)
+            else:
+                target[key] = rng.choice(_ODD_VALUES)
+        try:
+            crafted = pack(h, sections)
+        except ValueError:  # NaN inside JSON is still written; anything json refuses is moot
+            continue
+        try:
+            inspect_blob(crafted)
+            assert decompress_tokens(llama, crafted) == IDS
+            exact += 1
+        except SeqkvError:
+            refused += 1
+    assert refused > 5_000 and refused + exact >= 9_900
