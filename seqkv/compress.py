@@ -30,7 +30,8 @@ from .engine.codec import ENGINE_ID, EngineCodec
 from .engine.model import MAX_POSITIONS
 from .errors import BlobError, ModelMismatchError, SeqkvError
 from .kvsize import fp16_kv_bits, turboquant_kv_bits
-from .models import LoadedModel, model_name, packaged_kv_bits
+from .models import LoadedModel
+from .packaged import model_name
 from .stepper import PROCEDURE, cache_kwarg
 from .textcodec import TextRecipe, decode_text, encode_text
 from .token_codec import DEFAULT_BATCH, DEFAULT_CHUNK, CodedChunk, TokenCodec, split_chunks
@@ -383,39 +384,10 @@ def restore_cache(
     return prefill_cache(target if target is not None else lm.model, ids)
 
 
-def _inspect_engine(blob: bytes) -> dict:
-    header, streams = token_blob.unpack(blob)
-    n = header.n_tokens
-    bits = 32 * sum(int(w.size) for w in streams)
-    name = model_name(header.model)
-    kv = packaged_kv_bits(name, n)
-    return {
-        "kind": KIND,
-        "format": "compact",
-        "tokens": n,
-        "bits": bits,
-        "bytes": len(blob),
-        "header_bytes": len(blob) - bits // 8,
-        "bits_per_token": bits / n,
-        "file_bits_per_token": 8 * len(blob) / n,
-        "model": name,
-        "engine": header.engine,
-        "engine_weights": header.model.hex(),
-        "chunks": len(streams),
-        "chunk_size": header.chunk_size,
-        "coder": "ans",
-        "text": header.text is not None,
-        "fp16_kv_bits": kv[0] if kv else None,
-        "turboquant3_kv_bits": kv[1] if kv else None,
-        "ratio_vs_fp16": kv[0] / bits if kv else None,
-        "ratio_vs_turboquant3": kv[1] / bits if kv else None,
-    }
-
-
 def inspect_blob(blob: bytes) -> dict:
     """What a blob holds, read from its header alone (no model needed)."""
     if token_blob.is_token_blob(blob):
-        return _inspect_engine(blob)
+        return token_blob.describe(blob)
     header, sections = unpack(blob)
     if header.get("kind") == "kv-delta":
         from .delta import inspect_delta_blob

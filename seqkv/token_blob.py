@@ -167,3 +167,35 @@ def unpack(data: bytes) -> tuple[TokenHeader, list[np.ndarray]]:
     for n in words:
         streams.append(np.frombuffer(r.take(4 * n), dtype="<u4").astype(np.uint32))
     return header, streams
+
+
+def describe(data: bytes) -> dict:
+    """What a compact blob holds, from its header alone (no model, no torch)."""
+    from .packaged import model_name, packaged_kv_bits
+
+    header, streams = unpack(data)
+    n = header.n_tokens
+    bits = 32 * sum(int(w.size) for w in streams)
+    name = model_name(header.model)
+    kv = packaged_kv_bits(name, n)
+    return {
+        "kind": "tokens",
+        "format": "compact",
+        "tokens": n,
+        "bits": bits,
+        "bytes": len(data),
+        "header_bytes": len(data) - bits // 8,
+        "bits_per_token": bits / n,
+        "file_bits_per_token": 8 * len(data) / n,
+        "model": name,
+        "engine": header.engine,
+        "engine_weights": header.model.hex(),
+        "chunks": len(streams),
+        "chunk_size": header.chunk_size,
+        "coder": "ans",
+        "text": header.text is not None,
+        "fp16_kv_bits": kv[0] if kv else None,
+        "turboquant3_kv_bits": kv[1] if kv else None,
+        "ratio_vs_fp16": kv[0] / bits if kv else None,
+        "ratio_vs_turboquant3": kv[1] / bits if kv else None,
+    }

@@ -108,6 +108,7 @@ def test_unreadable_header_is_one_line(no_model, foreign_text_blob, tmp_path, mo
         raise KeyError("numerics")
 
     monkeypatch.setattr("seqkv.compress.inspect_blob", broken)
+    monkeypatch.setattr("seqkv.token_blob.describe", broken)  # compact blobs' torch-free path
     for command in (["decompress", "-o", str(tmp_path / "o")], ["inspect"], ["kv-restore", "-o",
                                                                              str(tmp_path / "o")]):
         r = runner.invoke(app, [command[0], str(foreign_text_blob), *command[1:]])
@@ -154,3 +155,19 @@ def test_long_text_gets_an_estimate_before_coding(tmp_path, monkeypatch, llama, 
         assert "GPU" in lines[0]
     else:
         assert len(lines) == 1
+
+
+def test_compact_blob_refusal_imports_no_torch(foreign_text_blob, tmp_path):
+    """A compact blob's header is read without torch, so its refusal comes at once."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom seqkv.cli import build_app\n"
+        "try:\n    build_app()(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, "decompress", str(foreign_text_blob),
+                          "-o", str(tmp_path / "o.txt")], capture_output=True, text=True,
+                         timeout=120)
+    assert "engine weights" in out.stderr and out.stderr.strip().endswith("False"), out.stderr

@@ -110,10 +110,16 @@ def check_output(path: Path) -> None:
 
 
 def blob_info(blob: bytes, path: Path) -> dict:
-    """seqkv.inspect_blob, with any failure as a one-line SeqkvError naming the file."""
-    from ..compress import inspect_blob
+    """seqkv.inspect_blob, with any failure as a one-line SeqkvError naming the file.
+
+    Compact (engine) blobs are read without importing torch, so a refusal comes at once."""
+    from .. import token_blob
 
     try:
+        if token_blob.is_token_blob(blob):
+            return token_blob.describe(blob)
+        from ..compress import inspect_blob
+
         return inspect_blob(blob)
     except SeqkvError as e:
         raise SeqkvError(f"{path}: {e}") from e
@@ -124,12 +130,12 @@ def blob_info(blob: bytes, path: Path) -> dict:
 def check_model_name(model: str | None, needed: str | None) -> None:
     """Refuse, before loading, a packaged model (or the default) other than the one a blob
     names in its header. A path is not checked here: its name is only known once loaded."""
-    from ..models import DEFAULT_MODEL, PACKAGED
+    from ..packaged import DEFAULT_MODEL, NAMES
 
     requested = DEFAULT_MODEL if model in (None, "default") else str(model)
-    if needed is None or requested not in PACKAGED or requested == needed:
+    if needed is None or requested not in NAMES or requested == needed:
         return
-    hint = f"--model {needed}" if needed in PACKAGED else "--model and that model's path"
+    hint = f"--model {needed}" if needed in NAMES else "--model and that model's path"
     raise SeqkvError(f"the blob was written with model {needed!r}, not {requested!r}: "
                      f"pass {hint}")
 
