@@ -1,10 +1,13 @@
 """Integration on the real embedded model (SmolLM2-135M) and real text."""
 
+import pytest
 import torch
 
 from seqkv import compress_cache, compress_text, decompress_text, inspect_blob, restore_cache
 from seqkv.compress import prefill_cache
 from seqkv.demo import bundled_text, caches_equal, greedy_continue, run_one
+
+pytestmark = pytest.mark.slow
 
 NEWS = bundled_text("brown_news")[:200]
 
