@@ -4,8 +4,8 @@
 
 - the committed golden blob decodes to the bundled text and the golden frequency hash holds;
 - a blob compressed here (written to DIR/news_<device>.skv) for decoding on another machine;
-- ``--compile``: the decode step with the engine's elementwise functions compiled by
-  torch.compile (inductor), still captured per span as CUDA graphs: same tokens? how fast?
+- ``--compile``: the decode step with ``IntModel.compile()`` (the elementwise work fused by
+  torch.compile, still captured per span as CUDA graphs): same tokens? how fast?
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._dynamo
 
 import seqkv
 from seqkv.demo import bundled_text
 from seqkv.engine import EngineCodec
-from seqkv.engine import model as engine_model
 
 
 def sync() -> None:
@@ -74,12 +72,7 @@ def main() -> None:
         words = codec.encode(streams)
         lengths = [len(s) for s in streams]
         base, t_base = timed(lambda: codec.decode(words, lengths))
-        torch._dynamo.config.cache_size_limit = 64
-        for name in ("linear", "rms_norm", "_table_lookup"):
-            setattr(engine_model, name, torch.compile(getattr(engine_model, name), dynamic=False))
-        for name in ("_rotate", "_attend", "pmf"):
-            fn = getattr(engine_model.IntModel, name)
-            setattr(engine_model.IntModel, name, torch.compile(fn, dynamic=False))
+        engine.compile()  # the library's fused path
         first, t_first = timed(lambda: codec.decode(words[:1], lengths[:1]))
         one, t_one = timed(lambda: codec.decode(words[:1], lengths[:1]))
         comp, t_c1 = timed(lambda: codec.decode(words, lengths))

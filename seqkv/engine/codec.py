@@ -171,11 +171,28 @@ class _DecodeGroup:
 
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         if span not in self.graphs:
+            if self.model.compiled:
+                self._warm_up(span)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool()):
                 self._step(span)
             self.graphs[span] = graph
         return self.graphs[span]
+
+    def _warm_up(self, span: int) -> None:
+        """Run one step at ``span`` eagerly and undo it: a compiled model compiles the step's
+        kernels here, since compiling inside a graph capture fails. The cache write it makes
+        is rewritten with the same values by the real step."""
+        state = [self.tokens, self.pos, self.step_t, self.out, self.decoder.state,
+                 self.decoder.left, self.decoder.bad]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(span)
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
 
     def _pool(self):
         if not hasattr(self, "_mempool"):
