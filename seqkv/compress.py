@@ -270,8 +270,8 @@ def decode_group_size(device: torch.device) -> int:
     return 64 if device.type == "cpu" else 1024
 
 
-def _decompress_engine(lm: LoadedModel, blob: bytes, progress: bool) -> tuple[list[int], object]:
-    header, streams = token_blob.unpack(blob)
+def _decompress_engine(lm: LoadedModel, header: token_blob.TokenHeader,
+                       streams: list[np.ndarray], progress: bool) -> list[int]:
     engine = _engine_for_blob(lm, header)
     codec = EngineCodec(engine, lm.prime_token())
     lengths = header.chunk_lengths
@@ -284,7 +284,7 @@ def _decompress_engine(lm: LoadedModel, blob: bytes, progress: bool) -> tuple[li
                 ids.extend(row)
     if token_blob.ids_hash(ids) != header.token_hash:
         raise BlobError("decoded tokens do not match the stored hash (corrupt stream)")
-    return ids, header
+    return ids
 
 
 def decompress_tokens(
@@ -292,7 +292,7 @@ def decompress_tokens(
 ) -> list[int]:
     """A blob back to its token ids, verified against the stored hash."""
     if isinstance(blob, bytes | bytearray) and token_blob.is_token_blob(blob):
-        return _decompress_engine(lm, bytes(blob), progress)[0]
+        return _decompress_engine(lm, *token_blob.unpack(bytes(blob)), progress)
     parsed = blob if isinstance(blob, TokenBlob) else TokenBlob.parse(blob)
     check_model(lm, parsed.header)
     numerics = parsed.header["numerics"]
@@ -317,13 +317,13 @@ def decompress_tokens(
 
 def decompress_text(lm: LoadedModel, blob: bytes, progress: bool = False) -> str:
     if token_blob.is_token_blob(blob):
-        header, _ = token_blob.unpack(blob)
+        header, streams = token_blob.unpack(blob)
         if header.text is None:
             raise SeqkvError("this blob holds token ids, not text: restore the cache or ids "
                              "instead")
         if lm.tokenizer is None:
             raise SeqkvError("this model has no tokenizer: cannot turn tokens back into text")
-        ids, header = _decompress_engine(lm, blob, progress)
+        ids = _decompress_engine(lm, header, streams, progress)
         text = decode_text(lm.tokenizer, ids, header.text)
         if token_blob.text_hash(text) != header.text_hash:
             raise ModelMismatchError("the tokens decoded exactly, but this tokenizer turns them "

@@ -148,7 +148,8 @@ class _DecodeGroup:
         self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros((b, self.steps), dtype=torch.long, device=dev)
         self.decoder = decoder or VectorRansDecoder(list(words), dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
+        self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
 
     def _span(self, step: int) -> int:
         need = max(self.start) + step + 1
@@ -174,7 +175,7 @@ class _DecodeGroup:
             if self.model.compiled:
                 self._warm_up(span)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool()):
+            with torch.cuda.graph(graph, pool=self._mempool):
                 self._step(span)
             self.graphs[span] = graph
         return self.graphs[span]
@@ -186,18 +187,17 @@ class _DecodeGroup:
         state = [self.tokens, self.pos, self.step_t, self.out, self.decoder.state,
                  self.decoder.left, self.decoder.bad]
         saved = [t.clone() for t in state]
+        self._side_step(span)
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
+
+    def _side_step(self, span: int) -> None:
+        """One eager step on a side stream, as PyTorch asks before a graph capture."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step(span)
         torch.cuda.current_stream().wait_stream(side)
-        for tensor, value in zip(state, saved, strict=True):
-            tensor.copy_(value)
-
-    def _pool(self):
-        if not hasattr(self, "_mempool"):
-            self._mempool = torch.cuda.graph_pool_handle()
-        return self._mempool
 
     def run(self, progress: Progress | None, finish: bool = True) -> list[list[int]]:
         lengths = self.lengths_host
@@ -205,12 +205,8 @@ class _DecodeGroup:
             span = self._span(step)
             if self.codec.graphs and step > 0:
                 self._graph(span).replay()
-            elif self.codec.graphs:  # the first step eagerly, on a side stream: warm-up
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._step(span)
-                torch.cuda.current_stream().wait_stream(side)
+            elif self.codec.graphs:  # the first step eagerly: the warm-up before capturing
+                self._side_step(span)
             else:
                 self._step(span)
             if progress:

@@ -236,6 +236,7 @@ def _engine_decode(lm: LoadedModel, chunk: int,
     decoder = VectorRansDecoder([np.asarray(w, dtype=np.uint32) for _, w, _ in jobs],
                                 engine.device)
     decoded: list[list[int]] = [[] for _ in jobs]
+    words = [w for _, w, _ in jobs]
     for r in range(max((len(s) for s in segments), default=0)):
         lengths, contexts = [], []
         for (path, _, _), segs, got in zip(jobs, segments, decoded, strict=True):
@@ -247,7 +248,6 @@ def _engine_decode(lm: LoadedModel, chunk: int,
             full = list(path) + got
             lengths.append(take)
             contexts.append(full[w : max(len(path), w)])
-        words = [w for _, w, _ in jobs]
         for got, new in zip(decoded, codec.decode(words, lengths, contexts, decoder=decoder),
                             strict=True):
             got.extend(new)

@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from ..blob import pack
-from ..compress import RestoredCache, prefill_cache, token_hash
+from ..compress import RestoredCache, engine_chunk_size, prefill_cache, token_hash
 from ..delta.cachefile import KVCache
 from ..engine.codec import ENGINE_ID
-from ..engine.model import MAX_POSITIONS
 from ..errors import BlobError, ModelMismatchError, SeqkvError
 from ..kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..models import LoadedModel
@@ -156,11 +155,12 @@ class Store:
             return int(meta["numerics"]["chunk"])
         if self.lm is None or not create:
             raise StoreError(f"no seqkv store at {self.backend.url} (put a session first)")
-        max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
-        chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
         procedure = procedure_for(self.lm)
         if procedure == ENGINE_PROCEDURE:
-            chunk = min(chunk, MAX_POSITIONS - 1)
+            chunk = engine_chunk_size(self.lm, chunk)
+        else:
+            max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+            chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
         header = {"kind": "meta", "model": self.lm.fingerprint.to_dict(),
                   "numerics": self._profile(chunk, procedure), "format": 1}
         with self.backend.transaction(META_NS) as txn:
