@@ -17,23 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py, beside these scripts
 
 import seqkv
 from seqkv.demo import bundled_text
 from seqkv.engine import EngineCodec
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:

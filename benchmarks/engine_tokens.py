@@ -21,22 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py, beside these scripts
 
 from seqkv.engine import EngineCodec, IntModel, integerize
 from seqkv.models import load_model
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
 
 
 def prepare(out: Path) -> None:

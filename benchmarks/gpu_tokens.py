@@ -12,31 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import constriction
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py, beside these scripts
 
 from seqkv.decoders import ConstrictionDecoder, VectorRansDecoder
 from seqkv.distribution import full_weights, quantized_pmf, symbol_intervals
 from seqkv.models import load_model
 from seqkv.stepper import PROCEDURE, run_lockstep
 from seqkv.token_codec import TokenCodec
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    result = fn()
-    sync()
-    return result, time.perf_counter() - t0
 
 
 def intervals(lm, streams, batch, steps, procedure=PROCEDURE):
