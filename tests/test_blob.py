@@ -11,7 +11,7 @@ from seqkv.blob import MAGIC, pack, unpack, write_atomic
 from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
 from seqkv.stepper import PROCEDURE as LOCKSTEP
 
-from .conftest import tiny_gemma3, tiny_llama
+from .conftest import memoize_method, tiny_gemma3, tiny_llama
 
 IDS = list(range(3, 60, 2))
 
@@ -141,20 +141,8 @@ def test_crafted_json_headers_are_refused_or_exact(llama, json_blob, monkeypatch
     fields, nested edits): each refused with seqkv's own error or decoded exactly."""
     from seqkv.token_codec import TokenCodec
 
-    decode, seen = TokenCodec.decode, {}
-
-    def memo(self, chunks, profile=None, progress=False):  # a pure function of its inputs
-        key = (tuple(c.words.tobytes() for c in chunks), repr(profile), self.batch)
-        if key not in seen:
-            try:
-                seen[key] = decode(self, chunks, profile, progress)
-            except SeqkvError as e:
-                seen[key] = e
-        if isinstance(seen[key], SeqkvError):
-            raise seen[key]
-        return seen[key]
-
-    monkeypatch.setattr(TokenCodec, "decode", memo)
+    memoize_method(monkeypatch, TokenCodec, "decode", lambda self, chunks, profile=None, *rest: (
+        tuple(c.words.tobytes() for c in chunks), repr(profile), self.batch))
     header, sections = unpack(json_blob)
     header.pop("sections")
     rng = random.Random(11)

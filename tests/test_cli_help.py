@@ -61,9 +61,9 @@ def test_defaults_repeated_for_fast_help_match_the_codec():
     assert (codec.DEFAULT_CHUNK, codec.DEFAULT_BATCH) == (DEFAULT_CHUNK, DEFAULT_BATCH)
 
 
-# Runs `seqkv ARGS --help` in a fresh interpreter and lists the heavy modules it imported.
-# SKIP_PACKAGE_INIT leaves out seqkv/__init__.py, which imports seqkv.compress (and so torch)
-# for the library API: what is measured is the CLI's own imports.
+# Runs `seqkv ARGS --help` for each ARGS in a fresh interpreter (then imports ``also``) and
+# lists the heavy modules it imported. skip_init leaves seqkv/__init__.py out, to measure the
+# CLI's own imports apart from the package's (lazy) entry points.
 _PROBE = """
 import importlib.util, json, sys, types
 if {skip_init}:
@@ -77,22 +77,26 @@ for args in {commands}:
         build_app()([*args, "--help"], prog_name="seqkv")
     except SystemExit as e:
         assert e.code == 0, (args, e.code)
+for name in {also}:
+    importlib.import_module(name)
 print(json.dumps([m for m in {heavy} if m in sys.modules]), file=sys.stderr)
 """
 
 
-def _heavy_imports(skip_init: bool) -> list[str]:
-    commands = [[]] + [[c] for c in COMMANDS]
-    code = _PROBE.format(skip_init=skip_init, commands=commands, heavy=HEAVY)
+def heavy_imports(skip_init: bool, commands: list[list[str]] | None = None,
+                  heavy: list[str] = HEAVY, also: tuple[str, ...] = ()) -> list[str]:
+    """The modules of ``heavy`` that `seqkv ARGS --help` (every command by default) imports."""
+    commands = commands if commands is not None else [[]] + [[c] for c in COMMANDS]
+    code = _PROBE.format(skip_init=skip_init, commands=commands, heavy=heavy, also=list(also))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
 def test_help_of_every_command_imports_no_torch():
-    assert _heavy_imports(skip_init=True) == []
+    assert heavy_imports(skip_init=True) == []
 
 
 def test_seqkv_help_imports_no_torch():
-    assert _heavy_imports(skip_init=False) == []
+    assert heavy_imports(skip_init=False) == []

@@ -24,7 +24,7 @@ from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, integeri
 from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
 from seqkv.models import ENGINE_WEIGHTS, from_objects
 
-from .conftest import tiny_gemma3, tiny_llama
+from .conftest import memoize_method, tiny_gemma3, tiny_llama
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -205,20 +205,8 @@ def test_previous_format_blobs_decode_or_are_refused_by_name(llama):
 def test_crafted_compact_headers_are_refused_or_exact(llama, monkeypatch):
     """10,000 checksum-valid edits of a compact blob's header: each is refused with seqkv's
     own error or decodes to exactly the original ids."""
-    decode, seen = EngineCodec.decode, {}
-
-    def memo(self, words, lengths, *args, **kwargs):  # the decode is a pure function
-        key = (tuple(w.tobytes() for w in words), tuple(lengths))
-        if key not in seen:
-            try:
-                seen[key] = decode(self, words, lengths, *args, **kwargs)
-            except SeqkvError as e:
-                seen[key] = e
-        if isinstance(seen[key], SeqkvError):
-            raise seen[key]
-        return seen[key]
-
-    monkeypatch.setattr(EngineCodec, "decode", memo)
+    memoize_method(monkeypatch, EngineCodec, "decode", lambda self, words, lengths, *rest: (
+        tuple(w.tobytes() for w in words), tuple(lengths)))
     ids = list(range(3, 40))
     blob = compress_tokens(llama, ids, chunk_size=16)
     header_end = len(blob) - 8 - 4 * (inspect_blob(blob)["bits"] // 32)

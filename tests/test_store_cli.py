@@ -4,17 +4,17 @@ model in the slow test), and issue 12's items: reading commands never create a s
 count, and help imports no torch."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from seqkv.cli import build_app
 
+from .test_cli_help import heavy_imports
 from .test_server import TEXT_A, TEXT_B, lm, model_dir  # noqa: F401 - fixtures
 
 runner = CliRunner()
+
 app = build_app()
 SYSTEM = "You are a careful assistant. Answer briefly and cite the manual.\n"
 A = SYSTEM + "User: How do I open a file in Python?\n"
@@ -170,23 +170,6 @@ def test_put_reports_what_each_figure_counts(tmp_path, monkeypatch, lm):  # noqa
     assert "1 stored edge(s) split" in r.output
 
 
-_PROBE = """
-import importlib.util, json, sys, types
-spec = importlib.util.find_spec("seqkv")
-pkg = types.ModuleType("seqkv")
-pkg.__path__ = list(spec.submodule_search_locations)
-sys.modules["seqkv"] = pkg
-from seqkv.cli import build_app
-for args in {commands}:
-    try:
-        build_app()([*args, "--help"], prog_name="seqkv")
-    except SystemExit as e:
-        assert e.code == 0, (args, e.code)
-import seqkv.client
-print(json.dumps([m for m in {heavy} if m in sys.modules]), file=sys.stderr)
-"""
-
-
 def test_store_help_and_client_import_no_torch():
     """The store commands' help (and seqkv.client) import nothing heavy. seqkv/__init__.py,
     which imports seqkv.compress for the library API, is left out, as tests/test_cli_help.py
@@ -195,8 +178,4 @@ def test_store_help_and_client_import_no_torch():
                                          ("put", "get", "delete", "stats", "nearest", "compact")]
     heavy = ["torch", "transformers", "numpy", "safetensors", "fastapi", "uvicorn",
              "seqkv.store.store", "seqkv.server", "seqkv.models"]
-    code = _PROBE.format(commands=commands, heavy=heavy)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+    assert heavy_imports(True, commands, heavy, also=("seqkv.client",)) == []
