@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from seqkv.models import cache_dir
+from seqkv.core.models import cache_dir
 
 _ROOT = cache_dir() / "corpora"
 

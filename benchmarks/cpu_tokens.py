@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown, python_docs  # noqa: E402
 
-from seqkv.compress import compress_tokens, decompress_tokens, inspect_blob  # noqa: E402
+from seqkv import compress_tokens, decompress_tokens, inspect_blob  # noqa: E402
+from seqkv.core.models import load_model  # noqa: E402
 from seqkv.demo import BUNDLED, bundled_text  # noqa: E402
-from seqkv.models import load_model  # noqa: E402
 
 
 def long_texts(tokenizer, min_tokens: int = 1000, max_tokens: int = 1500) -> dict[str, list[int]]:

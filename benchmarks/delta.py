@@ -21,11 +21,12 @@ import time
 import torch
 from transformers import DynamicCache
 
-from seqkv.compress import compress_tokens
-from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob, load_cachefile
-from seqkv.errors import SeqkvError
-from seqkv.models import load_model
-from seqkv.stepper import cache_kwarg
+from seqkv.core.cache import KVCache, load_cachefile
+from seqkv.core.errors import SeqkvError
+from seqkv.core.models import load_model
+from seqkv.core.stepper import cache_kwarg
+from seqkv.delta import compress_kv, decompress_kv, inspect_delta_blob
+from seqkv.tokens.api import compress_tokens
 
 CONFIGS = [  # (predictor, params, lossy bound)
     ("none", {}, {}),
@@ -78,7 +79,7 @@ def batched_cache(model, target: list[int], others: list[list[int]]) -> KVCache:
 
 @torch.inference_mode()
 def fp32_cast_cache(model, target: list[int]) -> KVCache:
-    from seqkv.compress import prefill_cache
+    from seqkv.core.cache import prefill_cache
 
     return KVCache.from_dynamic(prefill_cache(model, target).cache, target, torch.bfloat16)
 

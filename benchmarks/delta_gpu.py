@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from delta import batched_cache, measure_one  # noqa: E402
 
+from seqkv.core.models import load_model  # noqa: E402
+from seqkv.core.stepper import configure_determinism  # noqa: E402
 from seqkv.delta import (  # noqa: E402
     KVCache,
     save_cachefile,
 )
-from seqkv.models import load_model  # noqa: E402
-from seqkv.stepper import configure_determinism  # noqa: E402
 
 # (where, predictor, params, bound): in order of importance, so a cut run keeps the key rows.
 BF16_ROWS = [

@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from seqkv.core.errors import SeqkvError
+from seqkv.core.models import load_model
+from seqkv.core.stepper import configure_determinism, device_label
 from seqkv.delta import (
     KVCache,
     compress_kv,
@@ -40,9 +43,6 @@ from seqkv.delta import (
     load_cachefile,
     save_cachefile,
 )
-from seqkv.errors import SeqkvError
-from seqkv.models import load_model
-from seqkv.stepper import configure_determinism, device_label
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = Path(__file__).parent.parent / "seqkv" / "data"

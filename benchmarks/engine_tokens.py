@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from timing import timed  # benchmarks/timing.py, beside these scripts
 
+from seqkv.core.models import load_model
 from seqkv.engine import EngineCodec, IntModel, integerize
-from seqkv.models import load_model
 
 
 def prepare(out: Path) -> None:
@@ -105,7 +105,7 @@ def main() -> None:
     save(streams=len(lists), tokens=n_tok, encode_s=t_enc, encode_tok_s=n_tok / t_enc,
          bits_per_token=engine_bits(rows) / n_tok, float_bits_per_token=fbits / n_tok,
          bits_ratio=engine_bits(rows) / fbits)
-    from seqkv.decoders import encode_stream
+    from seqkv.core.decoders import encode_stream
     words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
     flush = sum(32 * w.size for w in words) - engine_bits(rows)
     save(coded_bits_per_token=sum(32 * w.size for w in words) / n_tok,
@@ -138,7 +138,7 @@ def main() -> None:
         got = codec.decode(ow, [len(s) for s in lists[: len(ow)]])
         save(cross_machine_streams=len(ow), cross_machine_exact=got == lists[: len(ow)])
 
-    from seqkv.token_codec import TokenCodec
+    from seqkv.tokens.codec import TokenCodec
 
     old = TokenCodec(lm, chunk_size=args.old_steps, batch=len(lists))
     short = [s[: args.old_steps] for s in lists]

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from timing import timed  # benchmarks/timing.py, beside these scripts
 
-from seqkv.decoders import ConstrictionDecoder, VectorRansDecoder
-from seqkv.distribution import full_weights, quantized_pmf, symbol_intervals
-from seqkv.models import load_model
-from seqkv.stepper import PROCEDURE, run_lockstep
-from seqkv.token_codec import TokenCodec
+from seqkv.core.decoders import ConstrictionDecoder, VectorRansDecoder
+from seqkv.core.distribution import full_weights, quantized_pmf, symbol_intervals
+from seqkv.core.models import load_model
+from seqkv.core.stepper import PROCEDURE, run_lockstep
+from seqkv.tokens.codec import TokenCodec
 
 
 def intervals(lm, streams, batch, steps, procedure=PROCEDURE):
@@ -182,7 +182,7 @@ def main() -> None:
     save()
 
     if args.cpu_blob:
-        from seqkv.compress import decompress_tokens, inspect_blob
+        from seqkv import decompress_tokens, inspect_blob
         cpu_lm = load_model(args.gguf, device="cpu")
         blob = Path(args.cpu_blob).read_bytes()
         try:

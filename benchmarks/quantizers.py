@@ -233,8 +233,8 @@ QUALITY = [
 def quality(context: int, held_out: int, gen_tokens: int, prompts: int) -> list[dict]:
     from transformers import DynamicCache
 
-    from seqkv.models import load_model
-    from seqkv.stepper import cache_kwarg
+    from seqkv.core.models import load_model
+    from seqkv.core.stepper import cache_kwarg
 
     lm = load_model()
     model, tok = lm.model, lm.tokenizer

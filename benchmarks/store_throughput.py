@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown  # noqa: E402
 
-from seqkv.models import load_model  # noqa: E402
+from seqkv.core.models import load_model  # noqa: E402
 from seqkv.store import Store  # noqa: E402
 
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown, python_docs  # noqa: E402
 
-from seqkv.compress import prefill_cache  # noqa: E402
-from seqkv.kvsize import fp16_kv_bits, turboquant_kv_bits  # noqa: E402
-from seqkv.models import load_model  # noqa: E402
+from seqkv.core.cache import prefill_cache  # noqa: E402
+from seqkv.core.kvsize import fp16_kv_bits, turboquant_kv_bits  # noqa: E402
+from seqkv.core.models import load_model  # noqa: E402
 from seqkv.store import Store  # noqa: E402
 from seqkv.store.policies import LRUPolicy, PriorGuidedPolicy, restore_cost  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown  # noqa: E402
 
-from seqkv.models import load_model  # noqa: E402
+from seqkv.core.models import load_model  # noqa: E402
 from seqkv.store import Store, StoreBusyError  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def _writer(db: str, work: list, go, out) -> None:
 _COMPACTOR = """
 import sys, time
 from pathlib import Path
-from seqkv.models import load_model
+from seqkv.core.models import load_model
 from seqkv.store import Store
 s = Store({db!r}, load_model({model!r}))
 Path({ready!r}).write_text("ready")

@@ -1,66 +1,92 @@
 """seqkv: KV caches stored as sequences (arXiv 2604.15356).
 
-The entry points load lazily (PEP 562), so `import seqkv` and `seqkv --help` do not pay for
-torch and transformers until a function that needs them is used.
+Each tier's entry points, from one import (ARCHITECTURE.md draws the layers):
+
+- a model: ``load_model``, ``from_objects``; a cache by prefill: ``prefill_cache``;
+- the token tier (a cache as its coded tokens): ``compress_cache`` / ``restore_cache``,
+  ``compress_text`` / ``decompress_text``, ``compress_tokens`` / ``decompress_tokens``;
+- the delta tier (the tensors themselves, as residuals): ``compress_kv`` / ``decompress_kv``
+  of a ``KVCache`` (``load_cachefile`` / ``save_cachefile`` read and write cache files);
+- the store (sessions sharing prefixes in a trie): ``Store``;
+- per-vector quantizers: ``get_quantizer``, ``get_kv_quantizer``;
+- any blob's header: ``inspect_blob``.
+
+They load lazily (PEP 562): ``import seqkv`` and ``seqkv --help`` do not pay for torch and
+transformers until an entry point is used.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING
 
-from .errors import BlobError, ModelMismatchError, SeqkvError
-
-__version__ = "0.1.0"
+from .core.errors import BlobError, ModelMismatchError, SeqkvError
+from .core.version import __version__
 
 _LAZY = {
-    "compress_cache": "compress",
-    "compress_text": "compress",
-    "compress_tokens": "compress",
-    "decompress_text": "compress",
-    "decompress_tokens": "compress",
-    "inspect_blob": "compress",
-    "restore_cache": "compress",
-    "from_objects": "models",
-    "load_model": "models",
-    "token_blob": None,
+    "load_model": "core.models",
+    "from_objects": "core.models",
+    "prefill_cache": "core.cache",
+    "KVCache": "core.cache",
+    "load_cachefile": "core.cache",
+    "save_cachefile": "core.cache",
+    "compress_cache": "tokens.api",
+    "restore_cache": "tokens.api",
+    "compress_text": "tokens.api",
+    "decompress_text": "tokens.api",
+    "compress_tokens": "tokens.api",
+    "decompress_tokens": "tokens.api",
+    "compress_kv": "delta.api",
+    "decompress_kv": "delta.api",
+    "Store": "store",
+    "get_quantizer": "quant",
+    "get_kv_quantizer": "quant",
+    "inspect_blob": "blobs",
 }
 
 __all__ = [
     "BlobError",
     "ModelMismatchError",
     "SeqkvError",
-    "compress_cache",
-    "compress_text",
-    "compress_tokens",
-    "decompress_text",
-    "decompress_tokens",
-    "from_objects",
-    "inspect_blob",
+    "__version__",
     "load_model",
+    "from_objects",
+    "prefill_cache",
+    "KVCache",
+    "load_cachefile",
+    "save_cachefile",
+    "compress_cache",
     "restore_cache",
-    "token_blob",
+    "compress_text",
+    "decompress_text",
+    "compress_tokens",
+    "decompress_tokens",
+    "compress_kv",
+    "decompress_kv",
+    "Store",
+    "get_quantizer",
+    "get_kv_quantizer",
+    "inspect_blob",
 ]
 
 if TYPE_CHECKING:
-    from . import token_blob
-    from .compress import (
+    from .blobs import inspect_blob
+    from .core.cache import KVCache, load_cachefile, prefill_cache, save_cachefile
+    from .core.models import from_objects, load_model
+    from .delta.api import compress_kv, decompress_kv
+    from .quant import get_kv_quantizer, get_quantizer
+    from .store import Store
+    from .tokens.api import (
         compress_cache,
         compress_text,
         compress_tokens,
         decompress_text,
         decompress_tokens,
-        inspect_blob,
         restore_cache,
     )
-    from .models import from_objects, load_model
 
 
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'seqkv' has no attribute {name!r}")
-    import importlib
-
-    module = _LAZY[name]
-    if module is None:
-        return importlib.import_module(f".{name}", __name__)
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from .errors import SeqkvError
+from .core.errors import SeqkvError
 
 API_KEY_ENV = "SEQKV_API_KEY"
 

@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import BlobError, SeqkvError
+from .core.errors import BlobError, SeqkvError
 from .store.backend import NoSessionError, SessionExistsError, StoreBusyError
 
 log = logging.getLogger("seqkv.server")
@@ -218,7 +218,7 @@ def cache_file_bytes(restored) -> bytes:
     import torch
     from safetensors.torch import save
 
-    from .delta.cachefile import KVCache
+    from .core.cache import KVCache
 
     kv = KVCache.from_dynamic(restored.cache, restored.input_ids)
     tensors = {"input_ids": torch.tensor([kv.input_ids], dtype=torch.int64).reshape(1, -1)}
@@ -401,7 +401,7 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None =
                                 "--keys (anyone who can reach it could read every session)")
     if not 0 < port < 65536:
         raise ServerConfigError(f"bad port {port}")
-    from .models import load_model
+    from .core.models import load_model
     from .store.backend import is_redis_url
     from .store.sqlite import check_sqlite_file
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from seqkv.models import LoadedModel, from_objects, load_model
+from seqkv.core.models import LoadedModel, from_objects, load_model
 
 
 def tiny_llama(seed: int = 0, vocab: int = 320, max_pos: int = 128) -> LoadedModel:
@@ -57,7 +57,7 @@ def memoize_method(monkeypatch, cls, name: str, key) -> None:
     """Replace cls.name, a pure function of its arguments, by a memoized copy (results and
     SeqkvErrors alike): fuzz tests that decode the same streams thousands of times stay fast.
     ``key(self, *args)`` names a call's inputs."""
-    from seqkv.errors import SeqkvError
+    from seqkv.core.errors import SeqkvError
 
     real, seen = getattr(cls, name), {}
 

@@ -6,10 +6,11 @@ import random
 import pytest
 import torch
 
-from seqkv import compress_tokens, decompress_tokens, inspect_blob, token_blob
-from seqkv.blob import MAGIC, pack, unpack, write_atomic
-from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
-from seqkv.stepper import PROCEDURE as LOCKSTEP
+from seqkv import compress_tokens, decompress_tokens, inspect_blob
+from seqkv.core.blob import MAGIC, pack, unpack, write_atomic
+from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
+from seqkv.core.stepper import PROCEDURE as LOCKSTEP
+from seqkv.tokens import compact
 
 from .conftest import memoize_method, tiny_gemma3, tiny_llama
 
@@ -83,10 +84,10 @@ def test_wrong_model_refused(blob):
 
 def test_corrupt_stream_with_valid_checksum_is_caught(llama, blob):
     """A payload damaged before checksumming still fails: the token hash catches it."""
-    header, streams = token_blob.unpack(blob)
+    header, streams = compact.unpack(blob)
     streams[0] = streams[0].copy()
     streams[0][0] ^= 0x10
-    bad = token_blob.pack(header, streams)
+    bad = compact.pack(header, streams)
     assert inspect_blob(bad)["tokens"] == len(IDS)
     with pytest.raises(BlobError):
         decompress_tokens(llama, bad)
@@ -99,14 +100,14 @@ def test_compact_header_is_small(blob):
 
 
 def test_engine_version_and_flags_checked(llama, blob):
-    header, streams = token_blob.unpack(blob)
+    header, streams = compact.unpack(blob)
     header.engine += 1
     with pytest.raises(BlobError, match="engine version"):
-        decompress_tokens(llama, token_blob.pack(header, streams))
+        decompress_tokens(llama, compact.pack(header, streams))
     data = bytearray(blob[:-8])
     data[4] |= 0x80
     with pytest.raises(BlobError, match="flags"):
-        inspect_blob(bytes(data) + token_blob.short_hash(bytes(data)))
+        inspect_blob(bytes(data) + compact.short_hash(bytes(data)))
 
 
 def test_numerics_mismatch_refused(llama):
@@ -139,7 +140,7 @@ _ODD_VALUES = [None, True, -1, 0, 1, 2**40, 1.5, float("nan"), "", "x", [], [1],
 def test_crafted_json_headers_are_refused_or_exact(llama, json_blob, monkeypatch):
     """10,000 checksum-valid edits of the JSON token header (wrong types, missing or unknown
     fields, nested edits): each refused with seqkv's own error or decoded exactly."""
-    from seqkv.token_codec import TokenCodec
+    from seqkv.tokens.codec import TokenCodec
 
     memoize_method(monkeypatch, TokenCodec, "decode", lambda self, chunks, profile=None, *rest: (
         tuple(c.words.tobytes() for c in chunks), repr(profile), self.batch))

@@ -90,7 +90,7 @@ def test_wrong_model_refused(blob_path, tmp_path):
     """A blob decoded under another model: one line, exit 1."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from seqkv.models import default_model_dir
+    from seqkv.core.models import default_model_dir
 
     config = LlamaConfig.from_pretrained(default_model_dir())
     config.num_hidden_layers = 1

@@ -5,11 +5,11 @@ import pytest
 from typer.testing import CliRunner
 
 import seqkv
-import seqkv.models
+import seqkv.core.models
 from seqkv.cli import build_app
 from seqkv.cli import codec as codec_cli
 from seqkv.cli.common import coding_seconds
-from seqkv.errors import SeqkvError
+from seqkv.core.errors import SeqkvError
 
 runner = CliRunner()
 app = build_app()
@@ -22,7 +22,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("MODEL LOADED")
 
-    monkeypatch.setattr(seqkv.models, "load_model", refuse)
+    monkeypatch.setattr(seqkv.core.models, "load_model", refuse)
 
 
 def _one_line_error(result, *needles: str) -> str:
@@ -72,7 +72,7 @@ def foreign_text_blob(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(seqkv.models.default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(seqkv.core.models.default_model_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -107,8 +107,8 @@ def test_unreadable_header_is_one_line(no_model, foreign_text_blob, tmp_path, mo
     def broken(blob):
         raise KeyError("numerics")
 
-    monkeypatch.setattr("seqkv.compress.inspect_blob", broken)
-    monkeypatch.setattr("seqkv.token_blob.describe", broken)  # compact blobs' torch-free path
+    monkeypatch.setattr("seqkv.tokens.json_blob.describe", broken)
+    monkeypatch.setattr("seqkv.tokens.compact.describe", broken)  # compact blobs: no torch
     for command in (["decompress", "-o", str(tmp_path / "o")], ["inspect"], ["kv-restore", "-o",
                                                                              str(tmp_path / "o")]):
         r = runner.invoke(app, [command[0], str(foreign_text_blob), *command[1:]])
@@ -143,7 +143,7 @@ def _stop(*args, **kwargs):
 def test_long_text_gets_an_estimate_before_coding(tmp_path, monkeypatch, llama, size, quiet,
                                                   noted):
     monkeypatch.setattr(codec_cli, "load", lambda model, needed=None: llama)  # no tokenizer
-    monkeypatch.setattr("seqkv.compress.compress_text", _stop)
+    monkeypatch.setattr("seqkv.tokens.api.compress_text", _stop)
     (tmp_path / "t.txt").write_text("a" * size)
     args = ["compress", str(tmp_path / "t.txt"), "-o", str(tmp_path / "o")]
     r = runner.invoke(app, args + (["-q"] if quiet else []))

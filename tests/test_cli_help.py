@@ -16,8 +16,8 @@ app = build_app()
 # The commands this module covers (the store's are checked in tests/test_store_cli.py).
 COMMANDS = ["compress", "decompress", "inspect", "demo", "quantizers", "kv-dump", "kv-compress",
             "kv-restore"]
-HEAVY = ["torch", "transformers", "numpy", "safetensors", "seqkv.compress", "seqkv.models",
-         "seqkv.delta", "seqkv.token_codec"]
+HEAVY = ["torch", "transformers", "numpy", "safetensors", "seqkv.tokens.api", "seqkv.core.models",
+         "seqkv.delta", "seqkv.tokens.codec"]
 
 
 def _words(text: str) -> str:
@@ -56,7 +56,7 @@ def test_top_level_help_has_no_bool():
 
 def test_defaults_repeated_for_fast_help_match_the_codec():
     from seqkv.cli import codec
-    from seqkv.token_codec import DEFAULT_BATCH, DEFAULT_CHUNK
+    from seqkv.tokens.codec import DEFAULT_BATCH, DEFAULT_CHUNK
 
     assert (codec.DEFAULT_CHUNK, codec.DEFAULT_BATCH) == (DEFAULT_CHUNK, DEFAULT_BATCH)
 

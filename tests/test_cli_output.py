@@ -7,9 +7,9 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from seqkv.blob import write_atomic
 from seqkv.cli import build_app
-from seqkv.errors import SeqkvError
+from seqkv.core.blob import write_atomic
+from seqkv.core.errors import SeqkvError
 
 runner = CliRunner()
 app = build_app()
@@ -67,7 +67,8 @@ def test_cli_output_follows_the_umask(tmp_path, umask, monkeypatch, llama):
     """kv-dump end to end (a tiny model's cache) writes 0o640 under umask 027."""
     umask(0o027)
     monkeypatch.setattr("seqkv.cli.kv.load", lambda model, needed=None: llama)
-    monkeypatch.setattr("seqkv.textcodec.encode_text", lambda tok, text: (list(range(5, 15)), None))
+    monkeypatch.setattr("seqkv.core.textcodec.encode_text",
+                        lambda tok, text: (list(range(5, 15)), None))
     (tmp_path / "t.txt").write_text("ten tokens")
     r = runner.invoke(app, ["kv-dump", str(tmp_path / "t.txt"), "-o", str(tmp_path / "c.st")])
     assert r.exit_code == 0, r.output

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqkv import compress_tokens, decompress_tokens, inspect_blob
-from seqkv.decoders import ConstrictionDecoder, VectorRansDecoder
-from seqkv.distribution import full_weights, quantized_pmf
-from seqkv.errors import BlobError
-from seqkv.stepper import PROCEDURE as LOCKSTEP
-from seqkv.token_codec import TokenCodec
+from seqkv.core.decoders import ConstrictionDecoder, VectorRansDecoder
+from seqkv.core.distribution import full_weights, quantized_pmf
+from seqkv.core.errors import BlobError
+from seqkv.core.stepper import PROCEDURE as LOCKSTEP
+from seqkv.tokens.codec import TokenCodec
 
 
 def _encode(pmfs: np.ndarray, symbols: np.ndarray) -> np.ndarray:

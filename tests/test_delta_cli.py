@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from seqkv.blob import read_blob
 from seqkv.cli import build_app
 from seqkv.cli import kv as kv_cli
-from seqkv.compress import prefill_cache
-from seqkv.delta import KVCache, inspect_delta_blob, load_cachefile, save_cachefile
+from seqkv.core.blob import read_blob
+from seqkv.core.cache import KVCache, load_cachefile, prefill_cache, save_cachefile
+from seqkv.delta import inspect_delta_blob
 from tests.conftest import tiny_llama
 
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_restore_refuses_a_blob_of_another_model_before_loading(tiny, cachefile,
     r = runner.invoke(app, ["kv-compress", str(cachefile), "-o", str(skv), "-q"])
     assert r.exit_code == 0, r.output
     monkeypatch.undo()  # the real load: a packaged model would be loaded, but is refused first
-    monkeypatch.setattr("seqkv.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("seqkv.core.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     r = runner.invoke(app, ["kv-restore", str(skv), "-o", str(tmp_path / "o.st")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "written with model 'tiny-llama-0', not 'smollm2-135m'" in r.output

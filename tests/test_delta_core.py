@@ -6,12 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqkv.blob import pack, unpack
-from seqkv.compress import prefill_cache
-from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob
+from seqkv.core.blob import pack, unpack
+from seqkv.core.cache import KVCache, prefill_cache
+from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
+from seqkv.delta import compress_kv, decompress_kv, inspect_delta_blob
 from seqkv.delta import residual_coding as rc
 from seqkv.delta.api import parse
-from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
 from tests.conftest import tiny_llama
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]

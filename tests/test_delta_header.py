@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from seqkv.blob import pack, unpack
-from seqkv.compress import prefill_cache
-from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob
+from seqkv.core.blob import pack, unpack
+from seqkv.core.cache import KVCache, prefill_cache
+from seqkv.core.errors import BlobError, SeqkvError
+from seqkv.delta import compress_kv, decompress_kv, inspect_delta_blob
 from seqkv.delta.api import parse
 from seqkv.delta.header import DeltaHeader
-from seqkv.errors import BlobError, SeqkvError
 from tests.conftest import tiny_llama
 
 IDS = list(range(3, 11))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from seqkv.blob import pack, unpack
-from seqkv.compress import prefill_cache
-from seqkv.delta import KVCache, compress_kv, decompress_kv, inspect_delta_blob
+from seqkv.core.blob import pack, unpack
+from seqkv.core.cache import KVCache, prefill_cache
+from seqkv.delta import compress_kv, decompress_kv, inspect_delta_blob
 from seqkv.delta.api import parse
 from seqkv.delta.numerics import prefill_kv
 from seqkv.delta.predictors import Recompute

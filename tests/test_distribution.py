@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqkv.distribution import (
+from seqkv.core.distribution import (
     TOTAL,
     full_weights,
     quantized_pmf,

@@ -18,11 +18,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from seqkv import compress_tokens, decompress_text, decompress_tokens, inspect_blob, token_blob
-from seqkv.blob import pack, unpack
+from seqkv import compress_tokens, decompress_text, decompress_tokens, inspect_blob
+from seqkv.core.blob import pack, unpack
+from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
+from seqkv.core.models import ENGINE_WEIGHTS, from_objects
 from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, integerize
-from seqkv.errors import BlobError, ModelMismatchError, SeqkvError
-from seqkv.models import ENGINE_WEIGHTS, from_objects
+from seqkv.tokens import compact as token_blob
 
 from .conftest import memoize_method, tiny_gemma3, tiny_llama
 
@@ -108,7 +109,7 @@ def test_contexts_decode_like_a_continuation(llama):
     whole = codec.intervals(full)
     for r, w, c in zip(rows, whole, cut, strict=True):
         assert np.array_equal(r, w[c:])
-    from seqkv.decoders import encode_stream
+    from seqkv.core.decoders import encode_stream
 
     words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
     tails = codec.decode(words, [len(f) - c for f, c in zip(full, cut, strict=True)],

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from seqkv.errors import SeqkvError
+from seqkv.core.errors import SeqkvError
+from seqkv.core.stepper import cache_kwarg
 from seqkv.quant import get_kv_quantizer
 from seqkv.quant.cache import QuantizedKVCache
-from seqkv.stepper import cache_kwarg
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from seqkv.errors import SeqkvError
+from seqkv.core.errors import SeqkvError
 from seqkv.quant import get_quantizer, jit, packing
 from seqkv.quant.turboquant import _float_codes, _thresholds
 

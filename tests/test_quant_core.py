@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqkv.errors import BlobError, SeqkvError
+from seqkv.core.errors import BlobError, SeqkvError
 from seqkv.quant import (
     FP8,
     KIVI,

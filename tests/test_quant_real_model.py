@@ -18,10 +18,10 @@ TEXT = (
 def test_turboquant_cache_on_smollm2():
     from transformers import DynamicCache
 
-    from seqkv.models import load_model
+    from seqkv.core.models import load_model
+    from seqkv.core.stepper import cache_kwarg
     from seqkv.quant import get_kv_quantizer
     from seqkv.quant.cache import QuantizedKVCache
-    from seqkv.stepper import cache_kwarg
 
     lm = load_model()
     kw = cache_kwarg(lm.model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seqkv import compress_cache, compress_text, decompress_text, inspect_blob, restore_cache
-from seqkv.compress import prefill_cache
+from seqkv.core.cache import prefill_cache
 from seqkv.demo import bundled_text, caches_equal, greedy_continue, run_one
 
 pytestmark = pytest.mark.slow

@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(model_dir):
-    from seqkv.models import load_model
+    from seqkv.core.models import load_model
 
     return load_model(str(model_dir))
 
@@ -120,8 +120,7 @@ def raw(url: str, method: str, path: str, body: bytes | None = None,
 
 
 def test_api_contract_end_to_end(tmp_path, start, lm):
-    from seqkv.compress import prefill_cache
-    from seqkv.delta import KVCache, parse_cachefile
+    from seqkv.core.cache import KVCache, parse_cachefile, prefill_cache
 
     db = str(tmp_path / "store.db")
     srv = start(db, "--max-body", "4096", "--compact-interval", "0")

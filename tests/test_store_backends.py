@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqkv.compress import prefill_cache
-from seqkv.delta import KVCache
-from seqkv.errors import ModelMismatchError
+from seqkv.core.cache import KVCache, prefill_cache
+from seqkv.core.errors import ModelMismatchError
 from seqkv.store import Store, StoreCorruptError, StoreError
 from seqkv.store.backend import PAUSE_ENV
 

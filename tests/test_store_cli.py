@@ -64,11 +64,10 @@ def test_store_exact_tier_cli(tmp_path, monkeypatch, llama):
     """put --exact CACHE.safetensors, get --exact: the file comes back bit for bit."""
     import torch
 
-    from seqkv.compress import prefill_cache
-    from seqkv.delta import KVCache, load_cachefile, save_cachefile
+    from seqkv.core.cache import KVCache, load_cachefile, prefill_cache, save_cachefile
     from tests.conftest import tiny_llama
 
-    monkeypatch.setattr("seqkv.models.load_model", lambda model=None, **kw: llama)
+    monkeypatch.setattr("seqkv.core.models.load_model", lambda model=None, **kw: llama)
     other = tiny_llama()
     other.model.to(torch.bfloat16)
     ids = list(range(5, 40))
@@ -93,7 +92,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("seqkv.models.load_model", refuse)
+    monkeypatch.setattr("seqkv.core.models.load_model", refuse)
 
 
 READING = [["stats"], ["get", "--session", "a", "-o", "OUT"], ["nearest", "PROMPT"],
@@ -151,7 +150,7 @@ def test_db_and_server_are_exclusive(tmp_path, no_model):
 def test_put_reports_what_each_figure_counts(tmp_path, monkeypatch, lm):  # noqa: F811
     """Two texts sharing a prefix: the second's figures add up, name the split, and nothing
     counts the re-coding of the split edge as new."""
-    monkeypatch.setattr("seqkv.models.load_model", lambda model=None, **kw: lm)
+    monkeypatch.setattr("seqkv.core.models.load_model", lambda model=None, **kw: lm)
     db = str(tmp_path / "s.db")
     (tmp_path / "a.txt").write_text(TEXT_A)
     (tmp_path / "b.txt").write_text(TEXT_B)
@@ -177,5 +176,5 @@ def test_store_help_and_client_import_no_torch():
     commands = [["store"], ["serve"]] + [["store", c] for c in
                                          ("put", "get", "delete", "stats", "nearest", "compact")]
     heavy = ["torch", "transformers", "numpy", "safetensors", "fastapi", "uvicorn",
-             "seqkv.store.store", "seqkv.server", "seqkv.models"]
+             "seqkv.store.store", "seqkv.server", "seqkv.core.models"]
     assert heavy_imports(True, commands, heavy, also=("seqkv.client",)) == []

@@ -5,8 +5,8 @@ import random
 import numpy as np
 import torch
 
-from seqkv.distribution import symbol_intervals
-from seqkv.stepper import run_lockstep
+from seqkv.core.distribution import symbol_intervals
+from seqkv.core.stepper import run_lockstep
 from seqkv.store.coding import Cursor, encode_intervals
 
 

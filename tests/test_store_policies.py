@@ -2,7 +2,7 @@
 
 import pytest
 
-from seqkv.errors import SeqkvError
+from seqkv.core.errors import SeqkvError
 from seqkv.store import Store
 from seqkv.store.policies import LRUPolicy, NodeInfo, PriorGuidedPolicy, policy_by_name
 

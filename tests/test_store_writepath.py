@@ -89,7 +89,7 @@ def test_busy_store_backs_off_then_says_retry(db, llama, monkeypatch):  # noqa: 
 def test_put_with_its_cache_keeps_a_checkpoint(tmp_path, llama):
     import torch
 
-    from seqkv.compress import prefill_cache
+    from seqkv.core.cache import prefill_cache
 
     ids = list(range(3, 40))
     s = Store(str(tmp_path / "s.db"), llama, chunk=CHUNK, checkpoint_budget=10**9)

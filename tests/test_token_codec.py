@@ -10,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seqkv import compress_tokens, decompress_tokens, inspect_blob, token_blob
-from seqkv.errors import SeqkvError
-from seqkv.token_codec import TokenCodec, split_chunks
+from seqkv import compress_tokens, decompress_tokens, inspect_blob
+from seqkv.core.errors import SeqkvError
+from seqkv.tokens import compact
+from seqkv.tokens.codec import TokenCodec, split_chunks
 
 from .conftest import tiny_llama
 
@@ -28,7 +29,7 @@ from .conftest import tiny_llama
 def test_round_trip_any_ids(llama, ids, chunk, batch):
     blob = compress_tokens(llama, ids, chunk_size=chunk, batch=batch)
     assert decompress_tokens(llama, blob) == ids
-    header, _ = token_blob.unpack(blob)
+    header, _ = compact.unpack(blob)
     assert header.chunk_lengths == [b - a for a, b in split_chunks(len(ids), chunk)]
 
 

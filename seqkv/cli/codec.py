@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..blob import read_blob, write_atomic
-from ..errors import SeqkvError
+from ..core.blob import read_blob, write_atomic
+from ..core.errors import SeqkvError
 from .common import (
     WARN_AFTER_S,
     BlobIn,
@@ -28,7 +28,7 @@ from .common import (
     warn_if_slow,
 )
 
-# seqkv.token_codec's DEFAULT_CHUNK and DEFAULT_BATCH, repeated so --help needs no torch
+# seqkv.tokens.codec's DEFAULT_CHUNK and DEFAULT_BATCH, repeated so --help needs no torch
 # (tests/test_cli_help.py checks that they agree).
 DEFAULT_CHUNK = 2048
 DEFAULT_BATCH = 16
@@ -83,7 +83,7 @@ def compress(
     text = read_text(input, allow_empty=False)
     check_output(output)
     lm = load(model)
-    from ..compress import compress_text
+    from ..tokens.api import compress_text
 
     if not quiet:
         _warn_encode(lm, text, chunk_size, batch)
@@ -121,7 +121,7 @@ def decompress(
     if not quiet:
         _warn_decode(info)
     lm = load(model, info.get("model"))
-    from ..compress import decompress_text
+    from ..tokens.api import decompress_text
 
     text = decompress_text(lm, blob, progress=not quiet)
     write_atomic(output, text.encode("utf-8"))
@@ -150,38 +150,54 @@ def demo(
     texts: Annotated[
         list[Path] | None, typer.Option("--text", help="text files (default: the bundled ones)")
     ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="the bundled texts whole (~300 tokens each, a few "
+                           "minutes on a 2-core CPU), not their opening paragraphs")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
-    """Compress real texts, restore their KV caches, verify them, and compare sizes."""
-    from ..demo import BUNDLED, bundled_text, run_one
-
-    inputs = [(p.name, read_text(p, allow_empty=False)) for p in texts] if texts else [
-        (name, bundled_text(name)) for name in BUNDLED
-    ]
-    lm = load(model)
+    """Compress real texts, restore their KV caches, verify them, and compare sizes (about a
+    minute on a 2-core CPU)."""
     console = Console(stderr=json_)
     console.width = max(console.width, 132)  # the table is wider than a default pipe's 80
+    inputs = [(p.name, read_text(p, allow_empty=False)) for p in texts] if texts else None
+    what = (f"{len(inputs)} text file(s)" if inputs else
+            "the 3 bundled texts" + (" whole" if full else "' opening paragraphs (--full: whole)"))
+    console.print(f"seqkv demo: {what}; each is compressed to its tokens, its KV cache restored "
+                  "from them and checked. Loading the model ...")
+    from ..demo import BUNDLED, bundled_text, run_one
+
+    inputs = inputs or [(name, bundled_text(name, full)) for name in BUNDLED]
+    lm = load(model)
     rows = []
     for name, text in inputs:
-        console.print(f"[bold]{name}[/]")
+        console.print(f"[bold]{name}[/] ({len(text):,} characters)")
         rows.append(run_one(lm, name, text, progress=not json_))
+        r = rows[-1]
+        console.print(f"  {r.tokens} tokens -> {r.blob_bytes} bytes; compressed in "
+                      f"{r.compress_s:.1f} s, restored in {r.restore_s:.1f} s; "
+                      f"{'exact' if r.exact else 'NOT EXACT'}")
     if json_:
         print_json([r.to_dict() for r in rows])
     else:
-        table = Table(title=f"seqkv demo: {lm.fingerprint.name}, token tier, CPU")
-        for col in ("text", "tokens", "bits/token", "blob B", "fp16 KV B", "TQ3 KV B",
-                    "vs fp16", "vs TQ3", "compress s", "restore s", "exact"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(r.text, str(r.tokens), f"{r.bits_per_token:.2f}", str(r.blob_bytes),
-                          f"{r.fp16_kv_bytes:,}", f"{r.turboquant3_kv_bytes:,}",
-                          f"{r.ratio_vs_fp16:,.0f}x", f"{r.ratio_vs_turboquant3:,.0f}x",
-                          f"{r.compress_s:.1f}", f"{r.restore_s:.1f}", "yes" if r.exact else "NO")
-        console.print(table)
-        console.print("exact = text byte for byte, cache bit for bit, greedy continuation token "
-                      "for token. bits/token counts the coded stream; blob B includes the header.")
+        _demo_table(console, lm, rows)
     if not all(r.exact for r in rows):
         raise typer.Exit(1)
+
+
+def _demo_table(console: Console, lm, rows: list) -> None:
+    table = Table(title=f"seqkv demo: {lm.fingerprint.name}, token tier, {lm.device.type.upper()}")
+    for col in ("text", "tokens", "bits/token", "blob B", "fp16 KV B", "TQ3 KV B",
+                "vs fp16", "vs TQ3", "compress s", "restore s", "exact"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.text, str(r.tokens), f"{r.bits_per_token:.2f}", str(r.blob_bytes),
+                      f"{r.fp16_kv_bytes:,}", f"{r.turboquant3_kv_bytes:,}",
+                      f"{r.ratio_vs_fp16:,.0f}x", f"{r.ratio_vs_turboquant3:,.0f}x",
+                      f"{r.compress_s:.1f}", f"{r.restore_s:.1f}", "yes" if r.exact else "NO")
+    console.print(table)
+    console.print("exact = text byte for byte, cache bit for bit, greedy continuation token "
+                  "for token. bits/token counts the coded stream; blob B includes the header.")
 
 
 def register(app: typer.Typer) -> None:

@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from ..blob import read_file
-from ..errors import SeqkvError
+from ..core.blob import read_file
+from ..core.errors import SeqkvError
 
 ModelOption = Annotated[
     str | None,
@@ -113,13 +113,9 @@ def blob_info(blob: bytes, path: Path) -> dict:
     """seqkv.inspect_blob, with any failure as a one-line SeqkvError naming the file.
 
     Compact (engine) blobs are read without importing torch, so a refusal comes at once."""
-    from .. import token_blob
+    from ..blobs import inspect_blob
 
     try:
-        if token_blob.is_token_blob(blob):
-            return token_blob.describe(blob)
-        from ..compress import inspect_blob
-
         return inspect_blob(blob)
     except SeqkvError as e:
         raise SeqkvError(f"{path}: {e}") from e
@@ -130,7 +126,7 @@ def blob_info(blob: bytes, path: Path) -> dict:
 def check_model_name(model: str | None, needed: str | None) -> None:
     """Refuse, before loading, a packaged model (or the default) other than the one a blob
     names in its header. A path is not checked here: its name is only known once loaded."""
-    from ..packaged import DEFAULT_MODEL, NAMES
+    from ..core.packaged import DEFAULT_MODEL, NAMES
 
     requested = DEFAULT_MODEL if model in (None, "default") else str(model)
     if needed is None or requested not in NAMES or requested == needed:
@@ -144,7 +140,7 @@ def load(model: str | None, needed: str | None = None):
     """The model a command runs under (imported late: --help stays fast). ``needed``: the
     model a blob's header names; a packaged model other than it is refused before loading."""
     check_model_name(model, needed)
-    from ..models import load_model
+    from ..core.models import load_model
 
     return load_model(model)
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..blob import read_blob, read_file, write_atomic
-from ..errors import SeqkvError
+from ..core.blob import read_blob, read_file, write_atomic
+from ..core.errors import SeqkvError
 from .common import (
     BlobIn,
     CacheIn,
@@ -45,9 +45,8 @@ def kv_dump(
     """Prefill a UTF-8 text and export its KV cache as a safetensors cache file."""
     import torch
 
-    from ..compress import prefill_cache
-    from ..delta import KVCache, save_cachefile
-    from ..textcodec import encode_text
+    from ..core.cache import KVCache, prefill_cache, save_cachefile
+    from ..core.textcodec import encode_text
 
     if dtype not in DTYPES:
         raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -104,8 +103,9 @@ def kv_compress(
         raise SeqkvError(f"--tokens must be coded or raw, not {tokens!r}")
     data = read_file(input, "cache file")
     check_output(output)
-    from ..delta import compress_kv, get_predictor, parse_cachefile
-    from ..token_codec import DEFAULT_BATCH, DEFAULT_CHUNK
+    from ..core.cache import parse_cachefile
+    from ..delta import compress_kv, get_predictor
+    from ..tokens.codec import DEFAULT_BATCH, DEFAULT_CHUNK
 
     kv = parse_cachefile(data, str(input))
     params: dict = {}
@@ -139,7 +139,8 @@ def kv_restore(
     info = blob_info(blob, input)  # refuse a bad blob before loading a model
     if info.get("kind") != "kv-delta":
         raise SeqkvError(f"{input} is not a kv-delta blob (a text's blob: use seqkv decompress)")
-    from ..delta import decompress_kv, save_cachefile
+    from ..core.cache import save_cachefile
+    from ..delta import decompress_kv
     from ..delta.api import parse
     from ..delta.predictors import predictor_from_header
 

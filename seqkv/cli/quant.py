@@ -23,7 +23,7 @@ def measure(dim: int, n: int = 4096, seed: int = 0) -> list[dict[str, Any]]:
     """Each configuration on n random unit vectors (fixed seed): MSE, IP bias, stored bits."""
     import torch
 
-    from ..errors import SeqkvError
+    from ..core.errors import SeqkvError
     from ..quant import get_quantizer
 
     if dim < 2:

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from ..blob import write_atomic
-from ..errors import SeqkvError
+from ..core.blob import write_atomic
+from ..core.errors import SeqkvError
 from .common import Command, ModelOption, check_output, friendly_errors, print_json, read_text
 
 DbOption = Annotated[str | None, typer.Option(
@@ -100,7 +100,7 @@ def put(
     client = _client(db, server, api_key)
     _no_exact_over_server(exact, client)
     if exact:
-        from ..delta import load_cachefile
+        from ..core.cache import load_cachefile
 
         kv = load_cachefile(input)
     else:
@@ -152,7 +152,7 @@ def get(
         return
     with _open(db, namespace, model) as s:
         if exact:
-            from ..delta import save_cachefile
+            from ..core.cache import save_cachefile
 
             save_cachefile(output, s.get_exact(session))
         else:

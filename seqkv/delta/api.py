@@ -12,12 +12,13 @@ import hashlib
 import numpy as np
 import torch
 
-from .. import __version__
-from ..blob import pack, unpack
-from ..errors import BlobError, ModelMismatchError, SeqkvError
-from ..models import LoadedModel
+from ..core.blob import pack, unpack
+from ..core.cache import KVCache, dtype_name, int_view, token_hash
+from ..core.errors import BlobError, ModelMismatchError, SeqkvError
+from ..core.models import LoadedModel
+from ..core.version import __version__
+from ..tokens.api import compress_tokens, decompress_tokens
 from . import residual_coding as rc
-from .cachefile import KVCache, dtype_name, int_view
 from .header import (
     KIND,
     SECTIONS,
@@ -59,16 +60,12 @@ def _encode_tokens(lm: LoadedModel | None, ids: list[int], tokens: str) -> tuple
     if tokens == "external":  # kept elsewhere (the store's trie); only their hash is stored
         return "external", b""
     if tokens == "coded" and lm is not None and ids:
-        from ..compress import compress_tokens
-
         return "coded", compress_tokens(lm, ids)
     return "raw", np.asarray(ids, dtype="<i4").tobytes()
 
 
 def _decode_tokens(lm: LoadedModel | None, header: dict, data: bytes,
                    ids: list[int] | None) -> list[int]:
-    from ..compress import decompress_tokens, token_hash
-
     coding = header.tokens.coding
     if coding == "external":
         if ids is None:
@@ -131,8 +128,6 @@ def compress_kv(
 ) -> bytes:
     """A cache to a kv-delta blob: exact (default), within ``max_abs_error`` per value, or
     within relative MSE ``rel_mse`` per tensor (residuals through seqkv.quant)."""
-    from ..compress import token_hash
-
     p = get_predictor(predictor, **predictor_params)
     if p.needs_model and lm is None:
         raise SeqkvError(f"the {predictor} predictor needs the model")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import BlobError, SeqkvError
-from .cachefile import FLOAT_DTYPES
+from ..core.cache import FLOAT_DTYPES
+from ..core.errors import BlobError, SeqkvError
 
 KIND = "kv-delta"
 SECTIONS = ("tokens", "side", "models", "words", "raw", "lossy")

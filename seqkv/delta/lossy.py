@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import BlobError
-from .cachefile import int_view
+from ..core.cache import int_view
+from ..core.errors import BlobError
 from .residual_coding import VarintReader, put_varints
 
 _QMAX = 1 << 40
@@ -182,7 +182,7 @@ class RelativeMSE:
 def lossy_mode(max_abs_error: float | None = None, rel_mse: float | None = None,
                method: str = "turboquant-mse"):
     """The lossy mode a bound asks for, or None: exact."""
-    from ..errors import SeqkvError
+    from ..core.errors import SeqkvError
 
     if max_abs_error is not None and rel_mse is not None:
         raise SeqkvError("give one bound: max_abs_error or rel_mse")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models import LoadedModel
+from ..core.models import LoadedModel
 
 BUILDS = ("loaded", "cast")
 SAMPLE_LAYERS = 4  # layers the search runs each candidate over
@@ -101,10 +101,10 @@ def _decoder_layers(model: torch.nn.Module):
 def prefill_kv(model: torch.nn.Module, ids: list[int],
                n_layers: int | None = None) -> list[torch.Tensor]:
     """K and V of the first ``n_layers`` layers (None: all) of a prefill of ``ids``: the same
-    call as seqkv.compress.prefill_cache, stopped after layer n_layers - 1."""
+    call as seqkv.core.cache.prefill_cache, stopped after layer n_layers - 1."""
     from transformers import DynamicCache
 
-    from ..stepper import cache_kwarg
+    from ..core.stepper import cache_kwarg
 
     device = next(model.parameters()).device
     input_ids = torch.as_tensor([list(ids)], dtype=torch.long, device=device)

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import BlobError, ModelMismatchError, SeqkvError
-from ..models import LoadedModel
-from .cachefile import KVCache
+from ..core.cache import KVCache
+from ..core.errors import BlobError, ModelMismatchError, SeqkvError
+from ..core.models import LoadedModel
 from .numerics import BUILDS, candidates, dtype_of, prefill_kv, search, variant
 
 Layout = list[tuple[tuple[int, ...], torch.dtype]]
@@ -120,7 +120,7 @@ class Recompute:
         return {"name": self.name, "compute": 1.0, "numerics": self.profile}
 
     def model(self, lm: LoadedModel):
-        from ..stepper import use_repeatable_attention
+        from ..core.stepper import use_repeatable_attention
 
         if self.attn is None:
             use_repeatable_attention(lm)
@@ -129,7 +129,7 @@ class Recompute:
         return variant(lm, self.dtype or dtype_of(lm.model), self.build, self.attn)
 
     def numerics(self, lm: LoadedModel) -> dict:
-        from ..stepper import device_label
+        from ..core.stepper import device_label
 
         model = self.model(lm)
         out = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import BlobError
+from ..core.errors import BlobError
 
 SMALL = 32  # |r| < SMALL is one symbol each
 _BIG0 = 2 * SMALL - 1  # first symbol of the (sign, bit length, next bit) classes
@@ -31,7 +31,7 @@ def width_of(dtype: torch.dtype) -> int:
 
 def to_ordered(t: torch.Tensor) -> np.ndarray:
     """Order-preserving int64 of each value's bit pattern (any float dtype up to 32 bits)."""
-    from .cachefile import int_view
+    from ..core.cache import int_view
 
     s = int_view(t.detach().cpu()).numpy().astype(np.int64).reshape(-1)
     mask = (1 << (width_of(t.dtype) - 1)) - 1
@@ -283,7 +283,7 @@ def join_blocks(parts: list[np.ndarray], keys: np.ndarray) -> np.ndarray:
 
 def byte_planes(t: torch.Tensor) -> list[np.ndarray]:
     """Without a predictor: each byte of the bit patterns as its own plane, high byte first."""
-    from .cachefile import int_view
+    from ..core.cache import int_view
 
     raw = int_view(t.detach().cpu()).numpy()
     u = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[raw.itemsize]).astype(np.int64)

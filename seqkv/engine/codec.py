@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..decoders import VectorRansDecoder, encode_stream
+from ..core.decoders import VectorRansDecoder, encode_stream
 from .model import IntModel
 
 ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distribution import TOTAL
+from ..core.distribution import TOTAL
 from . import tables
 from .intops import (
     bit_length,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 from .base import (
     KVQuantizer,
     QuantizedTensor,

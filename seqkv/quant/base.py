@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import BlobError, SeqkvError
+from ..core.errors import BlobError, SeqkvError
 
 SEED_BITS = 64  # a stored seed is one uint64
 

@@ -9,7 +9,7 @@ so each decoding step costs one new chunk's dequantization, not the whole histor
 Works with transformers 5.x: ``QuantizedKVCache`` is a ``Cache`` whose ``layers[i]`` are
 ``DynamicLayer``s, so ``layers[i].keys / .values`` are what the model attends to, and it can
 be passed to ``model(...)`` or ``generate`` as ``past_key_values=`` (``cache=`` on the
-transformers versions that renamed it; ``seqkv.stepper.cache_kwarg(model)`` gives the name).
+transformers versions that renamed it; ``seqkv.core.stepper.cache_kwarg(model)`` gives the name).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 from .base import KVQuantizer, QuantizedTensor, Quantizer
 
 

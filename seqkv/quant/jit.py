@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 
 CompileMode = bool | Literal["auto", "always", "never"]
 CPU_BLOCK_ROWS = 2048  # 2048 x 128 float32 = 1 MiB per intermediate: stays in L2

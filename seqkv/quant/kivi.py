@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 from . import jit, packing
 from .base import QuantizedTensor, check_input, check_quantized
 

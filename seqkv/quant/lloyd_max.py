@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 
 # 2^20 midpoints on [-1, 1]: step 2e-6, a few thousand points per standard deviation even at
 # d = 16384, so quadrature error is far below the 1% tolerance the codebooks are checked at.

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 
 
 def packed_row_bytes(m: int, bits: int) -> int:

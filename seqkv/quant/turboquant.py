@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 from . import jit, packing
 from .base import SEED_BITS, QuantizedTensor, check_input, check_quantized
 from .lloyd_max import lloyd_max_codebook

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 
 
 class StoreError(SeqkvError):

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..blob import pack
-from ..compress import RestoredCache, prefill_cache
-from ..errors import BlobError
-from ..kvsize import fp16_kv_bits, turboquant_kv_bits
-from ..stepper import cache_kwarg
+from ..core.blob import pack
+from ..core.cache import RestoredCache, prefill_cache
+from ..core.errors import BlobError
+from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
+from ..core.stepper import cache_kwarg
 from .backend import StoreError
 from .policies import NodeInfo, Policy
 from .records import StoreCorruptError, parse

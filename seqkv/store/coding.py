@@ -4,7 +4,7 @@ The context of a token is a function of its *path* only, whichever session first
 the store's canonical procedure is ``run_lockstep``'s with a group of one stream, applied
 along the path with the context reset at fixed absolute positions. A token at absolute position
 p is conditioned on [prime, path[w:p]] with w = p - p % chunk, fed one token per forward step
-into a DynamicCache, exactly as ``seqkv.stepper.run_lockstep(lm, 1, ...)`` does for a chunk
+into a DynamicCache, exactly as ``seqkv.core.stepper.run_lockstep(lm, 1, ...)`` does for a chunk
 (``tests/test_store_coding.py`` checks the two agree bit for bit). So an edge deep in the trie
 is encoded and decoded with the same probabilities, and a split edge is a cut of its per-token
 intervals, re-coded without the model.
@@ -30,12 +30,18 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..decoders import VectorRansDecoder
-from ..distribution import TOTAL, full_weights, quantized_pmf, reduced_weights, symbol_intervals
+from ..core.decoders import VectorRansDecoder
+from ..core.distribution import (
+    TOTAL,
+    full_weights,
+    quantized_pmf,
+    reduced_weights,
+    symbol_intervals,
+)
+from ..core.errors import BlobError
+from ..core.models import LoadedModel
+from ..core.stepper import cache_kwarg, configure_determinism
 from ..engine import EngineCodec
-from ..errors import BlobError
-from ..models import LoadedModel
-from ..stepper import cache_kwarg, configure_determinism
 
 PROCEDURE = "plt-path-lockstep-v1"  # HF forward, one stream: the fallback (and seqkv 0.1)
 ENGINE_PROCEDURE = "plt-path-engine"  # the integer engine: any device, any group

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import SeqkvError
+from ..core.errors import SeqkvError
 
 
 @dataclass

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..blob import pack, unpack
-from ..errors import BlobError
+from ..core.blob import pack, unpack
+from ..core.errors import BlobError
 from .coding import encode_intervals
 from .trie import Node, Trie, edge_hash
 

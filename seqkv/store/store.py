@@ -36,15 +36,15 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ..blob import pack
-from ..compress import RestoredCache, engine_chunk_size, prefill_cache, token_hash
-from ..delta.cachefile import KVCache
+from ..core.blob import pack
+from ..core.cache import KVCache, RestoredCache, prefill_cache, token_hash
+from ..core.errors import BlobError, ModelMismatchError, SeqkvError
+from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
+from ..core.models import LoadedModel
+from ..core.stepper import numerics_profile
+from ..core.textcodec import TextRecipe, decode_text, encode_text
 from ..engine.codec import ENGINE_ID
-from ..errors import BlobError, ModelMismatchError, SeqkvError
-from ..kvsize import fp16_kv_bits, turboquant_kv_bits
-from ..models import LoadedModel
-from ..stepper import numerics_profile
-from ..textcodec import TextRecipe, decode_text, encode_text
+from ..tokens.api import engine_chunk_size
 from .backend import (
     META_NS,
     Backend,

@@ -1,20 +1,30 @@
-"""KV cache files: the safetensors interchange format a serving engine would export.
+"""KV caches as every tier sees them: the tensors, how one is computed, and its file format.
 
-``input_ids`` (int64, [1, T]) and, for each layer i, ``layers.{i}.keys`` and
-``layers.{i}.values`` ([1, kv_heads, T_i, head_dim], any float dtype; T_i <= T, as a
-sliding-window layer keeps only its window).
+- :class:`KVCache`: token ids and per-layer key/value tensors, whatever computed them;
+- :func:`prefill_cache`: the cache of some ids by one prefill, as a serving engine computes it
+  (:class:`RestoredCache`: that cache, its ids and the next-token logits);
+- :func:`token_hash`: the hash of a token sequence that blobs and store records check;
+- cache files: the safetensors interchange format a serving engine would export:
+  ``input_ids`` (int64, [1, T]) and, for each layer i, ``layers.{i}.keys`` and
+  ``layers.{i}.values`` ([1, kv_heads, T_i, head_dim], any float dtype; T_i <= T, as a
+  sliding-window layer keeps only its window).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from transformers import DynamicCache
 
-from ..blob import read_file, write_atomic
-from ..errors import SeqkvError
+from .blob import read_file, write_atomic
+from .errors import SeqkvError
+from .stepper import cache_kwarg
 
 FLOAT_DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -23,6 +33,10 @@ FLOAT_DTYPES = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
 }
+# Names of the float dtypes a cache is stored or recomputed in (CLI options, blob headers).
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                 "float32": "float32"}
 _KEY = re.compile(r"^layers\.(\d+)\.(keys|values)$")
 
 
@@ -88,6 +102,40 @@ class KVCache:
             if not torch.equal(int_view(a), int_view(b)):
                 return False
         return True
+
+
+def dtype_alias(name: str, what: str = "dtype") -> str:
+    """The torch name of a float dtype given as bf16, fp16 or fp32 (or a longer alias)."""
+    try:
+        return DTYPE_ALIASES[name]
+    except KeyError:
+        raise SeqkvError(f"{what} must be one of bf16, fp16, fp32, not {name!r}") from None
+
+
+def token_hash(ids: Sequence[int]) -> str:
+    """The hash of a token sequence recorded in JSON blob headers and store records."""
+    data = np.asarray(ids, dtype="<i8").tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class RestoredCache:
+    """A cache rebuilt from a blob: the DynamicCache, its ids [1, T] and the next-token logits."""
+
+    cache: DynamicCache
+    input_ids: torch.Tensor
+    next_logits: torch.Tensor
+
+
+@torch.inference_mode()
+def prefill_cache(model: torch.nn.Module, ids: Sequence[int]) -> RestoredCache:
+    """The cache of ``ids`` by one prefill, as a serving engine would compute it."""
+    device = next(model.parameters()).device
+    input_ids = torch.as_tensor([list(ids)], dtype=torch.long, device=device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                **{cache_kwarg(model): cache})
+    return RestoredCache(cache, input_ids, out.logits[:, -1])
 
 
 def int_view(t: torch.Tensor) -> torch.Tensor:

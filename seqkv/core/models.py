@@ -123,8 +123,8 @@ class LoadedModel:
 
 
 def _load_engine(lm: LoadedModel):
-    from .engine import ENGINE_ID, IntModel, Unsupported, arch_spec, integerize
-    from .engine import weights as engine_weights
+    from ..engine import ENGINE_ID, IntModel, Unsupported, arch_spec, integerize
+    from ..engine import weights as engine_weights
 
     try:
         spec = arch_spec(lm.config)

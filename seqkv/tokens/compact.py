@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BlobError
-from .textcodec import TextRecipe
+from ..core.errors import BlobError
+from ..core.textcodec import TextRecipe
 
 MAGIC = b"SKV2"
 _TEXT = 1
@@ -171,7 +171,7 @@ def unpack(data: bytes) -> tuple[TokenHeader, list[np.ndarray]]:
 
 def describe(data: bytes) -> dict:
     """What a compact blob holds, from its header alone (no model, no torch)."""
-    from .packaged import model_name, packaged_kv_bits
+    from ..core.packaged import model_name, packaged_kv_bits
 
     header, streams = unpack(data)
     n = header.n_tokens

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .decoders import CODERS, decoder_for, default_coder, encode_stream
-from .distribution import model_bits, symbol_intervals
-from .errors import SeqkvError
-from .models import LoadedModel
-from .stepper import (
+from ..core.decoders import CODERS, decoder_for, default_coder, encode_stream
+from ..core.distribution import model_bits, symbol_intervals
+from ..core.errors import SeqkvError
+from ..core.models import LoadedModel
+from ..core.stepper import (
     PROCEDURE,
     PROCEDURES,
     NumericsProfile,
