@@ -25,7 +25,6 @@ from .common import (
 )
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no time estimate or summary")]
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOKEN_CODINGS = ("coded", "raw")
 
 
@@ -45,18 +44,16 @@ def kv_dump(
     """Prefill a UTF-8 text and export its KV cache as a safetensors cache file."""
     import torch
 
-    from ..core.cache import KVCache, prefill_cache, save_cachefile
+    from ..core.cache import KVCache, dtype_alias, prefill_cache, save_cachefile
     from ..core.textcodec import encode_text
 
-    if dtype not in DTYPES:
-        raise SeqkvError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    stored = getattr(torch, dtype_alias(dtype, "--dtype"))
     text = read_text(input, allow_empty=False)
     check_output(output)
     lm = load(model)
     ids, _ = encode_text(lm.tokenizer, text)
     restored = prefill_cache(lm.model, ids)
-    save_cachefile(output, KVCache.from_dynamic(restored.cache, ids,
-                                                getattr(torch, DTYPES[dtype])))
+    save_cachefile(output, KVCache.from_dynamic(restored.cache, ids, stored))
 
 
 @friendly_errors
@@ -104,21 +101,16 @@ def kv_compress(
     data = read_file(input, "cache file")
     check_output(output)
     from ..core.cache import parse_cachefile
-    from ..delta import compress_kv, get_predictor
+    from ..delta import compress_kv, needs_model, predictor_from_options
     from ..tokens.codec import DEFAULT_BATCH, DEFAULT_CHUNK
 
     kv = parse_cachefile(data, str(input))
-    params: dict = {}
-    if predictor == "recompute":
-        params = {"dtype": predictor_dtype, "attn": predictor_attn}
-    elif predictor == "quantized":
-        params = {"method": copy_quantizer, "bits": copy_bits}
-    needs = get_predictor(predictor, **params).needs_model or tokens == "coded"
+    p = predictor_from_options(predictor, dtype=predictor_dtype, attn=predictor_attn,
+                               method=copy_quantizer, bits=copy_bits)
     if tokens == "coded" and not quiet:
         _warn_tokens("coding", kv.n_tokens, DEFAULT_CHUNK, DEFAULT_BATCH)
-    lm = load(model) if needs else None
-    blob = compress_kv(kv, lm, predictor, max_abs_error=max_abs_error, rel_mse=rel_mse,
-                       tokens=tokens, **params)
+    lm = load(model) if needs_model(p, tokens) else None
+    blob = compress_kv(kv, lm, p, max_abs_error=max_abs_error, rel_mse=rel_mse, tokens=tokens)
     write_atomic(output, blob)
     if not quiet:
         typer.echo(_summary(blob), err=True)
@@ -140,19 +132,14 @@ def kv_restore(
     if info.get("kind") != "kv-delta":
         raise SeqkvError(f"{input} is not a kv-delta blob (a text's blob: use seqkv decompress)")
     from ..core.cache import save_cachefile
-    from ..delta import decompress_kv
-    from ..delta.api import parse
-    from ..delta.predictors import predictor_from_header
+    from ..delta import decompress_kv, needs_model, parse, predictor_of
 
     header, sections = parse(blob)
-    if exact and header["mode"] != "exact":
-        raise SeqkvError(f"{input} is lossy ({header.get('lossy')}); "
-                         "it cannot restore bit for bit")
-    coded = header["tokens"]["coding"] == "coded"
-    needs = predictor_from_header(header["predictor"]).needs_model or coded
-    if coded:
-        tokens = blob_info(sections["tokens"], input)
-        _warn_decode_tokens(tokens)
+    if exact and header.mode != "exact":
+        raise SeqkvError(f"{input} is lossy ({header.lossy}); it cannot restore bit for bit")
+    if header.tokens.coding == "coded":
+        _warn_decode_tokens(blob_info(sections["tokens"], input))
+    needs = needs_model(predictor_of(header), header.tokens.coding)
     lm = load(model, info.get("model")) if needs else None
     save_cachefile(output, decompress_kv(blob, lm))
 
@@ -168,10 +155,9 @@ def _warn_decode_tokens(info: dict) -> None:
 
 
 def _summary(blob: bytes) -> str:
-    """One line saying what each number counts (issue 12: the token part's bits/token used
-    to include the inner blob's header)."""
-    from ..delta import inspect_delta_blob
-    from ..delta.api import parse
+    """One line saying what each number counts: the token part's bits/token without the
+    inner blob's header, its bytes with it."""
+    from ..delta import inspect_delta_blob, parse
 
     info = inspect_delta_blob(blob)
     n, r, t = info["tokens"], info["residual"], info["tokens_part"]

@@ -40,7 +40,3 @@ def fp16_kv_bits(config, n_tokens: int) -> int:
 def turboquant_kv_bits(config, n_tokens: int, bits: int = 3) -> int:
     """``bits`` per component plus one fp16 norm per vector (TurboQuant-mse, arXiv 2504.19874)."""
     return sum(n * (d * bits + 16) for n, d in kv_vectors(config, n_tokens))
-
-
-def kv_geometry_dict(config) -> list[dict]:
-    return [g.__dict__ for g in kv_geometry(config)]

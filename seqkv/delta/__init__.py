@@ -5,14 +5,20 @@
 within ``max_abs_error`` or ``rel_mse``; ``decompress_kv(blob, lm)`` restores it.
 """
 
-from .api import KIND, compress_kv, decompress_kv, inspect_delta_blob
-from .predictors import PREDICTORS, get_predictor
+from .api import KIND, compress_kv, decompress_kv, inspect_delta_blob, needs_model, parse
+from .header import predictor_of
+from .predictors import PREDICTORS, Predictor, get_predictor, predictor_from_options
 
 __all__ = [
     "KIND",
     "PREDICTORS",
+    "Predictor",
     "compress_kv",
     "decompress_kv",
     "get_predictor",
     "inspect_delta_blob",
+    "needs_model",
+    "parse",
+    "predictor_from_options",
+    "predictor_of",
 ]

@@ -29,7 +29,7 @@ from .header import (
     read_header,
 )
 from .lossy import lossy_mode
-from .predictors import get_predictor, params_of
+from .predictors import Predictor, get_predictor
 
 ZERO = 2  # "coded" value of a tensor whose residual is all zero (the prediction was exact)
 
@@ -94,7 +94,7 @@ def _prediction(p, lm, ids, side, layout) -> list[torch.Tensor] | None:
         again = p.predict(lm, ids, side, layout)
         if tensors_hash(again) == tensors_hash(pred):
             return pred
-        if not (hasattr(p, "next_candidate") and p.next_candidate(lm)):
+        if not p.next_candidate(lm):
             raise SeqkvError(
                 f"the {p.name} predictor is not repeatable on {lm.device} with numerics "
                 f"{p.describe()['numerics']}: a restore could not reproduce it (try attn eager)"
@@ -116,10 +116,16 @@ def _matching_prediction(p, lm, ids, side, layout, header) -> list[torch.Tensor]
     )
 
 
+def needs_model(p: Predictor, token_coding: str) -> bool:
+    """Whether a kv-delta blob needs the model, to write or to restore: its predictor
+    computes with the model, or its tokens are coded under it."""
+    return p.needs_model or token_coding == "coded"
+
+
 def compress_kv(
     kv: KVCache,
     lm: LoadedModel | None = None,
-    predictor: str = "recompute",
+    predictor: str | Predictor = "recompute",
     *,
     max_abs_error: float | None = None,
     rel_mse: float | None = None,
@@ -127,13 +133,15 @@ def compress_kv(
     **predictor_params,
 ) -> bytes:
     """A cache to a kv-delta blob: exact (default), within ``max_abs_error`` per value, or
-    within relative MSE ``rel_mse`` per tensor (residuals through seqkv.quant)."""
-    p = get_predictor(predictor, **predictor_params)
+    within relative MSE ``rel_mse`` per tensor (residuals through seqkv.quant). ``predictor``:
+    a name (with its parameters as keywords) or a :class:`Predictor`."""
+    p = predictor if isinstance(predictor, Predictor) else get_predictor(predictor,
+                                                                         **predictor_params)
     if p.needs_model and lm is None:
-        raise SeqkvError(f"the {predictor} predictor needs the model")
+        raise SeqkvError(f"the {p.name} predictor needs the model")
     mode = lossy_mode(max_abs_error, rel_mse)
     if mode is not None and p.along_positions:
-        raise SeqkvError(f"the {predictor} predictor is for exact mode only")
+        raise SeqkvError(f"the {p.name} predictor is for exact mode only")
     originals = kv.tensors
     layout = [(tuple(t.shape), t.dtype) for t in originals]
     side = p.side_info(kv, lm)
@@ -182,7 +190,7 @@ def compress_kv(
         "mode": "exact" if mode is None else "lossy",
         "lossy": mode.describe() if mode is not None else None,
         "max_abs_error": max_abs_error,
-        "predictor": {**p.describe(lm.config if lm else None), **params_of(p)},
+        "predictor": {**p.describe(lm.config if lm else None), **p.params()},
         "model": lm.fingerprint.to_dict() if lm is not None else None,
         "layout": _pack_layout(layout),
         "coded": "".join(str(c) for c in coded),
@@ -217,8 +225,7 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     layout = header.layout
     p = predictor_of(header)
     mode = lossy_mode_of(header)
-    needs_model = p.needs_model or header.tokens.coding == "coded"
-    if needs_model:
+    if needs_model(p, header.tokens.coding):
         if lm is None:
             raise SeqkvError(f"this blob needs the model it was written with "
                              f"({(header.model or {}).get('name')})")

@@ -171,8 +171,9 @@ _SEARCH_KEYS = ("dtype", "attn", "build", "bits_per_component", "exact")
 
 
 def _read_predictor(d) -> dict:
+    from ..core.cache import DTYPE_ALIASES
     from .numerics import BUILDS
-    from .predictors import ATTENTION, DTYPE_ALIASES, PREDICTORS
+    from .predictors import ATTENTION, PREDICTORS
 
     name = _str((d if isinstance(d, dict) else {}).get("name"), "predictor: name", PREDICTORS)
     if name in ("none", "neighbour"):

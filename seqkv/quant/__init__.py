@@ -14,8 +14,6 @@ from .base import (
     KVQuantizer,
     QuantizedTensor,
     Quantizer,
-    dequantize_residual,
-    quantize_residual,
 )
 from .fp8 import FP8, Int8
 from .kivi import KIVI
@@ -78,9 +76,7 @@ __all__ = [
     "TurboQuantMSE",
     "TurboQuantOutlier",
     "TurboQuantProd",
-    "dequantize_residual",
     "get_kv_quantizer",
     "get_quantizer",
     "lloyd_max_codebook",
-    "quantize_residual",
 ]

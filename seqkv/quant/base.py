@@ -131,24 +131,6 @@ def check_quantized(q: QuantizedTensor, name: str, required: tuple[str, ...]) ->
         raise SeqkvError(f"{name}: quantized tensor lacks {missing}")
 
 
-def quantize_residual(
-    quantizer: Quantizer, x: torch.Tensor, prediction: torch.Tensor
-) -> QuantizedTensor:
-    """Delta coding: quantize what ``prediction`` got wrong about ``x``."""
-    if prediction.shape != x.shape:
-        raise SeqkvError(
-            f"prediction shape {tuple(prediction.shape)} != tensor shape {tuple(x.shape)}"
-        )
-    return quantizer.quantize(x - prediction)
-
-
-def dequantize_residual(
-    quantizer: Quantizer, q: QuantizedTensor, prediction: torch.Tensor
-) -> torch.Tensor:
-    """Inverse of :func:`quantize_residual`: prediction plus the dequantized residual."""
-    return prediction + quantizer.dequantize(q).to(prediction.dtype)
-
-
 @dataclass(frozen=True)
 class KVQuantizer:
     """A key quantizer and a value quantizer: K and V get separate methods and bit widths."""
