@@ -149,7 +149,13 @@ def side_by_side(n: int, d: int, rounds: int = 5) -> tuple[list[dict], list[dict
         rows.append({"impl": "turboquant", "error": f"{type(e).__name__}: {e}"})
         print(f"turboquant failed: {type(e).__name__}: {e}", flush=True)
 
-    # Speed: each round visits every (method, bits) and times all implementations back to back.
+    secs = _time_rounds(timed, rounds, mb)
+    return rows, _speed_ratios(timed, secs, rounds)
+
+
+def _time_rounds(timed: list, rounds: int, mb: float) -> dict[int, dict[str, list[float]]]:
+    """Each round visits every (method, bits) and times all implementations back to back;
+    each row gets its median speeds. Returns every round's seconds by row."""
     secs: dict[int, dict[str, list[float]]] = {id(r): {"q": [], "dq": []} for r, *_ in timed}
     order = sorted(timed, key=lambda t: (t[0]["method"], t[0]["bits"]))
     for _ in range(rounds):
@@ -164,6 +170,11 @@ def side_by_side(n: int, d: int, rounds: int = 5) -> tuple[list[dict], list[dict
             json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}),
             flush=True,
         )
+    return secs
+
+
+def _speed_ratios(timed: list, secs: dict, rounds: int) -> list[dict]:
+    """Each peer's speed against seqkv's at the same (method, bits), taken within rounds."""
     ratios = []
     for row, *_ in timed:
         if row["impl"] == "seqkv":
@@ -195,7 +206,7 @@ def side_by_side(n: int, d: int, rounds: int = 5) -> tuple[list[dict], list[dict
                 {k: round(v, 2) if isinstance(v, float) else v for k, v in ratios[-1].items()}
             )
         )
-    return rows, ratios
+    return ratios
 
 
 def brown_text(max_chars: int = 20000) -> str:

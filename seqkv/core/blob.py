@@ -109,21 +109,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     if p.is_dir():
         raise SeqkvError(f"is a directory: {path}")
     try:
-        if p.exists():
-            mode = p.stat().st_mode & 0o777
-        else:
-            mask = None
-            try:  # Linux: read the umask without setting it (os.umask is process-wide)
-                with open("/proc/self/status", encoding="ascii") as status:
-                    for line in status:
-                        if line.startswith("Umask:"):
-                            mask = int(line.split()[1], 8)
-            except (OSError, ValueError, IndexError):
-                pass
-            if mask is None:
-                mask = os.umask(0o022)
-                os.umask(mask)
-            mode = 0o666 & ~mask
+        mode = p.stat().st_mode & 0o777 if p.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
     except OSError as e:
         raise SeqkvError(f"cannot write {path}: {e.strerror or e}") from e
@@ -142,7 +128,25 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(e, OSError):
             raise SeqkvError(f"cannot write {path}: {e.strerror or e}") from e
         raise
-    try:  # make the rename itself durable
+    _fsync_directory(directory)  # make the rename itself durable
+
+
+def _umask() -> int:
+    """The process's umask; on Linux read without setting it (os.umask is process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return

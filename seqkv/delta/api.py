@@ -239,27 +239,7 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     if mode is not None and pred is None:  # lossy without a predictor: residuals from zero
         pred = [torch.zeros(s, dtype=d) for s, d in layout]
     planes = pred is None and not p.along_positions
-    keys = [rc.block_keys(shape, None if pred is None else pred[i]) if coded == 1 else None
-            for i, ((shape, _), coded) in enumerate(zip(layout, header.coded, strict=True))]
-    sizes = []
-    for k, (_, dtype) in zip(keys, layout, strict=True):
-        if k is not None:
-            sizes.extend(rc.block_sizes(*k) * (rc.width_of(dtype) // 8 if planes else 1))
-    blocks = rc.decode_checked(rc.CodedBlocks(sec["models"], sec["words"]), sizes)
-    syms, pos = [], 0
-    for k, (shape, dtype), coded in zip(keys, layout, header.coded, strict=True):
-        if k is None:
-            if coded == ZERO and planes:  # never written: plain coding has no prediction
-                raise BlobError("corrupt kv-delta header (coded)")
-            zeros = np.zeros(int(np.prod(shape)), np.int64)
-            syms.append(rc.residual_symbols(zeros)[0] if coded == ZERO else None)
-            continue
-        n_planes = rc.width_of(dtype) // 8 if planes else 1
-        per_plane = []
-        for _ in range(n_planes):
-            per_plane.append(rc.join_blocks(blocks[pos:pos + k[1]], k[0]))
-            pos += k[1]
-        syms.append(per_plane if planes else per_plane[0])
+    syms = _symbols(sec, layout, header.coded, pred, planes)
     if planes:
         if any(s is None for s in syms):
             raise BlobError("corrupt kv-delta header (coded)")
@@ -270,6 +250,32 @@ def decompress_kv(blob: bytes, lm: LoadedModel | None = None,
     if tensors_hash(out) != header.tensors_hash:
         raise BlobError("restored tensors do not match the stored hash (corrupt residuals)")
     return KVCache.from_tensors(ids, out)
+
+
+def _symbols(sec, layout, coded_flags, pred, planes: bool) -> list:
+    """Each tensor's residual symbols from the range-coded blocks: a list per byte plane
+    (plain coding), an array, or None where nothing was coded."""
+    keys = [rc.block_keys(shape, None if pred is None else pred[i]) if coded == 1 else None
+            for i, ((shape, _), coded) in enumerate(zip(layout, coded_flags, strict=True))]
+    sizes = []
+    for k, (_, dtype) in zip(keys, layout, strict=True):
+        if k is not None:
+            sizes.extend(rc.block_sizes(*k) * (rc.width_of(dtype) // 8 if planes else 1))
+    blocks = rc.decode_checked(rc.CodedBlocks(sec["models"], sec["words"]), sizes)
+    syms, pos = [], 0
+    for k, (shape, dtype), coded in zip(keys, layout, coded_flags, strict=True):
+        if k is None:
+            if coded == ZERO and planes:  # never written: plain coding has no prediction
+                raise BlobError("corrupt kv-delta header (coded)")
+            zeros = np.zeros(int(np.prod(shape)), np.int64)
+            syms.append(rc.residual_symbols(zeros)[0] if coded == ZERO else None)
+            continue
+        per_plane = []
+        for _ in range(rc.width_of(dtype) // 8 if planes else 1):
+            per_plane.append(rc.join_blocks(blocks[pos:pos + k[1]], k[0]))
+            pos += k[1]
+        syms.append(per_plane if planes else per_plane[0])
+    return syms
 
 
 def _residuals_back(sec, syms, layout, pred, p, mode) -> list[torch.Tensor]:

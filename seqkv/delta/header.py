@@ -171,51 +171,59 @@ _SEARCH_KEYS = ("dtype", "attn", "build", "bits_per_component", "exact")
 
 
 def _read_predictor(d) -> dict:
-    from ..core.cache import DTYPE_ALIASES
-    from .numerics import BUILDS
-    from .predictors import ATTENTION, PREDICTORS
+    from .predictors import PREDICTORS
 
     name = _str((d if isinstance(d, dict) else {}).get("name"), "predictor: name", PREDICTORS)
     if name in ("none", "neighbour"):
         _dict(d, "predictor", ("name", "compute"))
-        expected = 0.0
     elif name == "quantized":
-        _dict(d, "predictor", ("name", "compute", "method", "bits"))
-        from ..quant import METHODS
-
-        _str(d["method"], "predictor: method", METHODS)
-        bits = d["bits"]
-        if bits is not None and (_num(bits, "predictor: bits") * 2 != int(bits * 2)
-                                 or not 1 <= bits <= 8):
-            raise _bad("predictor: bits")
-        expected = 0.0
+        _read_quantized_copy(d)
     else:
-        _dict(d, "predictor", ("name", "compute", "numerics", "dtype", "attn"),
-              ("build", "search"))
-        for key, choices in (("dtype", DTYPE_ALIASES), ("attn", ATTENTION)):
-            if d[key] is not None:
-                _str(d[key], f"predictor: {key}", choices)
-        if "build" in d:
-            _str(d["build"], "predictor: build", BUILDS)
-        numerics = _dict(d["numerics"], "predictor: numerics", (), _NUMERICS_KEYS)
-        for key, v in numerics.items():
-            _str(v, f"predictor: numerics {key}")
-        if not isinstance(d.get("search", []), list) or len(d.get("search", [])) > 64:
-            raise _bad("predictor: search")
-        for rec in d.get("search", []):
-            _dict(rec, "predictor: search", _SEARCH_KEYS)
-            _str(rec["dtype"], "predictor: search", DTYPE_ALIASES)
-            if rec["attn"] is not None:
-                _str(rec["attn"], "predictor: search", ATTENTION)
-            _str(rec["build"], "predictor: search", BUILDS)
-            if rec["bits_per_component"] is not None:
-                _num(rec["bits_per_component"], "predictor: search")
-            if type(rec["exact"]) is not bool:
-                raise _bad("predictor: search")
-        expected = 1.0
+        _read_recompute(d)
+    expected = 1.0 if name == "recompute" else 0.0
     if _num(d["compute"], "predictor: compute") != expected:
         raise _bad("predictor: compute")
     return d
+
+
+def _read_quantized_copy(d) -> None:
+    from ..quant import METHODS
+
+    _dict(d, "predictor", ("name", "compute", "method", "bits"))
+    _str(d["method"], "predictor: method", METHODS)
+    bits = d["bits"]
+    if bits is not None and (_num(bits, "predictor: bits") * 2 != int(bits * 2)
+                             or not 1 <= bits <= 8):
+        raise _bad("predictor: bits")
+
+
+def _read_recompute(d) -> None:
+    from ..core.cache import DTYPE_ALIASES
+    from .numerics import BUILDS
+    from .predictors import ATTENTION
+
+    _dict(d, "predictor", ("name", "compute", "numerics", "dtype", "attn"), ("build", "search"))
+    for key, choices in (("dtype", DTYPE_ALIASES), ("attn", ATTENTION)):
+        if d[key] is not None:
+            _str(d[key], f"predictor: {key}", choices)
+    if "build" in d:
+        _str(d["build"], "predictor: build", BUILDS)
+    numerics = _dict(d["numerics"], "predictor: numerics", (), _NUMERICS_KEYS)
+    for key, v in numerics.items():
+        _str(v, f"predictor: numerics {key}")
+    search = d.get("search", [])
+    if not isinstance(search, list) or len(search) > 64:
+        raise _bad("predictor: search")
+    for rec in search:
+        _dict(rec, "predictor: search", _SEARCH_KEYS)
+        _str(rec["dtype"], "predictor: search", DTYPE_ALIASES)
+        if rec["attn"] is not None:
+            _str(rec["attn"], "predictor: search", ATTENTION)
+        _str(rec["build"], "predictor: search", BUILDS)
+        if rec["bits_per_component"] is not None:
+            _num(rec["bits_per_component"], "predictor: search")
+        if type(rec["exact"]) is not bool:
+            raise _bad("predictor: search")
 
 
 def _read_model(d) -> dict | None:
@@ -225,6 +233,38 @@ def _read_model(d) -> dict | None:
     for key in ("name", "weights", "tokenizer", "dtype"):
         _str(d[key], f"model: {key}")
     return d
+
+
+def _read_tokens(t, size: int) -> Tokens:
+    """The tokens field, against the size of the token section."""
+    t = _dict(t, "tokens", ("n", "coding", "hash", "bits"))
+    tokens = Tokens(_int(t["n"], "tokens: n", 0, MAX_DIM),
+                    _str(t["coding"], "tokens: coding", TOKEN_CODINGS),
+                    _hash(t["hash"], "tokens: hash"), _int(t["bits"], "tokens: bits"))
+    if tokens.bits != 8 * size:
+        raise _bad("tokens: bits")
+    if ((tokens.coding == "raw" and 4 * tokens.n != size)
+            or (tokens.coding == "external" and size)
+            or (tokens.coding == "coded" and not size)):
+        raise _bad("tokens: n")
+    return tokens
+
+
+def _read_sizes(header: dict, layout: Layout, sizes: dict[str, int]) -> tuple[int, int]:
+    """Components and raw bits, computed from the layout and checked against the header's;
+    the residual bits against the sections' sizes."""
+    components = sum(int(torch.Size(s).numel()) for s, _ in layout)
+    if components > MAX_COMPONENTS:
+        raise _bad("layout: too large")
+    raw_bits = sum(int(torch.Size(s).numel()) * 8 * d.itemsize for s, d in layout)
+    if _int(header["components"], "components") != components:
+        raise _bad("components")
+    if _int(header["raw_bits"], "raw_bits") != raw_bits:
+        raise _bad("raw_bits")
+    if _int(header["residual_bits"], "residual_bits") != 8 * sum(sizes[k] for k in
+                                                                  RESIDUAL_SECTIONS):
+        raise _bad("residual_bits")
+    return components, raw_bits
 
 
 def read_header(header: dict, sections: list[bytes]) -> DeltaHeader:
@@ -249,27 +289,8 @@ def read_header(header: dict, sections: list[bytes]) -> DeltaHeader:
     coded = header["coded"]
     if not isinstance(coded, str) or len(coded) != len(layout) or set(coded) - set(CODED_FLAGS):
         raise _bad("coded")
-    components = sum(int(torch.Size(s).numel()) for s, _ in layout)
-    if components > MAX_COMPONENTS:
-        raise _bad("layout: too large")
-    raw_bits = sum(int(torch.Size(s).numel()) * 8 * d.itemsize for s, d in layout)
-    if _int(header["components"], "components") != components:
-        raise _bad("components")
-    if _int(header["raw_bits"], "raw_bits") != raw_bits:
-        raise _bad("raw_bits")
-    if _int(header["residual_bits"], "residual_bits") != 8 * sum(sizes[k] for k in
-                                                                  RESIDUAL_SECTIONS):
-        raise _bad("residual_bits")
-    t = _dict(header["tokens"], "tokens", ("n", "coding", "hash", "bits"))
-    tokens = Tokens(_int(t["n"], "tokens: n", 0, MAX_DIM),
-                    _str(t["coding"], "tokens: coding", TOKEN_CODINGS),
-                    _hash(t["hash"], "tokens: hash"), _int(t["bits"], "tokens: bits"))
-    if tokens.bits != 8 * sizes["tokens"]:
-        raise _bad("tokens: bits")
-    if ((tokens.coding == "raw" and 4 * tokens.n != sizes["tokens"])
-            or (tokens.coding == "external" and sizes["tokens"])
-            or (tokens.coding == "coded" and not sizes["tokens"])):
-        raise _bad("tokens: n")
+    components, raw_bits = _read_sizes(header, layout, sizes)
+    tokens = _read_tokens(header["tokens"], sizes["tokens"])
     if any(s[2] > tokens.n for s, _ in layout):
         raise _bad("more positions than tokens")
     mode = _str(header["mode"], "mode", ("exact", "lossy"))
