@@ -47,13 +47,15 @@ def test_generate_from_quantized_cache(model, name, kb, vb, window):
     layer = cache.layers[0]
     assert layer.keys.shape == (2, 2, 17, 16)  # the last generated token is never fed back
     # what attention read is what was stored: the quantized part decodes to the mirror
-    n = layer._dq_k.shape[-2]
-    assert n > 0
+    n = layer.quantized_positions
+    assert n > 0 and n == sum(qk.shape[-2] for qk, _ in layer.chunks)
+    assert n == 17 - window - (17 - window) % (4 if name == "kivi" else 1)
     k = torch.cat([layer.key_quantizer.dequantize(qk) for qk, _ in layer.chunks], dim=-2)
     assert torch.equal(k, layer.keys[..., :n, :])
+    # stored: the quantized chunks, plus the full-precision (fp32) window after them, K and V
     assert cache.storage_bits() == sum(
         qk.bits + qv.bits for lay in cache.layers for qk, qv in lay.chunks
-    ) + sum(2 * lay._fp_k.numel() * 32 for lay in cache.layers)
+    ) + sum(2 * lay.keys[..., lay.quantized_positions:, :].numel() * 32 for lay in cache.layers)
 
 
 def test_quantized_cache_changes_logits_and_int8_barely(model):

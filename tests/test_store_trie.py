@@ -1,9 +1,11 @@
 """The radix trie alone (no model): insert / match / split / remove invariants, dedup, bits."""
 
+import constriction
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seqkv.core.distribution import reduced_weights
 from seqkv.store.coding import encode_intervals
 from seqkv.store.trie import Trie
 
@@ -83,10 +85,30 @@ def test_shared_prefix_stored_once():
     assert trie.bits_total < 2 * one
 
 
+def decode_edge(node):
+    """An edge's rANS words decoded under the distributions it was coded with (the token is
+    symbol 1 of [below, token, above] at each position): what was coded, and whether the
+    stream was used up exactly."""
+    iv = np.asarray(node.intervals).reshape(-1, 2)
+    coder = constriction.stream.stack.AnsCoder(np.asarray(node.words, dtype=np.uint32))
+    coded = coder.decode(constriction.stream.model.Categorical(perfect=False),
+                         reduced_weights(iv[:, 0], iv[:, 1]))
+    return coded.tolist(), coder.is_empty()
+
+
 def test_split_keeps_edges_decodable_as_a_cut():
     trie = Trie(encode_intervals)
     insert(trie, "a", [1, 2, 3, 4, 5])
-    insert(trie, "b", [1, 2, 9])
+    whole = trie.sessions["a"]
+    assert decode_edge(whole) == ([1] * 5, True)
+    insert(trie, "b", [1, 2, 9])  # cuts a's edge after [1, 2]
     mid = trie.match([1, 2]).node
     assert mid.tokens == [1, 2] and sorted(mid.children) == [3, 9]
-    assert trie.sessions["a"].tokens == [3, 4, 5]
+    assert trie.sessions["a"] is whole and whole.tokens == [3, 4, 5]
+    # each piece is a stream of its own, coded under its own positions' distributions: it
+    # decodes on its own, to exactly its tokens, and nothing of the other piece is left in it
+    for node, ids in ((mid, [1, 2, 3, 4, 5]), (whole, [1, 2, 3, 4, 5]),
+                      (trie.sessions["b"], [1, 2, 9])):
+        assert not node.raw
+        assert np.array_equal(node.intervals, intervals_of(ids)[node.start:node.start + node.n])
+        assert decode_edge(node) == ([1] * node.n, True)

@@ -61,6 +61,11 @@ class QuantizedKVLayer(DynamicLayer):
         self.values = torch.cat([self._dq_v, self._fp_v], dim=-2)
         return self.keys, self.values
 
+    @property
+    def quantized_positions(self) -> int:
+        """Positions held quantized; those after them are the full-precision recent window."""
+        return sum(k.shape[-2] for k, _ in self.chunks)
+
     def storage_bits(self) -> int:
         """Bits this layer stores: quantized chunks plus the full-precision window."""
         if not self.is_initialized:

@@ -103,7 +103,7 @@ def _qjl_t(dim: int, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
-def _thresholds(dim: int, bits: int) -> tuple[float, ...]:
+def cell_thresholds(dim: int, bits: int) -> tuple[float, ...]:
     """The float32 cell boundaries as Python floats (static constants of the CPU kernels)."""
     return tuple(torch.tensor(lloyd_max_codebook(dim, bits).boundaries).float().tolist())
 
@@ -122,7 +122,7 @@ def _rotate(x: torch.Tensor, rot_t: torch.Tensor):
     return norms, y.mul_(inv.to(y.dtype).unsqueeze(-1))
 
 
-def _float_codes(u: torch.Tensor, thr: tuple[float, ...]) -> torch.Tensor:
+def float_codes(u: torch.Tensor, thr: tuple[float, ...]) -> torch.Tensor:
     """Lloyd-Max cell indices as float32 with vectorized float ops only (the CPU path).
 
     Equal to ``bucketize(u, thr)`` (ties go to the lower cell). ATen's comparisons write bool
@@ -154,7 +154,7 @@ def _encode_codes(u: torch.Tensor, bounds: torch.Tensor, bits: int, thr: tuple[f
     """Packed codes of u, and the codes themselves (for centroid lookups)."""
     d = u.shape[-1]
     if _cpu_eager(u) and bits <= 4 and d % 8 == 0 and u.dtype == torch.float32 and _symmetric(thr):
-        codes = _float_codes(u, thr)
+        codes = float_codes(u, thr)
         return packing.pack_float_codes(codes, bits), codes
     if _cpu_eager(u):
         codes = scalar_codes(u, bounds.to(u.dtype))
@@ -200,7 +200,7 @@ def _prod_encode(x, rot_t, qjl_t, bounds, cents, *, bits, thr):
     # S is Gaussian, so sketching the rotated residual is distributed as sketching r itself.
     s = r.to(qjl_t.dtype) @ qjl_t
     if _cpu_eager(s) and s.shape[-1] % 8 == 0:
-        # sign bit = [s >= 0] = ceil((sign(s) + 1) / 2), in SIMD float ops (see _float_codes)
+        # sign bit = [s >= 0] = ceil((sign(s) + 1) / 2), in SIMD float ops (see float_codes)
         signs = packing.pack_float_codes(s.sign_().add_(1.0).mul_(0.5).ceil_(), 1)
     else:
         signs = packing.pack(s >= 0, 1)
@@ -290,7 +290,7 @@ class TurboQuantMSE:
         dt, dev = compute_dtype(x2), _dev(x2)
         _, bounds, _, _ = _codebook_tensors(d, self.bits, dev, torch.float32)
         args = (x2, _rotation_t(d, self.seed, dev, dt), bounds)
-        static = {"bits": self.bits, "thr": _thresholds(d, self.bits)}
+        static = {"bits": self.bits, "thr": cell_thresholds(d, self.bits)}
         return jit.run(_mse_encode, self.compile, args, static, rows=1)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
@@ -352,7 +352,7 @@ class TurboQuantProd:
         mb = max(self.bits - 1, 1)  # the mse part's width (unused at bits = 1)
         cents, bounds, _, _ = _codebook_tensors(d, mb, dev, torch.float32)
         args = (_rows(x), _rotation_t(d, self.seed, dev, dt), _qjl_t(d, self.seed, dev, dt))
-        static = {"bits": self.bits, "thr": _thresholds(d, mb)}
+        static = {"bits": self.bits, "thr": cell_thresholds(d, mb)}
         codes, signs, norms, rnorm = jit.run(
             _prod_encode, self.compile, (*args, bounds, cents), static, rows=1
         )
