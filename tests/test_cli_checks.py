@@ -1,4 +1,4 @@
-"""Issue 12: bad input is refused before any model loads; the time estimate comes before the
+"""Bad input is refused before any model loads; the time estimate comes before the
 work."""
 
 import pytest
@@ -126,7 +126,7 @@ def test_token_ids_blob_is_not_text(no_model, llama, tmp_path):
 
 def test_estimate_matches_the_measured_rates():
     assert coding_seconds(1_000, 2048, 16) == pytest.approx(50, rel=0.01)  # one stream, 20 tok/s
-    # issue 12: a 3 MB text, ~630k tokens, coded at ~88 tokens/s in 16 streams: about 2 hours
+    # a 3 MB text, ~630k tokens, coded at ~88 tokens/s in 16 streams: about 2 hours
     assert 1.7 * 3600 < coding_seconds(630_000, 2048, 16) < 2.3 * 3600
     # six 256-token chunks in lockstep: measured ~65 tokens/s
     assert 40 < 1536 / coding_seconds(1536, 256, 16) < 70

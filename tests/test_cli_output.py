@@ -1,4 +1,4 @@
-"""Issue 12: written files follow the umask like a plain open(), and errors name the output
+"""Written files follow the umask like a plain open(), and errors name the output
 path, never the temp file that makes the write atomic."""
 
 import os

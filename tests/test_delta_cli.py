@@ -83,7 +83,7 @@ def test_rel_mse_mode(tiny, cachefile, tmp_path):
 
 
 def test_summary_says_what_each_number_counts(tiny, cachefile, tmp_path):
-    """Issue 12: the token part's bits/token is the coded stream's, not the inner blob's
+    """The token part's bits/token is the coded stream's, not the inner blob's
     header included; that header is reported as bytes."""
     from seqkv import inspect_blob
     from seqkv.delta.api import parse

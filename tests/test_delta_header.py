@@ -1,5 +1,5 @@
 """kv-delta headers under a valid checksum: every crafted edit is refused with seqkv's own
-error, or the blob still decodes to exactly the original tensors (issue 12, item 7)."""
+error, or the blob still decodes to exactly the original tensors."""
 
 import copy
 import math
@@ -163,7 +163,8 @@ def test_crafted_headers_are_refused_or_decode_exactly(bases, llama):
     ("max_abs_error", 0.1), ("components", True), ("tokens", {"n": 8}),
 ])
 def test_the_issues_examples(bases, llama, key, value):
-    """Issue 12's crashes (TypeError, ValueError, AttributeError) and unchecked fields."""
+    """Headers that once crashed the reader (TypeError, ValueError, AttributeError) or passed
+    unchecked fields."""
     blob = bases[2][0]
     header, sections = unpack(blob)
     header.pop("sections")

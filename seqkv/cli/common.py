@@ -147,7 +147,7 @@ def load(model: str | None, needed: str | None = None):
 
 # --- what the work will cost ----------------------------------------------------------------
 
-# Rough rates, measured with the current coder (README, BENCHMARKS, issue 12): on the 2-core
+# Rough rates, measured with the current coder (README, BENCHMARKS.md): on the 2-core
 # CPU one stream codes ~20 tokens/s, 6 streams ~65, 16 streams ~88 (about 20 * streams^0.55
 # tokens/s); on the H200 the HF eager step, ~22 steps/s, sets the pace up to ~1,024 streams.
 CPU_TOKENS_PER_S_ONE_STREAM = 20.0

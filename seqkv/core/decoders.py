@@ -6,7 +6,7 @@ Two bitstreams, both constriction's (24-bit precision, 32-bit words):
 - ``ans``: its rANS coder (``stack.AnsCoder``, 64-bit state; words form a stack whose top is
   the end of the array), ~32 bits of flush per stream, but its decoder is a handful of integer
   operations per stream: ``VectorRansDecoder`` runs one step for every stream at once on the
-  GPU, so decoding never moves a distribution to the host (BRIEF: 49,152 floats a token would
+  GPU, so decoding never moves a distribution to the host (SmolLM2's 49,152 floats a token would
   be 40 GB/s at 200k tokens/s). The default on accelerators; constriction's decoder of the same
   stream is the reference it is tested against (tests/test_decoders.py).
 """

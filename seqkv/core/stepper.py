@@ -1,11 +1,14 @@
-"""The canonical forward procedure that encoder and decoder both run.
+"""The HF forward procedure that a coder's encoder and decoder both run, and the numerics
+helpers every tier shares (device labels, determinism, attention path, the cache keyword).
 
 Range decoding needs the decoder's probabilities bit-identical to the encoder's, and a
-model's logits depend on how they were computed (BRIEF: prefill vs incremental logits differ
-by 7e-5 on CPU and 0.375 in bf16 on a GPU; batch size changes them on a GPU). The decoder
-can only go token by token, so both sides run exactly this: a fixed group of streams
-advanced in lockstep, one token per stream per step, from a fixed prime token at position
-0, with a DynamicCache. Same group size, same shapes, same kernels on both sides.
+model's logits depend on how they were computed (measured on SmolLM2: prefill and
+incremental logits differ by up to 7e-5 on a CPU in fp32 and 0.375 in bf16 on an H200, where
+the batch size changes them too). The decoder can only go token by token, so both sides run
+exactly ``run_lockstep``: a fixed group of streams advanced in lockstep, one token per stream
+per step, from a fixed prime token at position 0, with a DynamicCache. Same group size, same
+shapes, same kernels on both sides. It serves the architectures the integer engine
+(seqkv.engine) does not cover, and the store's paths coded before the engine.
 """
 
 from __future__ import annotations
