@@ -1,4 +1,5 @@
-"""Stream decoders for the token codec.
+"""The entropy coders' streams and their decoders, shared by the token tier, the engine and
+the store.
 
 Two bitstreams, both constriction's (24-bit precision, 32-bit words):
 - ``range``: its range coder (``queue.RangeEncoder``), ~16 bits of flush per stream; decoded

@@ -1,4 +1,6 @@
-"""Token IDs entropy-coded under the model's own next-token distribution (arXiv 2604.15356, §4).
+"""Token IDs entropy-coded under the model's own next-token distribution (arXiv 2604.15356, §4),
+by the HF lockstep procedure (core/stepper.py): the coder of the architectures the integer
+engine does not cover. Its split into chunks (``split_chunks``) serves the engine too.
 
 A sequence is cut into chunks of at most ``chunk_size`` tokens. Each chunk is an independent
 stream: its context is reset to the prime token, so chunks decode in parallel (one lockstep
@@ -8,7 +10,7 @@ coder's flush per chunk (~16 bits for the range coder, ~32 for rANS), hence long
 chunks.
 
 Each chunk is one stream of constriction's range coder (on the CPU) or rANS coder (on GPUs,
-where its decoder vectorizes across streams): see decoders.py.
+where its decoder vectorizes across streams): see core/decoders.py.
 """
 
 from __future__ import annotations
