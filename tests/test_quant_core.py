@@ -24,7 +24,6 @@ from seqkv.quant import (
     lloyd_max_codebook,
     packing,
 )
-from seqkv.quant.lloyd_max import sphere_coordinate_pdf
 
 
 def unit(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -43,6 +42,15 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits,expected", [(1, 0.3609), (2, 0.1160), (3, 0.0340), (4, 0.00931)])
 def test_codebook_optimum_at_d128_matches_known_values(bits, expected):
     assert lloyd_max_codebook(128, bits).vector_mse == pytest.approx(expected, rel=2e-3)
+
+
+def sphere_coordinate_pdf(x: np.ndarray, dim: int) -> np.ndarray:
+    """Exact density of one coordinate of a uniform point on S^{dim-1}: the reference the
+    codebooks (built on a normalized grid) are checked against."""
+    lognorm = math.lgamma(dim / 2) - 0.5 * math.log(math.pi) - math.lgamma((dim - 1) / 2)
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # x = +-1: density 0 (d > 3) or a pole (d = 2)
+        return np.exp(lognorm + 0.5 * (dim - 3) * np.log1p(-x * x))
 
 
 def test_codebook_is_a_lloyd_max_fixed_point():

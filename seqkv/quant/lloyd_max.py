@@ -14,7 +14,6 @@ Lloyd iteration (boundaries = midpoints, centroids = conditional means) runs on 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +58,6 @@ def _moments(dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         np.concatenate([zero, np.cumsum(w * x)]),
         np.concatenate([zero, np.cumsum(w * x * x)]),
     )
-
-
-def sphere_coordinate_pdf(x: np.ndarray, dim: int) -> np.ndarray:
-    """Exact density of one coordinate of a uniform point on S^{dim-1}."""
-    lognorm = math.lgamma(dim / 2) - 0.5 * math.log(math.pi) - math.lgamma((dim - 1) / 2)
-    x = np.asarray(x, dtype=np.float64)
-    with np.errstate(divide="ignore"):  # x = +-1: density 0 (d > 3) or a pole (d = 2)
-        return np.exp(lognorm + 0.5 * (dim - 3) * np.log1p(-x * x))
 
 
 @functools.lru_cache(maxsize=256)
