@@ -1,3 +1,5 @@
+"""`python -m seqkv`: the `seqkv` command."""
+
 from .cli import main
 
 main()

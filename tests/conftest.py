@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random-config models for logic, the real SmolLM2 for integration."""
+"""Shared fixtures: tiny random-config models for logic, the real SmolLM2 for integration.
+
+Every test that loads a real (packaged) model is marked ``slow``: those that use the
+``smollm2`` or ``gemma3_real`` fixtures are marked here, and any other test that loads one
+without the mark fails, so ``pytest -m "not slow"`` stays the fast suite."""
 
 from __future__ import annotations
 
@@ -29,6 +33,32 @@ def tiny_gemma3(seed: int = 0) -> LoadedModel:
     )
     torch.manual_seed(seed)
     return from_objects(Gemma3ForCausalLM(config), None, f"tiny-gemma3-{seed}")
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "gemma3_real"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _real_models_only_in_slow_tests(request, monkeypatch):
+    """A test not marked slow may not load a packaged model (in this process)."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import seqkv.core.models as models
+
+    real = models.load_model
+
+    def guarded(spec=None, *args, **kwargs):
+        if spec is None or str(spec) in ("default", *models.PACKAGED):
+            pytest.fail(f"loads the real model {spec or 'default'!r}: mark the test slow")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", guarded)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from seqkv.cli import build_app
@@ -40,10 +41,30 @@ def test_inspect_json_contract(blob_path):
     assert info["fp16_kv_bits"] > info["turboquant3_kv_bits"] > info["bits"]
 
 
-@pytest.mark.parametrize("command", [[], ["compress"], ["decompress"], ["inspect"], ["demo"]])
+def _every_command(group=None, path=()):
+    """Every command and group of the app, as the argument lists that reach it."""
+    group = group or get_command(app)
+    yield list(path), group
+    for name, cmd in getattr(group, "commands", {}).items():
+        yield from _every_command(cmd, (*path, name)) if hasattr(cmd, "commands") else [
+            ([*path, name], cmd)]
+
+
+@pytest.mark.parametrize("command", [c for c, _ in _every_command()], ids=" ".join)
 def test_help_everywhere(command):
-    result = runner.invoke(app, [*command, "--help"])
-    assert result.exit_code == 0 and "Usage" in result.output
+    """Each --help names its command in the usage line, says what it does, and lists its
+    subcommands or every option by its flag."""
+    cmd = dict((tuple(c), x) for c, x in _every_command())[tuple(command)]
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.replace("│", " ").split())
+    assert f"Usage: seqkv {' '.join(command)}".rstrip() in out
+    assert " ".join(cmd.help.split("\n\n")[0].split()) in out  # the summary, unwrapped
+    for name in getattr(cmd, "commands", {}):
+        assert name in out
+    for param in cmd.params:
+        if param.param_type_name == "option":
+            assert param.opts[0] in out, (command, param.opts)
 
 
 def _run(*args, **kw):

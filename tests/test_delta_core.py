@@ -68,7 +68,7 @@ def test_engine_numerics_make_the_residual_vanish(caches):
     assert same["predictor"]["build"] == "cast"  # lm.variant casts RoPE's buffers too
     # Every residual is zero: each tensor is flagged so, nothing else is stored.
     assert unpack(blob)[0]["stream_bytes"][:3] == [0, 0, 0]
-    assert set(parse(blob)[0]["coded"]) == {2}
+    assert set(parse(blob)[0].coded) == {2}
     assert same["residual"]["bits"] < fp32["residual"]["bits"] / 4
     assert decompress_kv(blob, lm).equal_bits(kv)
     with pytest.raises(SeqkvError, match="dtype"):
@@ -241,7 +241,7 @@ def test_rel_mse_finer_than_the_dtype_falls_back_to_exact(caches):
     kv = KVCache.from_dynamic(cache, IDS, torch.bfloat16)
     blob = compress_kv(kv, None, "none", rel_mse=1e-12, tokens="raw")
     assert decompress_kv(blob, None).equal_bits(kv)
-    assert all(parse(blob)[0]["coded"])
+    assert all(parse(blob)[0].coded)
     with pytest.raises(SeqkvError, match="one bound"):
         compress_kv(kv, None, "none", rel_mse=1e-2, max_abs_error=0.1)
 

@@ -182,7 +182,7 @@ def test_the_issues_examples(bases, llama, key, value):
 def test_parse_gives_a_checked_header(bases):
     header, sections = parse(bases[6][0])
     assert isinstance(header, DeltaHeader)
-    assert header.predictor["name"] == header["predictor"]["name"] == "quantized"
-    assert header.tokens.coding == header["tokens"]["coding"] == "raw"
+    assert header.predictor["name"] == "quantized"
+    assert header.tokens.coding == "raw"
     assert header.residual_bits == 8 * sum(len(sections[k]) for k in
                                            ("side", "models", "words", "raw", "lossy"))

@@ -74,13 +74,10 @@ class Tokens:
     hash: str
     bits: int
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
 
 @dataclass(frozen=True)
 class DeltaHeader:
-    """A checked kv-delta header. Read fields as attributes (or, as before, by key)."""
+    """A checked kv-delta header, its fields read as attributes."""
 
     mode: str  # "exact" or "lossy"
     lossy: dict | None  # {"max_abs_error": E} or {"rel_mse": R, "method": M}; None when exact
@@ -98,12 +95,6 @@ class DeltaHeader:
     stream_bytes: list[int]
     seqkv: str
     torch: str
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        return getattr(self, key, default)
 
 
 def read_layout(runs) -> Layout:
