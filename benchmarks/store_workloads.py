@@ -158,7 +158,7 @@ def main() -> None:
         step_s = sum(r["restore_decode_s"] for r in rows) / max(steps, 1)
         prefill_s = sum(r["restore_prefill_s"] for r in rows) / max(steps, 1)
         shared = next(r for r in rows if r["workload"].startswith("shared"))["_store"]
-        per_tok = shared._kv_bytes(16) / 16
+        per_tok = shared.checkpoint_size(16) / 16
         budgets = [int(per_tok * t) for t in (256, 512, 1024)]
         policies = policy_trace(shared, step_s, prefill_s, budgets)
         for p in policies:

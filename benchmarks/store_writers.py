@@ -1,13 +1,26 @@
-"""PLT store write path: put latency (p50 / p99) alone, with concurrent writer processes while
-a compactor codes under the model, and through `seqkv serve` with background compaction.
+"""PLT store write path: concurrent writer processes, put latency with many clients, puts
+through `seqkv serve`, and a store that is truly busy.
 
-    python benchmarks/store_writers.py [--writers 4] [--puts 40] [--tokens 256] [--shared 128]
-        [--db sqlite|redis://127.0.0.1:6379/14] [--out benchmarks/results/store_writers_cpu.json]
+    python benchmarks/store_writers.py [--db sqlite|redis://127.0.0.1:6379/14]
+        [--writers 4] [--puts 100] [--clients 8] [--client-puts 50]
+        [--modes single,writers,clients,compactor,server,busy]
+        [--out benchmarks/results/store_writers_cpu.json]
 
 Sessions: a ``--shared``-token prefix (Brown news) and their own continuation (other Brown
-texts), SmolLM2 token ids; every put is checked afterwards (every session reads back exactly,
-unique tokens = distinct prefixes). Writers are forked processes (one store connection each)
-started together; "busy" counts StoreBusyError ("store busy, retry") answers.
+texts), SmolLM2 token ids (``--tokens`` in all), one session per put. After every mode every
+session is read back exactly in a fresh store and unique tokens = distinct prefixes.
+
+- ``writers``: ``--writers`` forked processes (one store connection each) x ``--puts`` puts,
+  started together: errors, the wall time of each writer (slowest / fastest), latencies.
+- ``clients``: ``--clients`` processes x ``--client-puts`` puts at once (the p99 goal).
+- ``compactor``: the writers while a compactor process codes under the model.
+- ``server``: ``--clients`` client processes put through `seqkv serve` (background
+  compaction on), then a final ``POST /v1/compact``.
+- ``busy``: another connection holds the write lock longer than the busy bound
+  ($SEQKV_STORE_BUSY_TIMEOUT=1): `seqkv store put` must answer "store busy, retry", exit 1.
+
+"busy" in a row counts StoreBusyError answers (retried, as a client would); an error is any
+other exception.
 """
 
 from __future__ import annotations
@@ -21,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -40,33 +52,35 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def summary(lat: list[float], wall: float, busy: int) -> dict:
+def summary(lat: list[float], wall: float, busy: int, errors: int = 0) -> dict:
     return {"puts": len(lat), "p50_ms": 1e3 * statistics.median(lat),
             "p99_ms": 1e3 * pct(lat, 0.99), "max_ms": 1e3 * max(lat),
-            "puts_per_s": len(lat) / wall, "busy": busy}
+            "puts_per_s": len(lat) / wall, "busy": busy, "errors": errors}
 
 
 def sessions_for(lm, n: int, tokens: int, shared: int) -> list[tuple[str, list[int]]]:
     texts = brown("a", 44)
     tok = lm.tokenizer
     prefix = tok(texts[0]).input_ids[:shared]
+    own = [tok(t).input_ids for t in texts[1:]]
     out = []
     for i in range(n):
-        own = tok(texts[1 + i % (len(texts) - 1)]).input_ids
-        start = (i // (len(texts) - 1)) * 17
-        out.append((f"s{i}", prefix + own[start : start + tokens - shared]))
+        ids = own[i % len(own)]
+        start = (i // len(own)) * 17
+        out.append((f"s{i}", prefix + ids[start : start + tokens - shared]))
+    assert len({tuple(ids) for _, ids in out}) == n
     return out
 
 
-_LM = None  # the parent's model, inherited by forked writers
+_LM = None  # the parent's model, inherited by forked writers (puts never run it)
 
 
 def _writer(db: str, work: list, go, out) -> None:
     s = Store(db, _LM)
     go.wait()
-    lat, busy, t0 = [], 0, time.perf_counter()
+    lat, busy, errors, t0 = [], 0, [], time.perf_counter()
     for name, ids in work:
-        for _ in range(100):  # a busy answer is retried by the caller, as a client would
+        for _ in range(1000):  # a busy answer is retried by the caller, as a client would
             t = time.perf_counter()
             try:
                 s.put(name, ids)
@@ -74,7 +88,10 @@ def _writer(db: str, work: list, go, out) -> None:
                 break
             except StoreBusyError:
                 busy += 1
-    out.put((lat, busy, time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
+                break
+    out.put((lat, busy, time.perf_counter() - t0, errors))
 
 
 _COMPACTOR = """
@@ -111,143 +128,214 @@ def check(db: str, lm, sessions) -> int:
     return len(sessions)
 
 
-def concurrent(db: str, lm, sessions, writers: int, compactor_model: str | None | bool,
-               tmp: Path) -> dict:
-    """``writers`` forked processes put together; with ``compactor_model`` (not False) a
-    compactor codes under the model meanwhile."""
-    global _LM
-    _LM = lm
-    comp = None
-    if compactor_model is not False:
-        Store(db, lm).put("warm-up", sessions[0][1][:8])  # a store for the compactor to open
-        comp = start_compactor(db, compactor_model, tmp)
+def run_processes(target, args_of, n: int) -> list:
     ctx = mp.get_context("fork")
     go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(db, sessions[i::writers], go, out))
-             for i in range(writers)]
+    procs = [ctx.Process(target=target, args=(*args_of(i), go, out)) for i in range(n)]
     for p in procs:
         p.start()
     time.sleep(1.0)
     go.set()
-    results = [out.get(timeout=600) for _ in procs]
+    results = [out.get(timeout=900) for _ in procs]
     for p in procs:
         p.join()
+    return results
+
+
+def concurrent(db: str, lm, sessions, writers: int, compactor_model: str | None | bool,
+               tmp: Path) -> dict:
+    """``writers`` forked processes put together (each its share of ``sessions``); with
+    ``compactor_model`` (not False) a compactor codes under the model meanwhile."""
+    global _LM
+    _LM = lm
+    comp = None
+    Store(db, lm).put("warm-up", sessions[0][1][:8])  # the store exists before they start
+    if compactor_model is not False:
+        comp = start_compactor(db, compactor_model, tmp)
+    results = run_processes(_writer, lambda i: (db, sessions[i::writers]), writers)
     coded = None
     if comp:
         coded = Store(db, lm).stats()["bits_total"] > 0
         comp[1].write_text("stop")
         comp[0].wait(timeout=600)
-        Store(db, lm).delete("warm-up")
+    Store(db, lm).delete("warm-up")
     lat = [x for r in results for x in r[0]]
-    row = summary(lat, max(r[2] for r in results), sum(r[1] for r in results))
-    row.update(writers=writers, compactor=comp is not None, verified=check(db, lm, sessions))
+    walls = [r[2] for r in results]
+    errors = [e for r in results for e in r[3]]
+    row = summary(lat, max(walls), sum(r[1] for r in results), len(errors))
+    row.update(writers=writers, puts_per_writer=len(sessions) // writers,
+               compactor=comp is not None, writer_wall_s=walls,
+               slowest_over_fastest=max(walls) / min(walls),
+               writer_mean_ms=[1e3 * statistics.mean(r[0]) for r in results if r[0]],
+               error_messages=errors[:5], verified=check(db, lm, sessions))
     if comp:
         row["compactor_had_coded_edges"] = coded
     return row
 
 
+def _http_client(url: str, work: list, go, out) -> None:
+    from seqkv.client import Client, ServerError
+
+    c = Client(url)
+    go.wait()
+    lat, busy, errors, t0 = [], 0, [], time.perf_counter()
+    for name, ids in work:
+        for _ in range(1000):
+            t = time.perf_counter()
+            try:
+                c.put(name, ids=ids)
+                lat.append(time.perf_counter() - t)
+                break
+            except ServerError as e:
+                if e.status == 503:
+                    busy += 1
+                    continue
+                errors.append(str(e))
+                break
+    out.put((lat, busy, time.perf_counter() - t0, errors))
+
+
+def start_server(db: str, model: str | None, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = 18000 + os.getpid() % 1000
+    cmd = [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(port), *extra]
+    cmd += ["--model", model] if model else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.3)
+
+
 def through_server(db: str, model: str | None, lm, sessions, clients: int) -> dict:
     from seqkv.client import Client
 
-    port = 18000 + os.getpid() % 1000
-    cmd = [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(port),
-           "--compact-interval", "0.2"] + (["--model", model] if model else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(db, model, "--compact-interval", "0.2")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.3)
-        lats: list[float] = []
-        lock = threading.Lock()
-
-        def client(work):
-            c = Client(url)
-            for name, ids in work:
-                t = time.perf_counter()
-                c.put(name, ids=ids)
-                with lock:
-                    lats.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(sessions[i::clients],))
-                   for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        results = run_processes(_http_client, lambda i: (url, sessions[i::clients]), clients)
+        lat = [x for r in results for x in r[0]]
+        walls = [r[2] for r in results]
+        errors = [e for r in results for e in r[3]]
         c = Client(url)
         pending_after_puts = c.stats()["raw_edges"]
-        for name, ids in sessions:  # read back through the server (mostly raw edges yet)
+        for name, ids in sessions:  # read back through the server
             assert c.get(name)["ids"] == ids
         t0 = time.perf_counter()
         c.compact()
         compact_s = time.perf_counter() - t0
         st = c.stats()
-        row = summary(lats, wall, 0)
-        row.update(clients=clients, raw_edges_when_puts_done=pending_after_puts,
-                   final_compact_s=compact_s, raw_edges_after=st["raw_edges"],
+        row = summary(lat, max(walls), sum(r[1] for r in results), len(errors))
+        row.update(clients=clients, slowest_over_fastest=max(walls) / min(walls),
+                   raw_edges_when_puts_done=pending_after_puts, final_compact_s=compact_s,
+                   raw_edges_after=st["raw_edges"], error_messages=errors[:5],
                    verified=len(sessions))
         return row
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
+
+
+def busy_store(db: str, lm, model: str | None) -> dict:
+    """Hold the write lock past the busy bound; the CLI must say "store busy, retry"."""
+    Store(db, lm).put("busy-a", [5, 6, 7])
+    if db.startswith(("redis://", "rediss://")):
+        import redis
+
+        from seqkv.store.redis import _key
+
+        url, _, prefix = db.partition("#")
+        r = redis.Redis.from_url(url)
+        key = _key(f"seqkv:{prefix}" if prefix else "seqkv", "default", "lock")
+        r.set(key, "someone-else", px=60_000)
+        release = lambda: r.delete(key)  # noqa: E731
+    else:
+        import sqlite3
+
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("BEGIN IMMEDIATE")
+        release = lambda: (con.execute("ROLLBACK"), con.close())  # noqa: E731
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("A session written while another writer holds the store.")
+    try:
+        cmd = [sys.executable, "-m", "seqkv", "store", "put", "--db", db, "--session", "busy-b",
+               f.name] + (["--model", model] if model else [])
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "SEQKV_STORE_BUSY_TIMEOUT": "1"})
+        seconds = time.perf_counter() - t0
+    finally:
+        release()
+        os.unlink(f.name)
+    err = p.stderr.strip().splitlines()
+    return {"exit_code": p.returncode, "stderr_last_line": err[-1] if err else "",
+            "says_busy_retry": "store busy, retry" in p.stderr,
+            "internal_error": "internal error" in p.stderr, "cli_seconds": seconds}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--writers", type=int, default=4)
-    ap.add_argument("--puts", type=int, default=40, help="puts per mode")
+    ap.add_argument("--puts", type=int, default=100, help="puts per writer process")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--client-puts", type=int, default=50, help="puts per client")
     ap.add_argument("--tokens", type=int, default=140)
     ap.add_argument("--shared", type=int, default=128)
     ap.add_argument("--db", default="sqlite", help="sqlite (a temporary file) or a Redis URL")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--modes", default="single,writers,clients,compactor,server,busy")
     ap.add_argument("--out", default="benchmarks/results/store_writers_cpu.json")
     a = ap.parse_args()
+    modes = a.modes.split(",")
     lm = load_model(a.model)
-    sessions = sessions_for(lm, a.puts, a.tokens, a.shared)
+    n = max(a.writers * a.puts, a.clients * a.client_puts)
+    sessions = sessions_for(lm, n, a.tokens, a.shared)
+    w_sessions = sessions[: a.writers * a.puts]
+    c_sessions = sessions[: a.clients * a.client_puts]
     rows = {}
+    load = {"loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         def fresh(tag: str) -> str:
             if a.db == "sqlite":
                 return str(Path(tmp) / f"{tag}.db")
             return f"{a.db}#bench-{tag}-{uuid.uuid4().hex}"
 
-        db = fresh("single")
-        s = Store(db, lm)
-        lat, t0 = [], time.perf_counter()
-        for name, ids in sessions:
-            t = time.perf_counter()
-            s.put(name, ids)
-            lat.append(time.perf_counter() - t)
-        rows["one writer"] = {**summary(lat, time.perf_counter() - t0, 0), "writers": 1,
-                              "verified": check(db, lm, sessions)}
-        t0 = time.perf_counter()
-        r = s.compact()
-        rows["compaction (one stream)"] = {
-            "edges": r.edges, "tokens": r.tokens, "seconds": time.perf_counter() - t0,
-            "tokens_per_s": r.tokens / (time.perf_counter() - t0),
-            "bits_per_token": r.coded_bits / max(r.tokens, 1)}
-        print(json.dumps(rows, indent=1), flush=True)
-        rows[f"{a.writers} writers"] = concurrent(fresh("conc"), lm, sessions, a.writers, False,
-                                                  Path(tmp))
-        print(json.dumps(rows[f"{a.writers} writers"]), flush=True)
-        rows[f"{a.writers} writers + compactor"] = concurrent(fresh("comp"), lm, sessions,
-                                                             a.writers, a.model, Path(tmp))
-        print(json.dumps(rows[f"{a.writers} writers + compactor"]), flush=True)
-        rows[f"server, {a.writers} clients"] = through_server(fresh("server"), a.model, lm,
-                                                             sessions, a.writers)
-        print(json.dumps(rows[f"server, {a.writers} clients"]), flush=True)
+        def done(name: str, row: dict) -> None:
+            rows[name] = {**row, "loadavg_after": os.getloadavg()}
+            print(json.dumps({name: rows[name]}), flush=True)
+
+        if "single" in modes:
+            db = fresh("single")
+            s = Store(db, lm)
+            lat, t0 = [], time.perf_counter()
+            for name, ids in w_sessions:
+                t = time.perf_counter()
+                s.put(name, ids)
+                lat.append(time.perf_counter() - t)
+            done("one writer", {**summary(lat, time.perf_counter() - t0, 0), "writers": 1,
+                                "verified": check(db, lm, w_sessions)})
+        if "writers" in modes:
+            done(f"{a.writers} writers x {a.puts} puts",
+                 concurrent(fresh("conc"), lm, w_sessions, a.writers, False, Path(tmp)))
+        if "clients" in modes:
+            done(f"{a.clients} clients x {a.client_puts} puts",
+                 concurrent(fresh("clients"), lm, c_sessions, a.clients, False, Path(tmp)))
+        if "compactor" in modes:
+            done(f"{a.writers} writers + compactor",
+                 concurrent(fresh("comp"), lm, w_sessions, a.writers, a.model, Path(tmp)))
+        if "server" in modes:
+            done(f"server, {a.clients} clients",
+                 through_server(fresh("server"), a.model, lm, c_sessions, a.clients))
+        if "busy" in modes:
+            done("busy store (CLI)", busy_store(fresh("busy"), lm, a.model))
     out = {"machine": platform.machine(), "cpus": os.cpu_count(), "db": a.db,
-           "sessions": len(sessions), "tokens_per_session": a.tokens, "shared": a.shared,
-           "rows": rows}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "tokens_per_session": a.tokens, "shared": a.shared, **load, "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 

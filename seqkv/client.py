@@ -13,6 +13,7 @@ the HTTP status (``NotFound`` for 404), or "cannot reach" when nothing answers.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -66,8 +67,9 @@ class Client:
                 message = raw.decode("utf-8", "replace")[:200] or e.reason
             cls = NotFound if e.code == 404 else ServerError
             raise cls(f"server: {message} (HTTP {e.code})", e.code) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            # refused, reset, or cut off mid-answer (IncompleteRead, RemoteDisconnected)
+            reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
             raise ServerError(f"cannot reach seqkv server at {self.url}: {reason}") from None
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:

@@ -111,15 +111,82 @@ class NearestBody(_Tokens):
 # -- the service ----------------------------------------------------------------------------
 
 
+class Batcher:
+    """Group concurrent requests: the first caller to find no batch running takes every
+    request queued so far (its own included) and runs them as one call of ``run``; the
+    others wait for their result. No timer: an idle server answers a lone request at once,
+    and under load the requests that arrive while one batch runs form the next (group
+    commit for puts: one transaction and one fsync for many; one decode group for reads)."""
+
+    def __init__(self, run: Callable[[list], list], max_batch: int = 64) -> None:
+        self.run, self.max_batch = run, max_batch
+        self.cv = threading.Condition()
+        self.queue: list[tuple[Any, dict]] = []
+        self.busy = False
+        self.batches = self.items = 0  # counters, for the benchmarks
+
+    def submit(self, item: Any) -> Any:
+        slot: dict = {}  # gets "result" or "error"
+        with self.cv:
+            self.queue.append((item, slot))
+        while True:
+            with self.cv:
+                while not slot and self.busy:
+                    self.cv.wait()
+                if slot:
+                    return self._answer(slot)
+                self.busy = True  # this caller runs the next batch
+                batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+            try:
+                results = self.run([it for it, _ in batch])
+                for (_, sl), r in zip(batch, results, strict=True):
+                    sl["error" if isinstance(r, BaseException) else "result"] = r
+            except BaseException as e:  # the whole batch failed (busy store, lost backend)
+                for _, sl in batch:
+                    sl["error"] = e
+            finally:
+                with self.cv:
+                    self.busy = False
+                    self.batches, self.items = self.batches + 1, self.items + len(batch)
+                    self.cv.notify_all()
+
+    @staticmethod
+    def _answer(slot: dict) -> Any:
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"]
+
+
 class _Namespace:
     """One namespace's stores in this process: writes, reads and compaction each have their
     own Store (own connection, own lock), so a read decoding with the model or a compaction
-    round never holds up a put."""
+    round never holds up a put. Concurrent puts are committed together (``Store.put_many``),
+    concurrent reads decoded together (``Store.get_many``)."""
 
     def __init__(self, open_store: Callable[[], Any]) -> None:
         self.writer, self.reader, self.compactor = open_store(), open_store(), open_store()
         self.write_lock, self.read_lock = threading.Lock(), threading.Lock()
         self.compact_lock = threading.Lock()
+        self.puts = Batcher(self._put_batch)
+        self.gets = Batcher(self._get_batch)
+
+    def _put_batch(self, items: list) -> list:
+        with self.write_lock:
+            return self.writer.put_many(items)
+
+    def _get_batch(self, sessions: list[str]) -> list:
+        with self.read_lock:
+            out = []
+            for name, ids in zip(sessions, self.reader.get_many(sessions), strict=True):
+                if isinstance(ids, BaseException):
+                    out.append(ids)
+                    continue
+                try:
+                    text = self.reader.get_text(name) if self.reader.is_text(name) else None
+                    out.append((ids, text))
+                except SeqkvError as e:
+                    out.append(e)
+            return out
 
 
 class Service:
@@ -334,21 +401,17 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         """Store a session; ``replace=false``: 409 if the id exists."""
         data = body.data()
         n = service.namespace(ns)
-        with n.write_lock:
-            existed = n.writer.has(_session_id(session))
-            r = n.writer.put(session, data, replace=replace)
+        r = n.puts.submit((_session_id(session), data, replace))
         service.wrote()
         return JSONResponse({"session": r.session, "tokens": r.tokens,
                              "shared_tokens": r.shared_tokens, "new_tokens": r.new_tokens,
-                             "created": not existed},
-                            status_code=200 if existed else 201)
+                             "created": not r.replaced},
+                            status_code=200 if r.replaced else 201)
 
     @app.get("/v1/sessions/{session}")
     def get_session(session: str, ns: Ns) -> dict:
         n = service.namespace(ns)
-        with n.read_lock:
-            ids = n.reader.get_ids(_session_id(session))
-            text = n.reader.get_text(session) if n.reader.is_text(session) else None
+        ids, text = n.gets.submit(_session_id(session))
         return {"session": session, "ids": ids, "text": text}
 
     @app.get("/v1/sessions/{session}/cache", response_class=Response,
@@ -402,10 +465,10 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None =
     if not 0 < port < 65536:
         raise ServerConfigError(f"bad port {port}")
     from .core.models import load_model
-    from .store.backend import is_redis_url
+    from .store.registry import SQLITE, backend_kind
     from .store.sqlite import check_sqlite_file
 
-    if not is_redis_url(db):
+    if backend_kind(db) == SQLITE:  # an unknown URL scheme is refused here too
         check_sqlite_file(db, create=True)  # refuse a non-store file before the model loads
     lm = load_model(model)
     service = Service(db, lm, key_map, compact_interval=compact_interval)

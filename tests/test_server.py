@@ -383,3 +383,34 @@ def test_two_servers_share_one_redis_store(start):
     one.delete("x0")
     with pytest.raises(NotFound):
         two.get("x0")
+
+
+def test_batcher_groups_concurrent_requests_and_answers_each_its_own():
+    from seqkv.server import Batcher
+
+    sizes = []
+
+    def run(items):
+        sizes.append(len(items))
+        time.sleep(0.05)
+        return [ValueError(i) if i % 5 == 0 else i * i for i in items]
+
+    b = Batcher(run, max_batch=8)
+    results = {}
+
+    def call(i):
+        try:
+            results[i] = b.submit(i)
+        except ValueError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(1, 33)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == list(range(1, 33))
+    for i, r in results.items():
+        assert (isinstance(r, ValueError) and i % 5 == 0) or r == i * i
+    assert sum(sizes) == 32 and max(sizes) <= 8 and len(sizes) < 32  # grouped
+    assert b.submit(3) == 9  # alone: answered at once

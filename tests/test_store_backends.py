@@ -16,7 +16,6 @@ import torch
 from seqkv.core.cache import KVCache, prefill_cache
 from seqkv.core.errors import ModelMismatchError
 from seqkv.store import Store, StoreCorruptError, StoreError
-from seqkv.store.backend import PAUSE_ENV
 
 from .conftest import tiny_llama
 
@@ -95,7 +94,8 @@ def test_d_T_metric_values(db, llama):
         s.put(k, v)
     query = data["s2"][:30] + [7, 7, 7]
     rows = {r["session"]: r for r in s.nearest(query, k=100)}
-    from seqkv.store.coding import Cursor, info_bits
+    from seqkv.store.coding import Cursor
+    from seqkv.store.trie import info_bits
 
     q_bits = info_bits(Cursor(llama, CHUNK).encode(query))
     for name, ids in data.items():
@@ -149,7 +149,7 @@ def test_eviction_under_budget(db, llama):
     s = Store(db, llama, chunk=CHUNK, checkpoint_budget=1)
     for k, v in data.items():
         s.put(k, v)
-    one = s._kv_bytes(32)
+    one = s.checkpoint_size(32)
     for policy in ("lru", "prior"):
         s2 = Store(db, llama, chunk=CHUNK, checkpoint_budget=2 * one + 64 * 8,
                    checkpoint_policy=policy)
@@ -224,7 +224,28 @@ def test_foreign_model_refused(db, llama):
         Store(db, tiny_llama(seed=1))
 
 
-_WRITER = """
+PAUSE_ENV = "SEQKV_TEST_PAUSE_BEFORE_COMMIT"
+# Spawned writers and compactors start with this: with $SEQKV_TEST_PAUSE_BEFORE_COMMIT=FILE a
+# backend's commit creates FILE and sleeps instead of committing, so a test can kill -9 the
+# process in the middle of a write (the hook lives here, not in the backends' commit paths).
+PAUSE_HOOK = f"""
+import os, time
+from seqkv.store.redis import RedisBackend
+from seqkv.store.sqlite import SqliteBackend
+def _paused(real):
+    def commit(self, *args):
+        marker = os.environ.get({PAUSE_ENV!r})
+        if marker:
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+        return real(self, *args)
+    return commit
+for _cls in (SqliteBackend, RedisBackend):
+    _cls._commit = _paused(_cls._commit)
+"""
+
+_WRITER = PAUSE_HOOK + """
 import sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_llama

@@ -17,10 +17,9 @@ import pytest
 from seqkv.store import Store
 from seqkv.store import coding as coding_mod
 from seqkv.store import compaction as compaction_mod
-from seqkv.store.backend import PAUSE_ENV
 from seqkv.store.coding import ENGINE_PROCEDURE, encode_edges, encode_intervals
 
-from .test_store_backends import CHUNK, db, seqs  # noqa: F401 - the db fixture
+from .test_store_backends import CHUNK, PAUSE_ENV, PAUSE_HOOK, db, seqs  # noqa: F401 - the db fixture
 
 
 def path_tokens(store, node):
@@ -119,7 +118,7 @@ def test_compare_and_swap_leaves_concurrent_split_and_delete_alone(db, llama, mo
     assert fresh.stats()["raw_edges"] == 0
 
 
-_COMPACTOR = """
+_COMPACTOR = PAUSE_HOOK + """
 import sys, pathlib
 sys.path.insert(0, {tests!r})
 from conftest import tiny_llama

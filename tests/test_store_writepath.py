@@ -171,3 +171,100 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
         for p in procs:
             p.join()
         assert results == ["ok"] * 6
+
+
+class _CountingBackend:
+    """A backend that counts whole-namespace reads (everything else passes through)."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.url, self.snapshots = backend, backend.url, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def snapshot(self, ns, kinds):
+        self.snapshots += 1
+        return self.backend.snapshot(ns, kinds)
+
+
+def test_a_reader_catches_up_through_the_change_log(db, llama):  # noqa: F811
+    from seqkv.store import open_backend
+
+    data = seqs(7, n=6)
+    w = Store(db, llama, chunk=CHUNK)
+    w.put("s0", data["s0"])
+    counting = _CountingBackend(open_backend(db))
+    r = Store(counting, llama)
+    assert r.get_ids("s0") == data["s0"]
+    loaded = counting.snapshots
+    for k, v in data.items():  # puts (new edges, splits) seen one generation at a time
+        if k != "s0":
+            w.put(k, v)
+            assert r.get_ids(k) == v
+    w.delete("s1")
+    w.put("s2", data["s3"], replace=True)
+    w.compact()  # raw -> coded swaps
+    r.put("mine", data["s4"][:5] + [7, 7, 7])  # the reader writes too: both follow each other
+    expect = {**data, "s2": data["s3"], "mine": data["s4"][:5] + [7, 7, 7]}
+    del expect["s1"]
+    assert r.sessions() == sorted(expect) == w.sessions()
+    for k, v in expect.items():
+        assert r.get_ids(k) == v and w.get_ids(k) == v
+    assert counting.snapshots == loaded  # never re-read whole
+    assert r.stats() == w.stats() == Store(db, llama).stats()
+
+
+def test_a_store_without_a_change_log_gets_one(tmp_path, llama):
+    path = str(tmp_path / "old.db")
+    Store(path, llama, chunk=CHUNK).put("a", [5, 6, 7, 8])
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE changes")  # as a store of an earlier seqkv
+    con.commit()
+    con.close()
+    s = Store(path, llama)
+    s.put("b", [5, 6, 9])
+    assert s.get_ids("a") == [5, 6, 7, 8] and Store(path, llama).get_ids("b") == [5, 6, 9]
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT count(*) FROM changes").fetchone()[0] > 0
+    con.close()
+
+
+def test_put_many_is_one_commit_and_refuses_items_alone(db, llama):  # noqa: F811
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("old", [5, 6, 7])
+    gen = s.backend.generation(s.ns)
+    out = s.put_many([("a", [5, 6, 8], False), ("old", [9, 9], False), ("b", [], False),
+                      ("old", [5, 6, 7, 9], True), ("c", [5, 6, 8, 1], False)])
+    assert s.backend.generation(s.ns) == gen + 1  # one transaction for all
+    assert [type(r).__name__ for r in out] == ["PutResult", "SessionExistsError", "SeqkvError",
+                                               "PutResult", "PutResult"]
+    assert out[3].replaced and not out[0].replaced
+    fresh = Store(db, llama)
+    assert [fresh.get_ids(k) for k in ("a", "old", "c")] == [[5, 6, 8], [5, 6, 7, 9],
+                                                              [5, 6, 8, 1]]
+
+
+def test_get_many_decodes_concurrent_sessions_together(db, llama, monkeypatch):  # noqa: F811
+    import seqkv.store.store as store_mod
+
+    data = seqs(8, n=6)
+    s = Store(db, llama, chunk=CHUNK)
+    for k, v in data.items():
+        s.put(k, v)
+    s.compact()
+    calls = []
+    real = store_mod.decode_edges
+
+    def counting(lm, chunk, jobs, procedure):
+        calls.append(len(jobs))
+        return real(lm, chunk, jobs, procedure)
+
+    monkeypatch.setattr(store_mod, "decode_edges", counting)
+    fresh = Store(db, llama)
+    names = sorted(data) + ["nope"]
+    out = fresh.get_many(names)
+    assert out[:-1] == [data[k] for k in sorted(data)]
+    assert type(out[-1]).__name__ == "NoSessionError"
+    edges = fresh.stats()["edges"]
+    depth = max(len(fresh.trie.path(n)) for n in fresh.trie.sessions.values())
+    assert sum(calls) == edges and len(calls) == depth < edges  # one group per trie level

@@ -51,7 +51,8 @@ def _open(db: str, namespace: str, model: str | None, need_model: bool = True,
           create: bool = False):
     """The store at ``db``: checked first (a missing store is refused unless ``create``, a file
     that is not a SQLite store always), and only then the model loaded."""
-    from ..store.backend import META_NS, StoreError, open_backend
+    from ..store.backend import META_NS, StoreError
+    from ..store.registry import open_backend
 
     backend = open_backend(db, create=create)
     try:

@@ -9,7 +9,7 @@ chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redi
                     to the model (encode_edges / decode_edges, a batch of edges at a time)
     records.py      the record codec: raw and coded edges, sessions, meta; a trie from records
     compaction.py   pending raw edges coded later and swapped in by compare-and-swap
-    backend.py      the backend protocol; sqlite.py, redis.py
+    backend.py      the backend protocol; sqlite.py, redis.py; registry.py: URL scheme -> backend
     checkpoints.py  the checkpoint manager: KV checkpoints at nodes under a byte budget
     policies.py     which nodes keep one: the Policy interface, LRU and prior-guided
     store.py        the facade: put / get / delete / stats / nearest / compact
@@ -21,8 +21,8 @@ from .backend import (
     SessionExistsError,
     StoreBusyError,
     StoreError,
-    open_backend,
 )
+from .registry import open_backend
 
 __all__ = ["META_NS", "NoSessionError", "PutResult", "SessionExistsError", "Store",
            "StoreBusyError", "StoreCorruptError", "StoreError", "open_backend"]

@@ -7,7 +7,7 @@ per store, all-or-nothing (a writer killed before commit leaves nothing behind),
 the latest committed state. Readers take a consistent ``snapshot``.
 
 The backends: :mod:`.sqlite` (one file, WAL, the embedded default) and :mod:`.redis`
-(a store shared by many machines).
+(a store shared by many machines); :mod:`.registry` picks one from a URL's scheme.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-PAUSE_ENV = "SEQKV_STORE_PAUSE_BEFORE_COMMIT"
 BUSY_ENV = "SEQKV_STORE_BUSY_TIMEOUT"
 T = TypeVar("T")
 
@@ -80,12 +79,18 @@ def busy_timeout() -> float:
         raise StoreError(f"${BUSY_ENV} must be a number of seconds") from e
 
 
+# A waiting writer polls the lock every 0.25-2 ms (with jitter): writers hold it for about a
+# millisecond (no model work), so a long backoff would only let whoever just committed take it
+# again and again (one writer starving the others) and push put latency's tail to the backoff.
+LOCK_POLL = (0.00025, 0.002)
+
+
 def retry_busy(attempt: Callable[[], T], is_busy: Callable[[BaseException], bool],
-               bound: float, what: str) -> T:
-    """Run ``attempt`` until it does not fail as busy: exponential backoff with jitter (5 ms
-    doubling to 250 ms) for at most ``bound`` seconds, then StoreBusyError."""
+               bound: float, what: str, poll: tuple[float, float] = LOCK_POLL) -> T:
+    """Run ``attempt`` until it does not fail as busy: backoff with jitter (``poll``: first
+    and longest delay, doubling) for at most ``bound`` seconds, then StoreBusyError."""
     deadline = time.monotonic() + bound
-    delay = 0.005
+    delay = poll[0]
     while True:
         try:
             return attempt()
@@ -96,30 +101,4 @@ def retry_busy(attempt: Callable[[], T], is_busy: Callable[[BaseException], bool
                 raise StoreBusyError(f"store busy, retry: {what} stayed locked by other "
                                      f"writers for {bound:g} s") from e
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(2 * delay, 0.25)
-
-
-def pause_before_commit() -> None:
-    """Test hook: with $SEQKV_STORE_PAUSE_BEFORE_COMMIT=FILE, a writer creates FILE just before
-    committing and then sleeps, so a test can kill -9 it in the middle of a write."""
-    marker = os.environ.get(PAUSE_ENV)
-    if marker:
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        time.sleep(120)
-
-
-def is_redis_url(db: str) -> bool:
-    return db.startswith(("redis://", "rediss://", "unix://"))
-
-
-def open_backend(db: str, create: bool = True) -> Backend:
-    """``redis://HOST:PORT/N`` selects Redis; anything else is a SQLite file path. With
-    ``create=False`` a SQLite file that does not exist is refused, not created."""
-    if is_redis_url(db):
-        from .redis import RedisBackend
-
-        return RedisBackend(db)
-    from .sqlite import SqliteBackend
-
-    return SqliteBackend(db, create=create)
+            delay = min(2 * delay, poll[1])

@@ -127,6 +127,14 @@ class CheckpointManager:
     def load(self, records: dict[str, bytes]) -> None:
         self.meta = {k: parse("ckptmeta", k, v)[0] for k, v in records.items()}
 
+    def apply(self, changes: dict[str, bytes | None]) -> None:
+        """Changed ``ckptmeta`` records (None: deleted), as a reader catches up."""
+        for k, v in changes.items():
+            if v is None:
+                self.meta.pop(k, None)
+            else:
+                self.meta[k] = parse("ckptmeta", k, v)[0]
+
     @property
     def bytes(self) -> int:
         return sum(int(c["bytes"]) for c in self.meta.values())

@@ -32,7 +32,6 @@ from transformers import DynamicCache
 
 from ..core.decoders import VectorRansDecoder
 from ..core.distribution import (
-    TOTAL,
     full_weights,
     quantized_pmf,
     reduced_weights,
@@ -56,11 +55,6 @@ def encode_intervals(intervals: np.ndarray) -> np.ndarray:
         coder.encode_reverse(np.ones(len(iv), dtype=np.int32), _Categorical(perfect=False),
                              reduced_weights(iv[:, 0], iv[:, 1]))
     return coder.get_compressed().astype(np.uint32)
-
-
-def info_bits(intervals: np.ndarray) -> np.ndarray:
-    """-log2 of each token's fixed-point probability."""
-    return np.log2(TOTAL) - np.log2(np.asarray(intervals)[:, 1].astype(np.float64))
 
 
 class Cursor:

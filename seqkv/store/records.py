@@ -83,27 +83,67 @@ def load_trie(records: dict[str, dict[str, bytes]],
     """A namespace's trie and session headers from its ``edge`` and ``session`` records.
     Tokens and intervals this process already has for an unchanged edge (same id, start,
     length and token hash in ``known``) are kept, so nothing is decoded twice."""
-    trie = Trie(encode_intervals)
-    parsed = []
-    for key, data in records["edge"].items():
-        h, node = parse_edge(key, data)
-        parsed.append((node.start, key, h, node))
-    for start, key, h, node in sorted(parsed, key=lambda r: r[0]):
-        parent = trie.nodes.get(h["p"])
-        if parent is None or parent.depth != start:
-            raise StoreCorruptError(f"corrupt store: edge {key} does not fit the trie")
+    trie, info = Trie(encode_intervals), {}
+    apply_changes(trie, info, records, known)
+    return trie, info
+
+
+def apply_changes(trie: Trie, info: dict[str, dict], changes: dict[str, dict[str, bytes | None]],
+                  known: dict[str, Node] | None = None) -> None:
+    """Bring ``trie`` and the session headers ``info`` up to date with changed records (a
+    value None: the record was deleted), in place: what a reader does with the backend's
+    change log instead of re-reading the namespace. Nodes keep their identity; an edge whose
+    position and tokens did not change keeps what this process decoded of it."""
+    sessions = changes.get("session", {})
+    for name in sessions:  # sessions changed or deleted leave their nodes
+        node = trie.sessions.pop(name, None)
+        if node is not None:
+            node.sessions.discard(name)
+        info.pop(name, None)
+    updated = _update_edges(trie, changes.get("edge", {}),
+                            trie.nodes if known is None else known)
+    for start, parent_id, node in sorted(updated, key=lambda r: r[0]):
+        parent = trie.nodes.get(parent_id)
+        if parent is None or parent.depth != start or node.first in parent.children:
+            raise StoreCorruptError(f"corrupt store: edge {node.id} does not fit the trie")
         node.parent = parent
-        prev = known.get(key)
-        if (prev is not None and prev.known and prev.start == start and prev.n == node.n
-                and prev.token_hash == node.token_hash):
-            node.tokens, node.intervals = prev.tokens, prev.intervals  # decoded before
-        trie.attach(node)
-    info = {}
-    for name, data in records["session"].items():
+        parent.children[node.first] = node
+    for name, data in sessions.items():
+        if data is None:
+            continue
         h, _ = parse("session", name, data)
         node = trie.nodes.get(h.get("node"))
         if node is None or node.depth != int(h.get("n", -1)):
             raise StoreCorruptError(f"corrupt store: session {name!r} has no path")
         trie.add_session(name, node)
         info[name] = h
-    return trie, info
+
+
+_EDGE_FIELDS = ("start", "n", "first", "words", "tokens", "intervals", "token_hash", "raw")
+
+
+def _update_edges(trie: Trie, edges: dict[str, bytes | None],
+                  known: dict[str, Node]) -> list[tuple[int, str, Node]]:
+    """Detach every changed edge, drop the deleted ones, update (or create) the others in
+    place; returns (start, parent id, node) of those to attach again."""
+    updated = []
+    for key, data in edges.items():
+        node = trie.nodes.get(key)
+        if node is not None and node.parent is not None and \
+                node.parent.children.get(node.first) is node:
+            del node.parent.children[node.first]
+        if data is None:
+            trie.nodes.pop(key, None)
+            continue
+        h, new = parse_edge(key, data)
+        prev = known.get(key)
+        if (prev is not None and prev.known and prev.start == new.start and prev.n == new.n
+                and prev.token_hash == new.token_hash):
+            new.tokens, new.intervals = prev.tokens, prev.intervals  # decoded before
+        if node is None:
+            node = trie.nodes[key] = new
+        else:  # the same object: its children and sessions keep pointing at it
+            for f in _EDGE_FIELDS:
+                setattr(node, f, getattr(new, f))
+        updated.append((node.start, h["p"], node))
+    return updated

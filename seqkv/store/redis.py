@@ -11,7 +11,6 @@ and the store retries the operation instead of losing an update.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -24,11 +23,26 @@ from .backend import (
     StoreConflict,
     StoreError,
     busy_timeout,
-    pause_before_commit,
 )
 
-_RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-            "return redis.call('del', KEYS[1]) end return 0")
+# the generation and every record changed after ARGV[1] (one consistent read): the change log
+# is a sorted set of "kind NUL key" scored by the generation that last wrote or deleted it
+_CHANGES = """
+local out = {redis.call('get', KEYS[1]) or '0'}
+local members = redis.call('zrangebyscore', KEYS[2], '(' .. ARGV[1], '+inf')
+for _, m in ipairs(members) do
+  local sep = string.find(m, '\\0', 1, true)
+  out[#out + 1] = m
+  out[#out + 1] = redis.call('hget', ARGV[2] .. string.sub(m, 1, sep - 1),
+                             string.sub(m, sep + 1)) or false
+end
+return out
+"""
+# release the lock if still ours, and wake the longest-waiting writer (BLPOP serves blocked
+# clients first come, first served); at most one wake token is kept for a writer yet to block
+_RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
+            "redis.call('rpush', KEYS[2], '1') redis.call('ltrim', KEYS[2], 0, 0) "
+            "redis.call('pexpire', KEYS[2], 60000) return 1 end return 0")
 
 
 def _key(prefix: str, ns: str, kind: str) -> str:
@@ -46,6 +60,10 @@ class _RedisTxn:
     def read(self, kind: str, key: str) -> bytes | None:
         return self.r.hget(_key(self.prefix, self.ns, kind), key)
 
+    def changes(self, since: int, kinds: tuple[str, ...]
+                ) -> dict[str, dict[str, bytes | None]]:
+        return _changes(self.r, self.prefix, self.ns, since, kinds)[1]
+
     def put(self, kind: str, key: str, value: bytes) -> None:
         self.ops.append(("put", kind, key, value))
 
@@ -53,9 +71,23 @@ class _RedisTxn:
         self.ops.append(("del", kind, key, None))
 
 
+def _changes(r: redis.Redis, prefix: str, ns: str, since: int, kinds: tuple[str, ...]
+             ) -> tuple[int, dict[str, dict[str, bytes | None]]]:
+    reply = r.eval(_CHANGES, 2, _key(prefix, ns, "gen"), _key(prefix, ns, "changes"),
+                   int(since), _key(prefix, ns, ""))
+    out: dict[str, dict[str, bytes | None]] = {k: {} for k in kinds}
+    for i in range(1, len(reply), 2):
+        kind, _, key = reply[i].decode().partition("\0")
+        if kind in out:
+            out[kind][key] = reply[i + 1]
+    return int(reply[0]), out
+
+
 class RedisBackend:
-    def __init__(self, url: str, lock_wait: float | None = None) -> None:
-        """``redis://HOST:PORT/N``; an optional ``#PREFIX`` keeps several stores in one DB."""
+    def __init__(self, url: str, create: bool = True, lock_wait: float | None = None) -> None:
+        """``redis://HOST:PORT/N``; an optional ``#PREFIX`` keeps several stores in one DB.
+        (``create`` is the registry's common signature: a Redis store is created by its first
+        write either way, and reading commands check for its meta record.)"""
         self.url = url
         url, _, prefix = url.partition("#")
         self.prefix = f"seqkv:{prefix}" if prefix else "seqkv"
@@ -83,13 +115,16 @@ class RedisBackend:
     @contextmanager
     def _transaction(self, ns: str) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
-        deadline, delay = time.monotonic() + self.lock_wait, 0.005
+        wake = _key(self.prefix, ns, "wake")
+        deadline = time.monotonic() + self.lock_wait
         while not self.r.set(lock, token, nx=True, px=int(self.lock_ttl * 1000)):
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise StoreBusyError(f"store busy, retry: namespace {ns!r} stayed locked by "
                                      f"other writers for {self.lock_wait:g} s")
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(2 * delay, 0.25)
+            # wait in Redis for the holder's release (no polling); at most 50 ms, so that a
+            # lock left by a killed writer is retaken soon after it expires
+            self.r.blpop([wake], timeout=min(left, 0.05))
         try:
             with self.r.pipeline() as pipe:
                 gen_key = _key(self.prefix, ns, "gen")
@@ -97,20 +132,27 @@ class RedisBackend:
                 txn = _RedisTxn(self.r, self.prefix, ns, int(pipe.get(gen_key) or 0))
                 yield txn
                 pipe.multi()
+                changes = {}
                 for op, kind, key, value in txn.ops:
                     if op == "put":
                         pipe.hset(_key(self.prefix, ns, kind), key, value)
                     else:
                         pipe.hdel(_key(self.prefix, ns, kind), key)
+                    changes[f"{kind}\0{key}"] = txn.generation + 1
+                if changes:
+                    pipe.zadd(_key(self.prefix, ns, "changes"), changes)
                 pipe.incr(gen_key)
                 pipe.sadd(f"{self.prefix}:namespaces", ns)
-                pause_before_commit()
-                try:
-                    pipe.execute()
-                except redis.WatchError as e:
-                    raise StoreConflict(ns) from e
+                self._commit(pipe, ns)
         finally:
-            self.r.eval(_RELEASE, 1, lock, token)
+            self.r.eval(_RELEASE, 2, lock, wake, token)
+
+    def _commit(self, pipe, ns: str) -> None:
+        """EXEC: all of the transaction's writes, or none if the generation moved."""
+        try:
+            pipe.execute()
+        except redis.WatchError as e:
+            raise StoreConflict(ns) from e
 
     def snapshot(self, ns: str, kinds: tuple[str, ...]) -> tuple[int, dict[str, dict[str, bytes]]]:
         # MULTI/EXEC: one consistent read
@@ -122,6 +164,12 @@ class RedisBackend:
         return int(gen or 0), {
             k: {kk.decode(): v for kk, v in d.items()} for k, d in zip(kinds, data, strict=True)
         }
+
+    def changes(self, ns: str, since: int, kinds: tuple[str, ...]
+                ) -> tuple[int, dict[str, dict[str, bytes | None]]]:
+        """One consistent read (a script): the generation, and what changed after ``since``."""
+        with self._errors():
+            return _changes(self.r, self.prefix, ns, since, kinds)
 
     def generation(self, ns: str) -> int:
         with self._errors():

@@ -53,7 +53,6 @@ from .backend import (
     StoreBusyError,
     StoreConflict,
     StoreError,
-    open_backend,
 )
 from .checkpoints import CheckpointManager
 from .coding import (
@@ -69,11 +68,13 @@ from .policies import NodeInfo, Policy, policy_by_name
 from .records import (
     KINDS,
     StoreCorruptError,
+    apply_changes,
     load_trie,
     pack_edge,
     pack_session,
     parse,
 )
+from .registry import open_backend
 from .trie import Node, Trie, edge_hash
 
 DEFAULT_CHUNK = 512
@@ -93,6 +94,7 @@ class PutResult:
     new_tokens: int  # tokens after that prefix: written as a raw edge, coded at compaction
     split_edges: int  # stored edges cut in two because the session leaves them mid-way
     record_bytes: int  # bytes of the records this put wrote (edges and the session)
+    replaced: bool = False  # a session of that id existed and was replaced
 
 
 class _Blocked(Exception):
@@ -175,22 +177,37 @@ class Store:
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self, gen: int, records: dict[str, dict[str, bytes]]) -> None:
+        """Rebuild the namespace's trie from all its records."""
         self.trie, self.session_info = load_trie(records, self.trie.nodes)
         self.checkpoints.load(records["ckptmeta"])
         self._gen = gen
 
+    def _catch_up(self, gen: int, changes: dict[str, dict[str, bytes | None]]) -> None:
+        """Apply what changed since our generation (the backend's change log) in place."""
+        apply_changes(self.trie, self.session_info, changes)
+        self.checkpoints.apply(changes["ckptmeta"])
+        self._gen = gen
+
     def refresh(self) -> None:
-        """Re-read the namespace if another writer committed since we last looked."""
-        if self.backend.generation(self.ns) != self._gen:
-            gen, records = self.backend.snapshot(self.ns, KINDS)
-            self._load(gen, records)
+        """Catch up if another writer committed since we last looked: only the records that
+        changed are read (the backend's change log) and applied to the trie in memory; the
+        namespace is read whole only the first time (or without a change log)."""
+        gen = self.backend.generation(self.ns)
+        if gen == self._gen:
+            return
+        delta = self.backend.changes(self.ns, self._gen, KINDS) if 0 <= self._gen < gen else None
+        if delta is None:
+            self._load(*self.backend.snapshot(self.ns, KINDS))
+        else:
+            self._catch_up(*delta)
 
     def _write(self, fn: Callable[..., R], prepare: Callable[[], None] | None = None) -> R:
         """Run fn(txn) inside a write transaction on an up-to-date trie; retry on conflict.
         ``prepare`` runs before each attempt, outside the transaction, on a fresh snapshot: the
         model work a write needs (decoding edges to match against) happens there, so the
         write lock is never held while the model runs; fn raises _Blocked if it finds the trie
-        changed so that more decoding is needed."""
+        changed so that more decoding is needed. Inside the lock only the records changed since
+        our last look are read, so a writer holds the lock for about its own writes."""
         for _ in range(WRITE_ATTEMPTS):
             if prepare is not None:
                 self.refresh()
@@ -198,14 +215,23 @@ class Store:
             try:
                 with self.backend.transaction(self.ns) as txn:
                     if txn.generation != self._gen:
-                        self._load(txn.generation, {k: txn.read_kind(k) for k in KINDS})
+                        since = self._gen
+                        delta = txn.changes(since, KINDS) if 0 <= since < txn.generation else None
+                        if delta is None:
+                            self._load(txn.generation, {k: txn.read_kind(k) for k in KINDS})
+                        else:
+                            self._catch_up(txn.generation, delta)
                     result = fn(txn)
                 self._gen = txn.generation + 1
                 return result
-            except (StoreConflict, _Blocked):
-                self._gen = -1
+            except _Blocked:
+                pass  # nothing was changed in memory: the trie is still that generation's
+            except StoreConflict:
+                self._gen = -1  # the in-memory trie holds uncommitted changes: re-read it all
+            except (SessionExistsError, NoSessionError):
+                raise  # refused before anything changed in memory
             except BaseException:
-                self._gen = -1  # the in-memory trie may hold uncommitted changes
+                self._gen = -1
                 raise
         raise StoreBusyError("store busy, retry: too many concurrent writers changed the trie")
 
@@ -259,6 +285,35 @@ class Store:
             self.checkpoint(session, cache)
         return result
 
+    def put_many(self, items: Sequence[tuple[str, object, bool]]
+                 ) -> list[PutResult | SeqkvError]:
+        """Several puts ``(session, ids or text, replace)`` in one transaction (one commit, one
+        fsync: a server's group commit of concurrent requests). Each item gets its PutResult,
+        or the error that refused it alone (bad input, the session exists); the others are
+        written all the same. Returns once all are durable."""
+        out: list = [None] * len(items)
+        todo = []
+        for i, (session, data, replace) in enumerate(items):
+            try:
+                todo.append((i, session, *self._ids(data), replace))
+            except SeqkvError as e:
+                out[i] = e
+
+        def work(txn) -> list:
+            done = list(out)
+            for i, session, ids, recipe, replace in todo:
+                try:
+                    done[i] = self._put_in(txn, session, ids, recipe, replace)
+                except (SessionExistsError, StoreError) as e:  # refused before any change
+                    done[i] = e
+            return done
+
+        def prepare() -> None:
+            for _, _, ids, _, _ in todo:
+                self._walk(ids)
+
+        return self._write(work, prepare=prepare) if todo else out
+
     def put_exact(self, session: str, kv: KVCache, replace: bool = False, *,
                   predictor: str = "recompute", **predictor_params) -> PutResult:
         """The exact tier: store a cache computed elsewhere (a serving engine's bf16, fp16 or
@@ -286,7 +341,8 @@ class Store:
             raise StoreError("the session id must be a non-empty string")
         if self.trie.match(ids).blocked is not None:
             raise _Blocked()
-        if session in self.trie.sessions:
+        replaced = session in self.trie.sessions
+        if replaced:
             if not replace:
                 raise SessionExistsError(f"session {session!r} exists (delete it first)")
             self._delete_in(txn, session)
@@ -312,7 +368,7 @@ class Store:
         record = pack_session(h)
         txn.put("session", session, record)
         return PutResult(session, len(ids), m.depth, len(ids) - m.depth, split,
-                         written + len(record))
+                         written + len(record), replaced)
 
     def _delete_in(self, txn, session: str) -> None:
         for n in self.trie.remove_session(session):
@@ -381,6 +437,57 @@ class Store:
                              "checkpoint_depth": path[begin - 1].depth if ckpt else 0}
         return ids, ckpt
 
+    def get_many(self, sessions: Sequence[str]) -> list[list[int] | SeqkvError]:
+        """Several sessions' token ids at once (concurrent requests): the coded edges not yet
+        decoded in this process are decoded together, one ``decode_edges`` group per level
+        (an edge needs the tokens above it as context), every session's edges of a level in
+        one lockstep group. A session that does not exist gets its NoSessionError."""
+        self.refresh()
+        paths, out = [], []
+        for name in sessions:
+            node = self.trie.sessions.get(name)
+            out.append(None if node is not None else
+                       NoSessionError(f"no session {name!r} in namespace {self.ns!r}"))
+            if node is not None:
+                paths.append(self.trie.path(node))
+        self._decode_paths(paths)
+        for i, name in enumerate(sessions):
+            if out[i] is None:
+                try:
+                    out[i] = self.get_ids(name, use_checkpoint=False)
+                except SeqkvError as e:
+                    out[i] = e
+        return out
+
+    def _decode_paths(self, paths: list[list[Node]]) -> None:
+        """Decode the unknown coded edges of ``paths``, level by level, each level's edges (of
+        every path) as one batch through the model seam."""
+        while True:
+            jobs: dict[str, tuple[Node, list[int]]] = {}
+            for path in paths:
+                before: list[int] = []
+                for e in path:
+                    if not e.known:
+                        jobs.setdefault(e.id, (e, before))
+                        break
+                    before = before + e.tokens
+            if not jobs:
+                return
+            lm = self._need_model()
+            todo = list(jobs.values())
+            try:
+                with self.model_lock:
+                    rows = decode_edges(lm, self.chunk, [(b, e.words, e.n) for e, b in todo],
+                                        self.procedure)
+            except BlobError as e:
+                raise StoreCorruptError(f"corrupt store record edge: {e}") from e
+            for (node, _), (tokens, r) in zip(todo, rows, strict=True):
+                if edge_hash(tokens) != node.token_hash:
+                    raise StoreCorruptError(f"edge {node.id} decoded to tokens that do not "
+                                            "match its hash (corrupt record, or other numerics)")
+                node.tokens, node.intervals = tokens, r
+                self.decoded_tokens += node.n
+
     def get_ids(self, session: str, use_checkpoint: bool = True) -> list[int]:
         """A session's token ids (the model is needed only for coded edges)."""
         return self._restore_ids(session, use_checkpoint)[0]
@@ -427,7 +534,9 @@ class Store:
     def budget(self) -> int:
         return self.checkpoints.budget
 
-    def _kv_bytes(self, depth: int) -> int:
+    def checkpoint_size(self, depth: int) -> int:
+        """The estimated bytes of a checkpoint at a node of ``depth`` tokens (the size the
+        policy budgets with)."""
         return self.checkpoints.kv_bytes(depth)
 
     def checkpoint(self, target: str, cache=None) -> int:

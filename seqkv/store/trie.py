@@ -27,8 +27,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.distribution import PRECISION
+
 # intervals [n, 2] int64 (start, freq) -> coded words (uint32)
 Encoder = Callable[[np.ndarray], np.ndarray]
+
+
+def info_bits(intervals: np.ndarray) -> np.ndarray:
+    """-log2 of each token's fixed-point probability, from its (start, freq) rows."""
+    freq = np.asarray(intervals).reshape(-1, 2)[:, 1].astype(np.float64)
+    return PRECISION - np.log2(freq)
 
 
 def new_id() -> str:
@@ -68,8 +76,7 @@ class Node:
 
     def info_bits(self, upto: int | None = None) -> float:
         """-log2 P_M of the edge's first ``upto`` tokens, from the fixed-point intervals."""
-        iv = self.intervals[: self.n if upto is None else upto]
-        return float(np.sum(24.0 - np.log2(iv[:, 1].astype(np.float64))))
+        return float(np.sum(info_bits(self.intervals[: self.n if upto is None else upto])))
 
 
 @dataclass
