@@ -283,6 +283,15 @@ def test_api_keys_and_namespace_isolation(tmp_path, start):
                  lambda: b.delete("secret")):
         with pytest.raises(NotFound):
             call()
+    hb = {"Authorization": f"Bearer {kb}", "Content-Type": "application/json"}
+    for sid in ("secret", "never-existed"):  # A's id is free in B's namespace, like any other
+        status, body = raw(srv.url, "PUT", f"/v1/sessions/{sid}?replace=false", b'{"ids": [5]}',
+                           hb)
+        assert status == 201 and body["created"], body
+        assert raw(srv.url, "DELETE", f"/v1/sessions/{sid}", None, hb)[0] == 200
+    for n in (257, 10_000):  # overlong ids: refused alike, whatever exists
+        assert raw(srv.url, "GET", "/v1/sessions/" + "s" * n, None, hb) == \
+            raw(srv.url, "GET", "/v1/sessions/" + "t" * n, None, hb)
     assert b.stats()["sessions"] == 1 and a.stats()["sessions"] == 2
     assert [r["session"] for r in b.nearest(ids=[5, 6, 7])] == ["shared-name"]
     assert a.get("secret")["ids"] == [5, 6, 7, 8]  # untouched by b's attempts
