@@ -22,8 +22,7 @@ import torch
 from ..core.distribution import TOTAL
 from . import tables
 from .intops import (
-    bit_length,
-    div_round,
+    RowGemm,
     int_matmul,
     isqrt,
     quantize_rows,
@@ -42,6 +41,9 @@ def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
     exact, and the one rounding (to the nearest integer) is an IEEE-defined operation.
     """
     shape = v.shape
+    if v.device.type == "cpu":  # the same integers, in fewer passes (intops.RowGemm)
+        y = RowGemm(v.reshape(-1, shape[-1]), lin.w, lin.scale, lin.bias).all()
+        return y.reshape(*shape[:-1], -1)
     q, k = quantize_rows(v.reshape(-1, shape[-1]))
     acc = int_matmul(q, lin.w.t())
     y = torch.round(acc * lin.scale * torch.ldexp(torch.ones_like(acc[:, :1]), k.unsqueeze(-1)))
@@ -53,21 +55,28 @@ def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
 
 def rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
     """RMSNorm of Q16 rows, times the gain, in Q16."""
-    k = (bit_length(h.abs().amax(dim=-1)) - 20).clamp(min=0)
-    xs = rshift_round(h, k.unsqueeze(-1))
-    mean = (xs * xs).sum(dim=-1) // h.shape[-1] + (norm.eps32 >> (2 * k))
-    r = isqrt(mean).clamp(min=1).unsqueeze(-1)
-    num = xs * norm.gain
-    if norm.frac <= FRAC:
-        return div_round(num << (FRAC - norm.frac), r)
-    return div_round(num, r << (norm.frac - FRAC))
+    low, high = torch.aminmax(h, dim=-1, keepdim=True)  # bit_length(max |h|), as below
+    top = torch.frexp(torch.maximum(high, low.neg()).to(torch.float64)).exponent
+    k = (top - 20).clamp_(min=0).to(torch.int64)
+    xs = (h + ((1 << k) >> 1)) >> k  # rshift_round(h, k), k >= 0
+    mean = (xs * xs).sum(dim=-1, keepdim=True) // h.shape[-1] + (norm.eps32 >> (2 * k))
+    r = isqrt(mean).clamp_(min=1)
+    # div_round(xs * gain << s, r) = floor((xs * (gain << s + 1) + r) / 2r), one division
+    s = FRAC - norm.frac
+    if s >= 0:
+        gain2, den = norm.gain << (s + 1), r
+    else:
+        gain2, den = norm.gain << 1, r << (-s)
+    return torch.div((xs * gain2).add_(den), den << 1, rounding_mode="floor")
 
 
 def _table_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The factor table (sigmoid or GELU) at Q16 inputs, and x times it, in Q16."""
     n = table.shape[0] // 2
-    idx = rshift_round(x, FRAC - tables.SIGMOID_IN).clamp(-n, n - 1) + n
-    return rshift_round(x.clamp(-(1 << 40), 1 << 40) * table[idx], tables.SIGMOID_OUT)
+    shift = FRAC - tables.SIGMOID_IN  # rshift_round(x, shift).clamp(-n, n - 1) + n:
+    idx = ((x + ((1 << (shift - 1)) + (n << shift))) >> shift).clamp_(0, 2 * n - 1)
+    y = x.clamp(-(1 << 40), 1 << 40).mul_(table[idx])
+    return y.add_(1 << (tables.SIGMOID_OUT - 1)).bitwise_right_shift_(tables.SIGMOID_OUT)
 
 
 class IntModel:
@@ -92,6 +101,7 @@ class IntModel:
         # score units (Q20) to table steps (2**-EXP_STEP nat), a float64 constant fixed here
         self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_wide: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
         self._linear, self._rms_norm, self._table_lookup = linear, rms_norm, _table_lookup
         self.compiled = False
@@ -122,11 +132,14 @@ class IntModel:
     def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n_positions > self._rope_len:
             self._rope.clear()
+            self._rope_wide.clear()
             self._rope_len = max(n_positions, 2 * self._rope_len, 64)
         if theta not in self._rope:
             cos, sin = tables.rope_table(theta, self.spec.head_dim, self._rope_len)
-            self._rope[theta] = (torch.from_numpy(cos).to(self.device),
-                                 torch.from_numpy(sin).to(self.device))
+            cos, sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
+            self._rope[theta] = (cos, sin)
+            # full width for _rotate: x * [cos | cos] + [x2 | x1] * [-sin | sin]
+            self._rope_wide[theta] = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
         return self._rope[theta]
 
     def prepare(self, n_positions: int) -> None:
@@ -140,30 +153,34 @@ class IntModel:
         return rshift_round(e, (self.w.embed_exp[ids] - FRAC).unsqueeze(-1))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding (rotate-half form) of Q16 [..., T, d] into Q10."""
+        """Rotary embedding (rotate-half form) of Q16 [..., T, d] into Q12, with the full-width
+        tables of ``rope``: (x1 cos - x2 sin, x2 cos + x1 sin) = x [cos | cos] + [x2 | x1]
+        [-sin | sin], the same integers in one pass per product."""
         half = x.shape[-1] // 2
         x = x.clamp(-(1 << 40), 1 << 40)
-        x1, x2 = x[..., :half], x[..., half:]
-        shift = FRAC + tables.ROPE_BITS - QKV_FRAC
-        out = torch.cat([rshift_round(x1 * cos - x2 * sin, shift),
-                         rshift_round(x2 * cos + x1 * sin, shift)], dim=-1)
-        return out.clamp(-self._qkv_limit, self._qkv_limit)
+        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+        shift = FRAC + tables.ROPE_BITS - QKV_FRAC  # rshift_round(., shift)
+        out = (x * cos).addcmul_(swapped, sin).add_(1 << (shift - 1))
+        return out.bitwise_right_shift_(shift).clamp_(-self._qkv_limit, self._qkv_limit)
 
     def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, pos: torch.Tensor, n_pos: int):
-        """Queries [B, Hkv, rep, T, d] and keys, values [B, Hkv, T, d] in Q10 at positions
+        """Queries [B, Hkv, rep, T, d] and keys, values [B, Hkv, T, d] in Q12 at positions
         pos [B, T] (all below n_pos)."""
         s = self.spec
         b, t = h.shape[:2]
         qkv = self._linear(self._rms_norm(h, layer.attn_norm), layer.qkv)
         nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
-        q = qkv[..., :nq].reshape(b, t, s.n_heads, s.head_dim).transpose(1, 2)
-        k = qkv[..., nq : nq + nk].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
+        if layer.q_norm is None:  # queries and keys rotated together
+            qk = qkv[..., : nq + nk].reshape(b, t, s.n_heads + s.n_kv, s.head_dim).transpose(1, 2)
+        else:
+            q = qkv[..., :nq].reshape(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+            k = qkv[..., nq : nq + nk].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
+            qk = torch.cat([self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm)], 1)
         v = qkv[..., nq + nk :].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
-        if layer.q_norm is not None:
-            q, k = self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm)
-        cos, sin = self.rope(s.thetas[i], n_pos)
-        c, sn = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
-        q, k = self._rotate(q, c, sn), self._rotate(k, c, sn)
+        self.rope(s.thetas[i], n_pos)
+        cos, sin = self._rope_wide[s.thetas[i]]
+        qk = self._rotate(qk, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
+        q, k = qk[:, : s.n_heads], qk[:, s.n_heads :]
         v = rshift_round(v, FRAC - QKV_FRAC).clamp(-self._qkv_limit, self._qkv_limit)
         rep = s.n_heads // s.n_kv
         return q.reshape(b, s.n_kv, rep, t, s.head_dim), k, v
@@ -194,8 +211,9 @@ class IntModel:
         gu = self._linear(self._rms_norm(h, layer.mlp_norm), layer.gate_up)
         half = gu.shape[-1] // 2
         gate, up = gu[..., :half], gu[..., half:]
-        act = self._table_lookup(self.act_table, gate).clamp(-(1 << 30), 1 << 30)
-        mlp = self._linear(rshift_round(act * up.clamp(-(1 << 30), 1 << 30), FRAC), layer.down)
+        act = self._table_lookup(self.act_table, gate).clamp_(-(1 << 30), 1 << 30)
+        act = act.mul_(up.clamp(-(1 << 30), 1 << 30))  # then rshift_round(act, FRAC):
+        mlp = self._linear(act.add_(1 << (FRAC - 1)).bitwise_right_shift_(FRAC), layer.down)
         if layer.post_mlp_norm is not None:
             mlp = self._rms_norm(mlp, layer.post_mlp_norm)
         return h + mlp
@@ -207,16 +225,58 @@ class IntModel:
     def pmf(self, logits: torch.Tensor) -> torch.Tensor:
         """Integer frequencies [..., V + 2] summing to 2**PRECISION (distribution.py's layout:
         two never-coded dummies at the ends, every token at least 1)."""
+        freq, remainder = self._freq_plus_one(logits)
+        freq.scatter_add_(-1, logits.argmax(dim=-1, keepdim=True), remainder)
+        return torch.nn.functional.pad(freq, (1, 1), value=1)
+
+    def _freq_plus_one(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """floor(p * budget / sum p) + 1 for every token, p the exp table at the logits'
+        distance to their max, and what the floors leave of the budget (which the argmax gets):
+        pmf's integers, in fewer passes (floor((p budget + s) / s) = floor(p budget / s) + 1)."""
         vocab = logits.shape[-1]
         budget = TOTAL - (vocab + 2)
-        dist = logits.amax(dim=-1, keepdim=True) - logits
-        idx = rshift_round(dist, FRAC - tables.EXP_STEP).clamp(max=self.exp_prob.shape[0] - 1)
+        shift = FRAC - tables.EXP_STEP  # rshift_round(max - logits, shift), max - logits >= 0
+        idx = torch.sub(logits.amax(dim=-1, keepdim=True) + (1 << (shift - 1)), logits)
+        idx = idx.bitwise_right_shift_(shift).clamp_(max=self.exp_prob.shape[0] - 1)
         p = self.exp_prob[idx]
-        freq = torch.div(p * budget, p.sum(dim=-1, keepdim=True), rounding_mode="floor")
-        remainder = budget - freq.sum(dim=-1, keepdim=True)
-        freq = freq.scatter_add(-1, logits.argmax(dim=-1, keepdim=True), remainder)
-        ones = torch.ones_like(freq[..., :1])
-        return torch.cat([ones, freq + 1, ones], dim=-1)
+        total = p.sum(dim=-1, keepdim=True)
+        freq = torch.add(total, p, alpha=budget).div_(total, rounding_mode="floor")
+        return freq, (TOTAL - 2) - freq.sum(dim=-1, keepdim=True)
+
+    @torch.inference_mode()
+    def intervals(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, freq) [N] of tokens [N] under the distributions of hidden states h [N,
+        hidden]: pmf(head(h))[token + 1] and the sum of pmf below it, exactly what the full
+        table gives, without building it (the encoder needs nothing else)."""
+        starts, freqs = [], []
+        for s, logits in self._head_blocks(h):
+            freq, remainder = self._freq_plus_one(logits)
+            t = tokens[s : s + logits.shape[0]].unsqueeze(-1)
+            top = logits.argmax(dim=-1, keepdim=True)
+            cum = freq.cumsum_(dim=-1)
+            upto = cum.gather(-1, t)
+            below = torch.where(t > 0, cum.gather(-1, (t - 1).clamp_(min=0)), 0)
+            freqs.append((upto - below + torch.where(top == t, remainder, 0)).squeeze(-1))
+            starts.append((below + 1 + torch.where(top < t, remainder, 0)).squeeze(-1))
+        return torch.cat(starts), torch.cat(freqs)
+
+    def _head_blocks(self, h: torch.Tensor, block: int | None = None):
+        """Yield (row offset, Q16 logits) for blocks of rows of h [N, hidden]. On CPUs the head
+        GEMM runs over 512 rows and its rows are rescaled a few at a time, so every pass over
+        the 49,152-wide rows after it works in cache."""
+        if self.device.type != "cpu":
+            block = block or 4096
+            for s in range(0, h.shape[0], block):
+                yield s, self.head(h[s : s + block])
+            return
+        block = block or 512
+        head = self.w.head
+        for s in range(0, h.shape[0], block):
+            x = self._rms_norm(h[s : s + block], self.w.final_norm)
+            gemm = RowGemm(x, head.w, head.scale, head.bias)
+            step = max(8, gemm.block)
+            for a in range(0, gemm.m, step):
+                yield s + a, gemm.rows(a, a + step)
 
     # -- drivers --------------------------------------------------------------------------
     def _allowed(self, qpos: torch.Tensor, kpos: torch.Tensor, i: int) -> torch.Tensor:
@@ -254,9 +314,8 @@ class IntModel:
 
     def head_pmf(self, h: torch.Tensor, block: int | None = None):
         """Yield (row offset, pmf [n, V + 2]) for blocks of rows of hidden states h [N, hidden]."""
-        block = block or (512 if self.device.type == "cpu" else 4096)
-        for s in range(0, h.shape[0], block):
-            yield s, self.pmf(self.head(h[s : s + block]))
+        for s, logits in self._head_blocks(h, block):
+            yield s, self.pmf(logits)
 
     # -- step -----------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> StepCache:
