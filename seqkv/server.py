@@ -419,8 +419,9 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
                               "description": "a safetensors cache file (seqkv kv-dump format)"}})
     def get_cache(session: str, ns: Ns) -> Response:
         n = service.namespace(ns)
+        n.gets.submit(_session_id(session))  # decoded with concurrent requests, as one group
         with n.read_lock:
-            restored = n.reader.get_cache(_session_id(session))
+            restored = n.reader.get_cache(session)  # then a prefill of the decoded ids
         return Response(cache_file_bytes(restored), media_type="application/octet-stream",
                         headers={"Content-Disposition":
                                  'attachment; filename="cache.safetensors"'})
