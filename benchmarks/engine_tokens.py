@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--decode-words", help="npz of words coded on another machine")
     ap.add_argument("--out", default=".")
     ap.add_argument("--prepare", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="IntModel.compile() (CUDA)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.prepare:
@@ -80,7 +81,8 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda"
                  else platform.processor() or "cpu", "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    path = out / f"engine_tokens_{device.type}.json"
+    path = out / f"engine_tokens_{device.type}{'_compiled' if args.compile else ''}.json"
+    res["compiled"] = args.compile
 
     def save(**kw) -> None:
         res.update(kw)
@@ -90,6 +92,8 @@ def main() -> None:
     lm, t_load = timed(lambda: load_model(args.model, device=device))
     weights, t_int = timed(lambda: integerize(lm.model))
     model = IntModel(weights, device)
+    if args.compile:
+        model.compile()
     codec = EngineCodec(model, lm.prime_token())
     save(load_s=t_load, integerize_s=t_int, digest=weights.digest.hex())
     news = Path(__file__).resolve().parents[1] / "seqkv" / "data" / "brown_news.txt"
@@ -99,7 +103,8 @@ def main() -> None:
     streams = np.load(args.ids)[: args.streams]
     lists = streams.tolist()
     n_tok = streams.size
-    codec.intervals(lists[:8])  # warm-up
+    # warm-up; a compiled model compiles each new shape once, so it warms up on the same ones
+    codec.intervals(lists if args.compile else lists[:8])
     rows, t_enc = timed(lambda: codec.intervals(lists))
     fbits = float_bits(lm, streams, lm.prime_token())
     save(streams=len(lists), tokens=n_tok, encode_s=t_enc, encode_tok_s=n_tok / t_enc,
@@ -112,6 +117,9 @@ def main() -> None:
          flush_bits_per_stream=flush / len(words))
     np.savez(out / f"words_{device.type}.npz", *words)
 
+    if args.compile:
+        codec.decode(words, [len(s) for s in lists])
+        codec.decode(words[:1], [len(lists[0])])
     decoded, t_dec = timed(lambda: codec.decode(words, [len(s) for s in lists]))
     save(decode_s=t_dec, decode_tok_s=n_tok / t_dec, decode_exact=decoded == lists)
     one, t_one = timed(lambda: codec.decode(words[:1], [len(lists[0])]))
@@ -138,6 +146,8 @@ def main() -> None:
         got = codec.decode(ow, [len(s) for s in lists[: len(ow)]])
         save(cross_machine_streams=len(ow), cross_machine_exact=got == lists[: len(ow)])
 
+    if args.old_steps <= 0:
+        return
     from seqkv.tokens.codec import TokenCodec
 
     old = TokenCodec(lm, chunk_size=args.old_steps, batch=len(lists))

@@ -109,6 +109,65 @@ if triton is not None:
         tl.store(out_ptr + head * D + d, whole.to(tl.int64) + up.to(tl.int64))
 
 
+    @triton.jit
+    def _linear_kernel(hi_ptr, lo_ptr, k_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
+                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        row_ok, col_ok = rm < M, rn < N
+        ha = tl.zeros([BM, BN], tl.int32)  # hi.A
+        la = tl.zeros([BM, BN], tl.int32)  # lo.A
+        hb = tl.zeros([BM, BN], tl.int32)  # hi.B (the residual weights, rows N..2N of w)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            k_ok = kk < K
+            a_off = rm[:, None].to(tl.int64) * K + kk[None, :]
+            hi = tl.load(hi_ptr + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            lo = tl.load(lo_ptr + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            w_off = rn[None, :].to(tl.int64) * K + kk[:, None]
+            wa = tl.load(w_ptr + w_off, mask=col_ok[None, :] & k_ok[:, None], other=0)
+            wb = tl.load(w_ptr + N * K + w_off, mask=col_ok[None, :] & k_ok[:, None], other=0)
+            ha += tl.dot(hi, wa, out_dtype=tl.int32)
+            la += tl.dot(lo, wa, out_dtype=tl.int32)
+            hb += tl.dot(hi, wb, out_dtype=tl.int32)
+        # 2 q.(A + B / 256) in step units: integers far below 2**53, exact in float64.
+        acc = (ha.to(tl.int64) * 256 + la.to(tl.int64) * 2 + hb.to(tl.int64)).to(tl.float64)
+        shift = tl.load(k_ptr + rm, mask=row_ok, other=0)
+        pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)  # 2**k, exactly
+        scale = tl.load(scale_ptr + rn, mask=col_ok, other=0.0)
+        y = (acc * scale[None, :]) * pow2[:, None]  # the two IEEE products of model.linear
+        whole = tl.floor(y)  # round half to even, as torch.round, from exact pieces
+        frac = y - whole
+        odd = (whole.to(tl.int64) & 1) == 1
+        out = whole.to(tl.int64) + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.int64)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=col_ok, other=0)[None, :]
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """model.linear's product and rescaling in one kernel: rows q = 128 hi + lo (int8 halves,
+    [M, K]) at scale 2**k ([M] or [M, 1]) times w = [A; B] (int8 [2N, K]: weights and their
+    rounding residuals x 256), rounded to Q16 int64 [M, N] plus ``bias``. The three int8
+    products (hi.A, lo.A, hi.B) share one pass over the weights and never leave the chip.
+    """
+    m, kdim = hi.shape
+    n = w.shape[0] // 2
+    out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
+    bm = 16 if m <= 16 else 64 if m <= 512 else 128
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, 128))
+    _linear_kernel[grid](hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w,
+                         scale, bias if bias is not None else scale, out, m, n, kdim,
+                         HAS_BIAS=bias is not None, BM=bm, BN=128, BK=64, num_warps=4,
+                         num_stages=3)
+    return out
+
+
 MAX_SPLITS = 16  # key ranges per head: parallelism across keys, bounded partial sums
 BLOCK = 32  # keys per loop iteration within a split
 

@@ -1,12 +1,14 @@
-"""The engine's decode attention: the fused Triton kernel against the float64 GEMM path.
+"""The engine's Triton kernels (seqkv/engine/cuda_ops.py) against the torch paths they replace.
 
-    python benchmarks/engine_attention.py [--groups 1,16,64,256,1024] [--tokens 128] [--out DIR]
+    python benchmarks/engine_kernels.py attention [--groups 1,64,1024] [--tokens 128] [--out DIR]
+    python benchmarks/engine_kernels.py linear [--groups 1,1024] [--tokens 128] [--out DIR]
 
 Runs on a CUDA GPU with SmolLM2-135M's shapes and random weights (speed does not depend on the
-weights' values; exactness is checked here and on the real model by engine_tokens.py). First
-checks that both paths give the same logits at every step for streams at mixed positions,
-then decodes random token streams at each group size, compiled (``IntModel.compile()``), with
-either attention path, side by side. Writes DIR/engine_attention.json.
+weights' values; exactness on the real model is checked by engine_tokens.py), compiled
+(``IntModel.compile()``). First checks that both paths give the same integers (attention: the
+logits of every step for streams at mixed positions; linear: the prefill's hidden states), then
+times both paths side by side: decode at each group size, and for ``linear`` also the encoder's
+prefill of 64 x 256 tokens. Writes DIR/engine_<what>.json.
 """
 
 from __future__ import annotations
@@ -32,13 +34,20 @@ def smollm2_shaped() -> IntModel:
     return IntModel(integerize(LlamaForCausalLM(cfg).eval()), "cuda")
 
 
+def use(m: IntModel, what: str, kernel: bool, group: int) -> None:
+    if what == "attention":
+        m.fused_attention_streams = group if kernel else 0
+    else:
+        m.triton_linear = kernel
+
+
 def same_logits(m: IntModel, streams: int = 48, steps: int = 100) -> bool:
     """Step both attention paths over one token sequence per stream, from mixed positions."""
     ids = torch.randint(0, m.spec.vocab, (streams, 40 + steps), device="cuda")
     start = torch.randint(0, 40, (streams,), device="cuda")
     caches = []
-    for limit in (streams, 0):  # the fused kernel, then the float64 GEMMs
-        m.fused_attention_streams = limit
+    for kernel in (True, False):
+        use(m, "attention", kernel, streams)
         caches.append(m.new_cache(streams, 40 + steps))
         m.prefill_hidden(ids[:, :40], cache=caches[-1])
     assert [c.dtype for c in caches] == [torch.int32, torch.float64]
@@ -50,31 +59,51 @@ def same_logits(m: IntModel, streams: int = 48, steps: int = 100) -> bool:
     return bool(same)
 
 
+def same_hidden(m: IntModel) -> bool:
+    ids = torch.randint(0, m.spec.vocab, (8, 200), device="cuda")
+    hidden = []
+    for kernel in (True, False):
+        use(m, "linear", kernel, 8)
+        hidden.append(m.prefill_hidden(ids))
+    return torch.equal(*hidden)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", default="1,16,64,256,1024")
+    ap.add_argument("what", choices=["attention", "linear"])
+    ap.add_argument("--groups", default="1,64,1024")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     m = smollm2_shaped().compile()
+    check = same_logits(m) if args.what == "attention" else same_hidden(m)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens,
-                 "same_logits_every_step": same_logits(m), "groups": {}}
+                 "same_integers": check, "groups": {}}
     print(json.dumps(res), flush=True)
+    path = Path(args.out, f"engine_{args.what}.json")
     codec = EngineCodec(m, 1)
     n = args.tokens
+    if args.what == "linear":
+        streams = torch.randint(0, m.spec.vocab, (64, 256)).tolist()
+        res["encode_64x256"] = {}
+        for kernel in (True, False, True, False):  # the second pass of each is the measured one
+            use(m, "linear", kernel, 64)
+            _, dt = timed(lambda: codec.intervals(streams))  # noqa: B023
+            res["encode_64x256"]["kernel" if kernel else "torch"] = {"tok_s": 64 * 256 / dt}
+        print(json.dumps(res["encode_64x256"]), flush=True)
     for group in (int(g) for g in args.groups.split(",")):
         streams = torch.randint(0, m.spec.vocab, (group, n)).tolist()
         words = codec.encode(streams)
         row = {}
-        for fused in (True, False, True, False):  # the second pass of each is the measured one
-            m.fused_attention_streams = group if fused else 0
+        for kernel in (True, False, True, False):
+            use(m, args.what, kernel, group)
             out, dt = timed(lambda: codec.decode(words, [n] * group))  # noqa: B023
-            row["fused" if fused else "gemm"] = {"tok_s": group * n / dt,
-                                                 "steps_s": n / dt, "exact": out == streams}
+            row["kernel" if kernel else "torch"] = {"tok_s": group * n / dt,
+                                                    "steps_s": n / dt, "exact": out == streams}
         res["groups"][group] = row
         print(group, json.dumps(row), flush=True)
-        Path(args.out, "engine_attention.json").write_text(json.dumps(res, indent=1))
+        path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

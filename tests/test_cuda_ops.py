@@ -1,0 +1,45 @@
+"""The engine's Triton kernels (seqkv/engine/cuda_ops.py) give the torch path's integers.
+
+They run only on CUDA GPUs, so these tests skip elsewhere (CI has no GPU); they are run on the
+H200 and reported in BENCHMARKS.md.
+"""
+
+import pytest
+import torch
+
+from seqkv.engine import IntModel, integerize
+from seqkv.engine.cuda_ops import available
+
+from .test_engine import MODELS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
+    torch.device("cuda")), reason="needs a CUDA GPU with Triton")
+
+
+def _use_kernels(model: IntModel, on: bool) -> None:
+    model.triton_linear = on
+    model.fused_attention_streams = 1 << 20 if on else 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_kernels_give_the_torch_integers(name):
+    """Prefill through the fused linear, and steps through the fused attention from mixed
+    positions (past the random Gemma-3's sliding window of 8), equal the torch path."""
+    model = IntModel(integerize(MODELS[name]().model), "cuda")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (5, 48), generator=g).cuda()
+    start = torch.tensor([0, 3, 9, 17, 30], device="cuda")
+    runs = []
+    for on in (True, False):
+        _use_kernels(model, on)
+        hidden = model.prefill_hidden(ids)
+        cache = model.new_cache(5, 48)
+        assert cache.dtype == (torch.int32 if on else torch.float64)
+        model.prefill_hidden(ids[:, :30], cache=cache)
+        steps = []
+        for t in range(18):
+            pos = start + t
+            steps.append(model.step_logits(cache, ids.gather(1, pos[:, None])[:, 0], pos))
+        runs.append((hidden, torch.stack(steps)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
