@@ -20,18 +20,20 @@ from dataclasses import dataclass
 import torch
 
 from ..core.distribution import TOTAL
-from . import tables
+from . import cuda_ops, tables
 from .intops import (
     RowGemm,
     int_matmul,
     isqrt,
     quantize_rows,
     rshift_round,
+    split_rows,
 )
 from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
 
 QKV_FRAC = 12
 MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many keys
+FUSED_ATTENTION_MAX_STREAMS = 64  # decode groups up to this size use cuda_ops' kernel
 
 
 def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -100,10 +102,20 @@ class IntModel:
         self._qkv_limit = (1 << lim) - 1
         # score units (Q20) to table steps (2**-EXP_STEP nat), a float64 constant fixed here
         self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
+        self._index_scale_t = torch.tensor([self._index_scale], dtype=torch.float64, device=dev)
+        # Decode groups up to this many streams attend through one Triton kernel on CUDA
+        # (cuda_ops.py): the same integers as the float64 GEMMs.
+        self.fused_attention_streams = (FUSED_ATTENTION_MAX_STREAMS
+                                        if cuda_ops.available(self.device) else 0)
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_wide: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
+        # GEMM and rescaling as one Triton kernel (cuda_ops.int8_linear): exact, but half the
+        # speed of torch._int_mm plus compiled rescaling on the H200 (encode 53,395 vs 106,793
+        # tokens/s; benchmarks/results/engine_linear_h200.json), so off until it is tuned.
+        self.triton_linear = False
         self._linear, self._rms_norm, self._table_lookup = linear, rms_norm, _table_lookup
+        self._split_rows = split_rows
         self.compiled = False
 
     def compile(self) -> IntModel:
@@ -122,11 +134,21 @@ class IntModel:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             fuse = lambda fn: torch.compile(fn, dynamic=False)  # noqa: E731
             self._linear, self._rms_norm = fuse(linear), fuse(rms_norm)
+            self._split_rows = fuse(split_rows)
             self._table_lookup = fuse(_table_lookup)
             self._rotate, self._attend, self.pmf = (fuse(self._rotate), fuse(self._attend),
                                                    fuse(self.pmf))
             self.compiled = True
         return self
+
+    def linear(self, v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+        """``linear`` (Q16 [..., in] -> Q16 [..., out]), as one Triton kernel on CUDA."""
+        if not self.triton_linear:
+            return self._linear(v, lin)
+        shape = v.shape
+        hi, lo, k = self._split_rows(v.reshape(-1, shape[-1]))
+        y = cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias)
+        return y.reshape(*shape[:-1], -1)
 
     # -- tables ---------------------------------------------------------------------------
     def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +190,7 @@ class IntModel:
         pos [B, T] (all below n_pos)."""
         s = self.spec
         b, t = h.shape[:2]
-        qkv = self._linear(self._rms_norm(h, layer.attn_norm), layer.qkv)
+        qkv = self.linear(self._rms_norm(h, layer.attn_norm), layer.qkv)
         nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
         if layer.q_norm is None:  # queries and keys rotated together
             qk = qkv[..., : nq + nk].reshape(b, t, s.n_heads + s.n_kv, s.head_dim).transpose(1, 2)
@@ -204,23 +226,23 @@ class IntModel:
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
 
     def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
-        att = self._linear(att, layer.o)
+        att = self.linear(att, layer.o)
         if layer.post_attn_norm is not None:
             att = self._rms_norm(att, layer.post_attn_norm)
         h = h + att
-        gu = self._linear(self._rms_norm(h, layer.mlp_norm), layer.gate_up)
+        gu = self.linear(self._rms_norm(h, layer.mlp_norm), layer.gate_up)
         half = gu.shape[-1] // 2
         gate, up = gu[..., :half], gu[..., half:]
         act = self._table_lookup(self.act_table, gate).clamp_(-(1 << 30), 1 << 30)
         act = act.mul_(up.clamp(-(1 << 30), 1 << 30))  # then rshift_round(act, FRAC):
-        mlp = self._linear(act.add_(1 << (FRAC - 1)).bitwise_right_shift_(FRAC), layer.down)
+        mlp = self.linear(act.add_(1 << (FRAC - 1)).bitwise_right_shift_(FRAC), layer.down)
         if layer.post_mlp_norm is not None:
             mlp = self._rms_norm(mlp, layer.post_mlp_norm)
         return h + mlp
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Q16 logits of the last norm's output."""
-        return self._linear(self._rms_norm(h, self.w.final_norm), self.w.head)
+        return self.linear(self._rms_norm(h, self.w.final_norm), self.w.head)
 
     def pmf(self, logits: torch.Tensor) -> torch.Tensor:
         """Integer frequencies [..., V + 2] summing to 2**PRECISION (distribution.py's layout:
@@ -302,8 +324,8 @@ class IntModel:
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, i, h, pos, t)
             if cache is not None:
-                cache.keys[i][:, :, :t] = k.to(torch.float64)
-                cache.values[i][:, :, :t] = v.to(torch.float64)
+                cache.keys[i][:, :, :t] = k.to(cache.dtype)
+                cache.values[i][:, :, :t] = v.to(cache.dtype)
             att = torch.cat([
                 self._attend(q[..., s:e, :], k[:, :, :e], v[:, :, :e],
                              self._allowed(pos[:, s:e], pos[:, :e], i))
@@ -322,10 +344,14 @@ class IntModel:
         s = self.spec
         shape = (batch, s.n_kv, capacity, s.head_dim)
         self.prepare(capacity)
+        # The fused kernel reads int32 keys and values (|x| < 2**23). On the H200 (compiled,
+        # 128-token streams) it beat the float64 GEMMs at 1 and 64 streams (+16%) and trailed
+        # them at 1,024 (-4%): benchmarks/results/engine_attention_h200.json.
+        dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
         return StepCache(
-            keys=[torch.zeros(shape, dtype=torch.float64, device=self.device)
+            keys=[torch.zeros(shape, dtype=dtype, device=self.device)
                   for _ in range(s.n_layers)],
-            values=[torch.zeros(shape, dtype=torch.float64, device=self.device)
+            values=[torch.zeros(shape, dtype=dtype, device=self.device)
                     for _ in range(s.n_layers)],
             capacity=capacity,
         )
@@ -344,19 +370,29 @@ class IntModel:
         h = self.embed(tokens.unsqueeze(1))
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, i, h, pos.unsqueeze(1), cache.capacity)
-            cache.keys[i].scatter_(2, slot, k.to(torch.float64))
-            cache.values[i].scatter_(2, slot, v.to(torch.float64))
-            allowed = self._allowed(pos.unsqueeze(1), kpos, i)
-            att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
-                               allowed)
+            cache.keys[i].scatter_(2, slot, k.to(cache.dtype))
+            cache.values[i].scatter_(2, slot, v.to(cache.dtype))
+            if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
+                att = cuda_ops.decode_attention(
+                    q, cache.keys[i], cache.values[i], pos, s.windows[i], self.exp_attn_f,
+                    self._index_scale_t, 1 << (FRAC - QKV_FRAC))
+            else:
+                allowed = self._allowed(pos.unsqueeze(1), kpos, i)
+                att = self._attend(q, cache.keys[i][:, :, :span],
+                                   cache.values[i][:, :, :span], allowed)
             h = self._finish_layer(layer, h, att)
         return self.head(h[:, 0])
 
 
 @dataclass
 class StepCache:
-    """A static KV cache: Q10 integers held in float64 (exact) for the attention GEMMs."""
+    """A static KV cache of Q12 integers: float64 (exact) for the attention GEMMs, or int32
+    for the fused GPU kernel."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     capacity: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
