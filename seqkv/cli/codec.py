@@ -154,6 +154,10 @@ def demo(
         bool, typer.Option("--full", help="the bundled texts whole (~300 tokens each, a few "
                            "minutes on a 2-core CPU), not their opening paragraphs")
     ] = False,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads for torch: one decodes a single "
+                          "stream fastest, by far when the machine is shared (BENCHMARKS.md)")
+    ] = 1,
     json_: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
     """Compress real texts, restore their KV caches, verify them, and compare sizes (about a
@@ -165,8 +169,13 @@ def demo(
             "the 3 bundled texts" + (" whole" if full else "' opening paragraphs (--full: whole)"))
     console.print(f"seqkv demo: {what}; each is compressed to its tokens, its KV cache restored "
                   "from them and checked. Loading the model ...")
+    if threads < 1:
+        raise SeqkvError("--threads must be at least 1")
+    import torch
+
     from ..demo import BUNDLED, bundled_text, run_one
 
+    torch.set_num_threads(threads)
     inputs = inputs or [(name, bundled_text(name, full)) for name in BUNDLED]
     lm = load(model)
     rows = []
