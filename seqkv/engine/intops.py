@@ -156,6 +156,7 @@ def _packed(w: torch.Tensor):
     packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n),
               torch.zeros(n, dtype=torch.int64))
     _packs[id(w)] = (weakref.ref(w), packed)
+    weakref.finalize(w, _packs.pop, id(w), None)  # the packed copy goes with its weights
     return packed
 
 
