@@ -268,3 +268,26 @@ def test_get_many_decodes_concurrent_sessions_together(db, llama, monkeypatch): 
     edges = fresh.stats()["edges"]
     depth = max(len(fresh.trie.path(n)) for n in fresh.trie.sessions.values())
     assert sum(calls) == edges and len(calls) == depth < edges  # one group per trie level
+
+
+def test_writers_queue_in_the_kernel_and_a_long_wait_says_busy(tmp_path, llama, monkeypatch):
+    import fcntl
+    import threading
+
+    path = str(tmp_path / "q.db")
+    Store(path, llama, chunk=CHUNK).put("a", [5, 6, 7])
+    monkeypatch.setenv("SEQKV_STORE_BUSY_TIMEOUT", "0.3")
+    writer = Store(path, llama)
+    fd = os.open(path + "-seqkv-lock", os.O_RDWR)  # another writer holds the queue
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(StoreBusyError, match="store busy, retry"):
+            writer.put("b", [5, 6, 8])
+        timer = threading.Timer(0.1, fcntl.flock, (fd, fcntl.LOCK_UN))  # released in time
+        timer.start()
+        writer.put("c", [5, 6, 9])  # waits in the kernel, then goes ahead
+        timer.join()
+    finally:
+        os.close(fd)
+    writer.put("b", [5, 6, 8])  # the abandoned wait left nothing held
+    assert Store(path, None).sessions() == ["a", "b", "c"]
