@@ -77,13 +77,8 @@ class EngineCodec:
         h = self.model.prefill_hidden(inputs.to(self.device))
         flat_keep = keep.reshape(-1).to(self.device)
         h = h.reshape(-1, h.shape[-1])[flat_keep]
-        sym = (targets.reshape(-1).to(self.device)[flat_keep] + 1).unsqueeze(1)
-        starts, freqs = [], []
-        for s, pmf in self.model.head_pmf(h):
-            block = sym[s : s + pmf.shape[0]]
-            freqs.append(pmf.gather(1, block).squeeze(1))
-            starts.append((pmf.cumsum(dim=1) - pmf).gather(1, block).squeeze(1))
-        rows = torch.stack([torch.cat(starts), torch.cat(freqs)], dim=1).cpu().numpy()
+        start, freq = self.model.intervals(h, targets.reshape(-1).to(self.device)[flat_keep])
+        rows = torch.stack([start, freq], dim=1).cpu().numpy()
         counts = keep.sum(dim=1).tolist()
         return list(np.split(rows, np.cumsum(counts)[:-1]))
 

@@ -135,6 +135,7 @@ class IntModel:
             fuse = lambda fn: torch.compile(fn, dynamic=False)  # noqa: E731
             self._linear, self._rms_norm = fuse(linear), fuse(rms_norm)
             self._split_rows = fuse(split_rows)
+            self._freq_plus_one = fuse(self._freq_plus_one)
             self._table_lookup = fuse(_table_lookup)
             self._rotate, self._attend, self.pmf = (fuse(self._rotate), fuse(self._attend),
                                                    fuse(self.pmf))
