@@ -1,4 +1,4 @@
-"""CPU speed of the integer coder engine: encode, one-stream and 8-stream decode (issue 9).
+"""CPU speed of the integer coder engine: encode, one-stream and 8-stream decode.
 
     python benchmarks/engine_cpu.py [--ids brown256.npy] [--tokens 256] [--threads 2] [--out DIR]
 

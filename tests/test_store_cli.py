@@ -1,5 +1,5 @@
 """`seqkv store`: put/get byte for byte, stats --json, nearest --json, compact (the real
-model in the slow test), and issue 12's items: reading commands never create a store, a bad
+model in the slow test), and first impressions: reading commands never create a store, a bad
 --db is refused before the model loads, delete needs no model, put's figures say what they
 count, and help imports no torch."""
 
