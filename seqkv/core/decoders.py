@@ -1,5 +1,5 @@
-"""The entropy coders' streams and their decoders, shared by the token tier, the engine and
-the store.
+"""The entropy-coding layer: every constriction stream of the package is made and read here,
+by the token tier, the engine, the store and the delta tier's residual coder.
 
 Two bitstreams, both constriction's (24-bit precision, 32-bit words):
 - ``range``: its range coder (``queue.RangeEncoder``), ~16 bits of flush per stream; decoded
@@ -10,6 +10,9 @@ Two bitstreams, both constriction's (24-bit precision, 32-bit words):
   GPU, so decoding never moves a distribution to the host (SmolLM2's 49,152 floats a token would
   be 40 GB/s at 200k tokens/s). The default on accelerators; constriction's decoder of the same
   stream is the reference it is tested against (tests/test_decoders.py).
+
+The residual coder's symbols go through the range coder under categorical models fitted to
+their counts (``encode_categorical`` / ``CategoricalDecoder``).
 """
 
 from __future__ import annotations
@@ -49,14 +52,55 @@ def encode_stream(coder: str, start: np.ndarray, freq: np.ndarray) -> np.ndarray
     return encoder.get_compressed().astype(np.uint32)
 
 
+def decode_one(coder, pmf_row: np.ndarray) -> int:
+    """The next symbol of an open rANS or range ``coder`` (``open_decoder``) under one
+    quantized distribution [V + 2] on the host; BlobError if the stream cannot give one."""
+    try:
+        symbol = int(coder.decode(_Categorical(full_weights(pmf_row), perfect=False)))
+    except Exception as e:  # constriction raises on exhausted or invalid streams
+        raise BlobError(f"corrupt token stream: {e}") from e
+    if not 1 <= symbol <= pmf_row.size - 2:
+        raise BlobError("corrupt token stream: decoded a reserved symbol")
+    return symbol
+
+
+def open_decoder(coder: str, words: np.ndarray):
+    """constriction's decoder of one ``range`` or ``ans`` stream."""
+    kind = (constriction.stream.queue.RangeDecoder if coder == "range"
+            else constriction.stream.stack.AnsCoder)
+    return kind(np.asarray(words, dtype=np.uint32))
+
+
+def _fitted(counts: np.ndarray):
+    probs = counts.astype(np.float64) / float(counts.sum())
+    return _Categorical(probs, perfect=False)
+
+
+def encode_categorical(pieces: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One range-coded stream of pieces (symbols in [0, len(counts)), counts), each piece's
+    symbols under the categorical model of its own counts."""
+    encoder = constriction.stream.queue.RangeEncoder()
+    for symbols, counts in pieces:
+        encoder.encode(np.asarray(symbols, dtype=np.int32), _fitted(counts))
+    return encoder.get_compressed().astype(np.uint32)
+
+
+class CategoricalDecoder:
+    """Reads the pieces of ``encode_categorical``'s stream back, in order."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        self._decoder = constriction.stream.queue.RangeDecoder(np.asarray(words, np.uint32))
+
+    def decode(self, counts: np.ndarray, n: int) -> np.ndarray:
+        return np.asarray(self._decoder.decode(_fitted(counts), n), dtype=np.int64)
+
+
 class ConstrictionDecoder:
     """One constriction decoder per stream; takes the distribution on the host."""
 
     def __init__(self, words: Sequence[np.ndarray], device: torch.device,
                  coder: str = "ans") -> None:
-        kind = (constriction.stream.queue.RangeDecoder if coder == "range"
-                else constriction.stream.stack.AnsCoder)
-        self.coders = [kind(w.astype(np.uint32)) for w in words]
+        self.coders = [open_decoder(coder, w) for w in words]
         self.coder = coder
         self.device = device
 
@@ -66,13 +110,7 @@ class ConstrictionDecoder:
         symbols = np.zeros(len(self.coders), dtype=np.int64)
         for row, coder in enumerate(self.coders):
             if active[row]:
-                try:
-                    symbols[row] = coder.decode(_Categorical(full_weights(pmf_np[row]),
-                                                             perfect=False))
-                except Exception as e:  # constriction raises on exhausted or invalid streams
-                    raise BlobError(f"corrupt token stream: {e}") from e
-        if _reserved(torch.from_numpy(symbols), pmf.shape[-1])[active].any():
-            raise BlobError("corrupt token stream: decoded a reserved symbol")
+                symbols[row] = decode_one(coder, pmf_np[row])
         return torch.from_numpy(symbols - 1).to(self.device)
 
     def finish(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.decoders import CategoricalDecoder, encode_categorical
 from ..core.errors import BlobError
 
 SMALL = 32  # |r| < SMALL is one symbol each
@@ -173,19 +174,10 @@ class CodedBlocks:
         return 8 * (len(self.models) + len(self.words))
 
 
-def _model(counts: np.ndarray):
-    import constriction
-
-    probs = counts.astype(np.float64) / float(counts.sum())
-    return constriction.stream.model.Categorical(probs, perfect=False)
-
-
 def encode_blocks(blocks: list[np.ndarray]) -> CodedBlocks:
     """Each block of non-negative symbols under its own fitted categorical model."""
-    import constriction
-
     models = bytearray()
-    enc = constriction.stream.queue.RangeEncoder()
+    pieces = []
     for sym in blocks:
         if sym.size == 0:
             continue
@@ -193,17 +185,14 @@ def encode_blocks(blocks: list[np.ndarray]) -> CodedBlocks:
         counts = np.bincount(sym - lo, minlength=hi - lo + 1)
         put_varints([lo, hi - lo, *counts.tolist()], models)
         if hi > lo:
-            enc.encode((sym - lo).astype(np.int32), _model(counts))
-    return CodedBlocks(bytes(models), enc.get_compressed().astype("<u4").tobytes())
+            pieces.append((sym - lo, counts))
+    return CodedBlocks(bytes(models), encode_categorical(pieces).astype("<u4").tobytes())
 
 
 def decode_blocks(coded: CodedBlocks, sizes: list[int]) -> list[np.ndarray]:
-    import constriction
-
     if len(coded.words) % 4:
         raise BlobError("corrupt residual stream (length)")
-    words = np.frombuffer(coded.words, dtype="<u4").astype(np.uint32)
-    dec = constriction.stream.queue.RangeDecoder(words)
+    dec = CategoricalDecoder(np.frombuffer(coded.words, dtype="<u4"))
     reader = VarintReader(coded.models)
     out = []
     for n in sizes:
@@ -219,8 +208,7 @@ def decode_blocks(coded: CodedBlocks, sizes: list[int]) -> list[np.ndarray]:
         if span == 0:
             out.append(np.full(n, lo, dtype=np.int64))
             continue
-        sym = np.asarray(dec.decode(_model(counts), n), dtype=np.int64) + lo
-        out.append(sym)
+        out.append(dec.decode(counts, n) + lo)
     if reader.pos != len(coded.models):
         raise BlobError("corrupt residual stream (trailing block models)")
     return out

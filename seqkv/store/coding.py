@@ -19,42 +19,34 @@ prefill when encoding, and edges decode together in one lockstep group per windo
 contexts fed by prefill (``_engine_encode`` / ``_engine_decode``). Stores record which
 procedure coded them; stores of seqkv 0.1 keep the lockstep one.
 
-Each edge is one rANS stream (constriction's AnsCoder, 24-bit fixed point, the token codec's
-3-symbol reduced model trick), so its cost is its tokens' information plus at most ~64 bits.
+Each edge is one rANS stream (core/decoders.py: constriction's AnsCoder, 24-bit fixed point,
+the token codec's 3-symbol reduced model trick), so its cost is its tokens' information plus
+at most ~64 bits.
 """
 
 from __future__ import annotations
 
-import constriction
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..core.decoders import VectorRansDecoder
+from ..core.decoders import VectorRansDecoder, decode_one, encode_stream, open_decoder
 from ..core.distribution import (
-    full_weights,
     quantized_pmf,
-    reduced_weights,
     symbol_intervals,
 )
-from ..core.errors import BlobError
 from ..core.models import LoadedModel
 from ..core.stepper import cache_kwarg, configure_determinism
 from ..engine import EngineCodec
 
 PROCEDURE = "plt-path-lockstep-v1"  # HF forward, one stream: the fallback (and seqkv 0.1)
 ENGINE_PROCEDURE = "plt-path-engine"  # the integer engine: any device, any group
-_Categorical = constriction.stream.model.Categorical
 
 
 def encode_intervals(intervals: np.ndarray) -> np.ndarray:
     """Range-code tokens given their (start, freq) rows; the words of one rANS stream."""
     iv = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
-    coder = constriction.stream.stack.AnsCoder()
-    if len(iv):
-        coder.encode_reverse(np.ones(len(iv), dtype=np.int32), _Categorical(perfect=False),
-                             reduced_weights(iv[:, 0], iv[:, 1]))
-    return coder.get_compressed().astype(np.uint32)
+    return encode_stream("ans", iv[:, 0], iv[:, 1])
 
 
 class Cursor:
@@ -133,17 +125,11 @@ class Cursor:
 
     def decode(self, words: np.ndarray, n: int) -> tuple[list[int], np.ndarray]:
         """Decode an edge of n tokens continuing the path (and feed them)."""
-        coder = constriction.stream.stack.AnsCoder(np.asarray(words, dtype=np.uint32))
+        coder = open_decoder("ans", words)
         tokens, rows = [], np.zeros((n, 2), dtype=np.int64)
         for j in range(n):
-            pmf = self.pmf()
-            row = pmf[0].cpu().numpy()
-            try:
-                symbol = coder.decode(_Categorical(full_weights(row), perfect=False))
-            except Exception as e:  # constriction raises on exhausted streams
-                raise BlobError(f"corrupt edge stream: {e}") from e
-            if not 1 <= symbol <= row.size - 2:
-                raise BlobError("corrupt edge stream: decoded a reserved symbol")
+            row = self.pmf()[0].cpu().numpy()
+            symbol = decode_one(coder, row)
             cum = int(row[:symbol].sum())
             rows[j] = (cum, int(row[symbol]))
             tokens.append(symbol - 1)
