@@ -29,6 +29,14 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _round_half_even(x):
+        """torch.round of float64 x, as int64, from exact pieces (floor, and x - floor(x))."""
+        whole = tl.floor(x)
+        frac = x - whole
+        odd = (whole.to(tl.int64) & 1) == 1
+        return whole.to(tl.int64) + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.int64)
+
+    @triton.jit
     def _key_range(pos_ptr, head, split, n_heads, window, SPLIT: tl.constexpr):
         """Keys [start, end) of this program: its split of the head's keys lo..pos."""
         pos = tl.load(pos_ptr + head // n_heads)
@@ -102,12 +110,7 @@ if triton is not None:
         acc = tl.sum(tl.load(acc_ptr + (base + parts[:, None]) * D + d[None, :],
                              mask=(parts < n_splits)[:, None], other=0.0), axis=0)
         ratio = (acc * OUT_SCALE) / total  # float64 division: IEEE div.rn.f64
-        whole = tl.floor(ratio)  # round half to even, as torch.round, from exact pieces
-        frac = ratio - whole
-        odd = (whole.to(tl.int64) & 1) == 1
-        up = (frac > 0.5) | ((frac == 0.5) & odd)
-        tl.store(out_ptr + head * D + d, whole.to(tl.int64) + up.to(tl.int64))
-
+        tl.store(out_ptr + head * D + d, _round_half_even(ratio))
 
     @triton.jit
     def _linear_kernel(hi_ptr, lo_ptr, k_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
@@ -139,10 +142,7 @@ if triton is not None:
         pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)  # 2**k, exactly
         scale = tl.load(scale_ptr + rn, mask=col_ok, other=0.0)
         y = (acc * scale[None, :]) * pow2[:, None]  # the two IEEE products of model.linear
-        whole = tl.floor(y)  # round half to even, as torch.round, from exact pieces
-        frac = y - whole
-        odd = (whole.to(tl.int64) & 1) == 1
-        out = whole.to(tl.int64) + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.int64)
+        out = _round_half_even(y)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=col_ok, other=0)[None, :]
         tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out,

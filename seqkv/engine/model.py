@@ -108,7 +108,6 @@ class IntModel:
         self.fused_attention_streams = (FUSED_ATTENTION_MAX_STREAMS
                                         if cuda_ops.available(self.device) else 0)
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rope_wide: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
         # GEMM and rescaling as one Triton kernel (cuda_ops.int8_linear): exact, but half the
         # speed of torch._int_mm plus compiled rescaling on the H200 (encode 53,395 vs 106,793
@@ -153,16 +152,14 @@ class IntModel:
 
     # -- tables ---------------------------------------------------------------------------
     def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width rotary tables [positions, d] for ``_rotate``: [cos | cos], [-sin | sin]."""
         if n_positions > self._rope_len:
             self._rope.clear()
-            self._rope_wide.clear()
             self._rope_len = max(n_positions, 2 * self._rope_len, 64)
         if theta not in self._rope:
             cos, sin = tables.rope_table(theta, self.spec.head_dim, self._rope_len)
             cos, sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
-            self._rope[theta] = (cos, sin)
-            # full width for _rotate: x * [cos | cos] + [x2 | x1] * [-sin | sin]
-            self._rope_wide[theta] = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+            self._rope[theta] = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
         return self._rope[theta]
 
     def prepare(self, n_positions: int) -> None:
@@ -200,8 +197,7 @@ class IntModel:
             k = qkv[..., nq : nq + nk].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
             qk = torch.cat([self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm)], 1)
         v = qkv[..., nq + nk :].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
-        self.rope(s.thetas[i], n_pos)
-        cos, sin = self._rope_wide[s.thetas[i]]
+        cos, sin = self.rope(s.thetas[i], n_pos)
         qk = self._rotate(qk, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
         q, k = qk[:, : s.n_heads], qk[:, s.n_heads :]
         v = rshift_round(v, FRAC - QKV_FRAC).clamp(-self._qkv_limit, self._qkv_limit)
@@ -209,7 +205,7 @@ class IntModel:
         return q.reshape(b, s.n_kv, rep, t, s.head_dim), k, v
 
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of Q10 queries [B, Hkv, rep, T, d] over Q10 keys/values
+        """Softmax attention of Q12 queries [B, Hkv, rep, T, d] over Q12 keys/values
         [B, Hkv, S, d]; allowed [B, 1, 1, T, S]. Returns Q16 [B, T, H * d]."""
         b, hkv, rep, t, d = q.shape
         # float64 holds every integer here exactly; the only rounded operations (the scale
