@@ -22,7 +22,9 @@ from seqkv import compress_tokens, decompress_text, decompress_tokens, inspect_b
 from seqkv.core.blob import pack, unpack
 from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
 from seqkv.core.models import ENGINE_WEIGHTS, from_objects
-from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, integerize
+from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, cpu_kernels, integerize
+from seqkv.engine.cpu_step import CpuStep
+from seqkv.engine.intops import RowGemm
 from seqkv.tokens import compact as token_blob
 
 from .conftest import memoize_method, tiny_gemma3, tiny_llama
@@ -149,10 +151,11 @@ def test_any_thread_count(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
 
-    def run(threads: int, mode: str, blob: Path) -> str:
+    def run(threads: int, mode: str, blob: Path, kernels: str = "1") -> str:
         out = subprocess.run([sys.executable, str(script), str(threads), str(tmp_path / "w.pt"),
                               mode, str(blob)], capture_output=True, text=True, timeout=300,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads),
+                                  "SEQKV_CPU_KERNELS": kernels})
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
@@ -161,6 +164,61 @@ def test_any_thread_count(tmp_path):
     assert (tmp_path / "one.skv").read_bytes() == (tmp_path / "two.skv").read_bytes()
     assert "decoded" in run(2, "decode", tmp_path / "one.skv")
     assert "decoded" in run(1, "decode", tmp_path / "two.skv")
+    # The torch code alone (no CPU kernels) makes the same bytes and decodes the kernels' blob.
+    run(2, "encode", tmp_path / "torch.skv", kernels="0")
+    assert (tmp_path / "torch.skv").read_bytes() == (tmp_path / "one.skv").read_bytes()
+    assert "decoded" in run(1, "decode", tmp_path / "two.skv", kernels="0")
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="no CPU kernels here (C compiler, AVX-512 VNNI)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cpu_kernels_give_the_torch_integers(name):
+    """With the CPU kernels, the prefill's pmf and intervals at every position equal the torch
+    code's, and so does the kernels' decode step (CpuStep) at every position."""
+    lm = MODELS[name]()
+    model = IntModel(integerize(lm.model))
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(8))
+    fast = _prefill_pmf(model, ids)
+    h = model.prefill_hidden(ids).reshape(-1, model.spec.hidden)
+    fast_intervals = model.intervals(h, ids.reshape(-1))
+    was = cpu_kernels.set_enabled(False)
+    try:
+        slow = _prefill_pmf(model, ids)
+        slow_intervals = model.intervals(h, ids.reshape(-1))
+    finally:
+        cpu_kernels.set_enabled(was)
+    assert torch.equal(fast, slow)
+    assert all(torch.equal(a, b) for a, b in zip(fast_intervals, slow_intervals, strict=True))
+    step = CpuStep.for_model(model)
+    cache = step.new_cache(3, 40)
+    for t in range(40):
+        assert torch.equal(step.pmf(cache, ids[:, t], torch.full((3,), t)), slow[:, t]), t
+
+
+@needs_kernels
+def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
+    """The kernel GEMM and rescaling give RowGemm's integers: saturated weights, rows of zeros
+    and of extreme values, widths off the kernel's tiles, row counts across its blocks."""
+    g = torch.Generator().manual_seed(9)
+    for n, k in ((37, 70), (16, 64), (200, 1537)):
+        w = torch.randint(-127, 128, (2 * n, k), dtype=torch.int8, generator=g)
+        w[0], w[1, ::2], w[n], w[n + 1] = 127, -127, -127, 127
+        mant = torch.randint(1 << 14, (1 << 15) + 1, (n,), generator=g).to(torch.float64)
+        scale = torch.ldexp(mant, -torch.randint(12, 40, (n,), generator=g))
+        bias = torch.randint(-(1 << 30), 1 << 30, (n,), generator=g)
+        for m in (1, 3, 4, 5, 300):
+            v = torch.randint(-(1 << 45), 1 << 45, (m, k), generator=g)
+            v >>= torch.randint(0, 45, (m, 1), generator=g)
+            v[0] = 0
+            if m > 2:
+                v[1], v[2, ::3] = 1 << 13, -(1 << 50)
+            for b in (bias, None):
+                assert torch.equal(cpu_kernels.linear(v, w, scale, b),
+                                   RowGemm(v, w, scale, b).all()), (n, k, m)
 
 
 def tiny_gpt2():

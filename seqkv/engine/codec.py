@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core.decoders import VectorRansDecoder, encode_stream
+from .cpu_step import CpuStep
 from .model import IntModel
 
 ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes
@@ -130,7 +131,9 @@ class _DecodeGroup:
         self.start = [len(p) - 1 for p in prefixes]  # position of each stream's first fed token
         self.steps = max(lengths)
         self.capacity = max(s + self.steps for s in self.start) + 1
-        self.cache = m.new_cache(b, self.capacity)
+        # CPUs step through cpu_kernels where they run (the same integers, ~4x fewer seconds)
+        self.fast = CpuStep.for_model(m) if dev.type == "cpu" else None
+        self.cache = (self.fast or m).new_cache(b, self.capacity)
         longest = max(self.start)
         if longest > 0:  # contexts: their keys and values by one prefill, as steps would write
             ids = torch.full((b, longest), codec.prime, dtype=torch.long)
@@ -160,7 +163,10 @@ class _DecodeGroup:
 
     def _step(self, span: int) -> None:
         m = self.model
-        pmf = m.pmf(m.step_logits(self.cache, self.tokens, self.pos, span))
+        if self.fast is not None:
+            pmf = self.fast.pmf(self.cache, self.tokens, self.pos)
+        else:
+            pmf = m.pmf(m.step_logits(self.cache, self.tokens, self.pos, span))
         active = self.step_t < self.lengths
         symbols = self.decoder.step(pmf, active)
         self.tokens.copy_(torch.where(active, symbols, self.tokens))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.distribution import TOTAL
-from . import cuda_ops, tables
+from . import cpu_kernels, cuda_ops, tables
 from .intops import (
     RowGemm,
     int_matmul,
@@ -43,8 +43,10 @@ def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
     exact, and the one rounding (to the nearest integer) is an IEEE-defined operation.
     """
     shape = v.shape
-    if v.device.type == "cpu":  # the same integers, in fewer passes (intops.RowGemm)
-        y = RowGemm(v.reshape(-1, shape[-1]), lin.w, lin.scale, lin.bias).all()
+    if v.device.type == "cpu":  # the same integers: one kernel (cpu_kernels) or intops.RowGemm
+        rows = v.reshape(-1, shape[-1])
+        y = (cpu_kernels.linear(rows.contiguous(), lin.w, lin.scale, lin.bias)
+             if cpu_kernels.available() else RowGemm(rows, lin.w, lin.scale, lin.bias).all())
         return y.reshape(*shape[:-1], -1)
     q, k = quantize_rows(v.reshape(-1, shape[-1]))
     acc = int_matmul(q, lin.w.t())
@@ -116,6 +118,8 @@ class IntModel:
         self._linear, self._rms_norm, self._table_lookup = linear, rms_norm, _table_lookup
         self._split_rows = split_rows
         self.compiled = False
+        if dev.type == "cpu":  # the same integers through cpu_kernels where they run
+            self._rms_norm, self._attend = _cpu_rms_norm, self._cpu_attend
 
     def compile(self) -> IntModel:
         """Fuse the elementwise work around each GEMM, the norms, rotary embedding, attention
@@ -222,6 +226,20 @@ class IntModel:
         out = out.to(torch.int64)
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
 
+    def _cpu_attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """``_attend`` on CPUs: the same GEMMs, the weights between them in one kernel pass."""
+        if not cpu_kernels.available():
+            return IntModel._attend(self, q, k, v, allowed)
+        b, hkv, rep, t, d = q.shape
+        scores = torch.matmul(q.reshape(b, hkv, rep * t, d).to(torch.float64),
+                              k.transpose(-1, -2).to(torch.float64)).contiguous()
+        mask = allowed.expand(b, 1, 1, t, scores.shape[-1]).reshape(b, t, -1).contiguous()
+        total = cpu_kernels.attention_weights(scores, mask, self.exp_attn_f, self._index_scale)
+        out = torch.matmul(scores, v.to(torch.float64)).reshape(b, hkv, rep, t, d)
+        out = torch.round(out * (1 << (FRAC - QKV_FRAC)) / total.reshape(b, hkv, rep, t, 1))
+        out = out.to(torch.int64)
+        return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
+
     def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
         att = self.linear(att, layer.o)
         if layer.post_attn_norm is not None:
@@ -269,6 +287,13 @@ class IntModel:
         table gives, without building it (the encoder needs nothing else)."""
         starts, freqs = [], []
         for s, logits in self._head_blocks(h):
+            if self.device.type == "cpu" and cpu_kernels.available():  # one pass per row
+                start, freq = cpu_kernels.interval_rows(logits, tokens[s : s + logits.shape[0]],
+                                                        self.exp_prob, FRAC - tables.EXP_STEP,
+                                                        TOTAL)
+                starts.append(start)
+                freqs.append(freq)
+                continue
             freq, remainder = self._freq_plus_one(logits)
             t = tokens[s : s + logits.shape[0]].unsqueeze(-1)
             top = logits.argmax(dim=-1, keepdim=True)
@@ -292,6 +317,11 @@ class IntModel:
         head = self.w.head
         for s in range(0, h.shape[0], block):
             x = self._rms_norm(h[s : s + block], self.w.final_norm)
+            if cpu_kernels.available():  # the GEMM and its rescaling as one kernel
+                for a in range(0, x.shape[0], 128):
+                    yield s + a, cpu_kernels.linear(x[a : a + 128].contiguous(), head.w,
+                                                    head.scale, head.bias)
+                continue
             gemm = RowGemm(x, head.w, head.scale, head.bias)
             step = max(8, gemm.block)
             for a in range(0, gemm.m, step):
@@ -393,3 +423,12 @@ class StepCache:
     @property
     def dtype(self) -> torch.dtype:
         return self.keys[0].dtype
+
+
+# -- CPU kernels in place of torch code (the same integers; the torch code where they don't run)
+def _cpu_rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
+    if not cpu_kernels.available():
+        return rms_norm(h, norm)
+    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    y = cpu_kernels.rms_norm(rows, norm.gain, FRAC - norm.frac, norm.eps32)
+    return y.reshape(h.shape)

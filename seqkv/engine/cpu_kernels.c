@@ -1,0 +1,393 @@
+/* The engine's CPU kernels (AVX-512 VNNI): the same integers as model.py's torch code.
+ *
+ * Every result is integer arithmetic (int8 products summed in int32, int64 elsewhere) or
+ * one of the IEEE operations the torch code performs on exact float64 integers: a multiply,
+ * a division, floor and round-half-to-even. Built with -ffp-contract=off (no FMA contraction)
+ * and without -ffast-math, so each of those rounds exactly as torch's does on any machine.
+ * cpu_kernels.py compiles this file at first use and checks it against the torch code.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__) || \
+    !defined(__AVX512VNNI__)
+#error "needs AVX-512 F/BW/DQ/VNNI"
+#endif
+
+typedef int64_t i64;
+
+static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
+    i64 q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+static inline i64 shr(i64 x, i64 s) { /* torch's >> on int64: shifts past 63 saturate */
+    return x >> (s > 63 ? 63 : s);
+}
+
+static inline int exponent_of(i64 top) { /* frexp(double(top)).exponent */
+    int e;
+    frexp((double)top, &e);
+    return e;
+}
+
+/* -- weights ----------------------------------------------------------------------------- */
+/* w int8 [2N, K] (N weight rows A over N residual rows B) -> tiles of 16 output channels:
+ * tile t holds A then B, each [K4][16][4] (VNNI's layout: 4 consecutive k of 16 channels);
+ * rowsum [T][32]: the A and B sums of each channel (for the unsigned-input correction). */
+void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum) {
+    i64 tiles = (n + 15) / 16, k4 = (k + 3) / 4;
+    memset(packed, 0, (size_t)(tiles * 2 * k4 * 64));
+    memset(rowsum, 0, (size_t)(tiles * 32) * sizeof(int32_t));
+    for (i64 half = 0; half < 2; half++)
+        for (i64 c = 0; c < n; c++) {
+            const int8_t *row = w + (half * n + c) * k;
+            i64 t = c / 16, j = c % 16;
+            int8_t *dst = packed + (t * 2 + half) * k4 * 64;
+            int32_t s = 0;
+            for (i64 i = 0; i < k; i++) {
+                dst[(i / 4) * 64 + j * 4 + (i % 4)] = row[i];
+                s += row[i];
+            }
+            rowsum[t * 32 + half * 16 + j] = s;
+        }
+}
+
+/* -- rows into int8 halves (intops.split_rows) --------------------------------------------- */
+/* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo; stored as hi + 128, lo + 128
+ * (VNNI multiplies unsigned by signed bytes), k padded with zeros (128) to kp. */
+static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, double *pow2) {
+    i64 low = v[0], high = v[0];
+    for (i64 i = 1; i < k; i++) {
+        low = v[i] < low ? v[i] : low;
+        high = v[i] > high ? v[i] : high;
+    }
+    i64 top = high > -low ? high : -low;
+    i64 sh = exponent_of(top) - 13;
+    if (sh < 0) sh = 0;
+    i64 half = ((i64)1 << sh) >> 1;
+    for (i64 i = 0; i < k; i++) {
+        i64 q = (v[i] + half) >> sh;
+        i64 h = (q + 64) >> 7;
+        hi[i] = (uint8_t)(h + 128);
+        lo[i] = (uint8_t)(q - (h << 7) + 128);
+    }
+    for (i64 i = k; i < kp; i++) hi[i] = lo[i] = 128;
+    *pow2 = ldexp(1.0, (int)sh);
+}
+
+/* -- the GEMM and its rescaling ----------------------------------------------------------- */
+static inline __m512d rescale8(__m256i ha, __m256i la, __m256i hb, __m512d scale, __m512d pow2) {
+    /* hb + 256 ha + 2 la: exact in float64; then * scale (the one rounded product), * 2**k
+     * (exact), round half to even: RowGemm.rows' operations in its order. */
+    __m512d a = _mm512_cvtepi32_pd(hb);
+    a = _mm512_add_pd(a, _mm512_mul_pd(_mm512_cvtepi32_pd(ha), _mm512_set1_pd(256.0)));
+    a = _mm512_add_pd(a, _mm512_mul_pd(_mm512_cvtepi32_pd(la), _mm512_set1_pd(2.0)));
+    a = _mm512_mul_pd(a, scale);
+    a = _mm512_mul_pd(a, pow2);
+    return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline __attribute__((always_inline)) void tile_rows(
+    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const uint8_t *hi, const uint8_t *lo,
+    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
+    i64 ldo) {
+    __m512i ha[8], la[8], hb[8];
+    for (int j = 0; j < mb; j++) ha[j] = la[j] = hb[j] = _mm512_setzero_si512();
+    const int8_t *ta = tile, *tb = tile + k4 * 64;
+    for (i64 q = 0; q < k4; q++) {
+        __m512i a = _mm512_loadu_si512(ta + q * 64), b = _mm512_loadu_si512(tb + q * 64);
+        for (int j = 0; j < mb; j++) {
+            __m512i xh = _mm512_set1_epi32(*(const int32_t *)(hi + j * kp + q * 4));
+            __m512i xl = _mm512_set1_epi32(*(const int32_t *)(lo + j * kp + q * 4));
+            ha[j] = _mm512_dpbusd_epi32(ha[j], xh, a);
+            la[j] = _mm512_dpbusd_epi32(la[j], xl, a);
+            hb[j] = _mm512_dpbusd_epi32(hb[j], xh, b);
+        }
+    }
+    /* (x + 128).w = x.w + 128 sum(w) */
+    __m512i ca = _mm512_slli_epi32(_mm512_loadu_si512(rs), 7);
+    __m512i cb = _mm512_slli_epi32(_mm512_loadu_si512(rs + 16), 7);
+    i64 left = n - c0;
+    __mmask8 m0 = left >= 8 ? 0xff : (__mmask8)((1u << left) - 1);
+    __mmask8 m1 = left >= 16 ? 0xff : (left <= 8 ? 0 : (__mmask8)((1u << (left - 8)) - 1));
+    __m512d s0 = _mm512_maskz_loadu_pd(m0, scale + c0), s1 = _mm512_maskz_loadu_pd(m1, scale + c0 + 8);
+    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+    if (bias) {
+        b0 = _mm512_maskz_loadu_epi64(m0, bias + c0);
+        b1 = _mm512_maskz_loadu_epi64(m1, bias + c0 + 8);
+    }
+    for (int j = 0; j < mb; j++) {
+        __m512i a = _mm512_sub_epi32(ha[j], ca), l = _mm512_sub_epi32(la[j], ca);
+        __m512i r = _mm512_sub_epi32(hb[j], cb);
+        __m512d p = _mm512_set1_pd(pow2[j]);
+        __m512d y0 = rescale8(_mm512_castsi512_si256(a), _mm512_castsi512_si256(l),
+                              _mm512_castsi512_si256(r), s0, p);
+        __m512d y1 = rescale8(_mm512_extracti64x4_epi64(a, 1), _mm512_extracti64x4_epi64(l, 1),
+                              _mm512_extracti64x4_epi64(r, 1), s1, p);
+        i64 *o = out + j * ldo + c0;
+        _mm512_mask_storeu_epi64(o, m0, _mm512_add_epi64(_mm512_cvtpd_epi64(y0), b0));
+        _mm512_mask_storeu_epi64(o + 8, m1, _mm512_add_epi64(_mm512_cvtpd_epi64(y1), b1));
+    }
+}
+
+#define MB 4     /* rows per register block */
+#define MBLOCK 256 /* rows per pass over the weights (their halves stay in L2) */
+
+/* out[m, c] = round(2 q.(A + B / 256) * scale * 2**k) (+ bias): intops.RowGemm's integers.
+ * v int64 [m, k] rows (row stride ldv), out int64 [m, n] (row stride ldo). */
+void linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int32_t *rowsum,
+            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
+    i64 k4 = (k + 3) / 4, kp = k4 * 4, tiles = (n + 15) / 16;
+    i64 rows = m < MBLOCK ? m : MBLOCK;
+    uint8_t *hi = malloc((size_t)(2 * rows * kp) + 64);
+    uint8_t *lo = hi + rows * kp;
+    double *pow2 = malloc((size_t)rows * sizeof(double));
+    for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
+        i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
+#pragma omp parallel for schedule(static) if (nr > 8)
+        for (i64 r = 0; r < nr; r++)
+            split_row(v + (r0 + r) * ldv, k, kp, hi + r * kp, lo + r * kp, pow2 + r);
+#pragma omp parallel for schedule(static)
+        for (i64 t = 0; t < tiles; t++) {
+            const int8_t *tile = packed + t * 2 * k4 * 64;
+            for (i64 j = 0; j < nr; j += MB) {
+                int mb = nr - j < MB ? (int)(nr - j) : MB;
+                i64 *o = out + (r0 + j) * ldo;
+                const uint8_t *h = hi + j * kp, *l = lo + j * kp;
+                switch (mb) {
+#define CASE(x) case x: tile_rows(tile, rowsum + t * 32, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4)
+#undef CASE
+                }
+            }
+        }
+    }
+    free(hi);
+    free(pow2);
+}
+
+/* -- RMS norm (model.rms_norm) -------------------------------------------------------------- */
+/* Rows: for i < m and g < groups, the d values at h + i * ldh + g * d (a row of heads). */
+void rms_norm(const i64 *h, i64 m, i64 groups, i64 d, i64 ldh, const i64 *gain, i64 s,
+              i64 eps32, i64 *out, i64 ldo) {
+#pragma omp parallel for schedule(static) if (m * groups > 16)
+    for (i64 r = 0; r < m * groups; r++) {
+        const i64 *x = h + (r / groups) * ldh + (r % groups) * d;
+        i64 *y = out + (r / groups) * ldo + (r % groups) * d;
+        i64 low = x[0], high = x[0];
+        for (i64 i = 1; i < d; i++) {
+            low = x[i] < low ? x[i] : low;
+            high = x[i] > high ? x[i] : high;
+        }
+        i64 top = high > -low ? high : -low;
+        i64 sh = exponent_of(top) - 20;
+        if (sh < 0) sh = 0;
+        i64 half = ((i64)1 << sh) >> 1, sum = 0;
+        for (i64 i = 0; i < d; i++) {
+            i64 xs = (x[i] + half) >> sh;
+            sum += xs * xs;
+        }
+        i64 mean = sum / d + shr(eps32, 2 * sh);
+        i64 root = (i64)sqrt((double)mean);
+        root -= (root * root > mean);
+        if (root < 1) root = 1;
+        i64 den = s >= 0 ? root : root << (-s);
+        for (i64 i = 0; i < d; i++) {
+            i64 xs = (x[i] + half) >> sh;
+            i64 g2 = s >= 0 ? gain[i] << (s + 1) : gain[i] << 1;
+            y[i] = floor_div(xs * g2 + den, den << 1);
+        }
+    }
+}
+
+/* h += delta, or h += rms_norm(delta) (Gemma's post norms: the caller norms delta first). */
+void add_rows(i64 *h, const i64 *delta, i64 count) {
+    for (i64 i = 0; i < count; i++) h[i] += delta[i];
+}
+
+/* -- the MLP's gated activation (model.gated_activation) ------------------------------------- */
+void gated_activation(const i64 *gu, i64 m, i64 width, const i64 *table, i64 n2, i64 frac,
+                      i64 in_bits, i64 out_bits, i64 *out) {
+    i64 n = n2 / 2, shift = frac - in_bits, lim = (i64)1 << 30, big = (i64)1 << 40;
+    i64 add = ((i64)1 << (shift - 1)) + (n << shift);
+#pragma omp parallel for schedule(static) if (m > 4)
+    for (i64 r = 0; r < m; r++) {
+        const i64 *gate = gu + r * 2 * width, *up = gate + width;
+        i64 *y = out + r * width;
+        for (i64 i = 0; i < width; i++) {
+            i64 x = gate[i];
+            i64 idx = (x + add) >> shift;
+            idx = idx < 0 ? 0 : (idx > n2 - 1 ? n2 - 1 : idx);
+            i64 xc = x < -big ? -big : (x > big ? big : x);
+            i64 a = (xc * table[idx] + ((i64)1 << (out_bits - 1))) >> out_bits;
+            a = a < -lim ? -lim : (a > lim ? lim : a);
+            i64 u = up[i] < -lim ? -lim : (up[i] > lim ? lim : up[i]);
+            y[i] = (a * u + ((i64)1 << (frac - 1))) >> frac;
+        }
+    }
+}
+
+/* -- one decode step's attention ------------------------------------------------------------ */
+/* qkv int64 [b, (h + 2 kv) d] (queries and keys already normed where the model does), rotated
+ * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
+ * clamped) written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
+ * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]. */
+void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
+                      const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
+                      int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,
+                      i64 n_exp, double index_scale, double out_mult, i64 *out, i64 *work) {
+    i64 width = (heads + 2 * kv) * d, half = d / 2, big = (i64)1 << 40;
+    i64 rnd = (i64)1 << (rope_shift - 1), vrnd = (i64)1 << (vshift - 1);
+    i64 *qr = work; /* rotated queries [b, heads, d] */
+    for (i64 s = 0; s < b; s++) {
+        i64 p = pos[s];
+        const i64 *c = cosf + p * d, *sn = sinf + p * d;
+        for (i64 hh = 0; hh < heads + kv; hh++) {
+            const i64 *x = qkv + s * width + hh * d;
+            i64 rot[512];
+            for (i64 i = 0; i < d; i++) {
+                i64 xi = x[i], xs = x[i < half ? i + half : i - half];
+                xi = xi < -big ? -big : (xi > big ? big : xi);
+                xs = xs < -big ? -big : (xs > big ? big : xs);
+                i64 y = (xi * c[i] + xs * sn[i] + rnd) >> rope_shift;
+                rot[i] = y < -limit ? -limit : (y > limit ? limit : y);
+            }
+            if (hh < heads) {
+                memcpy(qr + (s * heads + hh) * d, rot, (size_t)d * sizeof(i64));
+            } else {
+                int32_t *kd = kc + ((s * kv + (hh - heads)) * cap + p) * d;
+                for (i64 i = 0; i < d; i++) kd[i] = (int32_t)rot[i];
+            }
+        }
+        for (i64 g = 0; g < kv; g++) {
+            const i64 *x = qkv + s * width + (heads + kv + g) * d;
+            int32_t *vd = vc + ((s * kv + g) * cap + p) * d;
+            for (i64 i = 0; i < d; i++) {
+                i64 y = (x[i] + vrnd) >> vshift;
+                vd[i] = (int32_t)(y < -limit ? -limit : (y > limit ? limit : y));
+            }
+        }
+    }
+    i64 rep = heads / kv;
+#pragma omp parallel for schedule(static) if (b * heads > 8)
+    for (i64 sh = 0; sh < b * heads; sh++) {
+        i64 s = sh / heads, hh = sh % heads, g = hh / rep, p = pos[s];
+        i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        const i64 *q = qr + sh * d;
+        const int32_t *kb = kc + (s * kv + g) * cap * d, *vb = vc + (s * kv + g) * cap * d;
+        i64 n = p + 1 - lo;
+        i64 *sc = malloc((size_t)n * sizeof(i64));
+        i64 best = 0;
+        for (i64 j = 0; j < n; j++) {
+            const int32_t *kr = kb + (lo + j) * d;
+            i64 acc = 0;
+            for (i64 i = 0; i < d; i++) acc += q[i] * (i64)kr[i];
+            sc[j] = acc;
+            if (j == 0 || acc > best) best = acc;
+        }
+        i64 total = 0, accv[512];
+        for (i64 i = 0; i < d; i++) accv[i] = 0;
+        for (i64 j = 0; j < n; j++) {
+            double f = floor((double)(best - sc[j]) * index_scale);
+            i64 idx = f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f;
+            i64 w = (i64)exp_table[idx];
+            if (w == 0) continue;
+            total += w;
+            const int32_t *vr = vb + (lo + j) * d;
+            for (i64 i = 0; i < d; i++) accv[i] += w * (i64)vr[i];
+        }
+        free(sc);
+        i64 *o = out + s * heads * d + hh * d;
+        for (i64 i = 0; i < d; i++)
+            o[i] = (i64)nearbyint(((double)accv[i] * out_mult) / (double)total);
+    }
+}
+
+/* -- the distribution (IntModel.pmf / intervals) --------------------------------------------- */
+/* freq_plus_one of one row of logits: floor(p budget / sum p) + 1 for every token, p the exp
+ * table at the rounded distance to the max; returns the argmax (first) and the remainder. */
+static void row_freq(const i64 *x, i64 v, const i64 *exp_prob, i64 n_exp, i64 shift,
+                     i64 budget, i64 total_all, i64 *freq, i64 *argmax, i64 *remainder) {
+    i64 best = x[0], top = 0;
+    for (i64 i = 1; i < v; i++)
+        if (x[i] > best) best = x[i], top = i;
+    i64 add = best + ((i64)1 << (shift - 1)), sum = 0;
+    for (i64 i = 0; i < v; i++) {
+        i64 idx = (add - x[i]) >> shift;
+        idx = idx > n_exp - 1 ? n_exp - 1 : idx;
+        freq[i] = exp_prob[idx];
+        sum += freq[i];
+    }
+    i64 used = 0;
+    for (i64 i = 0; i < v; i++) {
+        freq[i] = (sum + freq[i] * budget) / sum;
+        used += freq[i];
+    }
+    *argmax = top;
+    *remainder = total_all - 2 - used;
+}
+
+/* pmf [m, v + 2]: 1, the frequencies (the argmax's plus the remainder), 1. */
+void pmf_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *exp_prob, i64 n_exp,
+              i64 shift, i64 total_all, i64 *out) {
+    i64 budget = total_all - (v + 2);
+#pragma omp parallel for schedule(static) if (m > 1)
+    for (i64 r = 0; r < m; r++) {
+        i64 *o = out + r * (v + 2), top, rem;
+        row_freq(logits + r * ld, v, exp_prob, n_exp, shift, budget, total_all, o + 1, &top, &rem);
+        o[0] = 1;
+        o[v + 1] = 1;
+        o[top + 1] += rem;
+    }
+}
+
+/* (start, freq) of token t[r] in each row's pmf: IntModel.intervals. */
+void interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
+                   const i64 *exp_prob, i64 n_exp, i64 shift, i64 total_all, i64 *start,
+                   i64 *freq) {
+    i64 budget = total_all - (v + 2);
+#pragma omp parallel if (m > 1)
+    {
+        i64 *f = malloc((size_t)v * sizeof(i64));
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < m; r++) {
+            i64 top, rem, t = tokens[r], below = 0;
+            row_freq(logits + r * ld, v, exp_prob, n_exp, shift, budget, total_all, f, &top,
+                     &rem);
+            for (i64 i = 0; i < t; i++) below += f[i];
+            freq[r] = f[t] + (top == t ? rem : 0);
+            start[r] = below + 1 + (top < t ? rem : 0);
+        }
+        free(f);
+    }
+}
+
+/* -- a prefill's attention weights (the middle of model._attend) -------------------------------- */
+/* scores float64 [rows, s] (exact integers) -> the table's weights in place (0 where the mask
+ * is 0), and each row's sum into total; row r's mask row is mask + ((r / per) * t + r % t) * s
+ * (rows ordered batch, heads, queries; per = rows per batch entry). */
+void attention_weights(double *scores, i64 rows, i64 s, i64 t, i64 per, const uint8_t *mask,
+                       const double *exp_table, i64 n_exp, double index_scale, double *total) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (i64 r = 0; r < rows; r++) {
+        double *x = scores + r * s;
+        const uint8_t *ok = mask + ((r / per) * t + r % t) * s;
+        double best = -INFINITY, sum = 0.0;
+        for (i64 j = 0; j < s; j++)
+            if (ok[j] && x[j] > best) best = x[j];
+        for (i64 j = 0; j < s; j++) {
+            double w = 0.0;
+            if (ok[j]) {
+                double f = floor((best - x[j]) * index_scale);
+                w = exp_table[f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f];
+            }
+            x[j] = w;
+            sum += w;
+        }
+        total[r] = sum;
+    }
+}

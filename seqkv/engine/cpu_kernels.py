@@ -1,0 +1,192 @@
+"""The engine's CPU kernels: cpu_kernels.c, compiled once per machine, called through ctypes.
+
+Each kernel computes exactly the integers of the torch code it replaces (model.py, intops.py):
+integer arithmetic, and the same IEEE float64 operations in the same order on exact integers
+(built with -ffp-contract=off). A decode step costs about 12 calls per layer instead of ~60
+torch operations, and its GEMMs read the weights once in VNNI's tile layout. The library is
+built with the system's C compiler at first use, into ``$SEQKV_CACHE/kernels`` (or
+``~/.cache/seqkv``); where there is no compiler, no AVX-512 VNNI, or ``SEQKV_CPU_KERNELS=0``,
+``available()`` is False and the engine runs its torch code (the same integers, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math",
+          "-fPIC", "-shared"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled = True
+_i64, _ptr, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+_SIGNATURES = {
+    "pack_weights": [_ptr, _i64, _i64, _ptr, _ptr],
+    "linear": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64],
+    "rms_norm": [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64],
+    "add_rows": [_ptr, _ptr, _i64],
+    "gated_activation": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr],
+    "decode_attention": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                         _ptr, _ptr, _i64, _i64, _ptr, _i64, _f64, _f64, _ptr, _ptr],
+    "pmf_rows": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr],
+    "attention_weights": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _f64, _ptr],
+    "interval_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> ctypes.CDLL | None:
+    from ..core.models import cache_dir
+
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.blake2b(source + repr((compiler, _FLAGS, _cpu_flags())).encode(),
+                          digest_size=8).hexdigest()
+    path = cache_dir() / "kernels" / f"engine_cpu_{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / path.name
+            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(out, path)
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built or are switched off."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("SEQKV_CPU_KERNELS", "1") != "0":
+            try:
+                _lib = _build()
+            except (OSError, subprocess.SubprocessError):
+                _lib = None
+    return _lib
+
+
+def available() -> bool:
+    return _enabled and library() is not None
+
+
+def set_enabled(on: bool) -> bool:
+    """Switch the kernels on or off in this process (benchmarks and tests compare both paths);
+    returns the previous setting."""
+    global _enabled
+    was, _enabled = _enabled, bool(on)
+    return was
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# -- weights, packed once ------------------------------------------------------------------
+_packs: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def packed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w int8 [2N, K] in the kernels' tile layout, and its channels' sums (cached with w)."""
+    hit = _packs.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    n, k = w.shape[0] // 2, w.shape[1]
+    tiles, k4 = (n + 15) // 16, (k + 3) // 4
+    tile = torch.empty(tiles * 2 * k4 * 64, dtype=torch.int8)
+    rowsum = torch.empty(tiles * 32, dtype=torch.int32)
+    w = w.contiguous()
+    library().pack_weights(_p(w), n, k, _p(tile), _p(rowsum))
+    _packs[id(w)] = (weakref.ref(w), (tile, rowsum))
+    weakref.finalize(w, _packs.pop, id(w), None)  # the packed copy goes with its weights
+    return tile, rowsum
+
+
+# -- kernels ---------------------------------------------------------------------------------
+def linear(v: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """intops.RowGemm(v, w, scale, bias).all() for int64 rows v [M, K] (unit column stride)."""
+    m, k = v.shape
+    n = w.shape[0] // 2
+    tile, rowsum = packed(w)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int64)
+    library().linear(_p(v), m, k, v.stride(0), _p(tile), _p(rowsum), n, _p(scale), _p(bias),
+                     _p(out), out.stride(0))
+    return out
+
+
+def rms_norm(h: torch.Tensor, gain: torch.Tensor, shift: int, eps32: int, groups: int = 1,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """model.rms_norm over rows of h [M, groups * d] (each group of d its own row); shift is
+    FRAC - norm.frac. ``out`` may be h itself."""
+    m, width = h.shape
+    out = torch.empty_like(h) if out is None else out
+    library().rms_norm(_p(h), m, groups, width // groups, h.stride(0), _p(gain), shift, eps32,
+                       _p(out), out.stride(0))
+    return out
+
+
+def add_(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    library().add_rows(_p(h), _p(delta), h.numel())
+    return h
+
+
+def gated_activation(gate_up: torch.Tensor, table: torch.Tensor, frac: int, in_bits: int,
+                     out_bits: int) -> torch.Tensor:
+    m, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((m, width), dtype=torch.int64)
+    library().gated_activation(_p(gate_up), m, width, _p(table), table.shape[0], frac, in_bits,
+                               out_bits, _p(out))
+    return out
+
+
+def pmf_rows(logits: torch.Tensor, exp_prob: torch.Tensor, shift: int, total: int) -> torch.Tensor:
+    m, v = logits.shape
+    out = torch.empty((m, v + 2), dtype=torch.int64)
+    library().pmf_rows(_p(logits), m, v, logits.stride(0), _p(exp_prob), exp_prob.shape[0],
+                       shift, total, _p(out))
+    return out
+
+
+def interval_rows(logits: torch.Tensor, tokens: torch.Tensor, exp_prob: torch.Tensor, shift: int,
+                  total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, v = logits.shape
+    start, freq = torch.empty(m, dtype=torch.int64), torch.empty(m, dtype=torch.int64)
+    tokens = tokens.contiguous()
+    library().interval_rows(_p(logits), m, v, logits.stride(0), _p(tokens), _p(exp_prob),
+                            exp_prob.shape[0], shift, total, _p(start), _p(freq))
+    return start, freq
+
+
+def attention_weights(scores: torch.Tensor, allowed: torch.Tensor, exp_table: torch.Tensor,
+                      index_scale: float) -> torch.Tensor:
+    """model._attend's weights, in place of the float64 scores [B, ..., T, S] (contiguous),
+    visible where allowed [B, T, S] (bool, contiguous); returns their sums [B, ..., T, 1]."""
+    b, t, s = allowed.shape
+    rows = scores.numel() // s
+    total = torch.empty(scores.shape[:-1] + (1,), dtype=torch.float64)
+    library().attention_weights(_p(scores), rows, s, t, rows // b, _p(allowed), _p(exp_table),
+                                exp_table.shape[0], index_scale, _p(total))
+    return total

@@ -1,0 +1,119 @@
+"""One decode step of the engine on the CPU, through cpu_kernels: IntModel.step_logits' and
+IntModel.pmf's integers, in about a dozen kernel calls per layer.
+
+The step reads every weight once, in the kernels' tile layout, and keeps keys and values as
+int32 (|x| < 2**23), so a stream's step costs about the weights' bytes over the memory's
+bandwidth plus ~0.3 ms of calls. The operations, their order and every rounding are
+model.py's (tested position by position against the prefill, for every supported
+architecture); a model the kernels cannot run (no compiler, no AVX-512 VNNI) has none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels as ck
+from . import tables
+from .model import QKV_FRAC, IntModel, StepCache
+from .weights import FRAC, IntLinear, IntNorm
+
+_MAX_HEAD_DIM = 512  # the attention kernel's per-head buffers
+
+
+class CpuStep:
+    """Decode steps of one IntModel on the CPU."""
+
+    def __init__(self, model: IntModel) -> None:
+        self.m, self.s, self.w = model, model.spec, model.w
+        self.lib = ck.library()
+        self.exp_attn = model.exp_attn_f.contiguous()
+        self.exp_prob = model.exp_prob.contiguous()
+        self.act = model.act_table.contiguous()
+
+    @staticmethod
+    def for_model(model: IntModel) -> CpuStep | None:
+        """The model's CPU step, or None where the kernels do not run (then use step_logits)."""
+        if model.device.type != "cpu" or model.spec.head_dim > _MAX_HEAD_DIM:
+            return None
+        if not ck.available():
+            return None
+        step = getattr(model, "_cpu_step", None)
+        if step is None:
+            step = model._cpu_step = CpuStep(model)
+        return step
+
+    def new_cache(self, batch: int, capacity: int) -> StepCache:
+        """An int32 cache (model.prefill_hidden writes a context's keys and values into it)."""
+        s = self.s
+        self.m.prepare(capacity)
+        shape = (batch, s.n_kv, capacity, s.head_dim)
+        return StepCache(keys=[torch.zeros(shape, dtype=torch.int32) for _ in range(s.n_layers)],
+                         values=[torch.zeros(shape, dtype=torch.int32)
+                                 for _ in range(s.n_layers)],
+                         capacity=capacity)
+
+    # -- pieces ------------------------------------------------------------------------------
+    @staticmethod
+    def _norm(h: torch.Tensor, norm: IntNorm, groups: int = 1,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        return ck.rms_norm(h, norm.gain, FRAC - norm.frac, norm.eps32, groups, out)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+        return ck.linear(x, lin.w, lin.scale, lin.bias)
+
+    def _residual(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  post: IntNorm | None) -> torch.Tensor:
+        """model.add_residual, in place on h."""
+        if delta is None:
+            return h
+        return h.add_(self._norm(delta, post) if post is not None else delta)
+
+    def _attention(self, i: int, qkv: torch.Tensor, cache: StepCache,
+                   pos: torch.Tensor) -> torch.Tensor:
+        s, m = self.s, self.m
+        layer = self.w.layers[i]
+        nq, nk, b = s.n_heads * s.head_dim, s.n_kv * s.head_dim, qkv.shape[0]
+        if layer.q_norm is not None:  # per head, in place, before the rotation
+            q, k = qkv[:, :nq], qkv[:, nq : nq + nk]
+            self._norm(q, layer.q_norm, s.n_heads, out=q)
+            self._norm(k, layer.k_norm, s.n_kv, out=k)
+        cos, sin = m.rope(s.thetas[i], cache.capacity)
+        att = torch.empty((b, nq), dtype=torch.int64)
+        work = torch.empty((b, nq), dtype=torch.int64)
+        self.lib.decode_attention(
+            qkv.data_ptr(), b, s.n_heads, s.n_kv, s.head_dim, pos.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC, m._qkv_limit,
+            cache.keys[i].data_ptr(), cache.values[i].data_ptr(), cache.capacity,
+            s.windows[i], self.exp_attn.data_ptr(), self.exp_attn.shape[0], m._index_scale,
+            float(1 << (FRAC - QKV_FRAC)), att.data_ptr(), work.data_ptr())
+        return att
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """IntModel.step_logits(cache, tokens, pos): Q16 logits [B, V] of the next token after
+        feeding tokens [B] at positions pos [B] (their keys and values written there)."""
+        if cache.dtype != torch.int32 or bool((pos >= cache.capacity).any()):
+            raise ValueError("CpuStep needs its own int32 cache, positions below its capacity")
+        pos = pos.contiguous()
+        h = self.m.embed(tokens.unsqueeze(1))[:, 0].contiguous()
+        delta, post = None, None
+        for i, layer in enumerate(self.w.layers):
+            h = self._residual(h, delta, post)
+            qkv = self._linear(self._norm(h, layer.attn_norm), layer.qkv)
+            att = self._attention(i, qkv, cache, pos)
+            h = self._residual(h, self._linear(att, layer.o), layer.post_attn_norm)
+            gate_up = self._linear(self._norm(h, layer.mlp_norm), layer.gate_up)
+            act = ck.gated_activation(gate_up, self.act, FRAC, tables.SIGMOID_IN,
+                                      tables.SIGMOID_OUT)
+            delta, post = self._linear(act, layer.down), layer.post_mlp_norm
+        h = self._residual(h, delta, post)
+        return self._linear(self._norm(h, self.w.final_norm), self.w.head)
+
+    def pmf(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """IntModel.pmf of the step's logits: frequencies [B, V + 2]."""
+        from ..core.distribution import TOTAL
+
+        return ck.pmf_rows(self.logits(cache, tokens, pos), self.exp_prob,
+                           FRAC - tables.EXP_STEP, TOTAL)
