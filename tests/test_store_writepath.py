@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from seqkv.store import Store, StoreBusyError, StoreError
+from seqkv.core.errors import SeqkvError
+from seqkv.store import ModelNeededError, Store, StoreBusyError, StoreError
 from seqkv.store import coding as coding_mod
 from seqkv.store.redis import _key
 
@@ -41,8 +42,15 @@ def test_put_writes_raw_edges_without_the_model(db, llama, no_model_steps):  # n
         assert bare.get_ids("b") == base[:5] + [200, 201, 202, 203]
         bare.delete("c")
         assert bare.sessions() == ["a", "b"]
-        with pytest.raises(StoreError, match="needs the store's model"):
-            bare.put("d", [5, 6])
+        # ids are written raw without the model too: the store's meta records its
+        # vocabulary, so out-of-range ids are still refused; text needs the tokenizer
+        assert bare.put("d", [5, 6]).new_tokens == 2
+        with pytest.raises(SeqkvError, match="out of range for a vocabulary of 320"):
+            bare.put("e", [5, 320])
+        with pytest.raises(ModelNeededError, match="needs the store's model"):
+            bare.put("e", "some text")
+    with Store(db, llama) as s:
+        assert s.get_ids("d") == [5, 6]
 
 
 def test_replace_and_duplicate_sessions_on_raw_edges(db, llama, no_model_steps):  # noqa: F811

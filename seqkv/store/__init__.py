@@ -17,15 +17,18 @@ chosen nodes (prior-guided or LRU under a byte budget); SQLite (default) or Redi
 
 from .backend import (
     META_NS,
+    ModelNeededError,
     NoSessionError,
+    NoStoreError,
     SessionExistsError,
     StoreBusyError,
     StoreError,
 )
 from .registry import open_backend
 
-__all__ = ["META_NS", "NoSessionError", "PutResult", "SessionExistsError", "Store",
-           "StoreBusyError", "StoreCorruptError", "StoreError", "open_backend"]
+__all__ = ["META_NS", "ModelNeededError", "NoSessionError", "NoStoreError", "PutResult",
+           "SessionExistsError", "Store", "StoreBusyError", "StoreCorruptError", "StoreError",
+           "open_backend"]
 
 _LAZY = {"PutResult": ".store", "Store": ".store", "StoreCorruptError": ".records"}
 

@@ -41,6 +41,15 @@ class StoreBusyError(StoreError):
     """Other writers held the store for longer than the busy bound: retry later."""
 
 
+class NoStoreError(StoreError):
+    """No store at that location yet (creating one needs the model: its fingerprint)."""
+
+
+class ModelNeededError(StoreError):
+    """The operation needs the store's model and this Store was opened without one (a
+    server that has not loaded it yet waits for it and retries)."""
+
+
 class StoreConflict(Exception):
     """Another writer committed first (optimistic backends): retry the operation."""
 

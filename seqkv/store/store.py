@@ -48,7 +48,9 @@ from ..tokens.api import engine_chunk_size
 from .backend import (
     META_NS,
     Backend,
+    ModelNeededError,
     NoSessionError,
+    NoStoreError,
     SessionExistsError,
     StoreBusyError,
     StoreConflict,
@@ -127,13 +129,14 @@ class Store:
         self.model_lock: AbstractContextManager = nullcontext()
 
     # -- store-wide meta -------------------------------------------------------------------
-    def _profile(self, chunk: int, procedure: str) -> dict:
+    def _profile(self, chunk: int, procedure: str, lm: LoadedModel | None = None) -> dict:
         """What the store's coded edges depend on: for the engine its version and integer
         weights; for the lockstep fallback the whole float numerics profile."""
+        lm = lm or self.lm
         if procedure == ENGINE_PROCEDURE:
             return {"procedure": procedure, "engine": ENGINE_ID,
-                    "weights": self.lm.engine().digest[:8].hex(), "chunk": chunk}
-        p = numerics_profile(self.lm, 1).to_dict()
+                    "weights": lm.engine().digest[:8].hex(), "chunk": chunk}
+        p = numerics_profile(lm, 1).to_dict()
         return {**p, "procedure": PROCEDURE, "chunk": chunk}
 
     def _check_meta(self, chunk: int, create: bool = True) -> int:
@@ -141,38 +144,55 @@ class Store:
         if raw is not None:
             meta, _ = parse("meta", "store", raw)
             self.procedure = str(meta["numerics"].get("procedure", PROCEDURE))
+            self.vocab = meta.get("vocab")  # absent in stores of earlier seqkv versions
             if self.lm is not None:
-                problem = self.lm.fingerprint.mismatch(meta["model"])
-                if problem:
-                    raise ModelMismatchError(problem.replace("blob", "store"))
-                if self.procedure == ENGINE_PROCEDURE and self.lm.engine() is None:
-                    raise ModelMismatchError("store was coded under the integer engine, which "
-                                             "this model's architecture has no mapping for")
-                mine = self._profile(int(meta["numerics"]["chunk"]), self.procedure)
-                for key, value in meta["numerics"].items():
-                    if mine.get(key) != value:
-                        raise ModelMismatchError(
-                            f"store was written with numerics {key}={value!r}; "
-                            f"this process has {key}={mine.get(key)!r}")
+                self._check_model(self.lm, meta)
             return int(meta["numerics"]["chunk"])
         if self.lm is None or not create:
-            raise StoreError(f"no seqkv store at {self.backend.url} (put a session first)")
+            raise NoStoreError(f"no seqkv store at {self.backend.url} (put a session first)")
         procedure = procedure_for(self.lm)
         if procedure == ENGINE_PROCEDURE:
             chunk = engine_chunk_size(self.lm, chunk)
         else:
             max_pos = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
             chunk = min(chunk, int(max_pos) - 1) if max_pos else chunk
+        # the vocabulary size lets a Store opened without the model check token ids (a
+        # server takes puts of ids before its model has loaded)
         header = {"kind": "meta", "model": self.lm.fingerprint.to_dict(),
-                  "numerics": self._profile(chunk, procedure), "format": 1}
+                  "numerics": self._profile(chunk, procedure), "format": 1,
+                  "vocab": self.lm.vocab_size}
         with self.backend.transaction(META_NS) as txn:
             if txn.read("meta", "store") is None:
                 txn.put("meta", "store", pack(header, []))
         return self._check_meta(chunk)
 
+    def _check_model(self, lm: LoadedModel, meta: dict) -> None:
+        """Refuse a model other than the one the store was written with (ModelMismatchError)."""
+        problem = lm.fingerprint.mismatch(meta["model"])
+        if problem:
+            raise ModelMismatchError(problem.replace("blob", "store"))
+        if self.procedure == ENGINE_PROCEDURE and lm.engine() is None:
+            raise ModelMismatchError("store was coded under the integer engine, which "
+                                     "this model's architecture has no mapping for")
+        mine = self._profile(int(meta["numerics"]["chunk"]), self.procedure, lm)
+        for key, value in meta["numerics"].items():
+            if mine.get(key) != value:
+                raise ModelMismatchError(
+                    f"store was written with numerics {key}={value!r}; "
+                    f"this process has {key}={mine.get(key)!r}")
+
+    def attach_model(self, lm: LoadedModel) -> None:
+        """Give a Store opened without a model its model, once checked against the store's
+        (a server opens its stores at once and loads the model in the background)."""
+        raw = self.backend.read(META_NS, "meta", "store")
+        if raw is None:
+            raise NoStoreError(f"no seqkv store at {self.backend.url}")
+        self._check_model(lm, parse("meta", "store", raw)[0])
+        self.lm = lm
+
     def _need_model(self) -> LoadedModel:
         if self.lm is None:
-            raise StoreError("this operation needs the store's model")
+            raise ModelNeededError("this operation needs the store's model")
         return self.lm
 
     # -- loading -----------------------------------------------------------------------------
@@ -237,17 +257,19 @@ class Store:
 
     # -- inputs ------------------------------------------------------------------------------
     def _ids(self, data: str | Sequence[int] | torch.Tensor) -> tuple[list[int], TextRecipe | None]:
-        lm = self._need_model()
         if isinstance(data, str):
-            return encode_text(lm.tokenizer, data)
+            return encode_text(self._need_model().tokenizer, data)
         try:
             ids = data.reshape(-1).tolist() if torch.is_tensor(data) else [int(i) for i in data]
         except (TypeError, ValueError) as e:
             raise SeqkvError(f"token ids must be integers ({e})") from e
         if not ids:
             raise SeqkvError("nothing to store: zero tokens")
-        if min(ids) < 0 or max(ids) >= lm.vocab_size:
-            raise SeqkvError(f"token id out of range for a vocabulary of {lm.vocab_size}")
+        vocab = self.lm.vocab_size if self.lm is not None else self.vocab
+        if vocab is None:  # a store of an earlier version, opened without its model
+            vocab = self._need_model().vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise SeqkvError(f"token id out of range for a vocabulary of {vocab}")
         return ids, None
 
     def _decode(self, node: Node, before: list[int]) -> None:
