@@ -2,10 +2,13 @@
 
 Each (namespace, kind) is one Redis hash; each namespace has a generation counter. A write
 takes a per-namespace lock (``SET NX PX``, expiring, so a killed writer does not block the
-store for long), WATCHes the generation, and commits all its records and the generation bump
-in one MULTI/EXEC: Redis applies it whole or not at all, so a writer killed mid-write leaves
-nothing, and if the lock expired under a slow writer and another committed first, EXEC fails
-and the store retries the operation instead of losing an update.
+store for long) and reads the generation in the same script, then commits all its records,
+the change log and the generation bump in one script that first checks that the generation
+is still the one it read: Redis runs a script whole or not at all, so a writer killed
+mid-write leaves nothing, and if the lock expired under a slow writer and another committed
+first, the commit is refused and the store retries the operation instead of losing an
+update. The commit script also releases the lock and wakes the next waiting writer: a write
+is three round trips under the lock (take it, read what changed, commit), not six.
 """
 
 from __future__ import annotations
@@ -43,6 +46,43 @@ return out
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
             "redis.call('rpush', KEYS[2], '1') redis.call('ltrim', KEYS[2], 0, 0) "
             "redis.call('pexpire', KEYS[2], 60000) return 1 end return 0")
+# take the lock (KEYS[1]) and read the generation (KEYS[2]) in one round trip: nil if held
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('get', KEYS[2]) or '0'
+end
+return false
+"""
+# commit: if the generation (KEYS[1]) is still ARGV[1], apply the puts and deletes (ARGV[5..]:
+# op, kind, key, value), log them (KEYS[4]), bump the generation, record the namespace
+# (KEYS[5]); either way release the lock (KEYS[2]) if still ours (token ARGV[2]) and wake a
+# waiting writer (KEYS[3]), as _RELEASE does. Returns 1 committed, 0 refused.
+_COMMIT = """
+local gen = redis.call('get', KEYS[1]) or '0'
+local ok = 0
+if gen == ARGV[1] then
+  local next = tonumber(gen) + 1
+  for i = 5, #ARGV, 4 do
+    local hash = ARGV[3] .. ARGV[i + 1]
+    if ARGV[i] == 'put' then
+      redis.call('hset', hash, ARGV[i + 2], ARGV[i + 3])
+    else
+      redis.call('hdel', hash, ARGV[i + 2])
+    end
+    redis.call('zadd', KEYS[4], next, ARGV[i + 1] .. '\\0' .. ARGV[i + 2])
+  end
+  redis.call('incr', KEYS[1])
+  redis.call('sadd', KEYS[5], ARGV[4])
+  ok = 1
+end
+if redis.call('get', KEYS[2]) == ARGV[2] then
+  redis.call('del', KEYS[2])
+  redis.call('rpush', KEYS[3], '1')
+  redis.call('ltrim', KEYS[3], 0, 0)
+  redis.call('pexpire', KEYS[3], 60000)
+end
+return ok
+"""
 
 
 def _key(prefix: str, ns: str, kind: str) -> str:
@@ -98,6 +138,8 @@ class RedisBackend:
             self.r.ping()
         except (redis.RedisError, ValueError) as e:
             raise StoreError(f"cannot reach Redis at {url}: {e}") from e
+        self._acquire = self.r.register_script(_ACQUIRE)  # EVALSHA, the source sent once
+        self._commit_script = self.r.register_script(_COMMIT)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -115,9 +157,12 @@ class RedisBackend:
     @contextmanager
     def _transaction(self, ns: str) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
-        wake = _key(self.prefix, ns, "wake")
+        wake, gen_key = _key(self.prefix, ns, "wake"), _key(self.prefix, ns, "gen")
         deadline = time.monotonic() + self.lock_wait
-        while not self.r.set(lock, token, nx=True, px=int(self.lock_ttl * 1000)):
+        while True:
+            gen = self._acquire(keys=[lock, gen_key], args=[token, int(self.lock_ttl * 1000)])
+            if gen is not None:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreBusyError(f"store busy, retry: namespace {ns!r} stayed locked by "
@@ -125,34 +170,25 @@ class RedisBackend:
             # wait in Redis for the holder's release (no polling); at most 50 ms, so that a
             # lock left by a killed writer is retaken soon after it expires
             self.r.blpop([wake], timeout=min(left, 0.05))
+        released = False
         try:
-            with self.r.pipeline() as pipe:
-                gen_key = _key(self.prefix, ns, "gen")
-                pipe.watch(gen_key)
-                txn = _RedisTxn(self.r, self.prefix, ns, int(pipe.get(gen_key) or 0))
-                yield txn
-                pipe.multi()
-                changes = {}
-                for op, kind, key, value in txn.ops:
-                    if op == "put":
-                        pipe.hset(_key(self.prefix, ns, kind), key, value)
-                    else:
-                        pipe.hdel(_key(self.prefix, ns, kind), key)
-                    changes[f"{kind}\0{key}"] = txn.generation + 1
-                if changes:
-                    pipe.zadd(_key(self.prefix, ns, "changes"), changes)
-                pipe.incr(gen_key)
-                pipe.sadd(f"{self.prefix}:namespaces", ns)
-                self._commit(pipe, ns)
+            txn = _RedisTxn(self.r, self.prefix, ns, int(gen))
+            yield txn
+            args: list = [txn.generation, token, _key(self.prefix, ns, ""), ns]
+            for op, kind, key, value in txn.ops:
+                args += [op, kind, key, b"" if value is None else value]
+            released = True  # the commit script releases the lock, committed or not
+            ok = self._commit([gen_key, lock, wake, _key(self.prefix, ns, "changes"),
+                               f"{self.prefix}:namespaces"], args)
+            if not ok:  # the lock expired under us and another writer committed first
+                raise StoreConflict(ns)
         finally:
-            self.r.eval(_RELEASE, 2, lock, wake, token)
+            if not released:
+                self.r.eval(_RELEASE, 2, lock, wake, token)
 
-    def _commit(self, pipe, ns: str) -> None:
-        """EXEC: all of the transaction's writes, or none if the generation moved."""
-        try:
-            pipe.execute()
-        except redis.WatchError as e:
-            raise StoreConflict(ns) from e
+    def _commit(self, keys: list[str], args: list) -> int:
+        """The commit script: 1 if it committed, 0 if the generation had moved."""
+        return int(self._commit_script(keys=keys, args=args))
 
     def snapshot(self, ns: str, kinds: tuple[str, ...]) -> tuple[int, dict[str, dict[str, bytes]]]:
         # MULTI/EXEC: one consistent read
