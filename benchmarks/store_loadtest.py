@@ -30,31 +30,23 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seqkv.client import Client, ServerError  # noqa: E402
+from seqkv.client import Client, ServerError, start_server, wait_healthy  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model_dir(d: Path) -> str:
@@ -81,24 +73,19 @@ def tiny_model_dir(d: Path) -> str:
 
 
 class Server:
-    def __init__(self, db: str, model: str | None, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(self.port),
-               *extra] + (["--model", model] if model else [])
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        t0, deadline = time.perf_counter(), time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer /healthz")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.05)
+    """`seqkv serve` in a subprocess; ``startup_s``: from its start until it takes requests
+    (``model_s``: until its model, loaded in the background, is ready; with ``wait_model``)."""
+
+    def __init__(self, db: str, model: str | None, *extra: str, wait_model: bool = False
+                 ) -> None:
+        t0 = time.perf_counter()
+        self.proc, self.url = start_server(db, *extra,
+                                           *(["--model", model] if model else []))
         self.startup_s = time.perf_counter() - t0
+        self.model_s = None
+        if wait_model:
+            wait_healthy(self.url, 300, self.proc, model=True)
+            self.model_s = time.perf_counter() - t0
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -344,14 +331,15 @@ def main() -> None:
 
         if a.seconds > 0:
             db = fresh("load")
-            srv = Server(db, a.model, "--compact-interval", "0.5")
+            srv = Server(db, a.model, "--compact-interval", "0.5", wait_model=True)
             try:
                 row = load_phase(srv.url, a.clients, a.seconds, a.turns, a.seed)
             finally:
                 srv.stop()
             if a.db == "sqlite":
                 row["store_file_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("load.db*"))
-            out["load"] = {**row, "startup_s": srv.startup_s, "loadavg_after": os.getloadavg()}
+            out["load"] = {**row, "startup_s": srv.startup_s, "model_loaded_s": srv.model_s,
+                           "loadavg_after": os.getloadavg()}
             print(json.dumps({"load": out["load"]}), flush=True)
         if a.kills > 0:
             kill_model, vocab = a.kill_model, 320

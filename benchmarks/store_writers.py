@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown  # noqa: E402
 
+from seqkv.client import start_server  # noqa: E402
 from seqkv.core.models import load_model  # noqa: E402
 from seqkv.store import Store, StoreBusyError  # noqa: E402
 
@@ -196,27 +196,16 @@ def _http_client(url: str, work: list, go, out) -> None:
     out.put((lat, busy, time.perf_counter() - t0, errors))
 
 
-def start_server(db: str, model: str | None, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = 18000 + os.getpid() % 1000
-    cmd = [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(port), *extra]
-    cmd += ["--model", model] if model else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.3)
+def serve(db: str, model: str | None, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`seqkv serve`, once it takes requests and its model has loaded (in the background:
+    the puts are timed in the steady state, not while the model loads)."""
+    return start_server(db, *extra, *(["--model", model] if model else []), model=True)
 
 
 def through_server(db: str, model: str | None, lm, sessions, clients: int) -> dict:
     from seqkv.client import Client
 
-    proc, url = start_server(db, model, "--compact-interval", "0.2")
+    proc, url = serve(db, model, "--compact-interval", "0.2")
     try:
         results = run_processes(_http_client, lambda i: (url, sessions[i::clients]), clients)
         lat = [x for r in results for x in r[0]]

@@ -7,6 +7,9 @@
     c.get_cache("s1")                # bytes of a safetensors cache file (seqkv kv-dump format)
     c.delete("s1"); c.stats(); c.nearest(text="..."); c.compact()
 
+    proc, url = start_server("store.db", "--model", "DIR")   # `seqkv serve` on a free
+                                     # loopback port, once it answers /healthz (wait_healthy)
+
 Every failure is a :class:`ServerError` (a SeqkvError) with the server's one-line message and
 the HTTP status (``NotFound`` for 404), or "cannot reach" when nothing answers.
 """
@@ -16,14 +19,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import urllib.error
+import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.parse
-import urllib.request
 from typing import Any
 
 from .core.errors import SeqkvError
 
 API_KEY_ENV = "SEQKV_API_KEY"
+KEEP_ALIVE_S = 4.0  # reuse a connection idle for less than this (uvicorn closes them at 5 s)
+# how a kept-alive connection the server has closed fails on its next request
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class ServerError(SeqkvError):
@@ -39,13 +48,39 @@ class NotFound(ServerError):
 
 
 class Client:
+    """A client of one server. It keeps one HTTP/1.1 connection per thread open between
+    requests (keep-alive), so a request costs no TCP handshake; a connection the server closed
+    while idle is replaced, and a request it refused that way is sent once more. A Client may
+    be shared by threads."""
+
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise SeqkvError(f"not a server URL (http://HOST:PORT): {url}")
         self.url = url.rstrip("/")
+        self._parts = parts
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it was used before (it may have gone stale)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and time.monotonic() - self._local.used < KEEP_ALIVE_S:
+            return conn, True
+        self.close()
+        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else \
+            http.client.HTTPConnection
+        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        self._local.conn = conn
+        return conn, False
+
+    def close(self) -> None:
+        """Close this thread's connection (the next request opens another)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
 
     def _request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         headers = {"Accept": "application/json"}
@@ -55,22 +90,32 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
+        prefix = self._parts.path.rstrip("/")
+        while True:
+            conn, reused = self._connection()
+            try:
+                conn.request(method, prefix + path, body=data, headers=headers)
+                r = conn.getresponse()
+                status, raw = r.status, r.read()
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                if reused and isinstance(e, _STALE):
+                    continue  # the server had closed the idle connection: a fresh one
+                # refused, reset, or cut off mid-answer (IncompleteRead, RemoteDisconnected)
+                raise ServerError(f"cannot reach seqkv server at {self.url}: "
+                                  f"{type(e).__name__}: {e}") from None
+            self._local.used = time.monotonic()
+            if r.will_close:
+                self.close()
+            break
+        if status >= 400:
             try:
                 message = json.loads(raw)["error"]
             except (ValueError, KeyError, TypeError):
-                message = raw.decode("utf-8", "replace")[:200] or e.reason
-            cls = NotFound if e.code == 404 else ServerError
-            raise cls(f"server: {message} (HTTP {e.code})", e.code) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            # refused, reset, or cut off mid-answer (IncompleteRead, RemoteDisconnected)
-            reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
-            raise ServerError(f"cannot reach seqkv server at {self.url}: {reason}") from None
+                message = raw.decode("utf-8", "replace")[:200] or r.reason
+            cls = NotFound if status == 404 else ServerError
+            raise cls(f"server: {message} (HTTP {status})", status)
+        return status, raw
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         return json.loads(self._request(method, path, body)[1])
@@ -124,3 +169,52 @@ class Client:
     def compact(self) -> dict:
         """Code what is pending in the key's namespace; returns when done."""
         return self._json("POST", "/v1/compact")
+
+
+def wait_healthy(url: str, timeout: float = 300.0, proc=None, model: bool = False) -> float:
+    """Wait until the server at ``url`` answers ``GET /healthz`` (with ``model``: until its
+    model has loaded too; the server takes requests before that); returns the seconds
+    waited. ``proc`` (a ``subprocess.Popen`` of ``seqkv serve``): fail at once if it exits
+    first. ServerError if it is not healthy within ``timeout`` seconds."""
+    c, t0 = Client(url, timeout=2.0), time.monotonic()
+    while True:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
+            raise ServerError(f"the server exited with code {proc.returncode} before it "
+                              f"answered: {err}")
+        try:
+            state = c._json("GET", "/healthz")
+        except ServerError:
+            state = {}
+        if state.get("status") == "ok" and (not model or state.get("model") != "loading"):
+            c.close()
+            if model and state.get("model") == "failed":
+                raise ServerError(f"the server at {url} could not load its model")
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise ServerError(f"no healthy seqkv server at {url} after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def start_server(db: str, *args: str, port: int | None = None, timeout: float = 300.0,
+                 model: bool = False, **popen) -> tuple[subprocess.Popen, str]:
+    """Start ``seqkv serve --db DB [ARGS]`` on a loopback port (a free one unless ``port``)
+    and wait until it is healthy (``model``: and its model loaded, see ``wait_healthy``):
+    (the process, its URL). ``popen``: subprocess.Popen's keywords (stderr is a pipe unless
+    given). The caller stops it (terminate, or kill)."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(port), *args]
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen(cmd, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout, proc, model)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url

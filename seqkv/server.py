@@ -1,6 +1,8 @@
 """`seqkv serve`: the PLT store over HTTP (JSON), for many clients and several server processes.
 
-    GET    /healthz                      200 once the model is loaded and the store open
+    GET    /healthz                      200 once the server takes requests (at once: the
+                                         model loads in the background; "model" says
+                                         whether it is loading, ready or failed)
     PUT    /v1/sessions/{id}             {"text"} or {"ids"} -> 201 new / 200 replaced, once durable
     GET    /v1/sessions/{id}             {"session", "ids", "text"} (text null for an ids session)
     GET    /v1/sessions/{id}/cache       the restored KV cache, a safetensors file in the
@@ -16,10 +18,19 @@ Auth: with ``--keys KEYS.json`` ({"API key": "namespace", ...}) every /v1 reques
 only: another namespace's session is 404, exactly as a session that never existed. Without
 keys the server serves the default namespace and refuses to listen on anything but loopback.
 
-Writes return once durable (a raw edge, no model work under the store's write lock); a
-background thread compacts pending edges (``Store.compact``), as does ``POST /v1/compact``.
-Several server processes may share one store (Redis, or one SQLite file): every write is a
-backend transaction and compaction swaps edges by compare-and-swap.
+Writes return once durable (a raw edge, no model work under the store's write lock). The
+puts that arrive together are committed together by one writer thread per namespace (group
+commit: one transaction, one fsync, each request answered after that commit). A child
+process compacts pending edges in the background (``Store.compact``), on CPU time the server
+leaves idle, as does ``POST /v1/compact`` in the server itself. Several server processes may
+share one store (Redis, or one SQLite file): every write is a backend transaction and
+compaction swaps edges by compare-and-swap.
+
+The model loads in the background: the server answers at once (a restart takes the time of
+the Python imports), and what needs no model is served meanwhile: puts of ids (checked
+against the vocabulary size the store recorded), and reads of raw edges. A request that
+needs the model (text, coded edges to decode, nearest, stats, the KV cache, compaction)
+waits for it; if it cannot load (or does not match the store) those answer 500.
 
 Errors are JSON ``{"error": "..."}``: 400 bad input, 401 no or unknown key, 404 no such
 session (or route), 409 the session exists (a PUT with ``?replace=false``), 413 body too
@@ -29,11 +40,18 @@ unexpected failure (no traceback is sent).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import os
+import queue
 import re
+import select
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -47,7 +65,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .core.errors import BlobError, SeqkvError
-from .store.backend import NoSessionError, SessionExistsError, StoreBusyError
+from .store.backend import (
+    ModelNeededError,
+    NoSessionError,
+    NoStoreError,
+    SessionExistsError,
+    StoreBusyError,
+)
 
 log = logging.getLogger("seqkv.server")
 DEFAULT_NAMESPACE = "default"
@@ -112,111 +136,232 @@ class NearestBody(_Tokens):
 
 
 class Batcher:
-    """Group concurrent requests: the first caller to find no batch running takes every
-    request queued so far (its own included) and runs them as one call of ``run``; the
-    others wait for their result. No timer: an idle server answers a lone request at once,
-    and under load the requests that arrive while one batch runs form the next (group
-    commit for puts: one transaction and one fsync for many; one decode group for reads)."""
+    """Group concurrent requests: one worker thread takes every request queued while it was
+    busy (up to ``max_batch``) and runs them as one call of ``run`` (group commit for puts:
+    one transaction and one fsync for many; one decode group for reads), then answers each
+    caller its own result. No timer: an idle server answers a lone request at once. Callers
+    block in ``submit`` (threads) or await ``submit_async`` (the event loop: no thread hop
+    per request)."""
 
-    def __init__(self, run: Callable[[list], list], max_batch: int = 64) -> None:
-        self.run, self.max_batch = run, max_batch
-        self.cv = threading.Condition()
-        self.queue: list[tuple[Any, dict]] = []
-        self.busy = False
+    def __init__(self, run: Callable[[list], list], max_batch: int = 64,
+                 name: str = "seqkv-batch") -> None:
+        self.run, self.max_batch, self.name = run, max_batch, name
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.batches = self.items = 0  # counters, for the benchmarks
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _enqueue(self, item: Any, answer: Callable[[str, Any], None]) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=self.name,
+                                                    daemon=True)
+                    self._thread.start()
+        self.queue.put((item, answer))
 
     def submit(self, item: Any) -> Any:
-        slot: dict = {}  # gets "result" or "error"
-        with self.cv:
-            self.queue.append((item, slot))
-        while True:
-            with self.cv:
-                while not slot and self.busy:
-                    self.cv.wait()
-                if slot:
-                    return self._answer(slot)
-                self.busy = True  # this caller runs the next batch
-                batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
-            try:
-                results = self.run([it for it, _ in batch])
-                for (_, sl), r in zip(batch, results, strict=True):
-                    sl["error" if isinstance(r, BaseException) else "result"] = r
-            except BaseException as e:  # the whole batch failed (busy store, lost backend)
-                for _, sl in batch:
-                    sl["error"] = e
-            finally:
-                with self.cv:
-                    self.busy = False
-                    self.batches, self.items = self.batches + 1, self.items + len(batch)
-                    self.cv.notify_all()
+        done, slot = threading.Event(), {}
 
-    @staticmethod
-    def _answer(slot: dict) -> Any:
+        def answer(key: str, value: Any) -> None:
+            slot[key] = value
+            done.set()
+
+        self._enqueue(item, answer)
+        done.wait()
         if "error" in slot:
             raise slot["error"]
         return slot["result"]
 
+    async def submit_async(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(key: str, value: Any) -> None:
+            if future.done():  # the request was cancelled (client gone): nobody to answer
+                return
+            if key == "error":
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+        self._enqueue(item, lambda key, value: loop.call_soon_threadsafe(settle, key, value))
+        return await future
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self.run([it for it, _ in batch])
+                answers = [("error" if isinstance(r, BaseException) else "result", r)
+                           for r in results]
+            except BaseException as e:  # noqa: BLE001 - the whole batch failed (busy store)
+                answers = [("error", e)] * len(batch)
+            self.batches, self.items = self.batches + 1, self.items + len(batch)
+            for (_, answer), (key, value) in zip(batch, answers, strict=True):
+                answer(key, value)
+
+
+ROLES = ("writer", "reader", "compactor")
+
 
 class _Namespace:
     """One namespace's stores in this process: writes, reads and compaction each have their
-    own Store (own connection, own lock), so a read decoding with the model or a compaction
-    round never holds up a put. Concurrent puts are committed together (``Store.put_many``),
-    concurrent reads decoded together (``Store.get_many``)."""
+    own Store (own connection, own lock), so a read decoding with the model never holds up a
+    put. Concurrent puts are committed together (``Store.put_many``), concurrent reads
+    decoded together (``Store.get_many``). A store is opened on first use, without the model
+    while it loads (raw edges need none), and is given the model once it has loaded."""
 
-    def __init__(self, open_store: Callable[[], Any]) -> None:
-        self.writer, self.reader, self.compactor = open_store(), open_store(), open_store()
-        self.write_lock, self.read_lock = threading.Lock(), threading.Lock()
-        self.compact_lock = threading.Lock()
-        self.puts = Batcher(self._put_batch)
-        self.gets = Batcher(self._get_batch)
+    def __init__(self, service: Service, ns: str) -> None:
+        self.service, self.ns = service, ns
+        self.locks = {role: threading.Lock() for role in ROLES}
+        self._stores: dict[str, Any] = {}
+        self.puts = Batcher(lambda items: self.with_model("writer", _put_many, items),
+                            name=f"seqkv-puts-{ns}")
+        self.gets = Batcher(self._get_batch, name=f"seqkv-gets-{ns}")
 
-    def _put_batch(self, items: list) -> list:
-        with self.write_lock:
-            return self.writer.put_many(items)
+    def store(self, role: str, wait: bool = True):
+        """The role's Store; call with ``self.locks[role]`` held."""
+        s = self._stores.get(role)
+        if s is None:
+            s = self._stores[role] = self.service.open_store(self.ns, wait)
+        lm = self.service.lm
+        if s.lm is None and lm is not None:
+            s.attach_model(lm)
+        return s
+
+    def call(self, role: str, method: str, *args, **kwargs):
+        """``store.method(...)`` under the role's lock; where it needs the model and the model
+        is still loading, wait for it (outside the lock) and call again."""
+        for _ in range(2):
+            with self.locks[role]:
+                try:
+                    return getattr(self.store(role), method)(*args, **kwargs)
+                except ModelNeededError:
+                    pass
+            self.service.model()
+        raise ModelNeededError("the model loaded but the store did not take it")
+
+    def with_model(self, role: str, fn: Callable[[Any, list], list], items: list) -> list:
+        """``fn(store, items)``, a batch whose items are answered one by one: those answered
+        ModelNeededError (or all, if the call raised it: then nothing was written) are run
+        again once the model has loaded."""
+        out = self._try(role, fn, items)
+        redo = [i for i, r in enumerate(out) if isinstance(r, ModelNeededError)]
+        if redo:
+            self.service.model()
+            again = self._try(role, fn, [items[i] for i in redo])
+            for i, r in zip(redo, again, strict=True):
+                out[i] = r
+        return out
+
+    def _try(self, role: str, fn: Callable[[Any, list], list], items: list) -> list:
+        with self.locks[role]:
+            try:
+                return list(fn(self.store(role), items))
+            except ModelNeededError as e:
+                return [e] * len(items)
 
     def _get_batch(self, sessions: list[str]) -> list:
-        with self.read_lock:
-            out = []
-            for name, ids in zip(sessions, self.reader.get_many(sessions), strict=True):
-                if isinstance(ids, BaseException):
-                    out.append(ids)
-                    continue
-                try:
-                    text = self.reader.get_text(name) if self.reader.is_text(name) else None
-                    out.append((ids, text))
-                except SeqkvError as e:
-                    out.append(e)
-            return out
+        """Each session's (ids, text or None), or its error."""
+        return self.with_model("reader", _get_many, sessions)
+
+
+def _put_many(store, items: list) -> list:
+    return store.put_many(items)
+
+
+def _get_many(store, sessions: list[str]) -> list:
+    out = []
+    for name, ids in zip(sessions, store.get_many(sessions), strict=True):
+        if isinstance(ids, BaseException):
+            out.append(ids)
+            continue
+        try:
+            out.append((ids, store.get_text(name) if store.is_text(name) else None))
+        except SeqkvError as e:  # ModelNeededError among them: run again with the model
+            out.append(e)
+    return out
 
 
 class Service:
-    def __init__(self, db: str, lm, keys: dict[str, str] | None = None,
-                 compact_interval: float = 2.0, compact_batch: int = 16) -> None:
-        from .store import Store
+    """The stores of every namespace, the model (loaded in the background: the server takes
+    requests at once), and the background compactor (a child process)."""
 
-        self.db, self.lm, self.keys = db, lm, keys
-        self.model_lock = threading.Lock()  # one model, shared by every namespace's stores
+    def __init__(self, db: str, model: str | None = None, keys: dict[str, str] | None = None,
+                 compact_interval: float = 2.0, compact_batch: int = 16) -> None:
+        self.db, self.model_spec, self.keys = db, model, keys
         self.compact_interval, self.compact_batch = compact_interval, compact_batch
-        self._store_cls = Store
+        self.lm = None  # the model, once loaded and checked against the store
+        self.model_state = "loading"
+        self._model_error: BaseException | None = None
+        self._model_ready = threading.Event()
         self._ns: dict[str, _Namespace] = {}
         self._ns_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        # open (or create) the store now, so that /healthz answers only once it is usable
-        for ns in sorted(set(keys.values())) if keys else [DEFAULT_NAMESPACE]:
-            self.namespace(ns)
+        self._compactor: subprocess.Popen | None = None
+        # open an existing store now (a bad URL or an unreachable Redis fails at startup); a
+        # new one is created by the first write, once the model has loaded
+        for ns in self.namespaces():
+            n = self.namespace(ns)
+            for role in ROLES:
+                with n.locks[role]:
+                    try:
+                        n.store(role, wait=False)
+                    except NoStoreError:
+                        break
 
-    def _open(self, ns: str):
-        s = self._store_cls(self.db, self.lm, ns)
-        s.model_lock = self.model_lock
-        return s
+    def namespaces(self) -> list[str]:
+        return sorted(set(self.keys.values())) if self.keys else [DEFAULT_NAMESPACE]
+
+    def open_store(self, ns: str, wait: bool = True):
+        """A Store of ``ns``, with the model if loaded; a store not created yet waits for the
+        model (its meta records the model), or with ``wait=False`` raises NoStoreError."""
+        from .store import Store
+
+        try:
+            return Store(self.db, self.lm, ns)
+        except NoStoreError:
+            if self.lm is not None or not wait:
+                raise
+        self.model()
+        return Store(self.db, self.lm, ns)
 
     def namespace(self, ns: str) -> _Namespace:
-        with self._ns_lock:
-            if ns not in self._ns:
-                self._ns[ns] = _Namespace(lambda: self._open(ns))
-            return self._ns[ns]
+        n = self._ns.get(ns)
+        if n is None:
+            with self._ns_lock:
+                n = self._ns.get(ns)
+                if n is None:
+                    n = self._ns[ns] = _Namespace(self, ns)
+        return n
+
+    # -- the model ---------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        try:
+            from .core.models import load_model
+            from .store import Store
+
+            lm = load_model(self.model_spec)
+            Store(self.db, lm, self.namespaces()[0]).close()  # checked, or the store created
+            self.lm, self.model_state = lm, "ready"
+        except BaseException as e:  # noqa: BLE001 - answered to every request that needs it
+            log.error("the model could not be loaded: %s", e)
+            self._model_error, self.model_state = e, "failed"
+        finally:
+            self._model_ready.set()
+
+    def model(self):
+        """The model, waiting for it to load (ModelUnavailable if it could not)."""
+        self._model_ready.wait()
+        if self.lm is None:
+            raise ModelUnavailable(f"the server's model could not be loaded: "
+                                   f"{self._model_error}")
+        return self.lm
 
     def namespace_of(self, authorization: str | None) -> str:
         if self.keys is None:
@@ -235,35 +380,85 @@ class Service:
     # -- compaction -------------------------------------------------------------------------
     def compact(self, ns: str, max_rounds: int = 10_000) -> dict:
         n = self.namespace(ns)
-        with n.compact_lock:
-            return n.compactor.compact(batch=self.compact_batch, max_rounds=max_rounds).to_dict()
-
-    def _compact_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.compact_interval)
-            self._wake.clear()
-            for ns in list(self._ns):
-                if self._stop.is_set():
-                    break
-                try:
-                    self.compact(ns, max_rounds=4)  # short rounds: shutdown stays prompt
-                except Exception as e:  # noqa: BLE001 - keep compacting; report and go on
-                    log.warning("background compaction of %r failed: %s", ns, e)
+        self.model()
+        return n.call("compactor", "compact", batch=self.compact_batch,
+                      max_rounds=max_rounds).to_dict()
 
     def start(self) -> None:
-        if self.compact_interval > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._compact_loop, name="seqkv-compact",
-                                            daemon=True)
-            self._thread.start()
+        """Load the model in the background, and start the compactor process."""
+        threading.Thread(target=self._load_model, name="seqkv-model", daemon=True).start()
+        if self.compact_interval > 0 and self._compactor is None:
+            args = {"db": self.db, "model": self.model_spec, "namespaces": self.namespaces(),
+                    "interval": self.compact_interval, "batch": self.compact_batch,
+                    "parent": os.getpid()}
+            self._compactor = subprocess.Popen(
+                [sys.executable, "-c", "from seqkv.server import compactor_main as m; m()",
+                 json.dumps(args)], stdin=subprocess.PIPE, close_fds=True)
+            os.set_blocking(self._compactor.stdin.fileno(), False)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        p, self._compactor = self._compactor, None
+        if p is not None:
+            p.stdin.close()  # end of its input: the compactor stops after its current round
+            try:
+                p.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                p.kill()  # compaction is crash-safe: a kill loses nothing
+                p.wait()
 
     def wrote(self) -> None:
-        self._wake.set()
+        """Wake the compactor: there is something to code."""
+        if self._compactor is not None:
+            try:
+                os.write(self._compactor.stdin.fileno(), b"w")
+            except (BlockingIOError, BrokenPipeError, ValueError):
+                pass  # already woken (pipe full), or gone
+
+
+def compactor_main() -> None:
+    """The background compactor, a child process of the server: it codes pending raw edges
+    under the model every ``interval`` seconds and when the server writes a byte to its
+    stdin (a put happened), on CPU time the server leaves idle, so that model work
+    never holds up a request (no shared interpreter lock, and the scheduler favours the
+    server). It stops when its stdin closes, and dies with the server (SIGKILL included)."""
+    args = json.loads(sys.argv[1])
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed stdin still stops it once the server is gone
+    if os.getppid() != args["parent"]:
+        return  # the server died before the line above
+    try:  # run only on CPU time the server leaves idle (Linux), its threads included
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+    from .core.models import load_model
+    from .store import Store
+
+    logging.basicConfig(level=logging.WARNING, format="seqkv compactor: %(message)s")
+    lm = load_model(args["model"])
+    stores: dict[str, Any] = {}
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], args["interval"])
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            return  # the server closed our stdin: stop
+        for ns in args["namespaces"]:
+            try:
+                if ns not in stores:
+                    stores[ns] = Store(args["db"], lm, ns)
+                stores[ns].compact(batch=args["batch"], max_rounds=4)
+            except NoStoreError:
+                pass  # nothing written yet
+            except Exception as e:  # noqa: BLE001 - keep compacting; report and go on
+                log.warning("background compaction of %r failed: %s", ns, e)
+
+
+class ModelUnavailable(SeqkvError):
+    """The server's model failed to load (or does not match the store)."""
 
 
 class _Unauthorized(Exception):
@@ -327,7 +522,8 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def _namespace(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def _namespace(request: Request,
+                     authorization: Annotated[str | None, Header()] = None) -> str:
     """The namespace the request's API key opens (401 without a valid key)."""
     return request.app.state.service.namespace_of(authorization)
 
@@ -347,7 +543,67 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="seqkv", version="1", lifespan=lifespan,
                   description="The PLT store of transformer KV caches as coded token sequences.")
     app.state.service = service
+    _error_handlers(app)
 
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """200 as soon as the server takes requests; ``model``: loading, ready or failed
+        (puts and reads of raw edges need no model; coding, decoding and text wait for it)."""
+        return {"status": "ok", "model": service.model_state}
+
+    @app.put("/v1/sessions/{session}", status_code=201,
+             responses={200: {"description": "replaced an existing session"}})
+    async def put_session(session: str, body: SessionBody, ns: Ns, replace: bool = True
+                          ) -> JSONResponse:
+        """Store a session; ``replace=false``: 409 if the id exists."""
+        item = (_session_id(session), body.data(), replace)
+        r = await service.namespace(ns).puts.submit_async(item)  # group commit
+        service.wrote()
+        return JSONResponse({"session": r.session, "tokens": r.tokens,
+                             "shared_tokens": r.shared_tokens, "new_tokens": r.new_tokens,
+                             "created": not r.replaced},
+                            status_code=200 if r.replaced else 201)
+
+    @app.get("/v1/sessions/{session}")
+    async def get_session(session: str, ns: Ns) -> dict:
+        ids, text = await service.namespace(ns).gets.submit_async(_session_id(session))
+        return {"session": session, "ids": ids, "text": text}
+
+    @app.get("/v1/sessions/{session}/cache", response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {}},
+                              "description": "a safetensors cache file (seqkv kv-dump format)"}})
+    def get_cache(session: str, ns: Ns) -> Response:
+        n = service.namespace(ns)
+        n.gets.submit(_session_id(session))  # decoded with concurrent requests, as one group
+        service.model()
+        restored = n.call("reader", "get_cache", session)  # then a prefill of the decoded ids
+        return Response(cache_file_bytes(restored), media_type="application/octet-stream",
+                        headers={"Content-Disposition":
+                                 'attachment; filename="cache.safetensors"'})
+
+    @app.delete("/v1/sessions/{session}")
+    def delete_session(session: str, ns: Ns) -> dict:
+        service.namespace(ns).call("writer", "delete", _session_id(session))
+        return {"session": session, "deleted": True}
+
+    @app.get("/v1/stats")
+    def stats(ns: Ns) -> dict:
+        service.model()  # the figures of `store stats --json`, fp16 KV sizes included
+        return service.namespace(ns).call("reader", "stats")
+
+    @app.post("/v1/nearest")
+    def nearest(body: NearestBody, ns: Ns) -> list[dict]:
+        return service.namespace(ns).call("reader", "nearest", body.data(), k=body.k)
+
+    @app.post("/v1/compact")
+    def compact(ns: Ns) -> dict:
+        return service.compact(ns)
+
+    app.add_middleware(_BodyLimit, limit=max_body)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, exc: _Unauthorized):
         return _error(401, "missing or unknown API key (Authorization: Bearer KEY)",
@@ -371,6 +627,10 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         log.error("corrupt store on %s %s: %s", request.method, request.url.path, exc)
         return _error(500, str(exc))
 
+    @app.exception_handler(ModelUnavailable)
+    async def no_model(request: Request, exc: ModelUnavailable):
+        return _error(500, str(exc))
+
     @app.exception_handler(SeqkvError)
     async def bad_input(request: Request, exc: SeqkvError):
         return _error(400, str(exc))
@@ -390,73 +650,26 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
         return _error(500, f"internal error ({type(exc).__name__})")
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok"}
 
-    @app.put("/v1/sessions/{session}", status_code=201,
-             responses={200: {"description": "replaced an existing session"}})
-    def put_session(session: str, body: SessionBody, ns: Ns, replace: bool = True
-                    ) -> JSONResponse:
-        """Store a session; ``replace=false``: 409 if the id exists."""
-        data = body.data()
-        n = service.namespace(ns)
-        r = n.puts.submit((_session_id(session), data, replace))
-        service.wrote()
-        return JSONResponse({"session": r.session, "tokens": r.tokens,
-                             "shared_tokens": r.shared_tokens, "new_tokens": r.new_tokens,
-                             "created": not r.replaced},
-                            status_code=200 if r.replaced else 201)
+def check_model_spec(model: str | None) -> None:
+    """Refuse, before listening, a model that cannot be loaded at all (a missing path); the
+    model itself loads in the background once the server takes requests."""
+    from .core.packaged import NAMES
 
-    @app.get("/v1/sessions/{session}")
-    def get_session(session: str, ns: Ns) -> dict:
-        n = service.namespace(ns)
-        ids, text = n.gets.submit(_session_id(session))
-        return {"session": session, "ids": ids, "text": text}
-
-    @app.get("/v1/sessions/{session}/cache", response_class=Response,
-             responses={200: {"content": {"application/octet-stream": {}},
-                              "description": "a safetensors cache file (seqkv kv-dump format)"}})
-    def get_cache(session: str, ns: Ns) -> Response:
-        n = service.namespace(ns)
-        n.gets.submit(_session_id(session))  # decoded with concurrent requests, as one group
-        with n.read_lock:
-            restored = n.reader.get_cache(session)  # then a prefill of the decoded ids
-        return Response(cache_file_bytes(restored), media_type="application/octet-stream",
-                        headers={"Content-Disposition":
-                                 'attachment; filename="cache.safetensors"'})
-
-    @app.delete("/v1/sessions/{session}")
-    def delete_session(session: str, ns: Ns) -> dict:
-        n = service.namespace(ns)
-        with n.write_lock:
-            n.writer.delete(_session_id(session))
-        return {"session": session, "deleted": True}
-
-    @app.get("/v1/stats")
-    def stats(ns: Ns) -> dict:
-        n = service.namespace(ns)
-        with n.read_lock:
-            return n.reader.stats()
-
-    @app.post("/v1/nearest")
-    def nearest(body: NearestBody, ns: Ns) -> list[dict]:
-        n = service.namespace(ns)
-        with n.read_lock:
-            return n.reader.nearest(body.data(), k=body.k)
-
-    @app.post("/v1/compact")
-    def compact(ns: Ns) -> dict:
-        return service.compact(ns)
-
-    app.add_middleware(_BodyLimit, limit=max_body)
-    return app
+    if model is None or str(model) in ("default", *NAMES):
+        return
+    p = Path(model)
+    if not p.exists():
+        raise ServerConfigError(f"model path does not exist: {model}")
+    if not ((p.is_file() and p.suffix == ".gguf") or (p / "config.json").is_file()):
+        raise ServerConfigError(f"not a model directory or .gguf file: {model}")
 
 
 def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None = None,
-          model: str | None = None, max_body: int = MAX_BODY, compact_interval: float = 2.0,
-          ready: Callable[[], None] | None = None) -> None:
-    """Load the model, open the store, then listen (the port opens only once ready)."""
+          model: str | None = None, max_body: int = MAX_BODY, compact_interval: float = 2.0
+          ) -> None:
+    """Open the store and listen; the model loads in the background meanwhile (/healthz
+    answers at once, and puts and reads of raw edges need no model)."""
     import uvicorn
 
     key_map = load_keys(keys) if keys else None
@@ -465,13 +678,12 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None =
                                 "--keys (anyone who can reach it could read every session)")
     if not 0 < port < 65536:
         raise ServerConfigError(f"bad port {port}")
-    from .core.models import load_model
     from .store.registry import SQLITE, backend_kind
     from .store.sqlite import check_sqlite_file
 
     if backend_kind(db) == SQLITE:  # an unknown URL scheme is refused here too
-        check_sqlite_file(db, create=True)  # refuse a non-store file before the model loads
-    lm = load_model(model)
-    service = Service(db, lm, key_map, compact_interval=compact_interval)
+        check_sqlite_file(db, create=True)  # refuse a non-store file before anything else
+    check_model_spec(model)
+    service = Service(db, model, key_map, compact_interval=compact_interval)
     app = create_app(service, max_body)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -3,15 +3,14 @@ through seqkv.client (and raw HTTP for malformed requests): the API contract, au
 namespace isolation (path tricks included), size limits, the CLI's --server, and two server
 processes sharing one Redis store."""
 
+import asyncio
 import http.client
 import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from seqkv.cli import build_app
-from seqkv.client import Client, NotFound, ServerError
+from seqkv.client import Client, NotFound, ServerError, start_server
 
 from .test_store_backends import REDIS_URL, _redis_up
 
@@ -66,22 +65,10 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model_dir: Path, db: str, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "seqkv", "serve", "--db", db, "--port", str(self.port),
-             "--model", str(model_dir), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the server did not answer /healthz"
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
+        self.proc, self.url = start_server(db, "--model", str(model_dir), *args, timeout=180,
+                                           stdout=subprocess.PIPE,
+                                           env={**os.environ, **(env or {})})
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -302,6 +289,54 @@ def test_api_keys_and_namespace_isolation(tmp_path, start):
     assert a.get("secret")["ids"] == [5, 6, 7, 8]
 
 
+def test_raw_edges_need_no_model_and_idle_connections_are_replaced(tmp_path, model_dir, lm,
+                                                                   monkeypatch):
+    """The write path and reads of raw edges need no model: a server whose model cannot load
+    (its weights file is gone) still answers /healthz at once, takes puts of ids (range-checked
+    against the vocabulary the store recorded) and returns raw sessions; what needs the model
+    (text) is refused with a clear 500. And a kept-alive client connection that the server
+    closed while idle is replaced without the caller seeing it."""
+    import shutil
+
+    import seqkv.client as client_mod
+    from seqkv.store import Store
+
+    db = str(tmp_path / "store.db")
+    with Store(db, lm) as s:
+        s.put("old", [5, 6, 7])
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    srv = Server(broken, db, "--compact-interval", "0")
+    try:
+        c = Client(srv.url)
+        health = c._json("GET", "/healthz")
+        while health["model"] == "loading":
+            time.sleep(0.1)
+            health = c._json("GET", "/healthz")
+        assert health == {"status": "ok", "model": "failed"}
+        assert c.put("a", ids=[5, 6, 7, 8])["created"]
+        assert c.get("a") == {"session": "a", "ids": [5, 6, 7, 8], "text": None}
+        assert c.get("old")["ids"] == [5, 6, 7]
+        with pytest.raises(ServerError) as e:
+            c.put("b", ids=[5, 320])
+        assert e.value.status == 400 and "vocabulary of 320" in str(e.value)
+        with pytest.raises(ServerError) as e:
+            c.put("b", text=TEXT_A)
+        assert e.value.status == 500 and "model could not be loaded" in str(e.value)
+        assert c.delete("old")["deleted"]
+        # the server closes an idle connection after 5 s; this client would keep it longer
+        monkeypatch.setattr(client_mod, "KEEP_ALIVE_S", 60.0)
+        first = c._local.conn
+        time.sleep(5.5)
+        assert c.get("a")["ids"] == [5, 6, 7, 8] and c._local.conn is not first
+    finally:
+        srv.stop()
+    with Store(db, lm) as s:  # what the model-less server wrote is an ordinary store
+        assert s.sessions() == ["a"] and s.get_ids("a") == [5, 6, 7, 8]
+        assert s.compact().pending == 0
+
+
 def test_serve_refuses_non_loopback_without_keys_and_bad_keys(tmp_path):
     app = build_app()
     r = runner.invoke(app, ["serve", "--db", str(tmp_path / "s.db"), "--host", "0.0.0.0"])
@@ -423,3 +458,14 @@ def test_batcher_groups_concurrent_requests_and_answers_each_its_own():
         assert (isinstance(r, ValueError) and i % 5 == 0) or r == i * i
     assert sum(sizes) == 32 and max(sizes) <= 8 and len(sizes) < 32  # grouped
     assert b.submit(3) == 9  # alone: answered at once
+
+    async def on_the_event_loop():  # as the server's handlers call it: no thread per request
+        return await asyncio.gather(*(b.submit_async(i) for i in range(1, 11)),
+                                    return_exceptions=True)
+
+    before = len(sizes)
+    got = asyncio.run(on_the_event_loop())
+    assert [isinstance(r, ValueError) for r in got] == [i % 5 == 0 for i in range(1, 11)]
+    assert [r for r in got if not isinstance(r, ValueError)] == [i * i for i in range(1, 11)
+                                                                 if i % 5]
+    assert len(sizes) - before < 10  # grouped
