@@ -272,8 +272,10 @@ void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64
             }
         }
     }
-    i64 rep = heads / kv;
-#pragma omp parallel for schedule(static) if (b * heads > 8)
+    i64 rep = heads / kv, keys = 0;
+    for (i64 s = 0; s < b; s++) keys += pos[s] + 1;
+    /* threads only where there is work for them: a short stream's step stays on one */
+#pragma omp parallel for schedule(static) if (keys * heads * d > (1 << 18))
     for (i64 sh = 0; sh < b * heads; sh++) {
         i64 s = sh / heads, hh = sh % heads, g = hh / rep, p = pos[s];
         i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
@@ -390,4 +392,22 @@ void attention_weights(double *scores, i64 rows, i64 s, i64 t, i64 per, const ui
         }
         total[r] = sum;
     }
+}
+
+/* -- residual add, norm and GEMM in one call (model's norm_linear) ------------------------------ */
+/* h [m, k] += delta (first normed by the post norm where post_gain is given; delta may be
+ * NULL), then out = linear(rms_norm(h)); tmp: int64 [m, k] scratch. */
+void norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i64 post_s,
+                 i64 post_eps, const i64 *gain, i64 s, i64 eps32, const int8_t *packed,
+                 const int32_t *rowsum, i64 n, const double *scale, const i64 *bias, i64 *out,
+                 i64 *tmp) {
+    if (delta) {
+        if (post_gain) {
+            rms_norm(delta, m, 1, k, k, post_gain, post_s, post_eps, tmp, k);
+            delta = tmp;
+        }
+        add_rows(h, delta, m * k);
+    }
+    rms_norm(h, m, 1, k, k, gain, s, eps32, tmp, k);
+    linear(tmp, m, k, k, packed, rowsum, n, scale, bias, out, n);
 }

@@ -2,8 +2,8 @@
 
 Each kernel computes exactly the integers of the torch code it replaces (model.py, intops.py):
 integer arithmetic, and the same IEEE float64 operations in the same order on exact integers
-(built with -ffp-contract=off). A decode step costs about 12 calls per layer instead of ~60
-torch operations, and its GEMMs read the weights once in VNNI's tile layout. The library is
+(built with -ffp-contract=off). A decode step costs six calls per layer instead of ~60 torch
+operations, and its GEMMs read the weights once in VNNI's tile layout. The library is
 built with the system's C compiler at first use, into ``$SEQKV_CACHE/kernels`` (or
 ``~/.cache/seqkv``); where there is no compiler, no AVX-512 VNNI, or ``SEQKV_CPU_KERNELS=0``,
 ``available()`` is False and the engine runs its torch code (the same integers, slower).
@@ -38,6 +38,8 @@ _SIGNATURES = {
                          _ptr, _ptr, _i64, _i64, _ptr, _i64, _f64, _f64, _ptr, _ptr],
     "pmf_rows": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr],
     "attention_weights": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _f64, _ptr],
+    "norm_linear": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64,
+                    _ptr, _ptr, _ptr, _ptr],
     "interval_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr],
 }
 
@@ -134,6 +136,24 @@ def linear(v: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Te
         out = torch.empty((m, n), dtype=torch.int64)
     library().linear(_p(v), m, k, v.stride(0), _p(tile), _p(rowsum), n, _p(scale), _p(bias),
                      _p(out), out.stride(0))
+    return out
+
+
+def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post, norm, w: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None, frac: int) -> torch.Tensor:
+    """h += delta (normed by ``post`` first, where given), in place; returns
+    linear(rms_norm(h, norm)): model.norm_linear in one call, for contiguous int64 h [M, K].
+    ``post`` and ``norm`` are IntNorms (gain, frac, eps32); frac is the activations' (FRAC)."""
+    m, k = h.shape
+    n = w.shape[0] // 2
+    tile, rowsum = packed(w)
+    out = torch.empty((m, n), dtype=torch.int64)
+    tmp = torch.empty((m, k), dtype=torch.int64)
+    library().norm_linear(
+        _p(h), _p(delta), m, k, _p(post.gain) if post is not None else None,
+        frac - post.frac if post is not None else 0, post.eps32 if post is not None else 0,
+        _p(norm.gain), frac - norm.frac, norm.eps32, _p(tile), _p(rowsum), n, _p(scale),
+        _p(bias), _p(out), _p(tmp))
     return out
 
 

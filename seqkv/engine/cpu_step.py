@@ -1,10 +1,10 @@
 """One decode step of the engine on the CPU, through cpu_kernels: IntModel.step_logits' and
-IntModel.pmf's integers, in about a dozen kernel calls per layer.
+IntModel.pmf's integers, in six kernel calls per layer.
 
 The step reads every weight once, in the kernels' tile layout, and keeps keys and values as
 int32 (|x| < 2**23), so a stream's step costs about the weights' bytes over the memory's
-bandwidth plus ~0.3 ms of calls. The operations, their order and every rounding are
-model.py's (tested position by position against the prefill, for every supported
+bandwidth plus a fraction of a millisecond of calls. The operations, their order and every
+rounding are model.py's (tested position by position against the prefill, for every supported
 architecture); a model the kernels cannot run (no compiler, no AVX-512 VNNI) has none.
 """
 
@@ -62,12 +62,12 @@ class CpuStep:
     def _linear(x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
         return ck.linear(x, lin.w, lin.scale, lin.bias)
 
-    def _residual(self, h: torch.Tensor, delta: torch.Tensor | None,
-                  post: IntNorm | None) -> torch.Tensor:
-        """model.add_residual, in place on h."""
-        if delta is None:
-            return h
-        return h.add_(self._norm(delta, post) if post is not None else delta)
+    @staticmethod
+    def _norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                     norm: IntNorm, lin: IntLinear) -> torch.Tensor:
+        """model.norm_linear: h += delta (normed by post where the model has one), in place,
+        and linear(rms_norm(h, norm), lin)."""
+        return ck.norm_linear(h, delta, post, norm, lin.w, lin.scale, lin.bias, FRAC)
 
     def _attention(self, i: int, qkv: torch.Tensor, cache: StepCache,
                    pos: torch.Tensor) -> torch.Tensor:
@@ -100,16 +100,14 @@ class CpuStep:
         h = self.m.embed(tokens.unsqueeze(1))[:, 0].contiguous()
         delta, post = None, None
         for i, layer in enumerate(self.w.layers):
-            h = self._residual(h, delta, post)
-            qkv = self._linear(self._norm(h, layer.attn_norm), layer.qkv)
+            qkv = self._norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
             att = self._attention(i, qkv, cache, pos)
-            h = self._residual(h, self._linear(att, layer.o), layer.post_attn_norm)
-            gate_up = self._linear(self._norm(h, layer.mlp_norm), layer.gate_up)
+            gate_up = self._norm_linear(h, self._linear(att, layer.o), layer.post_attn_norm,
+                                        layer.mlp_norm, layer.gate_up)
             act = ck.gated_activation(gate_up, self.act, FRAC, tables.SIGMOID_IN,
                                       tables.SIGMOID_OUT)
             delta, post = self._linear(act, layer.down), layer.post_mlp_norm
-        h = self._residual(h, delta, post)
-        return self._linear(self._norm(h, self.w.final_norm), self.w.head)
+        return self._norm_linear(h, delta, post, self.w.final_norm, self.w.head)
 
     def pmf(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """IntModel.pmf of the step's logits: frequencies [B, V + 2]."""
