@@ -19,7 +19,9 @@ session must hold exactly its last acknowledged put, or a put sent later whose a
 kill cut off (committed, not acknowledged); anything else (an older version, a partial one,
 a lost session) counts as a failure. ``--kill-model tiny`` (default) serves a tiny random
 Llama with a small BPE tokenizer, so that 50 restarts take a few minutes: the write path,
-compaction and recovery are the same code for any model.
+compaction and recovery are the same code for any model. A restart is timed until the server
+takes requests (its model loads in the background); each round starts once the compactor
+process is ready too.
 """
 
 from __future__ import annotations
@@ -76,16 +78,23 @@ class Server:
     """`seqkv serve` in a subprocess; ``startup_s``: from its start until it takes requests
     (``model_s``: until its model, loaded in the background, is ready; with ``wait_model``)."""
 
-    def __init__(self, db: str, model: str | None, *extra: str, wait_model: bool = False
-                 ) -> None:
+    def __init__(self, db: str, model: str | None, *extra: str, wait_model: bool = False,
+                 wait_compactor: bool = False) -> None:
         t0 = time.perf_counter()
         self.proc, self.url = start_server(db, *extra,
                                            *(["--model", model] if model else []))
         self.startup_s = time.perf_counter() - t0
-        self.model_s = None
+        self.model_s = self.compactor_s = None
         if wait_model:
             wait_healthy(self.url, 300, self.proc, model=True)
             self.model_s = time.perf_counter() - t0
+        if wait_compactor:  # its own process: ready once it has loaded its model
+            c = Client(self.url, timeout=10)
+            while (state := c._json("GET", "/healthz")["compactor"]) != "running":
+                if state == "exited" or time.perf_counter() - t0 > 300:
+                    raise RuntimeError(f"the background compactor is {state}")
+                time.sleep(0.05)
+            self.compactor_s = time.perf_counter() - t0
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -255,15 +264,19 @@ def read_all(url: str, names: list[str], threads: int) -> list:
 def kill_phase(db: str, model: str | None, clients: int, kills: int, seed: int,
                vocab: int, budget_s: float) -> dict:
     """``kills`` rounds (fewer if ``budget_s`` runs out); after each restart the sessions
-    written in the round are checked, after the last one every session."""
+    written in the round are checked, after the last one every session, and then the
+    background compactor is given up to 300 s to code every edge. A round starts once the
+    compactor process has loaded its model, so kills land in compactions too."""
     rng = random.Random(seed)
     ledger, state = Ledger(), {}
-    failures, acked_total, startups, verify_s = [], 0, [], []
+    failures, acked_total, startups, compactor_s, verify_s = [], 0, [], [], []
+    coded, rounds_coding = 0, 0  # coded edges at the last restart; rounds that coded some
     deadline, done = time.monotonic() + budget_s, 0
     for i in range(kills + 1):
         last = i == kills or time.monotonic() > deadline
-        srv = Server(db, model, "--compact-interval", "0.1")
+        srv = Server(db, model, "--compact-interval", "0.1", wait_compactor=True)
         startups.append(srv.startup_s)
+        compactor_s.append(srv.compactor_s)
         c = Client(srv.url, timeout=120)
         t0 = time.perf_counter()
         names = sorted(set(ledger.acked) | set(ledger.unacked)) if last else \
@@ -284,8 +297,15 @@ def kill_phase(db: str, model: str | None, clients: int, kills: int, seed: int,
                 state[k] = (name, ledger.acked[name])
             else:
                 del state[k]
+        st = c.stats()
+        rounds_coding += st["edges"] - st["raw_edges"] > coded
+        coded = st["edges"] - st["raw_edges"]
         if last:
-            st = c.stats()
+            t0 = time.perf_counter()
+            while st["raw_edges"] and time.perf_counter() - t0 < 300:
+                time.sleep(0.5)
+                st = c.stats()
+            final_compaction_s = time.perf_counter() - t0
             srv.stop()
             break
         done += 1
@@ -300,10 +320,12 @@ def kill_phase(db: str, model: str | None, clients: int, kills: int, seed: int,
             "acknowledged_puts": acked_total,
             "sessions_checked": len(ledger.acked), "failures": len(failures),
             "failure_messages": failures[:10],
-            "startup_s_median": statistics.median(startups),
+            "startup_s_median": statistics.median(startups), "startup_s_max": max(startups),
+            "compactor_ready_s_median": statistics.median(compactor_s),
             "verify_s_median": statistics.median(verify_s),
+            "restarts_after_a_round_that_coded_edges": rounds_coding,
             "final_sessions": st["sessions"], "final_raw_edges": st["raw_edges"],
-            "final_edges": st["edges"]}
+            "final_edges": st["edges"], "final_compaction_s": final_compaction_s}
 
 
 def main() -> None:

@@ -304,6 +304,9 @@ class Service:
         self._ns: dict[str, _Namespace] = {}
         self._ns_lock = threading.Lock()
         self._compactor: subprocess.Popen | None = None
+        # the compactor process: off (--compact-interval 0), starting (loading its model),
+        # running, or exited (it failed: its error is in the server's stderr)
+        self.compactor_state = "off"
         # open an existing store now (a bad URL or an unreachable Redis fails at startup); a
         # new one is created by the first write, once the model has loaded
         for ns in self.namespaces():
@@ -393,8 +396,21 @@ class Service:
                     "parent": os.getpid()}
             self._compactor = subprocess.Popen(
                 [sys.executable, "-c", "from seqkv.server import compactor_main as m; m()",
-                 json.dumps(args)], stdin=subprocess.PIPE, close_fds=True)
+                 json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                close_fds=True)
             os.set_blocking(self._compactor.stdin.fileno(), False)
+            self.compactor_state = "starting"
+            threading.Thread(target=self._watch_compactor, args=(self._compactor,),
+                             name="seqkv-compactor-watch", daemon=True).start()
+
+    def _watch_compactor(self, p: subprocess.Popen) -> None:
+        """The compactor says "ready" once its model has loaded; its stdout closes when it
+        exits."""
+        for line in p.stdout:
+            if line.strip() == b"ready":
+                self.compactor_state = "running"
+        if self._compactor is p:
+            self.compactor_state = "exited"
 
     def stop(self) -> None:
         p, self._compactor = self._compactor, None
@@ -441,6 +457,7 @@ def compactor_main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="seqkv compactor: %(message)s")
     lm = load_model(args["model"])
+    print("ready", flush=True)  # to the server (healthz: "compactor": "running")
     stores: dict[str, Any] = {}
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], args["interval"])
@@ -548,8 +565,10 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict:
         """200 as soon as the server takes requests; ``model``: loading, ready or failed
-        (puts and reads of raw edges need no model; coding, decoding and text wait for it)."""
-        return {"status": "ok", "model": service.model_state}
+        (puts and reads of raw edges need no model; coding, decoding and text wait for it);
+        ``compactor``: the background compactor, off, starting, running or exited."""
+        return {"status": "ok", "model": service.model_state,
+                "compactor": service.compactor_state}
 
     @app.put("/v1/sessions/{session}", status_code=201,
              responses={200: {"description": "replaced an existing session"}})

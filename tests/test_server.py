@@ -287,6 +287,23 @@ def test_api_keys_and_namespace_isolation(tmp_path, start):
         assert time.monotonic() < deadline, "background compaction did not run"
         time.sleep(0.2)
     assert a.get("secret")["ids"] == [5, 6, 7, 8]
+    assert a._json("GET", "/healthz")["compactor"] == "running"
+    # the compactor is a child process that dies with the server, SIGKILL included
+    pid = srv.proc.pid
+    [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    srv.proc.kill()
+    srv.proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(int(child)):
+        assert time.monotonic() < deadline, "the compactor outlived the server"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:  # the state after "(name)": Z (a zombie) is dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_raw_edges_need_no_model_and_idle_connections_are_replaced(tmp_path, model_dir, lm,
@@ -314,7 +331,7 @@ def test_raw_edges_need_no_model_and_idle_connections_are_replaced(tmp_path, mod
         while health["model"] == "loading":
             time.sleep(0.1)
             health = c._json("GET", "/healthz")
-        assert health == {"status": "ok", "model": "failed"}
+        assert health == {"status": "ok", "model": "failed", "compactor": "off"}
         assert c.put("a", ids=[5, 6, 7, 8])["created"]
         assert c.get("a") == {"session": "a", "ids": [5, 6, 7, 8], "text": None}
         assert c.get("old")["ids"] == [5, 6, 7]
