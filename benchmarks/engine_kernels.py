@@ -2,13 +2,16 @@
 
     python benchmarks/engine_kernels.py attention [--groups 1,64,1024] [--tokens 128] [--out DIR]
     python benchmarks/engine_kernels.py linear [--groups 1,1024] [--tokens 128] [--out DIR]
+    python benchmarks/engine_kernels.py locate [--groups 1,1024] [--tokens 128] [--out DIR]
+    python benchmarks/engine_kernels.py all [--groups 1,64,256,1024] [--tokens 128] [--out DIR]
 
 Runs on a CUDA GPU with SmolLM2-135M's shapes and random weights (speed does not depend on the
 weights' values; exactness on the real model is checked by engine_tokens.py), compiled
-(``IntModel.compile()``). First checks that both paths give the same integers (attention: the
-logits of every step for streams at mixed positions; linear: the prefill's hidden states), then
-times both paths side by side: decode at each group size, and for ``linear`` also the encoder's
-prefill of 64 x 256 tokens. Writes DIR/engine_<what>.json.
+(``IntModel.compile()``). ``all`` is the engine as it ships (each kernel where it is used by
+default) against every torch path. First checks that both give the same integers (the logits of
+every step for streams at mixed positions; for linear also the prefill's hidden states), then
+times both side by side: decode at each group size (every token checked), and for ``linear``
+and ``all`` also the encoder's prefill of 64 x 256 tokens. Writes DIR/engine_<what>.json.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from timing import timed  # benchmarks/timing.py, beside these scripts
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqkv.engine import EngineCodec, IntModel, integerize
+from seqkv.engine.model import FUSED_ATTENTION_MAX_STREAMS
 
 
 def smollm2_shaped() -> IntModel:
@@ -37,25 +41,32 @@ def smollm2_shaped() -> IntModel:
 def use(m: IntModel, what: str, kernel: bool, group: int) -> None:
     if what == "attention":
         m.fused_attention_streams = group if kernel else 0
-    else:
+    if what == "all":
+        m.fused_attention_streams = FUSED_ATTENTION_MAX_STREAMS if kernel else 0
+    if what in ("linear", "all"):
         m.triton_linear = kernel
+    if what in ("locate", "all"):
+        m.fused_locate = kernel
 
 
-def same_logits(m: IntModel, streams: int = 48, steps: int = 100) -> bool:
-    """Step both attention paths over one token sequence per stream, from mixed positions."""
+def same_logits(m: IntModel, what: str, streams: int = 48, steps: int = 100) -> bool:
+    """Step both paths over one token sequence per stream, from mixed positions."""
     ids = torch.randint(0, m.spec.vocab, (streams, 40 + steps), device="cuda")
     start = torch.randint(0, 40, (streams,), device="cuda")
     caches = []
     for kernel in (True, False):
-        use(m, "attention", kernel, streams)
+        use(m, what, kernel, streams)
         caches.append(m.new_cache(streams, 40 + steps))
         m.prefill_hidden(ids[:, :40], cache=caches[-1])
-    assert [c.dtype for c in caches] == [torch.int32, torch.float64]
     same = True
     for t in range(steps):
         pos = start + t
         tok = ids.gather(1, pos.unsqueeze(1)).squeeze(1)
-        same &= torch.equal(*(m.step_logits(c, tok, pos) for c in caches))
+        logits = []
+        for kernel, cache in zip((True, False), caches, strict=True):
+            use(m, what, kernel, streams)
+            logits.append(m.step_logits(cache, tok, pos))
+        same &= torch.equal(*logits)
     return bool(same)
 
 
@@ -70,13 +81,13 @@ def same_hidden(m: IntModel) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["attention", "linear"])
+    ap.add_argument("what", choices=["attention", "linear", "locate", "all"])
     ap.add_argument("--groups", default="1,64,1024")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     m = smollm2_shaped().compile()
-    check = same_logits(m) if args.what == "attention" else same_hidden(m)
+    check = same_logits(m, args.what) if args.what != "linear" else same_hidden(m)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens,
                  "same_integers": check, "groups": {}}
@@ -84,11 +95,11 @@ def main() -> None:
     path = Path(args.out, f"engine_{args.what}.json")
     codec = EngineCodec(m, 1)
     n = args.tokens
-    if args.what == "linear":
+    if args.what in ("linear", "all"):
         streams = torch.randint(0, m.spec.vocab, (64, 256)).tolist()
         res["encode_64x256"] = {}
         for kernel in (True, False, True, False):  # the second pass of each is the measured one
-            use(m, "linear", kernel, 64)
+            use(m, args.what, kernel, 64)
             _, dt = timed(lambda: codec.intervals(streams))  # noqa: B023
             res["encode_64x256"]["kernel" if kernel else "torch"] = {"tok_s": 64 * 256 / dt}
         print(json.dumps(res["encode_64x256"]), flush=True)

@@ -43,3 +43,23 @@ def test_kernels_give_the_torch_integers(name):
         runs.append((hidden, torch.stack(steps)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_locate_finds_the_tables_symbol():
+    """The distribution kernels find the symbol, start and frequency the full table's
+    cumulative search finds: random, flat and tied logits, quantiles at every edge."""
+    model = IntModel(integerize(MODELS["llama"]().model), "cuda")
+    g = torch.Generator().manual_seed(5)
+    for vocab in (256, 5000, 49152):
+        logits = (torch.randn(8, vocab, generator=g, dtype=torch.float64) * 2.0 ** torch.arange(
+            8, dtype=torch.float64)[:, None] * 2**12).to(torch.int64)
+        logits[0] = 7  # all equal
+        logits[1, [3, vocab - 1]] = logits[1].max() + 1  # a tie for the maximum
+        logits = logits.cuda()
+        for q in (torch.zeros(8), torch.full((8,), (1 << 24) - 1), torch.ones(8),
+                  torch.randint(0, 1 << 24, (8,), generator=g)):
+            q = q.to(torch.int64).cuda()
+            model.fused_locate = True
+            got = model.locate(logits, q)
+            model.fused_locate = False
+            assert torch.equal(got, model.locate(logits, q))

@@ -144,25 +144,34 @@ class VectorRansDecoder:
         self.left = (count - 2).clamp(min=0)  # words still on the stack below the state
         self.bad = torch.zeros(len(words), dtype=torch.bool, device=device)
 
+    def quantile(self) -> torch.Tensor:
+        """Where each stream's state points in [0, 2**PRECISION): the next symbol is the one
+        whose interval holds it."""
+        return self.state & _MASK
+
     def step(self, pmf: torch.Tensor, active: torch.Tensor | Sequence[bool]) -> torch.Tensor:
-        active = torch.as_tensor(active, device=pmf.device)
-        cdf = pmf.cumsum(dim=-1)
-        quantile = self.state & _MASK
-        symbols = torch.searchsorted(cdf, quantile.unsqueeze(1), right=True).squeeze(1)
-        symbols = symbols.clamp(max=pmf.shape[-1] - 1)
-        freq = pmf.gather(1, symbols.unsqueeze(1)).squeeze(1)
-        start = cdf.gather(1, symbols.unsqueeze(1)).squeeze(1) - freq
-        state = freq * ((self.state >> PRECISION) & _LOW40) + quantile - start
+        """Decode each active stream's next symbol under its row of pmf [B, n_symbols]."""
+        found = locate_in_pmf(pmf, self.quantile())
+        return self.advance(found, active, pmf.shape[-1])
+
+    def advance(self, found: torch.Tensor, active: torch.Tensor | Sequence[bool],
+                n_symbols: int) -> torch.Tensor:
+        """Take each active stream's symbol, given as (symbol, start, freq) rows [B, 3] of
+        the interval that holds its quantile (``locate_in_pmf``, or a kernel that finds the
+        same without the table), and return the token ids (symbol - 1)."""
+        active = torch.as_tensor(active, device=found.device)
+        symbols, start, freq = found.unbind(1)
+        state = freq * ((self.state >> PRECISION) & _LOW40) + self.quantile() - start
         refill = active & (((state >> 32) & _LOW32) == 0) & (self.left > 0)
         word = self.words.gather(1, (self.left - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         state = torch.where(refill, (state << 32) | word, state)
         # In place, so a CUDA graph that captured this step advances the same tensors.
         self.left.sub_(refill.long())
         self.state.copy_(torch.where(active, state, self.state))
-        self.bad |= active & _reserved(symbols, pmf.shape[-1])
+        self.bad |= active & _reserved(symbols, n_symbols)
         # A corrupt stream may land on a reserved symbol: keep feeding the model valid ids
         # (finish() reports the corruption) rather than indexing outside its vocabulary.
-        return (symbols - 1).clamp(0, pmf.shape[-1] - 3)
+        return (symbols - 1).clamp(0, n_symbols - 3)
 
     def finish(self) -> None:
         # Decoding undoes every encode step: a sound stream ends empty, with state 0.
@@ -170,6 +179,16 @@ class VectorRansDecoder:
             raise BlobError("corrupt token stream: decoded a reserved symbol")
         if bool((self.state != 0).any() | (self.left != 0).any()):
             raise BlobError("corrupt token stream: data left over after the last token")
+
+
+def locate_in_pmf(pmf: torch.Tensor, quantile: torch.Tensor) -> torch.Tensor:
+    """(symbol, start, freq) [B, 3] of the interval of pmf [B, n] (integer frequencies summing
+    to 2**PRECISION) that holds each quantile [B]."""
+    cdf = pmf.cumsum(dim=-1)
+    symbols = torch.searchsorted(cdf, quantile.unsqueeze(1), right=True)
+    symbols = symbols.clamp_(max=pmf.shape[-1] - 1)
+    freq = pmf.gather(1, symbols)
+    return torch.cat([symbols, cdf.gather(1, symbols) - freq, freq], dim=1)
 
 
 def default_coder(device: torch.device) -> str:

@@ -163,12 +163,14 @@ class _DecodeGroup:
 
     def _step(self, span: int) -> None:
         m = self.model
+        active = self.step_t < self.lengths
         if self.fast is not None:
             pmf = self.fast.pmf(self.cache, self.tokens, self.pos)
+            symbols = self.decoder.step(pmf, active)
         else:
-            pmf = m.pmf(m.step_logits(self.cache, self.tokens, self.pos, span))
-        active = self.step_t < self.lengths
-        symbols = self.decoder.step(pmf, active)
+            logits = m.step_logits(self.cache, self.tokens, self.pos, span)
+            found = m.locate(logits, self.decoder.quantile())
+            symbols = self.decoder.advance(found, active, logits.shape[-1] + 2)
         self.tokens.copy_(torch.where(active, symbols, self.tokens))
         self.out.scatter_(1, self.step_t.expand(self.out.shape[0], 1), self.tokens.unsqueeze(1))
         self.pos.add_(1)

@@ -51,18 +51,17 @@ def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rshift_round(v, k.unsqueeze(-1)), k
 
 
-def int_matmul(q: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """2 * q @ (A + B / 256), exactly, as float64 [M, N] holding integers, for int64 q with
-    |q| <= 2**ACT_BITS and wt = [A | B], int8 [K, 2N] (weights and their rounding residuals).
+def int_matmul(hi: torch.Tensor, lo: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """2 * q @ (A + B / 256), exactly, as float64 [M, N] holding integers, for q = 128 hi + lo
+    given as its int8 halves (``split_rows``) and wt = [A | B], int8 [K, 2N] (weights and their
+    rounding residuals).
 
-    q = 128 hi + lo with int8 halves, stacked as one GEMM's rows so each weight is read once:
-    2 q.A = 256 hi.A + 2 lo.A exactly, and the residual term is taken on hi alone
-    (hi.B = 2 q.B / 256 up to lo's 0.8% of the row's range).
+    hi and lo are stacked as one GEMM's rows so each weight is read once: 2 q.A = 256 hi.A +
+    2 lo.A exactly, and the residual term is taken on hi alone (hi.B = 2 q.B / 256 up to lo's
+    0.8% of the row's range).
     """
-    lo = ((q + 64) & 127) - 64
-    hi = (q - lo) >> 7
-    m, n = q.shape[0], wt.shape[1] // 2
-    acc = _int8_gemm(torch.cat([hi, lo]).to(torch.int8), wt).to(torch.float64)
+    m, n = hi.shape[0], wt.shape[1] // 2
+    acc = _int8_gemm(torch.cat([hi, lo]), wt).to(torch.float64)
     return acc[:m, :n] * 256 + acc[m:, :n] * 2 + acc[:m, n:]
 
 

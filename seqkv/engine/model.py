@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.decoders import locate_in_pmf
 from ..core.distribution import TOTAL
 from . import cpu_kernels, cuda_ops, tables
 from .intops import (
     RowGemm,
     int_matmul,
     isqrt,
-    quantize_rows,
     rshift_round,
     split_rows,
 )
@@ -33,28 +33,48 @@ from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
 
 QKV_FRAC = 12
 MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many keys
-FUSED_ATTENTION_MAX_STREAMS = 64  # decode groups up to this size use cuda_ops' kernel
+FUSED_ATTENTION_MAX_STREAMS = 256  # decode groups up to this size use cuda_ops' kernel
 
 
 def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
-    """Q16 [..., in] -> Q16 [..., out]: per-row int14 activations x int8 weights, exactly.
+    """Q16 [..., in] -> Q16 [..., out]: per-row int14 activations x int8 weights, exactly."""
+    shape = v.shape
+    rows = v.reshape(-1, shape[-1])
+    if v.device.type == "cpu":  # the same integers: one kernel (cpu_kernels) or intops.RowGemm
+        y = (cpu_kernels.linear(rows.contiguous(), lin.w, lin.scale, lin.bias)
+             if cpu_kernels.available() else RowGemm(rows, lin.w, lin.scale, lin.bias).all())
+    else:
+        y = split_linear(*split_rows(rows), lin)
+    return y.reshape(*shape[:-1], -1)
+
+
+def split_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
+                 lin: IntLinear) -> torch.Tensor:
+    """``linear`` of rows given as split_rows' int8 halves and scales: [M, in] -> Q16 [M, out].
 
     The rescaling runs in float64 on integers below 2**53 times powers of two: each step is
     exact, and the one rounding (to the nearest integer) is an IEEE-defined operation.
     """
-    shape = v.shape
-    if v.device.type == "cpu":  # the same integers: one kernel (cpu_kernels) or intops.RowGemm
-        rows = v.reshape(-1, shape[-1])
-        y = (cpu_kernels.linear(rows.contiguous(), lin.w, lin.scale, lin.bias)
-             if cpu_kernels.available() else RowGemm(rows, lin.w, lin.scale, lin.bias).all())
-        return y.reshape(*shape[:-1], -1)
-    q, k = quantize_rows(v.reshape(-1, shape[-1]))
-    acc = int_matmul(q, lin.w.t())
-    y = torch.round(acc * lin.scale * torch.ldexp(torch.ones_like(acc[:, :1]), k.unsqueeze(-1)))
+    acc = int_matmul(hi, lo, lin.w.t())
+    y = torch.round(acc * lin.scale * torch.ldexp(torch.ones_like(acc[:, :1]), k))
     y = y.to(torch.int64)
-    if lin.bias is not None:
-        y = y + lin.bias
-    return y.reshape(*shape[:-1], -1)
+    return y + lin.bias if lin.bias is not None else y
+
+
+def add_residual(h: torch.Tensor, delta: torch.Tensor | None,
+                 post: IntNorm | None) -> torch.Tensor:
+    """h + delta, delta first normed by ``post`` where the architecture has one (Gemma-3)."""
+    if delta is None:
+        return h
+    return h + (rms_norm(delta, post) if post is not None else delta)
+
+
+def residual_norm_split(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                        norm: IntNorm):
+    """h' = add_residual(h, delta, post), and rms_norm(h', norm)'s rows as split_rows' halves
+    for the next GEMM: the residual add, the norm and the split as one pass when compiled."""
+    h = add_residual(h, delta, post)
+    return (h, *split_rows(rms_norm(h, norm).reshape(-1, h.shape[-1])))
 
 
 def rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
@@ -81,6 +101,21 @@ def _table_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     idx = ((x + ((1 << (shift - 1)) + (n << shift))) >> shift).clamp_(0, 2 * n - 1)
     y = x.clamp(-(1 << 40), 1 << 40).mul_(table[idx])
     return y.add_(1 << (tables.SIGMOID_OUT - 1)).bitwise_right_shift_(tables.SIGMOID_OUT)
+
+
+def gated_activation(table: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of the MLP's [gate | up] rows, in Q16."""
+    half = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :half], gate_up[..., half:]
+    act = _table_lookup(table, gate).clamp_(-(1 << 30), 1 << 30)
+    act = act.mul_(up.clamp(-(1 << 30), 1 << 30))  # then rshift_round(act, FRAC):
+    return act.add_(1 << (FRAC - 1)).bitwise_right_shift_(FRAC)
+
+
+def activation_split(table: torch.Tensor, gate_up: torch.Tensor):
+    """split_rows of gated_activation's rows: one pass when compiled."""
+    act = gated_activation(table, gate_up)
+    return split_rows(act.reshape(-1, act.shape[-1]))
 
 
 class IntModel:
@@ -111,48 +146,79 @@ class IntModel:
                                         if cuda_ops.available(self.device) else 0)
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
-        # GEMM and rescaling as one Triton kernel (cuda_ops.int8_linear): exact, but half the
-        # speed of torch._int_mm plus compiled rescaling on the H200 (encode 53,395 vs 106,793
-        # tokens/s; benchmarks/results/engine_linear_h200.json), so off until it is tuned.
-        self.triton_linear = False
-        self._linear, self._rms_norm, self._table_lookup = linear, rms_norm, _table_lookup
-        self._split_rows = split_rows
+        # Every GEMM runs as one Triton kernel with the rescaling inside (cuda_ops.int8_linear):
+        # on the H200 it took half the time of torch._int_mm plus compiled rescaling from 1 to
+        # 1,024 rows, and the encoder's prefill ran 15% faster (BENCHMARKS.md).
+        self.triton_linear = cuda_ops.available(dev)
+        # GPUs split each GEMM's rows into int8 halves in the pass that makes them; CPUs split
+        # them inside the GEMM (intops.RowGemm). The same integers either way (tested).
+        self.split_before_gemm = dev.type != "cpu"
+        self.fused_locate = cuda_ops.available(dev)
+        self._linear, self._split_linear = linear, split_linear
+        self._rms_norm, self._add_residual = rms_norm, add_residual
+        self._residual_norm_split, self._activation_split = residual_norm_split, activation_split
+        self._gated_activation, self._split_rows = gated_activation, split_rows
         self.compiled = False
         if dev.type == "cpu":  # the same integers through cpu_kernels where they run
             self._rms_norm, self._attend = _cpu_rms_norm, self._cpu_attend
 
     def compile(self) -> IntModel:
-        """Fuse the elementwise work around each GEMM, the norms, rotary embedding, attention
-        and the distribution with torch.compile (inductor), for CUDA devices.
+        """Fuse the elementwise work between the GEMMs (residual adds, norms, the rows' split
+        for the next GEMM, rotary embedding, attention and the distribution) with
+        torch.compile (inductor), for CUDA devices.
 
         The integers stay the same: every fused operation is integer arithmetic or an IEEE
         operation on exact float64 integers, and on the H200 the compiled engine gave the
-        eager engine's golden frequency hash and decoded every token exactly, 2.9x faster at
-        1,024 streams and 3.9x at one (BENCHMARKS.md). Each new shape compiles once (~20 s
-        at first use); a decode group compiles a span's step before capturing it.
+        eager engine's golden frequency hash and decoded every token exactly (BENCHMARKS.md).
+        Each new shape compiles once (~20 s at first use); a decode group compiles a span's
+        step before capturing it.
         """
         if not self.compiled:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             fuse = lambda fn: torch.compile(fn, dynamic=False)  # noqa: E731
-            self._linear, self._rms_norm = fuse(linear), fuse(rms_norm)
-            self._split_rows = fuse(split_rows)
+            self._linear, self._split_linear = fuse(linear), fuse(split_linear)
+            self._rms_norm, self._add_residual = fuse(rms_norm), fuse(add_residual)
+            self._residual_norm_split = fuse(residual_norm_split)
+            self._activation_split = fuse(activation_split)
+            self._gated_activation, self._split_rows = fuse(gated_activation), fuse(split_rows)
             self._freq_plus_one = fuse(self._freq_plus_one)
-            self._table_lookup = fuse(_table_lookup)
-            self._rotate, self._attend, self.pmf = (fuse(self._rotate), fuse(self._attend),
-                                                   fuse(self.pmf))
+            self._heads, self._attend, self.pmf = (fuse(self._heads), fuse(self._attend),
+                                                  fuse(self.pmf))
             self.compiled = True
         return self
 
+    # -- GEMMs and what surrounds them ------------------------------------------------------
+    def _gemm(self, hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
+              lin: IntLinear) -> torch.Tensor:
+        if self.triton_linear:
+            return cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias)
+        return self._split_linear(hi, lo, k, lin)
+
     def linear(self, v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
-        """``linear`` (Q16 [..., in] -> Q16 [..., out]), as one Triton kernel on CUDA."""
-        if not self.triton_linear:
+        """``linear`` (Q16 [..., in] -> Q16 [..., out])."""
+        if not self.split_before_gemm:
             return self._linear(v, lin)
         shape = v.shape
-        hi, lo, k = self._split_rows(v.reshape(-1, shape[-1]))
-        y = cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias)
-        return y.reshape(*shape[:-1], -1)
+        return self._gemm(*self._split_rows(v.reshape(-1, shape[-1])), lin).reshape(
+            *shape[:-1], -1)
+
+    def norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                    norm: IntNorm, lin: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h', linear(rms_norm(h', norm), lin)) for h' = add_residual(h, delta, post)."""
+        if not self.split_before_gemm:
+            h = self._add_residual(h, delta, post)
+            return h, self._linear(self._rms_norm(h, norm), lin)
+        h, hi, lo, k = self._residual_norm_split(h, delta, post, norm)
+        return h, self._gemm(hi, lo, k, lin).reshape(*h.shape[:-1], -1)
+
+    def mlp_down(self, gate_up: torch.Tensor, down: IntLinear) -> torch.Tensor:
+        """The down projection of the gated activation of [gate | up]."""
+        if not self.split_before_gemm:
+            return self._linear(self._gated_activation(self.act_table, gate_up), down)
+        hi, lo, k = self._activation_split(self.act_table, gate_up)
+        return self._gemm(hi, lo, k, down).reshape(*gate_up.shape[:-1], -1)
 
     # -- tables ---------------------------------------------------------------------------
     def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,26 +253,34 @@ class IntModel:
         out = (x * cos).addcmul_(swapped, sin).add_(1 << (shift - 1))
         return out.bitwise_right_shift_(shift).clamp_(-self._qkv_limit, self._qkv_limit)
 
-    def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, pos: torch.Tensor, n_pos: int):
-        """Queries [B, Hkv, rep, T, d] and keys, values [B, Hkv, T, d] in Q12 at positions
-        pos [B, T] (all below n_pos)."""
+    def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, delta: torch.Tensor | None,
+             post: IntNorm | None, pos: torch.Tensor, n_pos: int, kv_dtype: torch.dtype):
+        """The residual stream h' = add_residual(h, delta, post), and queries [B, Hkv, rep, T,
+        d] and keys, values [B, Hkv, T, d] (as kv_dtype) in Q12 at positions pos [B, T] (all
+        below n_pos)."""
+        h, qkv = self.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
+        cos, sin = self.rope(self.spec.thetas[i], n_pos)
+        return (h, *self._heads(qkv, cos, sin, pos, layer.q_norm, layer.k_norm, kv_dtype))
+
+    def _heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+               q_norm: IntNorm | None, k_norm: IntNorm | None, kv_dtype: torch.dtype):
+        """Rows [B, T, (H + 2 Hkv) d] of the qkv projection as rotated Q12 queries (int64,
+        contiguous) and keys, values (kv_dtype): one pass when compiled."""
         s = self.spec
-        b, t = h.shape[:2]
-        qkv = self.linear(self._rms_norm(h, layer.attn_norm), layer.qkv)
+        b, t = qkv.shape[:2]
         nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
-        if layer.q_norm is None:  # queries and keys rotated together
+        if q_norm is None:  # queries and keys rotated together
             qk = qkv[..., : nq + nk].reshape(b, t, s.n_heads + s.n_kv, s.head_dim).transpose(1, 2)
         else:
             q = qkv[..., :nq].reshape(b, t, s.n_heads, s.head_dim).transpose(1, 2)
             k = qkv[..., nq : nq + nk].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
-            qk = torch.cat([self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm)], 1)
+            qk = torch.cat([rms_norm(q, q_norm), rms_norm(k, k_norm)], 1)
         v = qkv[..., nq + nk :].reshape(b, t, s.n_kv, s.head_dim).transpose(1, 2)
-        cos, sin = self.rope(s.thetas[i], n_pos)
         qk = self._rotate(qk, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
         q, k = qk[:, : s.n_heads], qk[:, s.n_heads :]
         v = rshift_round(v, FRAC - QKV_FRAC).clamp(-self._qkv_limit, self._qkv_limit)
-        rep = s.n_heads // s.n_kv
-        return q.reshape(b, s.n_kv, rep, t, s.head_dim), k, v
+        q = q.reshape(b, s.n_kv, s.n_heads // s.n_kv, t, s.head_dim).contiguous()
+        return q, k.to(kv_dtype), v.to(kv_dtype)
 
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """Softmax attention of Q12 queries [B, Hkv, rep, T, d] over Q12 keys/values
@@ -241,23 +315,16 @@ class IntModel:
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
 
     def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
-        att = self.linear(att, layer.o)
-        if layer.post_attn_norm is not None:
-            att = self._rms_norm(att, layer.post_attn_norm)
-        h = h + att
-        gu = self.linear(self._rms_norm(h, layer.mlp_norm), layer.gate_up)
-        half = gu.shape[-1] // 2
-        gate, up = gu[..., :half], gu[..., half:]
-        act = self._table_lookup(self.act_table, gate).clamp_(-(1 << 30), 1 << 30)
-        act = act.mul_(up.clamp(-(1 << 30), 1 << 30))  # then rshift_round(act, FRAC):
-        mlp = self.linear(act.add_(1 << (FRAC - 1)).bitwise_right_shift_(FRAC), layer.down)
-        if layer.post_mlp_norm is not None:
-            mlp = self._rms_norm(mlp, layer.post_mlp_norm)
-        return h + mlp
+        """The attention's projection added to h, and the MLP's output (the caller adds it,
+        normed by layer.post_mlp_norm, fused with the next norm)."""
+        h, gate_up = self.norm_linear(h, self.linear(att, layer.o), layer.post_attn_norm,
+                                      layer.mlp_norm, layer.gate_up)
+        return h, self.mlp_down(gate_up, layer.down)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Q16 logits of the last norm's output."""
-        return self.linear(self._rms_norm(h, self.w.final_norm), self.w.head)
+    def head(self, h: torch.Tensor, delta: torch.Tensor | None = None,
+             post: IntNorm | None = None) -> torch.Tensor:
+        """Q16 logits of the residual stream add_residual(h, delta, post)."""
+        return self.norm_linear(h, delta, post, self.w.final_norm, self.w.head)[1]
 
     def pmf(self, logits: torch.Tensor) -> torch.Tensor:
         """Integer frequencies [..., V + 2] summing to 2**PRECISION (distribution.py's layout:
@@ -279,6 +346,15 @@ class IntModel:
         total = p.sum(dim=-1, keepdim=True)
         freq = torch.add(total, p, alpha=budget).div_(total, rounding_mode="floor")
         return freq, (TOTAL - 2) - freq.sum(dim=-1, keepdim=True)
+
+    def locate(self, logits: torch.Tensor, quantile: torch.Tensor) -> torch.Tensor:
+        """(symbol, start, freq) [B, 3] of each quantile [B] under pmf(logits): the decoder's
+        next symbols. On CUDA four short Triton passes find it without building the [B, V]
+        frequency table (cuda_ops.locate; the same integers)."""
+        if self.fused_locate:
+            shift = FRAC - tables.EXP_STEP
+            return cuda_ops.locate(logits, quantile, self.exp_prob, shift, TOTAL)
+        return locate_in_pmf(self.pmf(logits), quantile)
 
     @torch.inference_mode()
     def intervals(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,19 +423,21 @@ class IntModel:
         pos = torch.arange(t, device=self.device).expand(b, t)
         budget = budget or (1 << (24 if self.device.type == "cpu" else 28))
         block = max(16, budget // max(1, b * self.spec.n_heads * t))
-        h = self.embed(ids)
+        h, mlp, post = self.embed(ids), None, None
+        kv_dtype = cache.dtype if cache is not None else torch.int64
         for i, layer in enumerate(self.w.layers):
-            q, k, v = self._qkv(layer, i, h, pos, t)
+            h, q, k, v = self._qkv(layer, i, h, mlp, post, pos, t, kv_dtype)
             if cache is not None:
-                cache.keys[i][:, :, :t] = k.to(cache.dtype)
-                cache.values[i][:, :, :t] = v.to(cache.dtype)
+                cache.keys[i][:, :, :t] = k
+                cache.values[i][:, :, :t] = v
             att = torch.cat([
                 self._attend(q[..., s:e, :], k[:, :, :e], v[:, :, :e],
                              self._allowed(pos[:, s:e], pos[:, :e], i))
                 for s, e in ((s, min(s + block, t)) for s in range(0, t, block))
             ], dim=1)
-            h = self._finish_layer(layer, h, att)
-        return h
+            h, mlp = self._finish_layer(layer, h, att)
+            post = layer.post_mlp_norm
+        return self._add_residual(h, mlp, post)
 
     def head_pmf(self, h: torch.Tensor, block: int | None = None):
         """Yield (row offset, pmf [n, V + 2]) for blocks of rows of hidden states h [N, hidden]."""
@@ -372,8 +450,8 @@ class IntModel:
         shape = (batch, s.n_kv, capacity, s.head_dim)
         self.prepare(capacity)
         # The fused kernel reads int32 keys and values (|x| < 2**23). On the H200 (compiled,
-        # 128-token streams) it beat the float64 GEMMs at 1 and 64 streams (+16%) and trailed
-        # them at 1,024 (-4%): benchmarks/results/engine_attention_h200.json.
+        # 128-token streams) it beat the float64 GEMMs at 1 to 256 streams (+16% at 1 and 64,
+        # +13% at 256) and trailed them at 1,024 (-4 to -10%).
         dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
         return StepCache(
             keys=[torch.zeros(shape, dtype=dtype, device=self.device)
@@ -394,11 +472,12 @@ class IntModel:
         s = self.spec
         kpos = torch.arange(span, device=self.device).expand(b, span)
         slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
-        h = self.embed(tokens.unsqueeze(1))
+        h, mlp, post = self.embed(tokens.unsqueeze(1)), None, None
         for i, layer in enumerate(self.w.layers):
-            q, k, v = self._qkv(layer, i, h, pos.unsqueeze(1), cache.capacity)
-            cache.keys[i].scatter_(2, slot, k.to(cache.dtype))
-            cache.values[i].scatter_(2, slot, v.to(cache.dtype))
+            h, q, k, v = self._qkv(layer, i, h, mlp, post, pos.unsqueeze(1), cache.capacity,
+                                   cache.dtype)
+            cache.keys[i].scatter_(2, slot, k)
+            cache.values[i].scatter_(2, slot, v)
             if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
                 att = cuda_ops.decode_attention(
                     q, cache.keys[i], cache.values[i], pos, s.windows[i], self.exp_attn_f,
@@ -407,8 +486,9 @@ class IntModel:
                 allowed = self._allowed(pos.unsqueeze(1), kpos, i)
                 att = self._attend(q, cache.keys[i][:, :, :span],
                                    cache.values[i][:, :, :span], allowed)
-            h = self._finish_layer(layer, h, att)
-        return self.head(h[:, 0])
+            h, mlp = self._finish_layer(layer, h, att)
+            post = layer.post_mlp_norm
+        return self.head(h[:, 0], mlp[:, 0], post)
 
 
 @dataclass
@@ -432,3 +512,4 @@ def _cpu_rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
     rows = h.reshape(-1, h.shape[-1]).contiguous()
     y = cpu_kernels.rms_norm(rows, norm.gain, FRAC - norm.frac, norm.eps32)
     return y.reshape(h.shape)
+
