@@ -27,6 +27,7 @@ other exception.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -130,6 +131,11 @@ def check(db: str, lm, sessions) -> int:
 
 
 def run_processes(target, args_of, n: int) -> list:
+    """``n`` forked processes, started together. The parent's objects (the model, torch) are
+    frozen out of the garbage collector first: a collection in a child would otherwise walk
+    (and copy, page by page) the whole inherited heap, a stall of the benchmark's own
+    processes that no writer or client of the store pays."""
+    gc.freeze()
     ctx = mp.get_context("fork")
     go, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args_of(i), go, out)) for i in range(n)]

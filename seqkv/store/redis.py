@@ -8,7 +8,8 @@ is still the one it read: Redis runs a script whole or not at all, so a writer k
 mid-write leaves nothing, and if the lock expired under a slow writer and another committed
 first, the commit is refused and the store retries the operation instead of losing an
 update. The commit script also releases the lock and wakes the next waiting writer: a write
-is three round trips under the lock (take it, read what changed, commit), not six.
+is two round trips under the lock (take it and read what changed since the writer last
+looked; commit), not six.
 """
 
 from __future__ import annotations
@@ -46,12 +47,23 @@ return out
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
             "redis.call('rpush', KEYS[2], '1') redis.call('ltrim', KEYS[2], 0, 0) "
             "redis.call('pexpire', KEYS[2], 60000) return 1 end return 0")
-# take the lock (KEYS[1]) and read the generation (KEYS[2]) in one round trip: nil if held
+# take the lock (KEYS[1]) and, in the same round trip, read the generation (KEYS[2]) and
+# what changed after generation ARGV[3] (the writer's; -1: nothing) as _CHANGES does (change
+# log KEYS[3], hashes ARGV[4] .. kind): nil if the lock is held
 _ACQUIRE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('get', KEYS[2]) or '0'
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
 end
-return false
+local out = {redis.call('get', KEYS[2]) or '0'}
+if tonumber(ARGV[3]) >= 0 and tonumber(out[1]) > tonumber(ARGV[3]) then
+  for _, m in ipairs(redis.call('zrangebyscore', KEYS[3], '(' .. ARGV[3], '+inf')) do
+    local sep = string.find(m, '\\0', 1, true)
+    out[#out + 1] = m
+    out[#out + 1] = redis.call('hget', ARGV[4] .. string.sub(m, 1, sep - 1),
+                               string.sub(m, sep + 1)) or false
+  end
+end
+return out
 """
 # commit: if the generation (KEYS[1]) is still ARGV[1], apply the puts and deletes (ARGV[5..]:
 # op, kind, key, value), log them (KEYS[4]), bump the generation, record the namespace
@@ -90,9 +102,12 @@ def _key(prefix: str, ns: str, kind: str) -> str:
 
 
 class _RedisTxn:
-    def __init__(self, r: redis.Redis, prefix: str, ns: str, generation: int) -> None:
+    def __init__(self, r: redis.Redis, prefix: str, ns: str, generation: int,
+                 since: int = -1, changed: list | None = None) -> None:
         self.r, self.prefix, self.ns, self.generation = r, prefix, ns, generation
         self.ops: list[tuple[str, str, str, bytes | None]] = []
+        # what changed after ``since``, read with the lock: (kind NUL key, value) pairs
+        self._since, self._changed = since, changed
 
     def read_kind(self, kind: str) -> dict[str, bytes]:
         return {k.decode(): v for k, v in self.r.hgetall(_key(self.prefix, self.ns, kind)).items()}
@@ -102,6 +117,8 @@ class _RedisTxn:
 
     def changes(self, since: int, kinds: tuple[str, ...]
                 ) -> dict[str, dict[str, bytes | None]]:
+        if since == self._since and self._changed is not None:
+            return _parse_changes(self._changed, kinds)  # read when the lock was taken
         return _changes(self.r, self.prefix, self.ns, since, kinds)[1]
 
     def put(self, kind: str, key: str, value: bytes) -> None:
@@ -115,12 +132,17 @@ def _changes(r: redis.Redis, prefix: str, ns: str, since: int, kinds: tuple[str,
              ) -> tuple[int, dict[str, dict[str, bytes | None]]]:
     reply = r.eval(_CHANGES, 2, _key(prefix, ns, "gen"), _key(prefix, ns, "changes"),
                    int(since), _key(prefix, ns, ""))
+    return int(reply[0]), _parse_changes(reply[1:], kinds)
+
+
+def _parse_changes(pairs: list, kinds: tuple[str, ...]) -> dict[str, dict[str, bytes | None]]:
+    """[kind NUL key, value or None, ...] -> {kind: {key: value}} for ``kinds``."""
     out: dict[str, dict[str, bytes | None]] = {k: {} for k in kinds}
-    for i in range(1, len(reply), 2):
-        kind, _, key = reply[i].decode().partition("\0")
+    for i in range(0, len(pairs), 2):
+        kind, _, key = pairs[i].decode().partition("\0")
         if kind in out:
-            out[kind][key] = reply[i + 1]
-    return int(reply[0]), out
+            out[kind][key] = pairs[i + 1]
+    return out
 
 
 class RedisBackend:
@@ -150,18 +172,22 @@ class RedisBackend:
             raise StoreError(f"Redis at {self.url}: {type(e).__name__}: {e}") from e
 
     @contextmanager
-    def transaction(self, ns: str) -> Iterator[_RedisTxn]:
-        with self._errors(), self._transaction(ns) as txn:
+    def transaction(self, ns: str, since: int = -1) -> Iterator[_RedisTxn]:
+        """``since``: the generation the writer holds; what changed after it is read with the
+        lock, in the same round trip (``txn.changes(since, ...)``)."""
+        with self._errors(), self._transaction(ns, since) as txn:
             yield txn
 
     @contextmanager
-    def _transaction(self, ns: str) -> Iterator[_RedisTxn]:
+    def _transaction(self, ns: str, since: int = -1) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
         wake, gen_key = _key(self.prefix, ns, "wake"), _key(self.prefix, ns, "gen")
         deadline = time.monotonic() + self.lock_wait
         while True:
-            gen = self._acquire(keys=[lock, gen_key], args=[token, int(self.lock_ttl * 1000)])
-            if gen is not None:
+            got = self._acquire(keys=[lock, gen_key, _key(self.prefix, ns, "changes")],
+                                args=[token, int(self.lock_ttl * 1000), int(since),
+                                      _key(self.prefix, ns, "")])
+            if got is not None:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -172,7 +198,7 @@ class RedisBackend:
             self.r.blpop([wake], timeout=min(left, 0.05))
         released = False
         try:
-            txn = _RedisTxn(self.r, self.prefix, ns, int(gen))
+            txn = _RedisTxn(self.r, self.prefix, ns, int(got[0]), int(since), got[1:])
             yield txn
             args: list = [txn.generation, token, _key(self.prefix, ns, ""), ns]
             for op, kind, key, value in txn.ops:

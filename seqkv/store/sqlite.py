@@ -251,7 +251,9 @@ class SqliteBackend:
             raise
 
     @contextmanager
-    def transaction(self, ns: str) -> Iterator[_SqliteTxn]:
+    def transaction(self, ns: str, since: int = -1) -> Iterator[_SqliteTxn]:
+        """(``since``, the generation the writer holds, is for backends that read what
+        changed with the lock; here ``txn.changes`` is one local query.)"""
         queued = self.queue.acquire(self.busy)
         try:
             with self._transaction(ns) as txn:

@@ -233,7 +233,7 @@ class Store:
                 self.refresh()
                 prepare()
             try:
-                with self.backend.transaction(self.ns) as txn:
+                with self.backend.transaction(self.ns, since=self._gen) as txn:
                     if txn.generation != self._gen:
                         since = self._gen
                         delta = txn.changes(since, KINDS) if 0 <= since < txn.generation else None
@@ -265,8 +265,8 @@ class Store:
             raise SeqkvError(f"token ids must be integers ({e})") from e
         if not ids:
             raise SeqkvError("nothing to store: zero tokens")
-        vocab = self.lm.vocab_size if self.lm is not None else self.vocab
-        if vocab is None:  # a store of an earlier version, opened without its model
+        vocab = self.vocab  # the model's, recorded in the store's meta
+        if vocab is None:  # a store of an earlier version
             vocab = self._need_model().vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise SeqkvError(f"token id out of range for a vocabulary of {vocab}")
