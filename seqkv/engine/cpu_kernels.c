@@ -4,7 +4,8 @@
  * one of the IEEE operations the torch code performs on exact float64 integers: a multiply,
  * a division, floor and round-half-to-even. Built with -ffp-contract=off (no FMA contraction)
  * and without -ffast-math, so each of those rounds exactly as torch's does on any machine.
- * cpu_kernels.py compiles this file at first use and checks it against the torch code.
+ * cpu_kernels.py compiles this file at first use and probes its GEMM against intops.RowGemm;
+ * tests/test_engine.py checks every kernel against the torch code.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -18,6 +19,12 @@
 #endif
 
 typedef int64_t i64;
+
+/* torch's thread count (cpu_kernels.py sets it when it changes): OpenMP's own default holds
+ * per OS thread, and a kernel called from another Python thread would not follow torch's. */
+static int threads = 1;
+
+void set_threads(i64 n) { threads = n > 0 ? (int)n : 1; }
 
 static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
     i64 q = a / b;
@@ -148,10 +155,10 @@ void linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int
     double *pow2 = malloc((size_t)rows * sizeof(double));
     for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
         i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
-#pragma omp parallel for schedule(static) if (nr > 8)
+#pragma omp parallel for schedule(static) num_threads(threads) if (nr > 8)
         for (i64 r = 0; r < nr; r++)
             split_row(v + (r0 + r) * ldv, k, kp, hi + r * kp, lo + r * kp, pow2 + r);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (i64 t = 0; t < tiles; t++) {
             const int8_t *tile = packed + t * 2 * k4 * 64;
             for (i64 j = 0; j < nr; j += MB) {
@@ -174,7 +181,7 @@ void linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int
 /* Rows: for i < m and g < groups, the d values at h + i * ldh + g * d (a row of heads). */
 void rms_norm(const i64 *h, i64 m, i64 groups, i64 d, i64 ldh, const i64 *gain, i64 s,
               i64 eps32, i64 *out, i64 ldo) {
-#pragma omp parallel for schedule(static) if (m * groups > 16)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m * groups > 16)
     for (i64 r = 0; r < m * groups; r++) {
         const i64 *x = h + (r / groups) * ldh + (r % groups) * d;
         i64 *y = out + (r / groups) * ldo + (r % groups) * d;
@@ -214,7 +221,7 @@ void gated_activation(const i64 *gu, i64 m, i64 width, const i64 *table, i64 n2,
                       i64 in_bits, i64 out_bits, i64 *out) {
     i64 n = n2 / 2, shift = frac - in_bits, lim = (i64)1 << 30, big = (i64)1 << 40;
     i64 add = ((i64)1 << (shift - 1)) + (n << shift);
-#pragma omp parallel for schedule(static) if (m > 4)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 4)
     for (i64 r = 0; r < m; r++) {
         const i64 *gate = gu + r * 2 * width, *up = gate + width;
         i64 *y = out + r * width;
@@ -275,7 +282,7 @@ void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64
     i64 rep = heads / kv, keys = 0;
     for (i64 s = 0; s < b; s++) keys += pos[s] + 1;
     /* threads only where there is work for them: a short stream's step stays on one */
-#pragma omp parallel for schedule(static) if (keys * heads * d > (1 << 18))
+#pragma omp parallel for schedule(static) num_threads(threads) if (keys * heads * d > (1 << 18))
     for (i64 sh = 0; sh < b * heads; sh++) {
         i64 s = sh / heads, hh = sh % heads, g = hh / rep, p = pos[s];
         i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
@@ -337,7 +344,7 @@ static void row_freq(const i64 *x, i64 v, const i64 *exp_prob, i64 n_exp, i64 sh
 void pmf_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *exp_prob, i64 n_exp,
               i64 shift, i64 total_all, i64 *out) {
     i64 budget = total_all - (v + 2);
-#pragma omp parallel for schedule(static) if (m > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 1)
     for (i64 r = 0; r < m; r++) {
         i64 *o = out + r * (v + 2), top, rem;
         row_freq(logits + r * ld, v, exp_prob, n_exp, shift, budget, total_all, o + 1, &top, &rem);
@@ -352,7 +359,7 @@ void interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
                    const i64 *exp_prob, i64 n_exp, i64 shift, i64 total_all, i64 *start,
                    i64 *freq) {
     i64 budget = total_all - (v + 2);
-#pragma omp parallel if (m > 1)
+#pragma omp parallel num_threads(threads) if (m > 1)
     {
         i64 *f = malloc((size_t)v * sizeof(i64));
 #pragma omp for schedule(static)
@@ -365,32 +372,6 @@ void interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
             start[r] = below + 1 + (top < t ? rem : 0);
         }
         free(f);
-    }
-}
-
-/* -- a prefill's attention weights (the middle of model._attend) -------------------------------- */
-/* scores float64 [rows, s] (exact integers) -> the table's weights in place (0 where the mask
- * is 0), and each row's sum into total; row r's mask row is mask + ((r / per) * t + r % t) * s
- * (rows ordered batch, heads, queries; per = rows per batch entry). */
-void attention_weights(double *scores, i64 rows, i64 s, i64 t, i64 per, const uint8_t *mask,
-                       const double *exp_table, i64 n_exp, double index_scale, double *total) {
-#pragma omp parallel for schedule(static) if (rows > 8)
-    for (i64 r = 0; r < rows; r++) {
-        double *x = scores + r * s;
-        const uint8_t *ok = mask + ((r / per) * t + r % t) * s;
-        double best = -INFINITY, sum = 0.0;
-        for (i64 j = 0; j < s; j++)
-            if (ok[j] && x[j] > best) best = x[j];
-        for (i64 j = 0; j < s; j++) {
-            double w = 0.0;
-            if (ok[j]) {
-                double f = floor((best - x[j]) * index_scale);
-                w = exp_table[f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f];
-            }
-            x[j] = w;
-            sum += w;
-        }
-        total[r] = sum;
     }
 }
 
@@ -410,4 +391,86 @@ void norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i
     }
     rms_norm(h, m, 1, k, k, gain, s, eps32, tmp, k);
     linear(tmp, m, k, k, packed, rowsum, n, scale, bias, out, n);
+}
+
+/* -- a prefill's attention (model._attend) -------------------------------------------------- */
+/* q int64 [b, kv, rep, t, d], k and v int64 [b, kv, s, d] (contiguous), mask [b, t, s] (1 where
+ * visible) -> out int64 [b, t, kv * rep * d]. Scores and weighted sums are float64 sums of
+ * exact integer products below 2**53 (exact in any order, as the torch GEMMs' are), over each
+ * row's visible keys only; the weights, the division and the rounding are _attend's. */
+void prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i64 rep, i64 t,
+                       i64 s, i64 d, const uint8_t *mask, const double *exp_table, i64 n_exp,
+                       double index_scale, double out_mult, i64 *out) {
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (b * kv > 1)
+    for (i64 bg = 0; bg < b * kv; bg++) {
+        i64 bi = bg / kv, g = bg % kv;
+        double *kt = malloc((size_t)(2 * s * d + 2 * s + d) * sizeof(double));
+        double *vd = kt + s * d, *sc = vd + s * d, *w = sc + s, *acc = w + s;
+        const i64 *kb = k + bg * s * d, *vb = v + bg * s * d;
+        for (i64 j = 0; j < s; j++)
+            for (i64 i = 0; i < d; i++) {
+                kt[i * s + j] = (double)kb[j * d + i];
+                vd[j * d + i] = (double)vb[j * d + i];
+            }
+        for (i64 r = 0; r < rep; r++)
+            for (i64 tt = 0; tt < t; tt++) {
+                const i64 *qr = q + (((bg * rep) + r) * t + tt) * d;
+                const uint8_t *ok = mask + (bi * t + tt) * s;
+                i64 lo = 0, hi = s - 1;
+                while (lo < s && !ok[lo]) lo++;
+                while (hi >= lo && !ok[hi]) hi--;
+                i64 *o = out + (bi * t + tt) * kv * rep * d + (g * rep + r) * d;
+                if (lo > hi) { /* nothing visible: _attend's 0 / 0 never arises in the engine */
+                    for (i64 i = 0; i < d; i++) o[i] = 0;
+                    continue;
+                }
+                double qd[512];
+                for (i64 i = 0; i < d; i++) qd[i] = (double)qr[i];
+                i64 j0 = lo;
+                for (; j0 + 32 <= hi + 1; j0 += 32) { /* 32 scores in registers */
+                    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+                    for (i64 i = 0; i < d; i++) {
+                        __m512d qi = _mm512_set1_pd(qd[i]);
+                        const double *row = kt + i * s + j0;
+                        a0 = _mm512_add_pd(a0, _mm512_mul_pd(qi, _mm512_loadu_pd(row)));
+                        a1 = _mm512_add_pd(a1, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 8)));
+                        a2 = _mm512_add_pd(a2, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 16)));
+                        a3 = _mm512_add_pd(a3, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 24)));
+                    }
+                    _mm512_storeu_pd(sc + j0, a0);
+                    _mm512_storeu_pd(sc + j0 + 8, a1);
+                    _mm512_storeu_pd(sc + j0 + 16, a2);
+                    _mm512_storeu_pd(sc + j0 + 24, a3);
+                }
+                for (; j0 <= hi; j0 += 8) { /* then 8 at a time, the last ones masked */
+                    __mmask8 mk = hi + 1 - j0 >= 8 ? 0xff : (__mmask8)((1u << (hi + 1 - j0)) - 1);
+                    __m512d a0 = _mm512_setzero_pd();
+                    for (i64 i = 0; i < d; i++)
+                        a0 = _mm512_add_pd(a0, _mm512_mul_pd(_mm512_set1_pd(qd[i]),
+                                                             _mm512_maskz_loadu_pd(mk, kt + i * s + j0)));
+                    _mm512_mask_storeu_pd(sc + j0, mk, a0);
+                }
+                double best = -INFINITY, total = 0.0;
+                for (i64 j = lo; j <= hi; j++)
+                    if (ok[j] && sc[j] > best) best = sc[j];
+                for (i64 j = lo; j <= hi; j++) {
+                    double p = 0.0;
+                    if (ok[j]) {
+                        double f = floor((best - sc[j]) * index_scale);
+                        p = exp_table[f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f];
+                    }
+                    w[j] = p;
+                    total += p;
+                }
+                for (i64 i = 0; i < d; i++) acc[i] = 0.0;
+                for (i64 j = lo; j <= hi; j++) {
+                    double p = w[j];
+                    if (p == 0.0) continue;
+                    const double *vr = vd + j * d;
+                    for (i64 i = 0; i < d; i++) acc[i] += p * vr[i];
+                }
+                for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
+            }
+        free(kt);
+    }
 }

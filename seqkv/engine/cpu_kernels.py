@@ -27,8 +27,10 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-ma
 _lib: ctypes.CDLL | None = None
 _tried = False
 _enabled = True
+_threads = 0
 _i64, _ptr, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 _SIGNATURES = {
+    "set_threads": [_i64],
     "pack_weights": [_ptr, _i64, _i64, _ptr, _ptr],
     "linear": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64],
     "rms_norm": [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64],
@@ -37,9 +39,10 @@ _SIGNATURES = {
     "decode_attention": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                          _ptr, _ptr, _i64, _i64, _ptr, _i64, _f64, _f64, _ptr, _ptr],
     "pmf_rows": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr],
-    "attention_weights": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _f64, _ptr],
     "norm_linear": [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64,
                     _ptr, _ptr, _ptr, _ptr],
+    "prefill_attention": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64,
+                          _f64, _f64, _ptr],
     "interval_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr],
 }
 
@@ -76,16 +79,45 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
+def _probe(lib: ctypes.CDLL) -> bool:
+    """The kernel GEMM against intops.RowGemm on saturated weights and extreme rows: a build
+    that differs is not used."""
+    from .intops import RowGemm
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 37, 70
+    w = torch.randint(-127, 128, (2 * n, k), dtype=torch.int8, generator=g)
+    w[0], w[1], w[n] = 127, -127, -127
+    scale = torch.ldexp(torch.randint(1 << 14, 1 << 15, (n,), generator=g).double(),
+                        -torch.randint(12, 40, (n,), generator=g))
+    bias = torch.randint(-(1 << 30), 1 << 30, (n,), generator=g)
+    v = torch.randint(-(1 << 45), 1 << 45, (5, k), generator=g)
+    v[0], v[1], v[2, ::3] = 0, 1 << 13, -(1 << 50)
+    tile = torch.empty(3 * 2 * 18 * 64, dtype=torch.int8)
+    rowsum = torch.empty(3 * 32, dtype=torch.int32)
+    lib.pack_weights(w.data_ptr(), n, k, tile.data_ptr(), rowsum.data_ptr())
+    out = torch.empty((5, n), dtype=torch.int64)
+    lib.linear(v.data_ptr(), 5, k, k, tile.data_ptr(), rowsum.data_ptr(), n, scale.data_ptr(),
+               bias.data_ptr(), out.data_ptr(), n)
+    return torch.equal(out, RowGemm(v, w, scale, bias).all())
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built or are switched off."""
-    global _lib, _tried
+    """The compiled kernels, or None where they cannot be built or are switched off; their
+    thread count follows torch.get_num_threads()."""
+    global _lib, _tried, _threads
     if not _tried:
         _tried = True
         if os.environ.get("SEQKV_CPU_KERNELS", "1") != "0":
             try:
                 _lib = _build()
+                _lib = _lib if _probe(_lib) else None
             except (OSError, subprocess.SubprocessError):
                 _lib = None
+    n = torch.get_num_threads()
+    if _lib is not None and n != _threads:
+        _lib.set_threads(n)
+        _threads = n
     return _lib
 
 
@@ -200,13 +232,17 @@ def interval_rows(logits: torch.Tensor, tokens: torch.Tensor, exp_prob: torch.Te
     return start, freq
 
 
-def attention_weights(scores: torch.Tensor, allowed: torch.Tensor, exp_table: torch.Tensor,
-                      index_scale: float) -> torch.Tensor:
-    """model._attend's weights, in place of the float64 scores [B, ..., T, S] (contiguous),
-    visible where allowed [B, T, S] (bool, contiguous); returns their sums [B, ..., T, 1]."""
-    b, t, s = allowed.shape
-    rows = scores.numel() // s
-    total = torch.empty(scores.shape[:-1] + (1,), dtype=torch.float64)
-    library().attention_weights(_p(scores), rows, s, t, rows // b, _p(allowed), _p(exp_table),
-                                exp_table.shape[0], index_scale, _p(total))
-    return total
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                      exp_table: torch.Tensor, index_scale: float,
+                      out_mult: float) -> torch.Tensor:
+    """model._attend for int64 queries [B, Hkv, rep, T, d], keys and values [B, Hkv, S, d] and
+    visibility allowed [B, 1, 1, T, S]: Q16 [B, T, Hkv * rep * d]."""
+    b, hkv, rep, t, d = q.shape
+    s = k.shape[2]
+    q, k, v = (x.to(torch.int64).contiguous() for x in (q, k, v))
+    mask = allowed.expand(b, 1, 1, t, s).reshape(b, t, s).contiguous()
+    out = torch.empty((b, t, hkv * rep * d), dtype=torch.int64)
+    library().prefill_attention(_p(q), _p(k), _p(v), b, hkv, rep, t, s, d, _p(mask),
+                                _p(exp_table), exp_table.shape[0], index_scale, out_mult,
+                                _p(out))
+    return out

@@ -160,7 +160,8 @@ class IntModel:
         self._gated_activation, self._split_rows = gated_activation, split_rows
         self.compiled = False
         if dev.type == "cpu":  # the same integers through cpu_kernels where they run
-            self._rms_norm, self._attend = _cpu_rms_norm, self._cpu_attend
+            self._rms_norm, self._gated_activation = _cpu_rms_norm, _cpu_gated_activation
+            self._attend = self._cpu_attend
 
     def compile(self) -> IntModel:
         """Fuse the elementwise work between the GEMMs (residual adds, norms, the rows' split
@@ -301,18 +302,11 @@ class IntModel:
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
 
     def _cpu_attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-        """``_attend`` on CPUs: the same GEMMs, the weights between them in one kernel pass."""
+        """``_attend`` on CPUs as one kernel over each query's visible keys (the same integers)."""
         if not cpu_kernels.available():
             return IntModel._attend(self, q, k, v, allowed)
-        b, hkv, rep, t, d = q.shape
-        scores = torch.matmul(q.reshape(b, hkv, rep * t, d).to(torch.float64),
-                              k.transpose(-1, -2).to(torch.float64)).contiguous()
-        mask = allowed.expand(b, 1, 1, t, scores.shape[-1]).reshape(b, t, -1).contiguous()
-        total = cpu_kernels.attention_weights(scores, mask, self.exp_attn_f, self._index_scale)
-        out = torch.matmul(scores, v.to(torch.float64)).reshape(b, hkv, rep, t, d)
-        out = torch.round(out * (1 << (FRAC - QKV_FRAC)) / total.reshape(b, hkv, rep, t, 1))
-        out = out.to(torch.int64)
-        return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
+        return cpu_kernels.prefill_attention(q, k, v, allowed, self.exp_attn_f, self._index_scale,
+                                             float(1 << (FRAC - QKV_FRAC)))
 
     def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
         """The attention's projection added to h, and the MLP's output (the caller adds it,
@@ -513,3 +507,10 @@ def _cpu_rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
     y = cpu_kernels.rms_norm(rows, norm.gain, FRAC - norm.frac, norm.eps32)
     return y.reshape(h.shape)
 
+
+def _cpu_gated_activation(table: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    if not cpu_kernels.available():
+        return gated_activation(table, gate_up)
+    rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+    y = cpu_kernels.gated_activation(rows, table, FRAC, tables.SIGMOID_IN, tables.SIGMOID_OUT)
+    return y.reshape(*gate_up.shape[:-1], -1)
