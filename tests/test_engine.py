@@ -200,6 +200,28 @@ def test_cpu_kernels_give_the_torch_integers(name):
 
 
 @needs_kernels
+def test_cpu_attention_kernel_equals_the_torch_attention(llama):
+    """The prefill attention kernel gives _attend's integers: head widths on and off its
+    64-column blocks, causal and sliding-window visibility, queries past the first key."""
+    model = IntModel(integerize(llama.model))
+    g = torch.Generator().manual_seed(10)
+    qpos, kpos = torch.arange(5, 42).expand(2, 37), torch.arange(42).expand(2, 42)
+    for d, bits in ((64, 12), (80, 12), (16, 20)):
+        q = torch.randint(-(1 << bits), 1 << bits, (2, 2, 3, 37, d), generator=g)
+        k, v = (torch.randint(-(1 << bits), 1 << bits, (2, 2, 42, d), generator=g)
+                for _ in range(2))
+        for window in (0, 9):
+            ok = (kpos[:, None, :] <= qpos[:, :, None])
+            if window:
+                ok &= qpos[:, :, None] - kpos[:, None, :] < window
+            allowed = ok[:, None, None]
+            want = IntModel._attend(model, q, k, v, allowed)
+            got = cpu_kernels.prefill_attention(q, k, v, allowed, model.exp_attn_f,
+                                                model._index_scale, 16.0)
+            assert torch.equal(got, want), (d, window)
+
+
+@needs_kernels
 def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
     """The kernel GEMM and rescaling give RowGemm's integers: saturated weights, rows of zeros
     and of extreme values, widths off the kernel's tiles, row counts across its blocks."""

@@ -463,11 +463,23 @@ void prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, 
                     total += p;
                 }
                 for (i64 i = 0; i < d; i++) acc[i] = 0.0;
-                for (i64 j = lo; j <= hi; j++) {
+                for (i64 c = 0; c + 64 <= d; c += 64) { /* 64 columns in registers */
+                    __m512d a[8];
+                    for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_pd();
+                    for (i64 j = lo; j <= hi; j++) {
+                        if (w[j] == 0.0) continue;
+                        __m512d p = _mm512_set1_pd(w[j]);
+                        const double *vr = vd + j * d + c;
+                        for (int u = 0; u < 8; u++)
+                            a[u] = _mm512_add_pd(a[u], _mm512_mul_pd(p, _mm512_loadu_pd(vr + 8 * u)));
+                    }
+                    for (int u = 0; u < 8; u++) _mm512_storeu_pd(acc + c + 8 * u, a[u]);
+                }
+                for (i64 j = lo; j <= hi && d % 64; j++) { /* the columns past the last 64 */
                     double p = w[j];
                     if (p == 0.0) continue;
                     const double *vr = vd + j * d;
-                    for (i64 i = 0; i < d; i++) acc[i] += p * vr[i];
+                    for (i64 i = d - d % 64; i < d; i++) acc[i] += p * vr[i];
                 }
                 for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
             }
