@@ -57,14 +57,19 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build() -> ctypes.CDLL | None:
-    from ..core.models import cache_dir
+def _cache_dir() -> Path:
+    """core.models.cache_dir()'s directory (the engine does not import the layer above it)."""
+    root = os.environ.get("SEQKV_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqkv")
+    return Path(root)
 
+
+def _build() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
     key = hashlib.blake2b(source + repr((compiler, _FLAGS, _cpu_flags())).encode(),
                           digest_size=8).hexdigest()
-    path = cache_dir() / "kernels" / f"engine_cpu_{key}.so"
+    path = _cache_dir() / "kernels" / f"engine_cpu_{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
