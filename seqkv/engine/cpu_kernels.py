@@ -69,14 +69,19 @@ def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.blake2b(source + repr((compiler, _FLAGS, _cpu_flags())).encode(),
                           digest_size=8).hexdigest()
-    path = _cache_dir() / "kernels" / f"engine_cpu_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(out, path)
+    for root in (_cache_dir() / "kernels", Path(tempfile.gettempdir()) / "seqkv-kernels"):
+        path = root / f"engine_cpu_{key}.so"
+        try:
+            if not path.exists():
+                root.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=root) as tmp:
+                    out = Path(tmp) / path.name
+                    subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
+                                   check=True, capture_output=True, timeout=120)
+                    os.replace(out, path)
+            break
+        except PermissionError:  # a read-only cache: build in the temporary directory
+            continue
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
