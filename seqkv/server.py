@@ -447,9 +447,8 @@ def compactor_main() -> None:
         pass  # not Linux: the closed stdin still stops it once the server is gone
     if os.getppid() != args["parent"]:
         return  # the server died before the line above
-    try:  # run only on CPU time the server leaves idle (Linux), its threads included
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
+    idle = _scheduling(idle=True)  # CPU time the server leaves idle; its threads inherit it
+    if not idle:
         with contextlib.suppress(OSError):
             os.nice(19)
     from .core.models import load_model
@@ -467,11 +466,41 @@ def compactor_main() -> None:
             try:
                 if ns not in stores:
                     stores[ns] = Store(args["db"], lm, ns)
+                    if idle:
+                        _normal_while_locked(stores[ns].backend)
                 stores[ns].compact(batch=args["batch"], max_rounds=4)
             except NoStoreError:
                 pass  # nothing written yet
             except Exception as e:  # noqa: BLE001 - keep compacting; report and go on
                 log.warning("background compaction of %r failed: %s", ns, e)
+
+
+def _scheduling(idle: bool) -> bool:
+    """This thread to SCHED_IDLE (or back to the normal policy); False where not possible."""
+    try:
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def _normal_while_locked(backend) -> None:
+    """The compactor takes the store's write lock only to swap coded edges in (no model
+    work); it does so at the normal priority, so that a busy server cannot starve it of the
+    CPU while its own writer waits for that lock (a priority inversion)."""
+    transaction = backend.transaction
+
+    @contextlib.contextmanager
+    def at_normal_priority(*args, **kwargs):
+        _scheduling(idle=False)
+        try:
+            with transaction(*args, **kwargs) as txn:
+                yield txn
+        finally:
+            _scheduling(idle=True)
+
+    backend.transaction = at_normal_priority
 
 
 class ModelUnavailable(SeqkvError):
