@@ -299,3 +299,26 @@ def test_writers_queue_in_the_kernel_and_a_long_wait_says_busy(tmp_path, llama, 
         os.close(fd)
     writer.put("b", [5, 6, 8])  # the abandoned wait left nothing held
     assert Store(path, None).sessions() == ["a", "b", "c"]
+
+
+def test_redis_lock_goes_first_come_first_served_and_a_dead_waiter_is_skipped(db, llama):  # noqa: F811
+    """Redis: a writer that finds the lock held queues; only the queue's head may take the
+    free lock (a newcomer cannot jump ahead of a waiter still asking), and a waiter that
+    stopped asking (killed) is dropped from the head after 250 ms."""
+    if not db.startswith("redis://"):
+        pytest.skip("Redis only")
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("a", [5, 6, 7])
+    r, ns = s.backend.r, s.ns
+    queue, asked = _key(s.backend.prefix, ns, "queue"), _key(s.backend.prefix, ns, "asked")
+    sec, usec = r.time()
+    now = sec * 1000 + usec // 1000
+    r.rpush(queue, "earlier-waiter")
+    r.hset(asked, "earlier-waiter", now + 60_000)  # still asking, as far as the lock knows
+    s.backend.lock_wait = 0.3
+    with pytest.raises(StoreBusyError):  # the lock is free, but it is not our turn
+        s.put("b", [5, 6, 8])
+    r.hset(asked, "earlier-waiter", now - 1_000)  # it stopped asking: killed
+    s.backend.lock_wait = 10
+    s.put("b", [5, 6, 8])
+    assert s.get_ids("b") == [5, 6, 8] and r.lrange(queue, 0, -1) == []

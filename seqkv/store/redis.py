@@ -9,7 +9,10 @@ mid-write leaves nothing, and if the lock expired under a slow writer and anothe
 first, the commit is refused and the store retries the operation instead of losing an
 update. The commit script also releases the lock and wakes the next waiting writer: a write
 is two round trips under the lock (take it and read what changed since the writer last
-looked; commit), not six.
+looked; commit), not six. Waiting writers queue and get the lock first come, first served
+(the release wakes the queue's head; a newcomer may not take a free lock ahead of it), so
+no writer loses it several times in a row; a waiter that stops asking (killed) is dropped
+from the queue after 250 ms.
 """
 
 from __future__ import annotations
@@ -42,24 +45,59 @@ for _, m in ipairs(members) do
 end
 return out
 """
-# release the lock if still ours, and wake the longest-waiting writer (BLPOP serves blocked
-# clients first come, first served); at most one wake token is kept for a writer yet to block
-_RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-            "redis.call('rpush', KEYS[2], '1') redis.call('ltrim', KEYS[2], 0, 0) "
-            "redis.call('pexpire', KEYS[2], 60000) return 1 end return 0")
-# take the lock (KEYS[1]) and, in the same round trip, read the generation (KEYS[2]) and
-# what changed after generation ARGV[3] (the writer's; -1: nothing) as _CHANGES does (change
-# log KEYS[3], hashes ARGV[4] .. kind): nil if the lock is held
-_ACQUIRE = """
-if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+# The lock is handed over first come, first served: a writer that finds it held joins the
+# namespace's queue (KEYS[4], a list of tokens; KEYS[5]: when each last asked, ms) and
+# waits on its own wake key (ARGV[4] .. token, pushed by the release); only the queue's head
+# may take a free lock. A waiter that stopped asking for 250 ms (killed, or gave up) is
+# dropped from the head. ARGV[1]: this writer's token.
+_QUEUE = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local head = redis.call('lindex', KEYS[4], 0)
+while head and head ~= ARGV[1] and
+      now - tonumber(redis.call('hget', KEYS[5], head) or '0') > 250 do
+  redis.call('lpop', KEYS[4])
+  redis.call('hdel', KEYS[5], head)
+  head = redis.call('lindex', KEYS[4], 0)
+end
+if redis.call('exists', KEYS[1]) == 1 or (head and head ~= ARGV[1]) then
+  if not redis.call('hget', KEYS[5], ARGV[1]) then
+    redis.call('rpush', KEYS[4], ARGV[1])
+  end
+  redis.call('hset', KEYS[5], ARGV[1], now)
+  redis.call('pexpire', KEYS[4], 60000)
+  redis.call('pexpire', KEYS[5], 60000)
   return false
 end
+if head == ARGV[1] then
+  redis.call('lpop', KEYS[4])
+end
+redis.call('hdel', KEYS[5], ARGV[1])
+"""
+# release the lock (KEYS[1]) if still ours (ARGV[1]) and wake the queue's head (KEYS[2];
+# its wake key: ARGV[2] .. token)
+_WAKE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  local head = redis.call('lindex', KEYS[2], 0)
+  if head then
+    redis.call('rpush', ARGV[2] .. head, '1')
+    redis.call('pexpire', ARGV[2] .. head, 1000)
+  end
+end
+"""
+_RELEASE = _WAKE + "return 0"
+# take the lock (KEYS[1]) if free and this writer's turn and, in the same round trip, read
+# the generation (KEYS[2]) and what changed after generation ARGV[3] (the writer's; -1:
+# nothing) as _CHANGES does (change log KEYS[3], hashes ARGV[5] .. kind): nil if not taken
+_ACQUIRE = _QUEUE + """
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local out = {redis.call('get', KEYS[2]) or '0'}
 if tonumber(ARGV[3]) >= 0 and tonumber(out[1]) > tonumber(ARGV[3]) then
   for _, m in ipairs(redis.call('zrangebyscore', KEYS[3], '(' .. ARGV[3], '+inf')) do
     local sep = string.find(m, '\\0', 1, true)
     out[#out + 1] = m
-    out[#out + 1] = redis.call('hget', ARGV[4] .. string.sub(m, 1, sep - 1),
+    out[#out + 1] = redis.call('hget', ARGV[5] .. string.sub(m, 1, sep - 1),
                                string.sub(m, sep + 1)) or false
   end
 end
@@ -67,8 +105,8 @@ return out
 """
 # commit: if the generation (KEYS[1]) is still ARGV[1], apply the puts and deletes (ARGV[5..]:
 # op, kind, key, value), log them (KEYS[4]), bump the generation, record the namespace
-# (KEYS[5]); either way release the lock (KEYS[2]) if still ours (token ARGV[2]) and wake a
-# waiting writer (KEYS[3]), as _RELEASE does. Returns 1 committed, 0 refused.
+# (KEYS[5]); either way release the lock (KEYS[2], token ARGV[2]) and wake the queue's head
+# (KEYS[3], wake keys ARGV[3] .. "wake:" .. token), as _RELEASE does. 1 committed, 0 refused.
 _COMMIT = """
 local gen = redis.call('get', KEYS[1]) or '0'
 local ok = 0
@@ -89,9 +127,11 @@ if gen == ARGV[1] then
 end
 if redis.call('get', KEYS[2]) == ARGV[2] then
   redis.call('del', KEYS[2])
-  redis.call('rpush', KEYS[3], '1')
-  redis.call('ltrim', KEYS[3], 0, 0)
-  redis.call('pexpire', KEYS[3], 60000)
+  local head = redis.call('lindex', KEYS[3], 0)
+  if head then
+    redis.call('rpush', ARGV[3] .. 'wake:' .. head, '1')
+    redis.call('pexpire', ARGV[3] .. 'wake:' .. head, 1000)
+  end
 end
 return ok
 """
@@ -181,11 +221,13 @@ class RedisBackend:
     @contextmanager
     def _transaction(self, ns: str, since: int = -1) -> Iterator[_RedisTxn]:
         lock, token = _key(self.prefix, ns, "lock"), secrets.token_hex(8)
-        wake, gen_key = _key(self.prefix, ns, "wake"), _key(self.prefix, ns, "gen")
+        gen_key, queue = _key(self.prefix, ns, "gen"), _key(self.prefix, ns, "queue")
+        wake = _key(self.prefix, ns, "wake:")  # + a token: each waiter's own
         deadline = time.monotonic() + self.lock_wait
         while True:
-            got = self._acquire(keys=[lock, gen_key, _key(self.prefix, ns, "changes")],
-                                args=[token, int(self.lock_ttl * 1000), int(since),
+            got = self._acquire(keys=[lock, gen_key, _key(self.prefix, ns, "changes"), queue,
+                                      _key(self.prefix, ns, "asked")],
+                                args=[token, int(self.lock_ttl * 1000), int(since), wake,
                                       _key(self.prefix, ns, "")])
             if got is not None:
                 break
@@ -193,9 +235,9 @@ class RedisBackend:
             if left <= 0:
                 raise StoreBusyError(f"store busy, retry: namespace {ns!r} stayed locked by "
                                      f"other writers for {self.lock_wait:g} s")
-            # wait in Redis for the holder's release (no polling); at most 50 ms, so that a
-            # lock left by a killed writer is retaken soon after it expires
-            self.r.blpop([wake], timeout=min(left, 0.05))
+            # wait in Redis for our turn (the release wakes the queue's head: no polling); at
+            # most 50 ms, so that a lock left by a killed writer is retaken soon after it expires
+            self.r.blpop([wake + token], timeout=min(left, 0.05))
         released = False
         try:
             txn = _RedisTxn(self.r, self.prefix, ns, int(got[0]), int(since), got[1:])
@@ -204,13 +246,13 @@ class RedisBackend:
             for op, kind, key, value in txn.ops:
                 args += [op, kind, key, b"" if value is None else value]
             released = True  # the commit script releases the lock, committed or not
-            ok = self._commit([gen_key, lock, wake, _key(self.prefix, ns, "changes"),
+            ok = self._commit([gen_key, lock, queue, _key(self.prefix, ns, "changes"),
                                f"{self.prefix}:namespaces"], args)
             if not ok:  # the lock expired under us and another writer committed first
                 raise StoreConflict(ns)
         finally:
             if not released:
-                self.r.eval(_RELEASE, 2, lock, wake, token)
+                self.r.eval(_RELEASE, 2, lock, queue, token, wake)
 
     def _commit(self, keys: list[str], args: list) -> int:
         """The commit script: 1 if it committed, 0 if the generation had moved."""
