@@ -172,9 +172,10 @@ class IntModel:
         operation on exact float64 integers, and on the H200 the compiled engine gave the
         eager engine's golden frequency hash and decoded every token exactly (BENCHMARKS.md).
         Each new shape compiles once (~20 s at first use); a decode group compiles a span's
-        step before capturing it.
+        step before capturing it. Elsewhere a no-op: CPUs have their own kernels
+        (cpu_kernels.py).
         """
-        if not self.compiled:
+        if not self.compiled and self.device.type == "cuda":
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
