@@ -322,3 +322,30 @@ def test_redis_lock_goes_first_come_first_served_and_a_dead_waiter_is_skipped(db
     s.backend.lock_wait = 10
     s.put("b", [5, 6, 8])
     assert s.get_ids("b") == [5, 6, 8] and r.lrange(queue, 0, -1) == []
+
+
+def test_a_blocked_batch_is_retried_from_the_stored_trie(db, llama, monkeypatch):  # noqa: F811
+    """A group commit whose second item finds the trie changed under it (_Blocked) retries
+    the whole batch from what is stored: the first item, changed in memory on the first try,
+    is neither refused as existing nor left in a trie no reader can load."""
+    import seqkv.store.store as store_mod
+
+    s = Store(db, llama)
+    s.put("base", [1, 2, 3, 4, 5, 6, 7, 8])
+    put_in, tries = store_mod.Store._put_in, []
+
+    def blocked_once(self, txn, session, *args, **kwargs):
+        if session == "B" and not tries:
+            tries.append(session)
+            raise store_mod._Blocked()
+        return put_in(self, txn, session, *args, **kwargs)
+
+    monkeypatch.setattr(store_mod.Store, "_put_in", blocked_once)
+    results = s.put_many([("A", [1, 2, 3, 9, 9], False), ("B", [5, 5, 5], False)])
+    assert tries and not any(isinstance(r, Exception) for r in results)
+    monkeypatch.setattr(store_mod.Store, "_put_in", put_in)
+    s.put("C", [1, 2, 3, 9, 9, 4])
+    fresh = Store(db, llama)
+    assert sorted(fresh.sessions()) == ["A", "B", "C", "base"]
+    assert fresh.get_many(["A", "B", "C", "base"]) == [
+        [1, 2, 3, 9, 9], [5, 5, 5], [1, 2, 3, 9, 9, 4], [1, 2, 3, 4, 5, 6, 7, 8]]

@@ -245,7 +245,8 @@ class Store:
                 self._gen = txn.generation + 1
                 return result
             except _Blocked:
-                pass  # nothing was changed in memory: the trie is still that generation's
+                # a batch's earlier items may have changed the trie in memory: re-read it all
+                self._gen = -1
             except StoreConflict:
                 self._gen = -1  # the in-memory trie holds uncommitted changes: re-read it all
             except (SessionExistsError, NoSessionError):
