@@ -248,17 +248,42 @@ class _Namespace:
         raise ModelNeededError("the model loaded but the store did not take it")
 
     def with_model(self, role: str, fn: Callable[[Any, list], list], items: list) -> list:
-        """``fn(store, items)``, a batch whose items are answered one by one: those answered
+        """``fn(store, items)``, a batch whose items are answered one by one. Items answered
         ModelNeededError (or all, if the call raised it: then nothing was written) are run
-        again once the model has loaded."""
+        again if the model has loaded meanwhile, answered ModelUnavailable if it could not
+        load, and otherwise keep ModelNeededError: the request waits for the model and
+        submits again (``submit``), so the batch's thread, and the requests queued behind it
+        that need no model, never wait for it; the others' answers stand."""
         out = self._try(role, fn, items)
         redo = [i for i, r in enumerate(out) if isinstance(r, ModelNeededError)]
-        if redo:
-            self.service.model()
+        if redo and self.service.model_state != "loading":
+            try:
+                self.service.model()
+            except ModelUnavailable as e:
+                for i in redo:
+                    out[i] = e
+                return out
             again = self._try(role, fn, [items[i] for i in redo])
             for i, r in zip(redo, again, strict=True):
                 out[i] = r
         return out
+
+    async def submit(self, batcher: Batcher, item: Any) -> Any:
+        """``batcher.submit_async(item)``; answered ModelNeededError (the model was loading),
+        wait for the model off the event loop and submit once more."""
+        try:
+            return await batcher.submit_async(item)
+        except ModelNeededError:
+            await asyncio.to_thread(self.service.model)
+            return await batcher.submit_async(item)
+
+    def submit_blocking(self, batcher: Batcher, item: Any) -> Any:
+        """``submit`` for a request handled on a worker thread."""
+        try:
+            return batcher.submit(item)
+        except ModelNeededError:
+            self.service.model()
+            return batcher.submit(item)
 
     def _try(self, role: str, fn: Callable[[Any, list], list], items: list) -> list:
         with self.locks[role]:
@@ -605,7 +630,8 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
                           ) -> JSONResponse:
         """Store a session; ``replace=false``: 409 if the id exists."""
         item = (_session_id(session), body.data(), replace)
-        r = await service.namespace(ns).puts.submit_async(item)  # group commit
+        n = service.namespace(ns)
+        r = await n.submit(n.puts, item)  # group commit
         service.wrote()
         return JSONResponse({"session": r.session, "tokens": r.tokens,
                              "shared_tokens": r.shared_tokens, "new_tokens": r.new_tokens,
@@ -614,7 +640,8 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
 
     @app.get("/v1/sessions/{session}")
     async def get_session(session: str, ns: Ns) -> dict:
-        ids, text = await service.namespace(ns).gets.submit_async(_session_id(session))
+        n = service.namespace(ns)
+        ids, text = await n.submit(n.gets, _session_id(session))
         return {"session": session, "ids": ids, "text": text}
 
     @app.get("/v1/sessions/{session}/cache", response_class=Response,
@@ -622,7 +649,7 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
                               "description": "a safetensors cache file (seqkv kv-dump format)"}})
     def get_cache(session: str, ns: Ns) -> Response:
         n = service.namespace(ns)
-        n.gets.submit(_session_id(session))  # decoded with concurrent requests, as one group
+        n.submit_blocking(n.gets, _session_id(session))  # decoded with concurrent requests
         service.model()
         restored = n.call("reader", "get_cache", session)  # then a prefill of the decoded ids
         return Response(cache_file_bytes(restored), media_type="application/octet-stream",

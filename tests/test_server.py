@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from seqkv import server as server_mod
 from seqkv.cli import build_app
 from seqkv.client import Client, NotFound, ServerError, start_server
+from seqkv.store import ModelNeededError
 
 from .test_store_backends import REDIS_URL, _redis_up
 
@@ -486,3 +488,57 @@ def test_batcher_groups_concurrent_requests_and_answers_each_its_own():
     assert [r for r in got if not isinstance(r, ValueError)] == [i * i for i in range(1, 11)
                                                                  if i % 5]
     assert len(sizes) - before < 10  # grouped
+
+
+class _FakeStore:
+    """put_many as the Store answers it: text needs the model, ids do not."""
+
+    def __init__(self, service) -> None:
+        self.service, self.lm = service, None
+
+    def attach_model(self, lm) -> None:
+        self.lm = lm
+
+    def put_many(self, items):
+        return [ModelNeededError("text needs the model") if isinstance(data, str)
+                and self.lm is None else session for session, data, _ in items]
+
+
+class _FakeService:
+    def __init__(self, state: str) -> None:
+        self.lm, self.model_state, self.loaded = None, state, threading.Event()
+
+    def open_store(self, ns, wait=True):
+        return _FakeStore(self)
+
+    def model(self):
+        if self.model_state == "failed":
+            raise server_mod.ModelUnavailable("the server's model could not be loaded: broken")
+        self.loaded.wait()
+        return self.lm
+
+
+def test_a_batch_keeps_its_committed_answers_when_the_model_failed():
+    n = server_mod._Namespace(_FakeService("failed"), "default")
+    out = n.with_model("writer", server_mod._put_many, [("a", [1, 2], True), ("b", "x", True)])
+    assert out[0] == "a" and isinstance(out[1], server_mod.ModelUnavailable)
+
+
+def test_puts_that_need_no_model_do_not_wait_behind_one_that_does():
+    service = _FakeService("loading")
+    n = server_mod._Namespace(service, "default")
+    text_put: dict = {}
+    waiter = threading.Thread(target=lambda: text_put.update(
+        r=n.submit_blocking(n.puts, ("t", "some text", True))), daemon=True)
+    waiter.start()
+    ids_put: dict = {}
+    quick = threading.Thread(target=lambda: ids_put.update(r=n.puts.submit(("ids", [1], True))),
+                             daemon=True)
+    quick.start()
+    quick.join(timeout=10)
+    assert ids_put == {"r": "ids"}  # answered while the model loads
+    assert waiter.is_alive() and not text_put
+    service.lm, service.model_state = object(), "ready"
+    service.loaded.set()
+    waiter.join(timeout=10)
+    assert text_put == {"r": "t"}
