@@ -16,6 +16,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -28,6 +29,8 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _enabled = True
 _threads = 0
+_load_lock = threading.Lock()
+MAX_HEAD_DIM = 512  # the attention kernels' per-head buffers on the stack (cpu_kernels.c)
 _i64, _ptr, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 _SIGNATURES = {
     "set_threads": [_i64],
@@ -64,12 +67,28 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _private_temp_dir() -> Path | None:
+    """This user's own directory under the temporary directory (mode 0700, checked: a
+    library loaded from a directory others can write to could be anybody's code)."""
+    root = Path(tempfile.gettempdir()) / f"seqkv-kernels-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = root.lstat()
+    except OSError:
+        return None
+    if not root.is_dir() or root.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return None
+    return root
+
+
 def _build() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
     key = hashlib.blake2b(source + repr((compiler, _FLAGS, _cpu_flags())).encode(),
                           digest_size=8).hexdigest()
-    for root in (_cache_dir() / "kernels", Path(tempfile.gettempdir()) / "seqkv-kernels"):
+    for root in (_cache_dir() / "kernels", _private_temp_dir()):
+        if root is None:
+            continue
         path = root / f"engine_cpu_{key}.so"
         try:
             if not path.exists():
@@ -80,8 +99,10 @@ def _build() -> ctypes.CDLL | None:
                                    check=True, capture_output=True, timeout=120)
                     os.replace(out, path)
             break
-        except PermissionError:  # a read-only cache: build in the temporary directory
+        except OSError:  # a read-only or unusable cache: build in the temporary directory
             continue
+    else:
+        return None
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -117,13 +138,16 @@ def library() -> ctypes.CDLL | None:
     thread count follows torch.get_num_threads()."""
     global _lib, _tried, _threads
     if not _tried:
-        _tried = True
-        if os.environ.get("SEQKV_CPU_KERNELS", "1") != "0":
-            try:
-                _lib = _build()
-                _lib = _lib if _probe(_lib) else None
-            except (OSError, subprocess.SubprocessError):
-                _lib = None
+        with _load_lock:  # one build and probe; other threads wait for its outcome
+            if not _tried:
+                lib = None
+                if os.environ.get("SEQKV_CPU_KERNELS", "1") != "0":
+                    try:
+                        lib = _build()
+                        lib = lib if lib is not None and _probe(lib) else None
+                    except (OSError, subprocess.SubprocessError):
+                        lib = None
+                _lib, _tried = lib, True
     n = torch.get_num_threads()
     if _lib is not None and n != _threads:
         _lib.set_threads(n)

@@ -17,8 +17,6 @@ from . import tables
 from .model import QKV_FRAC, IntModel, StepCache
 from .weights import FRAC, IntLinear, IntNorm
 
-_MAX_HEAD_DIM = 512  # the attention kernel's per-head buffers
-
 
 class CpuStep:
     """Decode steps of one IntModel on the CPU."""
@@ -33,7 +31,7 @@ class CpuStep:
     @staticmethod
     def for_model(model: IntModel) -> CpuStep | None:
         """The model's CPU step, or None where the kernels do not run (then use step_logits)."""
-        if model.device.type != "cpu" or model.spec.head_dim > _MAX_HEAD_DIM:
+        if model.device.type != "cpu" or model.spec.head_dim > ck.MAX_HEAD_DIM:
             return None
         if not ck.available():
             return None

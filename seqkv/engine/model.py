@@ -304,7 +304,7 @@ class IntModel:
 
     def _cpu_attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """``_attend`` on CPUs as one kernel over each query's visible keys (the same integers)."""
-        if not cpu_kernels.available():
+        if not cpu_kernels.available() or q.shape[-1] > cpu_kernels.MAX_HEAD_DIM:
             return IntModel._attend(self, q, k, v, allowed)
         return cpu_kernels.prefill_attention(q, k, v, allowed, self.exp_attn_f, self._index_scale,
                                              float(1 << (FRAC - QKV_FRAC)))
