@@ -472,7 +472,9 @@ def compactor_main() -> None:
         pass  # not Linux: the closed stdin still stops it once the server is gone
     if os.getppid() != args["parent"]:
         return  # the server died before the line above
-    idle = _scheduling(idle=True)  # CPU time the server leaves idle; its threads inherit it
+    # CPU time the server leaves idle (its threads inherit it), where it may come back to the
+    # normal policy to hold the write lock; else the lowest nice value
+    idle = _may_leave_idle() and _scheduling(idle=True)
     if not idle:
         with contextlib.suppress(OSError):
             os.nice(19)
@@ -508,6 +510,20 @@ def _scheduling(idle: bool) -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+def _may_leave_idle() -> bool:
+    """Whether this process could return from SCHED_IDLE to the normal policy: an
+    unprivileged one may only where RLIMIT_NICE allows its nice value (often it does not)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or 20 - soft <= os.nice(0)
 
 
 def _normal_while_locked(backend) -> None:

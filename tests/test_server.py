@@ -542,3 +542,17 @@ def test_puts_that_need_no_model_do_not_wait_behind_one_that_does():
     service.loaded.set()
     waiter.join(timeout=10)
     assert text_put == {"r": "t"}
+
+
+def test_the_compactor_stays_off_sched_idle_where_it_could_not_come_back(monkeypatch):
+    """An unprivileged process may leave SCHED_IDLE only as far as RLIMIT_NICE allows: without
+    it the compactor would hold the write lock at idle priority, so it takes nice 19."""
+    import resource
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (0, 0))
+    assert not server_mod._may_leave_idle()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (20, 20))
+    assert server_mod._may_leave_idle()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert server_mod._may_leave_idle()
