@@ -204,7 +204,10 @@ class Batcher:
                 answers = [("error", e)] * len(batch)
             self.batches, self.items = self.batches + 1, self.items + len(batch)
             for (_, answer), (key, value) in zip(batch, answers, strict=True):
-                answer(key, value)
+                try:
+                    answer(key, value)
+                except Exception as e:  # noqa: BLE001 - e.g. its event loop closed at shutdown:
+                    log.warning("a request's answer could not be delivered: %r", e)  # go on
 
 
 ROLES = ("writer", "reader", "compactor")

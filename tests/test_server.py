@@ -556,3 +556,15 @@ def test_the_compactor_stays_off_sched_idle_where_it_could_not_come_back(monkeyp
     assert server_mod._may_leave_idle()
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert server_mod._may_leave_idle()
+
+
+def test_a_batcher_survives_an_answer_that_fails():
+    """A request whose answer cannot be delivered (its event loop closed) does not stop the
+    batcher: the requests after it are answered."""
+    batcher = server_mod.Batcher(lambda items: [x * 2 for x in items], name="test-batcher")
+
+    def broken(key, value):
+        raise RuntimeError("event loop is closed")
+
+    batcher._enqueue(1, broken)
+    assert batcher.submit(21) == 42
