@@ -71,6 +71,7 @@ from .store.backend import (
     NoStoreError,
     SessionExistsError,
     StoreBusyError,
+    StoreUnavailableError,
 )
 
 log = logging.getLogger("seqkv.server")
@@ -443,6 +444,8 @@ class Service:
     def stop(self) -> None:
         p, self._compactor = self._compactor, None
         if p is not None:
+            self.compactor_state = "off"
+        if p is not None:
             p.stdin.close()  # end of its input: the compactor stops after its current round
             try:
                 p.wait(timeout=1)
@@ -713,6 +716,11 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StoreBusyError)
     async def busy(request: Request, exc: StoreBusyError):
+        return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(StoreUnavailableError)
+    async def backend_down(request: Request, exc: StoreUnavailableError):
+        log.error("store backend failed on %s %s: %s", request.method, request.url.path, exc)
         return _error(503, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(BlobError)

@@ -7,7 +7,13 @@ import sqlite3
 import pytest
 
 from seqkv.core.errors import SeqkvError
-from seqkv.store import ModelNeededError, Store, StoreBusyError, StoreError
+from seqkv.store import (
+    ModelNeededError,
+    Store,
+    StoreBusyError,
+    StoreError,
+    StoreUnavailableError,
+)
 from seqkv.store import coding as coding_mod
 from seqkv.store.redis import _key
 
@@ -126,8 +132,8 @@ def test_a_lost_redis_is_one_store_error(db, llama, monkeypatch):  # noqa: F811
     for name in ("get", "hget", "set", "pipeline"):
         monkeypatch.setattr(s.backend.r, name, gone)
     for call in (lambda: s.put("b", [5, 6]), s.stats, lambda: s.get_ids("a")):
-        with pytest.raises(StoreError, match="Redis at .*ConnectionError"):
-            call()
+        with pytest.raises(StoreUnavailableError, match="Redis at .*ConnectionError"):
+            call()  # a StoreError the server answers 503 (retry), not 400
 
 
 def test_commits_survive_another_process_opening_the_file(tmp_path, llama):

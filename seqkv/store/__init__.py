@@ -23,12 +23,13 @@ from .backend import (
     SessionExistsError,
     StoreBusyError,
     StoreError,
+    StoreUnavailableError,
 )
 from .registry import open_backend
 
 __all__ = ["META_NS", "ModelNeededError", "NoSessionError", "NoStoreError", "PutResult",
            "SessionExistsError", "Store", "StoreBusyError", "StoreCorruptError", "StoreError",
-           "open_backend"]
+           "StoreUnavailableError", "open_backend"]
 
 _LAZY = {"PutResult": ".store", "Store": ".store", "StoreCorruptError": ".records"}
 

@@ -41,6 +41,10 @@ class StoreBusyError(StoreError):
     """Other writers held the store for longer than the busy bound: retry later."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store's backend failed or could not be reached (a lost Redis): retry later."""
+
+
 class NoStoreError(StoreError):
     """No store at that location yet (creating one needs the model: its fingerprint)."""
 

@@ -29,6 +29,7 @@ from .backend import (
     StoreBusyError,
     StoreConflict,
     StoreError,
+    StoreUnavailableError,
     busy_timeout,
 )
 
@@ -198,7 +199,9 @@ class RedisBackend:
         try:
             self.r = redis.Redis.from_url(url, socket_timeout=30)
             self.r.ping()
-        except (redis.RedisError, ValueError) as e:
+        except redis.RedisError as e:
+            raise StoreUnavailableError(f"cannot reach Redis at {url}: {e}") from e
+        except ValueError as e:
             raise StoreError(f"cannot reach Redis at {url}: {e}") from e
         self._acquire = self.r.register_script(_ACQUIRE)  # EVALSHA, the source sent once
         self._commit_script = self.r.register_script(_COMMIT)
@@ -209,7 +212,7 @@ class RedisBackend:
         try:
             yield
         except redis.RedisError as e:
-            raise StoreError(f"Redis at {self.url}: {type(e).__name__}: {e}") from e
+            raise StoreUnavailableError(f"Redis at {self.url}: {type(e).__name__}: {e}") from e
 
     @contextmanager
     def transaction(self, ns: str, since: int = -1) -> Iterator[_RedisTxn]:
