@@ -355,3 +355,25 @@ def test_a_blocked_batch_is_retried_from_the_stored_trie(db, llama, monkeypatch)
     assert sorted(fresh.sessions()) == ["A", "B", "C", "base"]
     assert fresh.get_many(["A", "B", "C", "base"]) == [
         [1, 2, 3, 9, 9], [5, 5, 5], [1, 2, 3, 9, 9, 4], [1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+def test_a_failed_redis_commit_call_releases_the_lock(db, llama, monkeypatch):  # noqa: F811
+    """The commit script's call fails (here before it runs): the writer releases its lock at
+    once, not after the lock's 30 s expiry, and the next put goes through."""
+    if not db.startswith("redis://"):
+        pytest.skip("Redis only")
+    import redis
+
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("a", [5, 6, 7])
+
+    def fails(keys, args):
+        raise redis.ResponseError("OOM command not allowed")
+
+    monkeypatch.setattr(s.backend, "_commit", fails)
+    with pytest.raises(StoreError):
+        s.put("b", [5, 6, 8])
+    assert not s.backend.r.exists(_key(s.backend.prefix, s.ns, "lock"))
+    monkeypatch.undo()
+    s.put("c", [5, 6, 9])
+    assert Store(db, llama).get_ids("c") == [5, 6, 9]

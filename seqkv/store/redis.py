@@ -17,6 +17,7 @@ from the queue after 250 ms.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -248,14 +249,15 @@ class RedisBackend:
             args: list = [txn.generation, token, _key(self.prefix, ns, ""), ns]
             for op, kind, key, value in txn.ops:
                 args += [op, kind, key, b"" if value is None else value]
-            released = True  # the commit script releases the lock, committed or not
             ok = self._commit([gen_key, lock, queue, _key(self.prefix, ns, "changes"),
                                f"{self.prefix}:namespaces"], args)
+            released = True  # the commit script released the lock, committed or not
             if not ok:  # the lock expired under us and another writer committed first
                 raise StoreConflict(ns)
         finally:
-            if not released:
-                self.r.eval(_RELEASE, 2, lock, queue, token, wake)
+            if not released:  # also where the commit call failed: release is token-guarded,
+                with contextlib.suppress(redis.RedisError):  # a no-op if it had run
+                    self.r.eval(_RELEASE, 2, lock, queue, token, wake)
 
     def _commit(self, keys: list[str], args: list) -> int:
         """The commit script: 1 if it committed, 0 if the generation had moved."""
