@@ -86,7 +86,8 @@ def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.blake2b(source + repr((compiler, _FLAGS, _cpu_flags())).encode(),
                           digest_size=8).hexdigest()
-    for root in (_cache_dir() / "kernels", _private_temp_dir()):
+    for root_of in (lambda: _cache_dir() / "kernels", _private_temp_dir):
+        root = root_of()  # the temporary one only made where the cache fails
         if root is None:
             continue
         path = root / f"engine_cpu_{key}.so"

@@ -180,11 +180,10 @@ class IntModel:
 
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             fuse = lambda fn: torch.compile(fn, dynamic=False)  # noqa: E731
-            self._linear, self._split_linear = fuse(linear), fuse(split_linear)
-            self._rms_norm, self._add_residual = fuse(rms_norm), fuse(add_residual)
+            # (the unsplit linear, rms_norm and gated_activation are the CPU's composition)
+            self._split_linear, self._add_residual = fuse(split_linear), fuse(add_residual)
             self._residual_norm_split = fuse(residual_norm_split)
-            self._activation_split = fuse(activation_split)
-            self._gated_activation, self._split_rows = fuse(gated_activation), fuse(split_rows)
+            self._activation_split, self._split_rows = fuse(activation_split), fuse(split_rows)
             self._freq_plus_one = fuse(self._freq_plus_one)
             self._heads, self._attend, self.pmf = (fuse(self._heads), fuse(self._attend),
                                                   fuse(self.pmf))
