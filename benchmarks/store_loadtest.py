@@ -33,7 +33,6 @@ import platform
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seqkv.client import Client, ServerError, start_server, wait_healthy  # noqa: E402
+from seqkv.client import Client, ServerError, start_server, stop_server, wait_healthy  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,13 +101,7 @@ class Server:
         self.proc.stderr.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stderr.close()
+        stop_server(self.proc, timeout=60)
 
 
 # -- phase 1: throughput and latency -------------------------------------------------------

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpora import brown  # noqa: E402
 
-from seqkv.client import start_server  # noqa: E402
+from seqkv.client import start_server, stop_server  # noqa: E402
 from seqkv.core.models import load_model  # noqa: E402
 from seqkv.store import Store, StoreBusyError  # noqa: E402
 
@@ -227,8 +227,7 @@ def through_server(db: str, model: str | None, lm, sessions, clients: int) -> di
                    verified=len(sessions))
         return row
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        stop_server(proc, timeout=120)
 
 
 def busy_store(db: str, lm, model: str | None) -> dict:

@@ -201,7 +201,7 @@ def start_server(db: str, *args: str, port: int | None = None, timeout: float = 
     """Start ``seqkv serve --db DB [ARGS]`` on a loopback port (a free one unless ``port``)
     and wait until it is healthy (``model``: and its model loaded, see ``wait_healthy``):
     (the process, its URL). ``popen``: subprocess.Popen's keywords (stderr is a pipe unless
-    given). The caller stops it (terminate, or kill)."""
+    given). The caller stops it (``stop_server``, or a kill)."""
     if port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -218,3 +218,16 @@ def start_server(db: str, *args: str, port: int | None = None, timeout: float = 
         proc.wait()
         raise
     return proc, url
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Stop a server ``start_server`` started: SIGTERM, then SIGKILL if it has not exited
+    within ``timeout`` seconds; its stderr pipe is closed."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()

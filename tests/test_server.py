@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from seqkv import server as server_mod
 from seqkv.cli import build_app
-from seqkv.client import Client, NotFound, ServerError, start_server
+from seqkv.client import Client, NotFound, ServerError, start_server, stop_server
 from seqkv.store import ModelNeededError
 
 from .test_store_backends import REDIS_URL, _redis_up
@@ -73,12 +73,7 @@ class Server:
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_server(self.proc, timeout=30)
 
 
 @pytest.fixture
