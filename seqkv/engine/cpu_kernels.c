@@ -41,6 +41,19 @@ static inline int exponent_of(i64 top) { /* frexp(double(top)).exponent */
     return e;
 }
 
+/* The shift that brings a row's largest |x| to at most `bits` bits: max(bit_length(max |x|)
+ * - bits, 0), from the row's maximum and minimum as the torch code takes them (aminmax). */
+static inline i64 row_shift(const i64 *x, i64 n, int bits) {
+    i64 low = x[0], high = x[0];
+    for (i64 i = 1; i < n; i++) {
+        low = x[i] < low ? x[i] : low;
+        high = x[i] > high ? x[i] : high;
+    }
+    i64 top = high > -low ? high : -low;
+    i64 sh = exponent_of(top) - bits;
+    return sh < 0 ? 0 : sh;
+}
+
 /* -- weights ----------------------------------------------------------------------------- */
 /* w int8 [2N, K] (N weight rows A over N residual rows B) -> tiles of 16 output channels:
  * tile t holds A then B, each [K4][16][4] (VNNI's layout: 4 consecutive k of 16 channels);
@@ -67,14 +80,7 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
 /* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo; stored as hi + 128, lo + 128
  * (VNNI multiplies unsigned by signed bytes), k padded with zeros (128) to kp. */
 static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, double *pow2) {
-    i64 low = v[0], high = v[0];
-    for (i64 i = 1; i < k; i++) {
-        low = v[i] < low ? v[i] : low;
-        high = v[i] > high ? v[i] : high;
-    }
-    i64 top = high > -low ? high : -low;
-    i64 sh = exponent_of(top) - 13;
-    if (sh < 0) sh = 0;
+    i64 sh = row_shift(v, k, 13);
     i64 half = ((i64)1 << sh) >> 1;
     for (i64 i = 0; i < k; i++) {
         i64 q = (v[i] + half) >> sh;
@@ -185,14 +191,7 @@ void rms_norm(const i64 *h, i64 m, i64 groups, i64 d, i64 ldh, const i64 *gain, 
     for (i64 r = 0; r < m * groups; r++) {
         const i64 *x = h + (r / groups) * ldh + (r % groups) * d;
         i64 *y = out + (r / groups) * ldo + (r % groups) * d;
-        i64 low = x[0], high = x[0];
-        for (i64 i = 1; i < d; i++) {
-            low = x[i] < low ? x[i] : low;
-            high = x[i] > high ? x[i] : high;
-        }
-        i64 top = high > -low ? high : -low;
-        i64 sh = exponent_of(top) - 20;
-        if (sh < 0) sh = 0;
+        i64 sh = row_shift(x, d, 20);
         i64 half = ((i64)1 << sh) >> 1, sum = 0;
         for (i64 i = 0; i < d; i++) {
             i64 xs = (x[i] + half) >> sh;
