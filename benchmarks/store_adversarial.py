@@ -31,9 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from store_loadtest import Server, tiny_model_dir  # noqa: E402
+from store_loadtest import Server  # noqa: E402
 
 from seqkv.client import Client, NotFound  # noqa: E402
+from seqkv.testing import tiny_model_dir  # noqa: E402
 
 
 def request(url: str, method: str, path: str, body: bytes | None = None,
@@ -121,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = {"tiny": None, "default": None}.get(a.model, a.model)
         if a.model == "tiny":
-            model = tiny_model_dir(Path(tmp) / "tiny")
+            model = str(tiny_model_dir(Path(tmp) / "tiny"))
         db = str(Path(tmp) / "adv.db") if a.db == "sqlite" else f"{a.db}#adv-{uuid.uuid4().hex}"
         ka, kb = "key-a-" + uuid.uuid4().hex, "key-b-" + uuid.uuid4().hex
         keys = Path(tmp) / "keys.json"

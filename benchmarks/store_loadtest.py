@@ -43,34 +43,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from seqkv.client import Client, ServerError, start_server, stop_server, wait_healthy  # noqa: E402
+from seqkv.testing import tiny_model_dir  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
-
-
-def tiny_model_dir(d: Path) -> str:
-    """tests/test_server.py's tiny Llama and BPE tokenizer, saved as an HF directory."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog."] * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(d)
-    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(d)
-    return str(d)
 
 
 class Server:
@@ -359,7 +337,7 @@ def main() -> None:
         if a.kills > 0:
             kill_model, vocab = a.kill_model, 320
             if kill_model == "tiny":
-                kill_model = tiny_model_dir(Path(tmp) / "tiny")
+                kill_model = str(tiny_model_dir(Path(tmp) / "tiny"))
             elif kill_model == "default":
                 kill_model, vocab = None, 49152
             else:

@@ -31,25 +31,11 @@ TEXT_B = "The quick brown cat sleeps."
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """tests/conftest.py's tiny Llama with a small byte-level BPE tokenizer, saved as an HF
-    directory, so `seqkv serve --model DIR` loads it like any model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A tiny random Llama with a small byte-level BPE tokenizer, saved as an HF directory, so
+    `seqkv serve --model DIR` loads it like any model (seqkv.testing)."""
+    from seqkv.testing import tiny_model_dir
 
-    from .conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([TEXT_A * 5, TEXT_B * 5, "You are a careful assistant."], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(d)
-    tiny_llama().model.save_pretrained(d)
-    return d
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
