@@ -218,6 +218,8 @@ def friendly_errors(fn: Callable) -> Callable:
             fail(f"{e.strerror or e}{where}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except MemoryError as e:  # e.g. the CPU kernels' scratch for a huge input
+            fail(f"out of memory{': ' + str(e) if str(e) else ''}")
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if os.environ.get("SEQKV_DEBUG"):
                 raise

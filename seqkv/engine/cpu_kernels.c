@@ -6,6 +6,10 @@
  * and without -ffast-math, so each of those rounds exactly as torch's does on any machine.
  * cpu_kernels.py compiles this file at first use and probes its GEMM against intops.RowGemm;
  * tests/test_engine.py checks every kernel against the torch code.
+ *
+ * A kernel that allocates returns 0, or the size in bytes of an allocation that failed (-1:
+ * the size overflowed), having freed what it allocated, its output unspecified;
+ * cpu_kernels.py raises MemoryError then.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -25,6 +29,25 @@ typedef int64_t i64;
 static int threads = 1;
 
 void set_threads(i64 n) { threads = n > 0 ? (int)n : 1; }
+
+/* Tests: make the n-th allocation from now fail (0: none), to reach every failure path. */
+static i64 fail_countdown = 0;
+
+void fail_allocation(i64 n) { __atomic_store_n(&fail_countdown, n, __ATOMIC_SEQ_CST); }
+
+static void *alloc(i64 bytes) {
+    if (__atomic_load_n(&fail_countdown, __ATOMIC_RELAXED) > 0 &&
+        __atomic_sub_fetch(&fail_countdown, 1, __ATOMIC_SEQ_CST) == 0)
+        return NULL;
+    if (bytes < 0) return NULL; /* the size overflowed */
+    return malloc(bytes > 0 ? (size_t)bytes : 1); /* malloc(0) may be NULL */
+}
+
+/* A failed allocation inside a parallel loop: recorded (any one of them; -1: the size
+ * overflowed), and the loop goes on (a parallel loop cannot be left early). */
+static inline void failed(i64 *status, i64 bytes) {
+    __atomic_store_n(status, bytes > 0 ? bytes : -1, __ATOMIC_RELAXED);
+}
 
 static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
     i64 q = a / b;
@@ -152,13 +175,19 @@ static inline __attribute__((always_inline)) void tile_rows(
 
 /* out[m, c] = round(2 q.(A + B / 256) * scale * 2**k) (+ bias): intops.RowGemm's integers.
  * v int64 [m, k] rows (row stride ldv), out int64 [m, n] (row stride ldo). */
-void linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int32_t *rowsum,
-            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
+i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int32_t *rowsum,
+           i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
     i64 k4 = (k + 3) / 4, kp = k4 * 4, tiles = (n + 15) / 16;
     i64 rows = m < MBLOCK ? m : MBLOCK;
-    uint8_t *hi = malloc((size_t)(2 * rows * kp) + 64);
+    i64 hi_bytes = 2 * rows * kp + 64, pow2_bytes = rows * (i64)sizeof(double);
+    uint8_t *hi = alloc(hi_bytes);
+    double *pow2 = alloc(pow2_bytes);
+    if (!hi || !pow2) {
+        free(hi);
+        free(pow2);
+        return hi ? pow2_bytes : hi_bytes;
+    }
     uint8_t *lo = hi + rows * kp;
-    double *pow2 = malloc((size_t)rows * sizeof(double));
     for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
         i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (nr > 8)
@@ -181,6 +210,7 @@ void linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int
     }
     free(hi);
     free(pow2);
+    return 0;
 }
 
 /* -- RMS norm (model.rms_norm) -------------------------------------------------------------- */
@@ -242,10 +272,11 @@ void gated_activation(const i64 *gu, i64 m, i64 width, const i64 *table, i64 n2,
  * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
  * clamped) written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
  * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]. */
-void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
-                      const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
-                      int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,
-                      i64 n_exp, double index_scale, double out_mult, i64 *out, i64 *work) {
+i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
+                     const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
+                     int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,
+                     i64 n_exp, double index_scale, double out_mult, i64 *out, i64 *work) {
+    i64 status = 0;
     i64 width = (heads + 2 * kv) * d, half = d / 2, big = (i64)1 << 40;
     i64 rnd = (i64)1 << (rope_shift - 1), vrnd = (i64)1 << (vshift - 1);
     i64 *qr = work; /* rotated queries [b, heads, d] */
@@ -288,7 +319,11 @@ void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64
         const i64 *q = qr + sh * d;
         const int32_t *kb = kc + (s * kv + g) * cap * d, *vb = vc + (s * kv + g) * cap * d;
         i64 n = p + 1 - lo;
-        i64 *sc = malloc((size_t)n * sizeof(i64));
+        i64 *sc = alloc(n * (i64)sizeof(i64));
+        if (!sc) {
+            failed(&status, n * (i64)sizeof(i64));
+            continue;
+        }
         i64 best = 0;
         for (i64 j = 0; j < n; j++) {
             const int32_t *kr = kb + (lo + j) * d;
@@ -313,6 +348,7 @@ void decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64
         for (i64 i = 0; i < d; i++)
             o[i] = (i64)nearbyint(((double)accv[i] * out_mult) / (double)total);
     }
+    return status;
 }
 
 /* -- the distribution (IntModel.pmf / intervals) --------------------------------------------- */
@@ -354,15 +390,18 @@ void pmf_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *exp_prob, i64 
 }
 
 /* (start, freq) of token t[r] in each row's pmf: IntModel.intervals. */
-void interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
-                   const i64 *exp_prob, i64 n_exp, i64 shift, i64 total_all, i64 *start,
-                   i64 *freq) {
-    i64 budget = total_all - (v + 2);
+i64 interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
+                  const i64 *exp_prob, i64 n_exp, i64 shift, i64 total_all, i64 *start,
+                  i64 *freq) {
+    i64 budget = total_all - (v + 2), status = 0;
 #pragma omp parallel num_threads(threads) if (m > 1)
     {
-        i64 *f = malloc((size_t)v * sizeof(i64));
+        i64 *f = alloc(v * (i64)sizeof(i64));
+        if (!f) failed(&status, v * (i64)sizeof(i64));
+        /* every thread still reaches the loop (a worksharing construct): it skips its rows */
 #pragma omp for schedule(static)
         for (i64 r = 0; r < m; r++) {
+            if (!f) continue;
             i64 top, rem, t = tokens[r], below = 0;
             row_freq(logits + r * ld, v, exp_prob, n_exp, shift, budget, total_all, f, &top,
                      &rem);
@@ -372,15 +411,16 @@ void interval_rows(const i64 *logits, i64 m, i64 v, i64 ld, const i64 *tokens,
         }
         free(f);
     }
+    return status;
 }
 
 /* -- residual add, norm and GEMM in one call (model's norm_linear) ------------------------------ */
 /* h [m, k] += delta (first normed by the post norm where post_gain is given; delta may be
  * NULL), then out = linear(rms_norm(h)); tmp: int64 [m, k] scratch. */
-void norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i64 post_s,
-                 i64 post_eps, const i64 *gain, i64 s, i64 eps32, const int8_t *packed,
-                 const int32_t *rowsum, i64 n, const double *scale, const i64 *bias, i64 *out,
-                 i64 *tmp) {
+i64 norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i64 post_s,
+                i64 post_eps, const i64 *gain, i64 s, i64 eps32, const int8_t *packed,
+                const int32_t *rowsum, i64 n, const double *scale, const i64 *bias, i64 *out,
+                i64 *tmp) {
     if (delta) {
         if (post_gain) {
             rms_norm(delta, m, 1, k, k, post_gain, post_s, post_eps, tmp, k);
@@ -389,7 +429,7 @@ void norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i
         add_rows(h, delta, m * k);
     }
     rms_norm(h, m, 1, k, k, gain, s, eps32, tmp, k);
-    linear(tmp, m, k, k, packed, rowsum, n, scale, bias, out, n);
+    return linear(tmp, m, k, k, packed, rowsum, n, scale, bias, out, n);
 }
 
 /* -- a prefill's attention (model._attend) -------------------------------------------------- */
@@ -397,13 +437,18 @@ void norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i
  * visible) -> out int64 [b, t, kv * rep * d]. Scores and weighted sums are float64 sums of
  * exact integer products below 2**53 (exact in any order, as the torch GEMMs' are), over each
  * row's visible keys only; the weights, the division and the rounding are _attend's. */
-void prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i64 rep, i64 t,
-                       i64 s, i64 d, const uint8_t *mask, const double *exp_table, i64 n_exp,
-                       double index_scale, double out_mult, i64 *out) {
+i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i64 rep, i64 t,
+                      i64 s, i64 d, const uint8_t *mask, const double *exp_table, i64 n_exp,
+                      double index_scale, double out_mult, i64 *out) {
+    i64 status = 0, bytes = (2 * s * d + 2 * s + d) * (i64)sizeof(double);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (b * kv > 1)
     for (i64 bg = 0; bg < b * kv; bg++) {
         i64 bi = bg / kv, g = bg % kv;
-        double *kt = malloc((size_t)(2 * s * d + 2 * s + d) * sizeof(double));
+        double *kt = alloc(bytes);
+        if (!kt) {
+            failed(&status, bytes);
+            continue;
+        }
         double *vd = kt + s * d, *sc = vd + s * d, *w = sc + s, *acc = w + s;
         const i64 *kb = k + bg * s * d, *vb = v + bg * s * d;
         for (i64 j = 0; j < s; j++)
@@ -484,4 +529,5 @@ void prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, 
             }
         free(kt);
     }
+    return status;
 }

@@ -7,6 +7,7 @@ operations, and its GEMMs read the weights once in VNNI's tile layout. The libra
 built with the system's C compiler at first use, into ``$SEQKV_CACHE/kernels`` (or
 ``~/.cache/seqkv``); where there is no compiler, no AVX-512 VNNI, or ``SEQKV_CPU_KERNELS=0``,
 ``available()`` is False and the engine runs its torch code (the same integers, slower).
+A kernel whose scratch memory cannot be allocated raises MemoryError (``_ALLOCATING``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +49,23 @@ _SIGNATURES = {
     "prefill_attention": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64,
                           _f64, _f64, _ptr],
     "interval_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr],
+    "fail_allocation": [_i64],
 }
+# the kernels that allocate scratch memory: they return 0, or the bytes they could not get
+# (-1: a size past int64); every call of them through the library raises MemoryError then,
+# cpu_step's direct calls included (ctypes' errcheck)
+_ALLOCATING = {"linear", "norm_linear", "decode_attention", "interval_rows",
+               "prefill_attention"}
+
+
+def _check_allocation(result: int, fn: Any, args: tuple) -> int:
+    if result > 0:
+        raise MemoryError(f"seqkv CPU kernel {fn.__name__}: cannot allocate {result:,} bytes "
+                          "of scratch memory (a smaller batch or shorter input needs less)")
+    if result < 0:
+        raise MemoryError(f"seqkv CPU kernel {fn.__name__}: its scratch memory's size "
+                          "overflows (input too large)")
+    return result
 
 
 def _cpu_flags() -> str:
@@ -107,7 +125,10 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes = args
+        fn.restype = _i64 if name in _ALLOCATING else None
+        if name in _ALLOCATING:
+            fn.errcheck = _check_allocation
     return lib
 
 
