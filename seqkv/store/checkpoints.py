@@ -9,10 +9,15 @@ tokens before them, as the context resets at fixed positions), and only the suff
 on top of the checkpoint's KV. With a raw checkpoint the result equals a full prefill bit for
 bit (tested); a quantized one trades that for size.
 
-Which nodes get one is a :class:`~.policies.Policy`'s choice (``policies.py``: LRU and
-prior-guided); the :class:`CheckpointManager` keeps the store's checkpoint records (loaded with
-the trie), counts observed restores through each node, and materializes and drops checkpoints
-to follow the policy under the byte budget.
+Which nodes get one, and which edges stay raw, is a :class:`~.policies.Policy`'s choice
+(``policies.py``: LRU and prior-guided, three tiers per node: checkpoint, raw, coded); the
+:class:`CheckpointManager` (the namespace's tier manager) keeps the store's checkpoint records
+and its ``tier`` records (the edges kept raw, loaded with the trie), counts observed restores
+through each node, and follows the policy under the byte budget: it materializes and drops
+checkpoints, swaps an edge that became hot back from coded to raw (compare-and-swap, the edge
+and its ``tier`` record in one transaction, so a kill -9 at any moment leaves either the coded
+edge or the raw one, never neither) and deletes the ``tier`` record of one that cooled, which
+the next compaction then codes. Without a budget nothing is kept raw: every edge is coded.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from ..core.errors import BlobError
 from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..core.stepper import cache_kwarg
 from .backend import StoreError
-from .policies import NodeInfo, Policy
-from .records import StoreCorruptError, parse
+from .policies import RAW_BYTES_PER_TOKEN, NodeInfo, Policy, Tier, as_tier_policy, tiers_bytes
+from .records import StoreCorruptError, pack_edge, parse
+from .trie import info_bits
 
 if TYPE_CHECKING:
     from .store import Store
@@ -113,38 +119,53 @@ def continue_prefill(model, cache: DynamicCache, ids: list[int], held: int) -> R
 
 
 class CheckpointManager:
-    """One namespace's KV checkpoints: records ``ckptmeta`` (sizes, loaded with the trie) and
-    ``ckpt`` (payloads, read on restore); observed restores; a policy and a byte budget."""
+    """One namespace's tiers: KV checkpoints, records ``ckptmeta`` (sizes, loaded with the
+    trie) and ``ckpt`` (payloads, read on restore); edges kept raw, records ``tier``; observed
+    restores; a policy and a byte budget."""
 
     def __init__(self, store: Store, budget: int, policy: Policy,
                  quant: tuple[str, float] | None) -> None:
-        self.store, self.budget, self.policy, self.quant = store, int(budget), policy, quant
+        self.store, self.budget, self.quant = store, int(budget), quant
+        self.policy = as_tier_policy(policy)
         self.meta: dict[str, dict] = {}  # node id -> checkpoint meta
+        self.raw: dict[str, dict] = {}  # node id -> its tier record: the edge is kept raw
         self.hits: dict[str, int] = {}  # in memory: observed restores through a node
         self.last: dict[str, float] = {}
         self.clock = 0.0
 
-    def load(self, records: dict[str, bytes]) -> None:
-        self.meta = {k: parse("ckptmeta", k, v)[0] for k, v in records.items()}
+    def load(self, records: dict[str, dict[str, bytes]]) -> None:
+        """The namespace's ``ckptmeta`` and ``tier`` records, as the trie is loaded."""
+        self.meta = {k: parse("ckptmeta", k, v)[0] for k, v in records["ckptmeta"].items()}
+        self.raw = {k: parse("tier", k, v)[0] for k, v in records.get("tier", {}).items()}
 
-    def apply(self, changes: dict[str, bytes | None]) -> None:
-        """Changed ``ckptmeta`` records (None: deleted), as a reader catches up."""
-        for k, v in changes.items():
-            if v is None:
-                self.meta.pop(k, None)
-            else:
-                self.meta[k] = parse("ckptmeta", k, v)[0]
+    def apply(self, changes: dict[str, dict[str, bytes | None]]) -> None:
+        """Changed ``ckptmeta`` and ``tier`` records (None: deleted), as a reader catches up."""
+        for kind, held in (("ckptmeta", self.meta), ("tier", self.raw)):
+            for k, v in changes.get(kind, {}).items():
+                if v is None:
+                    held.pop(k, None)
+                else:
+                    held[k] = parse(kind, k, v)[0]
 
     @property
     def bytes(self) -> int:
         return sum(int(c["bytes"]) for c in self.meta.values())
 
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of the edges kept raw (4 a token), as the budget counts them."""
+        nodes = self.store.trie.nodes
+        return sum(RAW_BYTES_PER_TOKEN * nodes[i].n for i in self.raw if i in nodes)
+
     def delete_in(self, txn, node_id: str) -> None:
-        """Inside a write: the node is gone, so is its checkpoint."""
+        """Inside a write: the node is gone, so are its checkpoint and its tier record."""
         if node_id in self.meta:
             txn.delete("ckptmeta", node_id)
             txn.delete("ckpt", node_id)
             del self.meta[node_id]
+        if node_id in self.raw:
+            txn.delete("tier", node_id)
+            del self.raw[node_id]
 
     # -- restore ---------------------------------------------------------------------------
     def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
@@ -230,31 +251,104 @@ class CheckpointManager:
         self.store._write(work)
 
     # -- the policy ------------------------------------------------------------------------
+    def _path_bits(self, n: Node) -> float:
+        """-log2 P_M of an edge's tokens as far as known: coded bits, or (kept raw) the bits it
+        had when coded, or its intervals; a raw edge never coded counts at its stored size."""
+        if not n.raw:
+            return float(n.bits)
+        bits = (self.raw.get(n.id) or {}).get("bits")
+        if bits is not None:
+            return float(bits)
+        if n.intervals is not None:
+            return float(np.sum(info_bits(n.intervals)))
+        return float(32 * n.n)
+
     def candidates(self) -> dict[str, NodeInfo]:
-        """Nodes that may hold a checkpoint: session ends and branch points."""
+        """Every node, with its edge (the raw tier); session ends and branch points at least
+        ``ALIGN`` deep may also hold a checkpoint."""
         trie = self.store.trie
-        out = {}
-        for n in trie.edges():
-            if (n.sessions or len(n.children) > 1) and n.depth >= ALIGN:
-                path = trie.path(n)
-                anc = [a.id for a in path[:-1] if a.sessions or len(a.children) > 1]
-                # pending raw edges count at their stored size (32 bits a token) until coded
-                bits = float(sum(32 * a.n if a.raw else a.bits for a in path))
-                out[n.id] = NodeInfo(n.id, n.depth, self.kv_bytes(n.depth), trie.refs(n),
-                                     bits, self.hits.get(n.id, 0), self.last.get(n.id, 0.0), anc)
+        out: dict[str, NodeInfo] = {}
+        bits: dict[str, float] = {"root": 0.0}
+        ancestors: dict[str, list[str]] = {"root": []}
+        stack = [trie.root]
+        while stack:  # from the root down: a node's path bits and ancestors from its parent's
+            node = stack.pop()
+            for n in node.children.values():
+                bits[n.id] = bits[node.id] + self._path_bits(n)
+                above = ancestors[node.id]
+                ancestors[n.id] = [*above, node.id] if node is not trie.root else []
+                ckpt = bool(n.sessions or len(n.children) > 1) and n.depth >= ALIGN
+                out[n.id] = NodeInfo(n.id, n.depth, self.kv_bytes(n.depth) if ckpt else 0,
+                                     trie.refs(n), bits[n.id], self.hits.get(n.id, 0),
+                                     self.last.get(n.id, 0.0), list(ancestors[n.id]), n.n, ckpt)
+                stack.append(n)
+        return out
+
+    def tiers(self) -> dict[str, Tier]:
+        """Each node's tier now (absent: coded)."""
+        out = {i: Tier.RAW for i in self.raw}
+        out.update({i: Tier.CHECKPOINT for i in self.meta})
         return out
 
     def rebalance(self, accessed: str | None = None) -> dict:
-        """Let the policy pick the checkpoints under the byte budget; materialize and evict."""
+        """Let the policy pick each node's tier under the byte budget; materialize and drop
+        checkpoints, keep the hot edges raw (swapping coded ones back) and release the others
+        to the next compaction."""
         s = self.store
         s.refresh()
         nodes = self.candidates()
         acc = s.trie.sessions[accessed].id if accessed in s.trie.sessions else None
-        keep = self.policy.select(nodes, set(self.meta) & set(nodes), acc, self.budget)
+        current = {i: t for i, t in self.tiers().items() if i in nodes}
+        chosen = self.policy.tiers(nodes, current, acc, self.budget)
+        keep = {i for i, t in chosen.items() if t is Tier.CHECKPOINT}
+        raw = {i for i, t in chosen.items() if t is Tier.RAW}
         dropped = [i for i in list(self.meta) if i not in keep]
         for i in dropped:
             self.drop(i)
+        retier = self.keep_raw(raw)
         added = [i for i in keep if i not in self.meta]
         for i in added:
             self.checkpoint(i)
-        return {"kept": sorted(keep), "added": added, "dropped": dropped, "bytes": self.bytes}
+        return {"kept": sorted(keep), "added": added, "dropped": dropped, "bytes": self.bytes,
+                "raw": sorted(self.raw), **retier, "raw_bytes": self.raw_bytes,
+                "policy_bytes": tiers_bytes(nodes, chosen)}
+
+    def keep_raw(self, raw: set[str]) -> dict:
+        """Make ``raw`` the set of edges kept raw, in one transaction: a coded edge in it is
+        swapped back to raw by compare-and-swap (its tokens decoded first, outside the lock;
+        it keeps its id), a pending raw one is just marked; an edge no longer in it loses its
+        mark and stays raw until the next compaction codes it."""
+        s = self.store
+        s.refresh()
+        add = [i for i in sorted(raw) if i not in self.raw and i in s.trie.nodes]
+        s._decode_paths([s.trie.path(s.trie.nodes[i]) for i in add])  # the model, unlocked
+        expect = {i: (s.trie.nodes[i].parent.id, s.trie.nodes[i].start, s.trie.nodes[i].n,
+                      s.trie.nodes[i].token_hash) for i in add}
+
+        def work(txn) -> dict:
+            cooled, heated, swapped, skipped = [], [], 0, 0
+            for i in [i for i in self.raw if i not in raw]:
+                txn.delete("tier", i)
+                del self.raw[i]
+                cooled.append(i)
+            for i in add:
+                cur = s.trie.nodes.get(i)  # the latest committed state
+                if (i in self.raw or cur is None or not cur.known
+                        or (cur.parent.id, cur.start, cur.n, cur.token_hash) != expect[i]):
+                    skipped += i not in self.raw  # changed meanwhile: the next rebalance
+                    continue
+                header = {"kind": "tier", "node": i, "tier": Tier.RAW.value,
+                          "bits": None if cur.raw else cur.bits}
+                if not cur.raw:
+                    cur.raw, cur.words = True, np.zeros(0, np.uint32)
+                    txn.put("edge", i, pack_edge(cur))
+                    swapped += 1
+                txn.put("tier", i, pack(header, []))
+                self.raw[i] = header
+                heated.append(i)
+            return {"raw_added": heated, "raw_dropped": cooled, "raw_swapped": swapped,
+                    "raw_skipped": skipped}
+
+        if not add and all(i in raw for i in self.raw):
+            return {"raw_added": [], "raw_dropped": [], "raw_swapped": 0, "raw_skipped": 0}
+        return s._write(work)

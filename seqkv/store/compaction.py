@@ -8,6 +8,12 @@ record still says raw, with the same parent, start, length and token hash. An ed
 writer split, deleted or coded meanwhile is left alone (its new raw halves are picked up by
 the next round). The model never runs under the write lock.
 
+Edges the tier policy keeps raw (a ``tier`` record, ``checkpoints.py``) are left raw: a hot
+edge is restored without the model. Once the policy lets one cool (deletes its record), the
+next round codes it like any pending edge; the swap checks, inside the transaction, that no
+record was written for it meanwhile. An edge whose intervals this process already has (it was
+coded, then swapped back to raw) is coded from them, without the model.
+
 Safety: a round's swaps commit together or not at all (one backend transaction), an edge keeps
 its id when coded, so a kill -9 at any moment loses nothing and leaves no edge twice; running
 again continues where it stopped, and coding an already coded store changes nothing.
@@ -37,6 +43,7 @@ class CompactResult:
     raw_bits: int = 0  # what those edges took raw (32 bits a token)
     skipped: int = 0  # changed by another writer meanwhile: left for the next round
     pending: int = 0  # raw edges still pending after this run
+    kept_raw: int = 0  # raw edges the tier policy keeps raw (not pending)
     rounds: int = 0
     coded_ids: list[str] = field(default_factory=list)
 
@@ -45,25 +52,32 @@ class CompactResult:
 
 
 def compact(store: Store, batch: int = DEFAULT_BATCH, max_rounds: int = 10_000) -> CompactResult:
-    """Code every pending raw edge of ``store``'s namespace (at most ``max_rounds`` batches)."""
+    """Code every pending raw edge of ``store``'s namespace (at most ``max_rounds`` batches),
+    except those the tier policy keeps raw."""
     lm = store._need_model()
     if batch < 1:
         raise ValueError("batch must be at least 1")
     result = CompactResult()
     for _ in range(max_rounds):
         store.refresh()
-        todo = store.trie.pending()[:batch]
+        todo = _pending(store)[:batch]
         if not todo:
             break
         result.rounds += 1
+        # an edge coded before (kept raw since) has its intervals known: no model needed
+        need = [n for n in todo if n.intervals is None]
         jobs, paths = [], {}
-        for node in todo:
+        for node in need:
             parent = node.parent
             if parent.id not in paths:
                 paths[parent.id] = store._path_ids(store.trie.path(parent))[0]
             jobs.append((paths[parent.id], list(node.tokens)))
-        with store.model_lock:
-            rows = encode_edges(lm, store.chunk, jobs, store.procedure)
+        coded_rows = {}
+        if jobs:
+            with store.model_lock:
+                out = encode_edges(lm, store.chunk, jobs, store.procedure)
+            coded_rows = {n.id: r for n, r in zip(need, out, strict=True)}
+        rows = [coded_rows.get(n.id, n.intervals) for n in todo]
         coded = [(n.id, (n.parent.id, n.start, n.n, n.token_hash), encode_intervals(r), r)
                  for n, r in zip(todo, rows, strict=True)]
 
@@ -72,7 +86,7 @@ def compact(store: Store, batch: int = DEFAULT_BATCH, max_rounds: int = 10_000) 
             ids = []
             for node_id, expect, words, r in coded:
                 cur = store.trie.nodes.get(node_id)  # the latest committed state
-                if (cur is None or not cur.raw
+                if (cur is None or not cur.raw or node_id in store.checkpoints.raw
                         or (cur.parent.id, cur.start, cur.n, cur.token_hash) != expect):
                     skipped += 1
                     continue
@@ -90,5 +104,11 @@ def compact(store: Store, batch: int = DEFAULT_BATCH, max_rounds: int = 10_000) 
         result.skipped += skipped
         result.coded_ids += ids
     store.refresh()
-    result.pending = len(store.trie.pending())
+    result.pending = len(_pending(store))
+    result.kept_raw = sum(1 for n in store.trie.pending() if n.id in store.checkpoints.raw)
     return result
+
+
+def _pending(store: Store) -> list:
+    """Raw edges to code (shallowest first): not those the tier policy keeps raw."""
+    return [n for n in store.trie.pending() if n.id not in store.checkpoints.raw]

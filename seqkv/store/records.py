@@ -9,6 +9,8 @@ a flipped bit anywhere is refused on read as :class:`StoreCorruptError`.
               checked on read) or one rANS stream of them (coded)
     session   the node a session ends at, its length and token hash, its text recipe
     ckptmeta  / ckpt    a KV checkpoint's size (read with the trie) / its payload (read on restore)
+    tier      an edge the tier policy keeps raw (compaction leaves it; ``policies.py``), with
+              its coded bits from before it was swapped back to raw (the prior needs them)
     exact     a session's exact-tier residual blob
 """
 
@@ -21,7 +23,7 @@ from ..core.errors import BlobError
 from .coding import encode_intervals
 from .trie import Node, Trie, edge_hash
 
-KINDS = ("edge", "session", "ckptmeta")  # what a namespace's trie is loaded from
+KINDS = ("edge", "session", "ckptmeta", "tier")  # what a namespace's trie is loaded from
 
 
 class StoreCorruptError(BlobError):

@@ -16,6 +16,10 @@ from the model's prediction and returned bit for bit.
 - Compaction (``compact()``, ``compaction.py``) later codes pending raw edges under the model
   (``coding.py``), many at once, and swaps each raw record for its coded one by
   compare-and-swap. Raw edges are read back without the model.
+- Tiers (``policies.py``, ``checkpoints.py``): with a byte budget, ``rebalance`` lets the
+  policy pick each node's tier from access counts and P_M: a KV checkpoint, its edge kept raw
+  (compaction leaves it; a coded one that became hot is swapped back to raw), or coded.
+  Without a budget every edge is coded, as compaction leaves it.
 - Namespaces: each has its own trie, records, generation and checkpoint budget; nothing is
   matched, shared or evicted across them, so one tenant's contents cannot change another's
   stored bytes, or its put/get work (hence timing).
@@ -66,7 +70,7 @@ from .coding import (
     procedure_for,
 )
 from .compaction import DEFAULT_BATCH, CompactResult, compact
-from .policies import NodeInfo, Policy, policy_by_name
+from .policies import NodeInfo, Policy, Tier, policy_by_name
 from .records import (
     KINDS,
     StoreCorruptError,
@@ -199,13 +203,13 @@ class Store:
     def _load(self, gen: int, records: dict[str, dict[str, bytes]]) -> None:
         """Rebuild the namespace's trie from all its records."""
         self.trie, self.session_info = load_trie(records, self.trie.nodes)
-        self.checkpoints.load(records["ckptmeta"])
+        self.checkpoints.load(records)
         self._gen = gen
 
     def _catch_up(self, gen: int, changes: dict[str, dict[str, bytes | None]]) -> None:
         """Apply what changed since our generation (the backend's change log) in place."""
         apply_changes(self.trie, self.session_info, changes)
-        self.checkpoints.apply(changes["ckptmeta"])
+        self.checkpoints.apply(changes)
         self._gen = gen
 
     def refresh(self) -> None:
@@ -548,7 +552,7 @@ class Store:
         except BlobError as e:
             raise StoreCorruptError(f"corrupt store record exact {session}: {e}") from e
 
-    # -- checkpoints (checkpoints.py; which nodes: policies.py) --------------------------
+    # -- tiers: checkpoints and raw edges (checkpoints.py; which nodes: policies.py) ------
     @property
     def ckpts(self) -> dict[str, dict]:
         return self.checkpoints.meta
@@ -570,10 +574,19 @@ class Store:
         self.checkpoints.drop(node_id)
 
     def candidates(self) -> dict[str, NodeInfo]:
+        """Every node as the tier policy sees it (``policies.NodeInfo``)."""
         return self.checkpoints.candidates()
 
+    def tiers(self) -> dict[str, Tier]:
+        """Each node's tier now: checkpoint, raw (kept raw by the policy); absent: coded, or
+        raw pending compaction."""
+        self.refresh()
+        return self.checkpoints.tiers()
+
     def rebalance(self, accessed: str | None = None) -> dict:
-        """Let the policy pick the checkpoints under the byte budget; materialize and evict."""
+        """Let the policy pick each node's tier (checkpoint, raw, coded) under the byte budget:
+        materialize and drop checkpoints, keep the hot edges raw, release the cooled ones to
+        the next compaction. ``accessed``: the session a restore just read (LRU admits it)."""
         return self.checkpoints.rebalance(accessed)
 
     # -- queries -----------------------------------------------------------------------------
@@ -582,6 +595,7 @@ class Store:
         tokens_total = sum(int(h["n"]) for h in self.session_info.values())
         pending = self.trie.pending()
         raw_tokens = sum(n.n for n in pending)
+        kept = [n for n in pending if n.id in self.checkpoints.raw]
         out = {
             "namespace": self.ns,
             "sessions": len(self.trie.sessions),
@@ -591,9 +605,11 @@ class Store:
             "bits_total": self.trie.bits_total,  # coded edges' streams
             "bits_per_unique_token":  # over coded tokens (raw ones are not coded yet)
                 self.trie.bits_total / max(self.trie.tokens_unique - raw_tokens, 1),
-            "raw_edges": len(pending),  # written by put, pending compaction
+            "raw_edges": len(pending),  # written by put, pending compaction, or kept raw
             "raw_tokens": raw_tokens,
             "raw_bytes": 4 * raw_tokens,
+            "raw_kept_edges": len(kept),  # kept raw by the tier policy (compaction leaves them)
+            "raw_kept_bytes": 4 * sum(n.n for n in kept),
             "checkpoints": len(self.ckpts),
             "checkpoint_bytes": self.checkpoints.bytes,
             "exact_sessions": sum(1 for h in self.session_info.values() if h.get("exact_bytes")),
