@@ -13,6 +13,13 @@ looked; commit), not six. Waiting writers queue and get the lock first come, fir
 (the release wakes the queue's head; a newcomer may not take a free lock ahead of it), so
 no writer loses it several times in a row; a waiter that stops asking (killed) is dropped
 from the queue after 250 ms.
+
+The change log (a sorted set: each record changed, scored by the generation that changed it)
+lets a reader catch up by reading only what changed since the generation it holds. It keeps
+its newest ``SEQKV_REDIS_LOG_MAX`` entries (10,000; 0: no limit): the commit that goes past
+that drops the oldest generations' entries and raises the log's floor to the newest
+generation dropped, and a reader older than the floor reads the namespace whole instead
+(it cannot tell what it missed), so a reader that fell behind never misses a change.
 """
 
 from __future__ import annotations
@@ -34,10 +41,14 @@ from .backend import (
     busy_timeout,
 )
 
-# the generation and every record changed after ARGV[1] (one consistent read): the change log
-# is a sorted set of "kind NUL key" scored by the generation that last wrote or deleted it
+# the generation, the change log's floor (KEYS[3]) and, if ARGV[1] is not below the floor,
+# every record changed after ARGV[1] (one consistent read): the change log is a sorted set
+# of "kind NUL key" scored by the generation that last wrote or deleted it
 _CHANGES = """
-local out = {redis.call('get', KEYS[1]) or '0'}
+local out = {redis.call('get', KEYS[1]) or '0', redis.call('get', KEYS[3]) or '0'}
+if tonumber(ARGV[1]) < tonumber(out[2]) then
+  return out
+end
 local members = redis.call('zrangebyscore', KEYS[2], '(' .. ARGV[1], '+inf')
 for _, m in ipairs(members) do
   local sep = string.find(m, '\\0', 1, true)
@@ -90,12 +101,13 @@ end
 """
 _RELEASE = _WAKE + "return 0"
 # take the lock (KEYS[1]) if free and this writer's turn and, in the same round trip, read
-# the generation (KEYS[2]) and what changed after generation ARGV[3] (the writer's; -1:
-# nothing) as _CHANGES does (change log KEYS[3], hashes ARGV[5] .. kind): nil if not taken
+# the generation (KEYS[2]), the log's floor (KEYS[6]) and what changed after generation
+# ARGV[3] (the writer's; -1: nothing; below the floor: nothing either, it reads all) as
+# _CHANGES does (change log KEYS[3], hashes ARGV[5] .. kind): nil if not taken
 _ACQUIRE = _QUEUE + """
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local out = {redis.call('get', KEYS[2]) or '0'}
-if tonumber(ARGV[3]) >= 0 and tonumber(out[1]) > tonumber(ARGV[3]) then
+local out = {redis.call('get', KEYS[2]) or '0', redis.call('get', KEYS[6]) or '0'}
+if tonumber(ARGV[3]) >= tonumber(out[2]) and tonumber(out[1]) > tonumber(ARGV[3]) then
   for _, m in ipairs(redis.call('zrangebyscore', KEYS[3], '(' .. ARGV[3], '+inf')) do
     local sep = string.find(m, '\\0', 1, true)
     out[#out + 1] = m
@@ -105,16 +117,19 @@ if tonumber(ARGV[3]) >= 0 and tonumber(out[1]) > tonumber(ARGV[3]) then
 end
 return out
 """
-# commit: if the generation (KEYS[1]) is still ARGV[1], apply the puts and deletes (ARGV[5..]:
+# commit: if the generation (KEYS[1]) is still ARGV[1], apply the puts and deletes (ARGV[6..]:
 # op, kind, key, value), log them (KEYS[4]), bump the generation, record the namespace
-# (KEYS[5]); either way release the lock (KEYS[2], token ARGV[2]) and wake the queue's head
-# (KEYS[3], wake keys ARGV[3] .. "wake:" .. token), as _RELEASE does. 1 committed, 0 refused.
+# (KEYS[5]), and trim the log to its newest ARGV[5] entries (0: no limit): every entry of the
+# generations dropped goes (a generation is kept whole or not at all) and the floor (KEYS[6])
+# becomes the newest of them. Either way release the lock (KEYS[2], token ARGV[2]) and wake
+# the queue's head (KEYS[3], wake keys ARGV[3] .. "wake:" .. token), as _RELEASE does.
+# 1 committed, 0 refused.
 _COMMIT = """
 local gen = redis.call('get', KEYS[1]) or '0'
 local ok = 0
 if gen == ARGV[1] then
   local next = tonumber(gen) + 1
-  for i = 5, #ARGV, 4 do
+  for i = 6, #ARGV, 4 do
     local hash = ARGV[3] .. ARGV[i + 1]
     if ARGV[i] == 'put' then
       redis.call('hset', hash, ARGV[i + 2], ARGV[i + 3])
@@ -125,6 +140,13 @@ if gen == ARGV[1] then
   end
   redis.call('incr', KEYS[1])
   redis.call('sadd', KEYS[5], ARGV[4])
+  local cap = tonumber(ARGV[5])
+  local n = redis.call('zcard', KEYS[4])
+  if cap > 0 and n > cap then
+    local cut = redis.call('zrange', KEYS[4], n - cap - 1, n - cap - 1, 'WITHSCORES')[2]
+    redis.call('zremrangebyscore', KEYS[4], '-inf', cut)
+    redis.call('set', KEYS[6], cut)
+  end
   ok = 1
 end
 if redis.call('get', KEYS[2]) == ARGV[2] then
@@ -145,11 +167,12 @@ def _key(prefix: str, ns: str, kind: str) -> str:
 
 class _RedisTxn:
     def __init__(self, r: redis.Redis, prefix: str, ns: str, generation: int,
-                 since: int = -1, changed: list | None = None) -> None:
+                 since: int = -1, changed: list | None = None, floor: int = 0) -> None:
         self.r, self.prefix, self.ns, self.generation = r, prefix, ns, generation
         self.ops: list[tuple[str, str, str, bytes | None]] = []
-        # what changed after ``since``, read with the lock: (kind NUL key, value) pairs
-        self._since, self._changed = since, changed
+        # what changed after ``since``, read with the lock: (kind NUL key, value) pairs; and
+        # the change log's floor then (an older ``since`` cannot catch up through the log)
+        self._since, self._changed, self._floor = since, changed, floor
 
     def read_kind(self, kind: str) -> dict[str, bytes]:
         return {k.decode(): v for k, v in self.r.hgetall(_key(self.prefix, self.ns, kind)).items()}
@@ -158,10 +181,12 @@ class _RedisTxn:
         return self.r.hget(_key(self.prefix, self.ns, kind), key)
 
     def changes(self, since: int, kinds: tuple[str, ...]
-                ) -> dict[str, dict[str, bytes | None]]:
-        if since == self._since and self._changed is not None:
-            return _parse_changes(self._changed, kinds)  # read when the lock was taken
-        return _changes(self.r, self.prefix, self.ns, since, kinds)[1]
+                ) -> dict[str, dict[str, bytes | None]] | None:
+        """What changed after ``since`` (None: the log was trimmed past it, read all)."""
+        if since == self._since and self._changed is not None:  # read when the lock was taken
+            return None if since < self._floor else _parse_changes(self._changed, kinds)
+        got = _changes(self.r, self.prefix, self.ns, since, kinds)
+        return None if got is None else got[1]
 
     def put(self, kind: str, key: str, value: bytes) -> None:
         self.ops.append(("put", kind, key, value))
@@ -171,10 +196,14 @@ class _RedisTxn:
 
 
 def _changes(r: redis.Redis, prefix: str, ns: str, since: int, kinds: tuple[str, ...]
-             ) -> tuple[int, dict[str, dict[str, bytes | None]]]:
-    reply = r.eval(_CHANGES, 2, _key(prefix, ns, "gen"), _key(prefix, ns, "changes"),
-                   int(since), _key(prefix, ns, ""))
-    return int(reply[0]), _parse_changes(reply[1:], kinds)
+             ) -> tuple[int, dict[str, dict[str, bytes | None]]] | None:
+    """The generation and what changed after ``since``; None if the log no longer reaches
+    back to ``since`` (trimmed)."""
+    reply = r.eval(_CHANGES, 3, _key(prefix, ns, "gen"), _key(prefix, ns, "changes"),
+                   _key(prefix, ns, "logfloor"), int(since), _key(prefix, ns, ""))
+    if since < int(reply[1]):
+        return None
+    return int(reply[0]), _parse_changes(reply[2:], kinds)
 
 
 def _parse_changes(pairs: list, kinds: tuple[str, ...]) -> dict[str, dict[str, bytes | None]]:
@@ -187,15 +216,32 @@ def _parse_changes(pairs: list, kinds: tuple[str, ...]) -> dict[str, dict[str, b
     return out
 
 
+LOG_MAX_ENV = "SEQKV_REDIS_LOG_MAX"
+
+
+def _log_max() -> int:
+    """How many change-log entries a namespace keeps: $SEQKV_REDIS_LOG_MAX or 10,000."""
+    try:
+        n = int(os.environ.get(LOG_MAX_ENV, "10000"))
+    except ValueError as e:
+        raise StoreError(f"${LOG_MAX_ENV} must be a whole number of entries") from e
+    if n < 0:
+        raise StoreError(f"${LOG_MAX_ENV} must be 0 (no limit) or more")
+    return n
+
+
 class RedisBackend:
-    def __init__(self, url: str, create: bool = True, lock_wait: float | None = None) -> None:
+    def __init__(self, url: str, create: bool = True, lock_wait: float | None = None,
+                 log_max: int | None = None) -> None:
         """``redis://HOST:PORT/N``; an optional ``#PREFIX`` keeps several stores in one DB.
         (``create`` is the registry's common signature: a Redis store is created by its first
-        write either way, and reading commands check for its meta record.)"""
+        write either way, and reading commands check for its meta record.) ``log_max``: the
+        change-log entries a namespace keeps (default $SEQKV_REDIS_LOG_MAX or 10,000; 0: all)."""
         self.url = url
         url, _, prefix = url.partition("#")
         self.prefix = f"seqkv:{prefix}" if prefix else "seqkv"
         self.lock_ttl = float(os.environ.get("SEQKV_REDIS_LOCK_TTL", "30"))
+        self.log_max = _log_max() if log_max is None else log_max
         self.lock_wait = busy_timeout() if lock_wait is None else lock_wait
         try:
             self.r = redis.Redis.from_url(url, socket_timeout=30)
@@ -230,7 +276,8 @@ class RedisBackend:
         deadline = time.monotonic() + self.lock_wait
         while True:
             got = self._acquire(keys=[lock, gen_key, _key(self.prefix, ns, "changes"), queue,
-                                      _key(self.prefix, ns, "asked")],
+                                      _key(self.prefix, ns, "asked"),
+                                      _key(self.prefix, ns, "logfloor")],
                                 args=[token, int(self.lock_ttl * 1000), int(since), wake,
                                       _key(self.prefix, ns, "")])
             if got is not None:
@@ -244,13 +291,15 @@ class RedisBackend:
             self.r.blpop([wake + token], timeout=min(left, 0.05))
         released = False
         try:
-            txn = _RedisTxn(self.r, self.prefix, ns, int(got[0]), int(since), got[1:])
+            txn = _RedisTxn(self.r, self.prefix, ns, int(got[0]), int(since), got[2:],
+                            int(got[1]))
             yield txn
-            args: list = [txn.generation, token, _key(self.prefix, ns, ""), ns]
+            args: list = [txn.generation, token, _key(self.prefix, ns, ""), ns, self.log_max]
             for op, kind, key, value in txn.ops:
                 args += [op, kind, key, b"" if value is None else value]
             ok = self._commit([gen_key, lock, queue, _key(self.prefix, ns, "changes"),
-                               f"{self.prefix}:namespaces"], args)
+                               f"{self.prefix}:namespaces", _key(self.prefix, ns, "logfloor")],
+                              args)
             released = True  # the commit script released the lock, committed or not
             if not ok:  # the lock expired under us and another writer committed first
                 raise StoreConflict(ns)
@@ -275,8 +324,9 @@ class RedisBackend:
         }
 
     def changes(self, ns: str, since: int, kinds: tuple[str, ...]
-                ) -> tuple[int, dict[str, dict[str, bytes | None]]]:
-        """One consistent read (a script): the generation, and what changed after ``since``."""
+                ) -> tuple[int, dict[str, dict[str, bytes | None]]] | None:
+        """One consistent read (a script): the generation, and what changed after ``since``
+        (None where the log was trimmed past ``since``: read the namespace whole)."""
         with self._errors():
             return _changes(self.r, self.prefix, ns, since, kinds)
 
