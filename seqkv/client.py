@@ -133,6 +133,10 @@ class Client:
     def healthz(self) -> bool:
         return self._json("GET", "/healthz").get("status") == "ok"
 
+    def health(self) -> dict:
+        """/healthz's fields: status, model (loading, ready, failed), compactor, device."""
+        return self._json("GET", "/healthz")
+
     def put(self, session: str, text: str | None = None, ids: list[int] | None = None,
             replace: bool = True) -> dict:
         """Store a session (replacing one of that id, unless ``replace=False``: then an

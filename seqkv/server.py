@@ -2,7 +2,8 @@
 
     GET    /healthz                      200 once the server takes requests (at once: the
                                          model loads in the background; "model" says
-                                         whether it is loading, ready or failed)
+                                         whether it is loading, ready or failed;
+                                         "device": where it runs, ``--device``)
     PUT    /v1/sessions/{id}             {"text"} or {"ids"} -> 201 new / 200 replaced, once durable
     GET    /v1/sessions/{id}             {"session", "ids", "text"} (text null for an ids session)
     GET    /v1/sessions/{id}/cache       the restored KV cache, a safetensors file in the
@@ -78,6 +79,7 @@ log = logging.getLogger("seqkv.server")
 DEFAULT_NAMESPACE = "default"
 MAX_BODY = 8 << 20  # bytes of a request body
 SESSION_ID = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces, 1-256 chars
+DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")  # where the engine runs: the CPU or a CUDA GPU
 
 
 class ServerConfigError(SeqkvError):
@@ -323,8 +325,9 @@ class Service:
     requests at once), and the background compactor (a child process)."""
 
     def __init__(self, db: str, model: str | None = None, keys: dict[str, str] | None = None,
-                 compact_interval: float = 2.0, compact_batch: int = 16) -> None:
-        self.db, self.model_spec, self.keys = db, model, keys
+                 compact_interval: float = 2.0, compact_batch: int = 16,
+                 device: str = "cpu") -> None:
+        self.db, self.model_spec, self.keys, self.device = db, model, keys, device
         self.compact_interval, self.compact_batch = compact_interval, compact_batch
         self.lm = None  # the model, once loaded and checked against the store
         self.model_state = "loading"
@@ -378,7 +381,7 @@ class Service:
             from .core.models import load_model
             from .store import Store
 
-            lm = load_model(self.model_spec)
+            lm = load_model(self.model_spec, device=self.device)
             Store(self.db, lm, self.namespaces()[0]).close()  # checked, or the store created
             self.lm, self.model_state = lm, "ready"
         except BaseException as e:  # noqa: BLE001 - answered to every request that needs it
@@ -420,17 +423,20 @@ class Service:
         """Load the model in the background, and start the compactor process."""
         threading.Thread(target=self._load_model, name="seqkv-model", daemon=True).start()
         if self.compact_interval > 0 and self._compactor is None:
-            args = {"db": self.db, "model": self.model_spec, "namespaces": self.namespaces(),
-                    "interval": self.compact_interval, "batch": self.compact_batch,
-                    "parent": os.getpid()}
             self._compactor = subprocess.Popen(
                 [sys.executable, "-c", "from seqkv.server import compactor_main as m; m()",
-                 json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                close_fds=True)
+                 json.dumps(self.compactor_args())], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, close_fds=True)
             os.set_blocking(self._compactor.stdin.fileno(), False)
             self.compactor_state = "starting"
             threading.Thread(target=self._watch_compactor, args=(self._compactor,),
                              name="seqkv-compactor-watch", daemon=True).start()
+
+    def compactor_args(self) -> dict:
+        """What the compactor process is started with (compactor_main's argument)."""
+        return {"db": self.db, "model": self.model_spec, "device": self.device,
+                "namespaces": self.namespaces(), "interval": self.compact_interval,
+                "batch": self.compact_batch, "parent": os.getpid()}
 
     def _watch_compactor(self, p: subprocess.Popen) -> None:
         """The compactor says "ready" once its model has loaded; its stdout closes when it
@@ -488,7 +494,7 @@ def compactor_main() -> None:
     from .store import Store
 
     logging.basicConfig(level=logging.WARNING, format="seqkv compactor: %(message)s")
-    lm = load_model(args["model"])
+    lm = load_model(args["model"], device=args["device"])
     print("ready", flush=True)  # to the server (healthz: "compactor": "running")
     stores: dict[str, Any] = {}
     while True:
@@ -642,9 +648,10 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     async def healthz() -> dict:
         """200 as soon as the server takes requests; ``model``: loading, ready or failed
         (puts and reads of raw edges need no model; coding, decoding and text wait for it);
-        ``compactor``: the background compactor, off, starting, running or exited."""
+        ``compactor``: the background compactor, off, starting, running or exited;
+        ``device``: where the model runs (the compactor's too)."""
         return {"status": "ok", "model": service.model_state,
-                "compactor": service.compactor_state}
+                "compactor": service.compactor_state, "device": service.device}
 
     @app.put("/v1/sessions/{session}", status_code=201,
              responses={200: {"description": "replaced an existing session"}})
@@ -767,11 +774,33 @@ def check_model_spec(model: str | None) -> None:
         raise ServerConfigError(f"not a model directory or .gguf file: {model}")
 
 
+def check_device(device: str) -> str:
+    """Refuse, before listening, a device the model cannot be put on: not cpu, cuda or
+    cuda:N, or a GPU this machine does not have. torch is imported only for a GPU (the
+    server takes requests before the model, and torch, have loaded)."""
+    if not DEVICE.match(device):
+        raise ServerConfigError(f"bad --device {device!r}: give cpu, cuda or cuda:N")
+    if device == "cpu":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else ", a CPU-only build"
+        raise ServerConfigError(f"--device {device}: no CUDA GPU is available here (torch "
+                                f"{torch.__version__}{build})")
+    count, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ServerConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), "
+                                f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None = None,
-          model: str | None = None, max_body: int = MAX_BODY, compact_interval: float = 2.0
-          ) -> None:
+          model: str | None = None, max_body: int = MAX_BODY, compact_interval: float = 2.0,
+          device: str = "cpu") -> None:
     """Open the store and listen; the model loads in the background meanwhile (/healthz
-    answers at once, and puts and reads of raw edges need no model)."""
+    answers at once, and puts and reads of raw edges need no model). ``device``: where the
+    model runs (cpu, cuda, cuda:N), in the server and its compactor process."""
     import uvicorn
 
     key_map = load_keys(keys) if keys else None
@@ -786,6 +815,7 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None =
     if backend_kind(db) == SQLITE:  # an unknown URL scheme is refused here too
         check_sqlite_file(db, create=True)  # refuse a non-store file before anything else
     check_model_spec(model)
-    service = Service(db, model, key_map, compact_interval=compact_interval)
+    check_device(device)
+    service = Service(db, model, key_map, compact_interval=compact_interval, device=device)
     app = create_app(service, max_body)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -220,7 +221,8 @@ def test_api_keys_and_namespace_isolation(tmp_path, start):
     keys = tmp_path / "keys.json"
     ka, kb = "key-a-" + uuid.uuid4().hex, "key-b-" + uuid.uuid4().hex
     keys.write_text(json.dumps({ka: "tenant-a", kb: "tenant-b"}))
-    srv = start(str(tmp_path / "store.db"), "--keys", str(keys), "--compact-interval", "0.2")
+    srv = start(str(tmp_path / "store.db"), "--keys", str(keys), "--compact-interval", "0.2",
+                "--device", "cpu")
     a, b = Client(srv.url, ka), Client(srv.url, kb)
     assert Client(srv.url).healthz()  # health needs no key
     for key in (None, "wrong", ka + "x", ka[:-1]):
@@ -270,7 +272,8 @@ def test_api_keys_and_namespace_isolation(tmp_path, start):
         assert time.monotonic() < deadline, "background compaction did not run"
         time.sleep(0.2)
     assert a.get("secret")["ids"] == [5, 6, 7, 8]
-    assert a._json("GET", "/healthz")["compactor"] == "running"
+    health = a.health()
+    assert (health["compactor"], health["device"]) == ("running", "cpu")
     # the compactor is a child process that dies with the server, SIGKILL included
     pid = srv.proc.pid
     [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -314,7 +317,8 @@ def test_raw_edges_need_no_model_and_idle_connections_are_replaced(tmp_path, mod
         while health["model"] == "loading":
             time.sleep(0.1)
             health = c._json("GET", "/healthz")
-        assert health == {"status": "ok", "model": "failed", "compactor": "off"}
+        assert health == {"status": "ok", "model": "failed", "compactor": "off",
+                          "device": "cpu"}
         assert c.put("a", ids=[5, 6, 7, 8])["created"]
         assert c.get("a") == {"session": "a", "ids": [5, 6, 7, 8], "text": None}
         assert c.get("old")["ids"] == [5, 6, 7]
@@ -348,6 +352,43 @@ def test_serve_refuses_non_loopback_without_keys_and_bad_keys(tmp_path):
         r = runner.invoke(app, ["serve", "--db", str(tmp_path / "s.db"), "--keys", str(bad)])
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "s.db").exists()
+
+
+def test_serve_refuses_a_device_it_cannot_use_in_one_line(tmp_path):
+    """--device: cpu, cuda or cuda:N, and a GPU this machine has; anything else is one line on
+    stderr and exit 1 before the server listens (no traceback, no store created)."""
+    app = build_app()
+    bad = ["tpu", "cuda:x", "CPU", "cuda:99", ""]
+    for device in bad:
+        r = runner.invoke(app, ["serve", "--db", str(tmp_path / "s.db"), "--device", device])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, (device, r.output)
+        assert "--device" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "s.db").exists()
+    done = subprocess.run([sys.executable, "-m", "seqkv", "serve", "--db", str(tmp_path / "s.db"),
+                           "--device", "cuda:99"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == "", done
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("seqkv: error: --device cuda:99: "), line
+
+
+def test_the_device_reaches_the_models_of_the_server_and_its_compactor(tmp_path, monkeypatch):
+    """Service loads its model on --device, and starts its compactor process with it."""
+    import seqkv.core.models as models
+    from seqkv.core.errors import SeqkvError
+
+    asked = []
+
+    def load_model(spec=None, device="cpu", dtype=None):
+        asked.append((spec, device))
+        raise SeqkvError("not loaded here")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    service = server_mod.Service(str(tmp_path / "s.db"), "some-model", device="cuda:1",
+                                 compact_interval=0)
+    service._load_model()
+    assert asked == [("some-model", "cuda:1")] and service.model_state == "failed"
+    assert service.compactor_args()["device"] == "cuda:1"
+    assert server_mod.check_device("cpu") == "cpu"
 
 
 def test_store_cli_over_server(tmp_path, start, monkeypatch):

@@ -265,12 +265,15 @@ def serve(
     compact_interval: Annotated[float, typer.Option(
         help="seconds between background compactions (0: only POST /v1/compact)",
         min=0)] = 2.0,
+    device: Annotated[str, typer.Option(
+        help="where the model runs, in the server and its background compactor: cpu, cuda "
+        "or cuda:N")] = "cpu",
 ) -> None:
     """Serve the store over HTTP (JSON API, OpenAPI docs at /docs) until interrupted."""
     from ..server import serve as run
 
     run(db, host=host, port=port, keys=str(keys) if keys else None, model=model,
-        max_body=max_body, compact_interval=compact_interval)
+        max_body=max_body, compact_interval=compact_interval, device=device)
 
 
 def register(app: typer.Typer) -> None:
