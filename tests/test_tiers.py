@@ -205,6 +205,10 @@ def test_prior_guided_store_keeps_the_shared_prompt_raw_and_checkpoints_it(db, l
     p = Store(db, llama, checkpoint_budget=budget)  # prior-guided, no restore yet
     out = p.rebalance()
     assert out["raw"] == [prompt_node.id] and out["kept"] == []  # 3 sessions share it
+    assert p.trie.nodes[prompt_node.id].raw and out["raw_swapped"] == 1
+    # swapped back to raw, the edge keeps its coded bits for the prior (the choice is stable)
+    assert p.candidates()[prompt_node.id].bits == prompt_node.bits
+    assert p.rebalance()["raw_added"] == []
     big = Store(db, llama, checkpoint_budget=s.checkpoint_size(24) + 4096)
     out = big.rebalance()
     assert out["kept"] == [prompt_node.id]  # the checkpoint replaces the raw tier there

@@ -256,9 +256,9 @@ class CheckpointManager:
         had when coded, or its intervals; a raw edge never coded counts at its stored size."""
         if not n.raw:
             return float(n.bits)
-        bits = (self.raw.get(n.id) or {}).get("bits")
-        if bits is not None:
-            return float(bits)
+        rec = self.raw.get(n.id) or {}
+        if rec.get("bits") is not None and rec.get("n") == n.n:  # not split since
+            return float(rec["bits"])
         if n.intervals is not None:
             return float(np.sum(info_bits(n.intervals)))
         return float(32 * n.n)
@@ -337,7 +337,7 @@ class CheckpointManager:
                         or (cur.parent.id, cur.start, cur.n, cur.token_hash) != expect[i]):
                     skipped += i not in self.raw  # changed meanwhile: the next rebalance
                     continue
-                header = {"kind": "tier", "node": i, "tier": Tier.RAW.value,
+                header = {"kind": "tier", "node": i, "tier": Tier.RAW.value, "n": cur.n,
                           "bits": None if cur.raw else cur.bits}
                 if not cur.raw:
                     cur.raw, cur.words = True, np.zeros(0, np.uint32)

@@ -16,9 +16,9 @@ compaction code those that cooled. Both policies see the same accesses and the s
 (arXiv 2604.06228, prior-guided caching), which bounds the bytes of the two hot tiers together:
 each checkpoint's record and 4 bytes a token of each edge the policy keeps raw.
 
-- :class:`LRUPolicy`: a restore admits its node as a checkpoint and the edges of its path as
-  raw; while over budget, the least recently used entry is demoted one tier (a checkpoint to
-  raw, a raw edge to coded).
+- :class:`LRUPolicy`: a restore admits its node as a checkpoint (if one fits the budget at
+  all) and the edges of its path as raw; while over budget, the least recently used entry is
+  demoted one tier (a checkpoint to raw, a raw edge to coded).
 - :class:`PriorGuidedPolicy`: a tier's value is the node's expected reuse times the restore
   compute it saves, per byte. Expected reuse = observed hits + the prior's estimate, and the
   prior is the PLT's measure of the node: how many stored sessions pass through it (each is a
@@ -132,8 +132,8 @@ class LRUPolicy(_CheckpointsOnly):
             for i in [*a.ancestors, accessed]:
                 if i in nodes and i not in out and nodes[i].n > 0:
                     out[i] = Tier.RAW
-            if a.checkpointable:
-                out[accessed] = Tier.CHECKPOINT
+            if a.checkpointable and a.bytes <= budget:  # one larger than the budget is not
+                out[accessed] = Tier.CHECKPOINT  # admitted (it would evict everything else)
         used = tiers_bytes(nodes, out)
         while used > budget:
             # least recent first; of one restore's entries the checkpoint (the largest) first
