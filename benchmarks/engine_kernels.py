@@ -3,6 +3,7 @@
     python benchmarks/engine_kernels.py attention [--groups 1,64,1024] [--tokens 128] [--out DIR]
     python benchmarks/engine_kernels.py linear [--groups 1,1024] [--tokens 128] [--out DIR]
     python benchmarks/engine_kernels.py locate [--groups 1,1024] [--tokens 128] [--out DIR]
+    python benchmarks/engine_kernels.py heads [--groups 1,256,1024] [--tokens 128] [--out DIR]
     python benchmarks/engine_kernels.py all [--groups 1,64,256,1024] [--tokens 128] [--out DIR]
 
 Runs on a CUDA GPU with SmolLM2-135M's shapes and random weights (speed does not depend on the
@@ -47,6 +48,8 @@ def use(m: IntModel, what: str, kernel: bool, group: int) -> None:
         m.triton_linear = kernel
     if what in ("locate", "all"):
         m.fused_locate = kernel
+    if what in ("heads", "all"):  # the rotation writing keys and values into the cache
+        m.fused_heads = kernel
 
 
 def same_logits(m: IntModel, what: str, streams: int = 48, steps: int = 100) -> bool:
@@ -81,7 +84,7 @@ def same_hidden(m: IntModel) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["attention", "linear", "locate", "all"])
+    ap.add_argument("what", choices=["attention", "linear", "locate", "heads", "all"])
     ap.add_argument("--groups", default="1,64,1024")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default=".")

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
 def _use_kernels(model: IntModel, on: bool) -> None:
     model.triton_linear = on
     model.fused_attention_streams = 1 << 20 if on else 0
+    model.fused_heads = on
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -9,6 +9,10 @@ division), which keeps the GPU busy at any group size. Every operation is the on
 ``IntModel._attend`` performs: float64 products and sums of integers below 2**53 (exact in any
 order), one IEEE multiply and floor for the table index, one correctly rounded division and a
 round-half-to-even, so the result is bit-identical to the torch path (checked on the H200).
+
+Around it: ``int8_linear`` (each GEMM with its rescaling), ``rope_heads`` (a step's rotation,
+its keys and values written into the cache in the same kernel) and ``locate`` (the next-token
+distribution and the rANS symbol search without the [B, V] table).
 """
 
 from __future__ import annotations
@@ -251,6 +255,41 @@ if triton is not None:
         tl.store(out_ptr + b * 3 + 1, start)
         tl.store(out_ptr + b * 3 + 2, freq)
 
+    # -- a decode step's queries, and its keys and values written into the cache ------------
+    @triton.jit
+    def _rope_heads_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_heads,
+                           n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr,
+                           V_SHIFT: tl.constexpr, D: tl.constexpr):
+        """model._heads for one token per stream, without q_norm/k_norm: head j of stream b
+        rotated (queries and keys) or shifted (values) into Q12, queries into q, keys and
+        values into the cache at the stream's position."""
+        b, j = tl.program_id(0), tl.program_id(1)
+        width = (n_heads + 2 * n_kv) * D
+        d = tl.arange(0, D)
+        row = qkv_ptr + b.to(tl.int64) * width + j * D
+        x = tl.load(row + d)
+        p = tl.load(pos_ptr + b)
+        slot = ((b * n_kv).to(tl.int64) * capacity + p) * D  # + head * capacity * D
+        if j < n_heads + n_kv:
+            x = tl.minimum(tl.maximum(x, -(1 << 40)), 1 << 40)
+            swapped = tl.load(row + (d + D // 2) % D)
+            swapped = tl.minimum(tl.maximum(swapped, -(1 << 40)), 1 << 40)
+            cos = tl.load(cos_ptr + p * D + d)
+            sin = tl.load(sin_ptr + p * D + d)
+            out = (x * cos + swapped * sin + (1 << (ROPE_SHIFT - 1))) >> ROPE_SHIFT
+            out = tl.minimum(tl.maximum(out, -limit), limit)
+            if j < n_heads:
+                tl.store(q_ptr + (b * n_heads + j).to(tl.int64) * D + d, out)
+            else:
+                kv = (j - n_heads).to(tl.int64)
+                tl.store(k_ptr + slot + kv * capacity * D + d,
+                         out.to(k_ptr.dtype.element_ty))
+        else:
+            out = (x + (1 << (V_SHIFT - 1))) >> V_SHIFT
+            out = tl.minimum(tl.maximum(out, -limit), limit)
+            kv = (j - n_heads - n_kv).to(tl.int64)
+            tl.store(v_ptr + slot + kv * capacity * D + d, out.to(v_ptr.dtype.element_ty))
+
 
 VOCAB_BLOCK = 4096  # tokens per program in the distribution's passes
 
@@ -300,6 +339,20 @@ def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Te
                          HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=4,
                          num_stages=3)
     return out
+
+
+def rope_heads(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, n_heads: int, limit: int,
+               rope_shift: int, v_shift: int) -> torch.Tensor:
+    """One decode step's qkv rows [B, (H + 2 Hkv) d] as model._heads makes them (for models
+    without q/k norms): returns the queries, int64 [B, Hkv, H / Hkv, 1, d]; the keys and values
+    go straight into the cache [B, Hkv, capacity, d] at slots pos [B]."""
+    b, n_kv, capacity, d = keys.shape
+    q = torch.empty((b, n_kv, n_heads // n_kv, 1, d), dtype=torch.int64, device=qkv.device)
+    _rope_heads_kernel[(b, n_heads + 2 * n_kv)](
+        qkv.contiguous(), pos.contiguous(), cos, sin, q, keys, values, n_heads, n_kv, capacity,
+        limit, ROPE_SHIFT=rope_shift, V_SHIFT=v_shift, D=d, num_warps=1)
+    return q
 
 
 def _linear_tiles(m: int, n: int) -> tuple[int, int, int]:
