@@ -69,3 +69,22 @@ def test_encode_edges_reuses_a_shared_prefix_exactly(llama, gemma3):
         c.encode(tokens)
         separate += c.steps
     assert cursor.steps < separate
+
+
+def test_engine_decode_gives_the_encoders_rows(llama):
+    """Through the integer engine, decode_edges returns each edge's (start, freq) rows as the
+    decoder found them, equal to what encode_edges computes (the store cuts edges with them),
+    for edges within one window, crossing a window boundary, and starting on one."""
+    from seqkv.store.coding import ENGINE_PROCEDURE, decode_edges, encode_edges
+
+    rng = random.Random(9)
+    prefix = [rng.randrange(3, 290) for _ in range(20)]
+    jobs = [(prefix, [rng.randrange(3, 290) for _ in range(9)]),  # crosses position 24
+            (prefix[:5], [rng.randrange(3, 290) for _ in range(4)]),
+            (prefix + [4] * 4, [rng.randrange(3, 290) for _ in range(30)])]  # starts at 24
+    rows = encode_edges(llama, 24, jobs, ENGINE_PROCEDURE)
+    back = decode_edges(llama, 24, [(p, encode_intervals(r), len(t))
+                                    for (p, t), r in zip(jobs, rows, strict=True)],
+                        ENGINE_PROCEDURE)
+    for (_, tokens), r, (got, got_rows) in zip(jobs, rows, back, strict=True):
+        assert got == tokens and np.array_equal(got_rows, r)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..core.decoders import VectorRansDecoder, encode_stream
+from ..core.decoders import VectorRansDecoder, encode_stream, locate_in_pmf
 from .cpu_step import CpuStep
 from .model import IntModel
 
@@ -112,8 +112,20 @@ class EngineCodec:
         ``decoder``: carry on an open decoder of these streams (whose state persists across
         calls, e.g. across context resets) instead of opening one; the caller then checks its
         end with ``decoder.finish()``."""
+        return [t for t, _ in self.decode_intervals(words, lengths, contexts, progress,
+                                                     decoder)]
+
+    @torch.inference_mode()
+    def decode_intervals(self, words: Sequence[np.ndarray], lengths: Sequence[int],
+                         contexts: Sequence[Sequence[int]] | None = None,
+                         progress: Progress | None = None,
+                         decoder: VectorRansDecoder | None = None
+                         ) -> list[tuple[list[int], np.ndarray]]:
+        """``decode``, with each token's (start, freq) rows [n, 2] as ``intervals`` gives
+        them: the decoder found them anyway, so a caller that keeps them (the store, to cut
+        an edge without the model) need not encode what it decoded."""
         if not words or max(lengths, default=0) == 0:
-            return [[] for _ in words]
+            return [([], np.zeros((0, 2), dtype=np.int64)) for _ in words]
         contexts = [list(c) for c in contexts] if contexts is not None else [[]] * len(words)
         group = _DecodeGroup(self, words, list(lengths), contexts, decoder)
         return group.run(progress, finish=decoder is None)
@@ -145,6 +157,7 @@ class _DecodeGroup:
         self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=dev)
         self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros((b, self.steps), dtype=torch.long, device=dev)
+        self.rows = torch.zeros((b, self.steps, 2), dtype=torch.long, device=dev)
         self.decoder = decoder or VectorRansDecoder(list(words), dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
         self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
@@ -166,13 +179,15 @@ class _DecodeGroup:
         active = self.step_t < self.lengths
         if self.fast is not None:
             pmf = self.fast.pmf(self.cache, self.tokens, self.pos)
-            symbols = self.decoder.step(pmf, active)
+            found, n_symbols = locate_in_pmf(pmf, self.decoder.quantile()), pmf.shape[-1]
         else:
             logits = m.step_logits(self.cache, self.tokens, self.pos, span)
-            found = m.locate(logits, self.decoder.quantile())
-            symbols = self.decoder.advance(found, active, logits.shape[-1] + 2)
+            found, n_symbols = m.locate(logits, self.decoder.quantile()), logits.shape[-1] + 2
+        symbols = self.decoder.advance(found, active, n_symbols)
         self.tokens.copy_(torch.where(active, symbols, self.tokens))
-        self.out.scatter_(1, self.step_t.expand(self.out.shape[0], 1), self.tokens.unsqueeze(1))
+        b = self.out.shape[0]
+        self.out.scatter_(1, self.step_t.expand(b, 1), self.tokens.unsqueeze(1))
+        self.rows.scatter_(1, self.step_t.view(1, 1, 1).expand(b, 1, 2), found[:, None, 1:])
         self.pos.add_(1)
         self.step_t.add_(1)
 
@@ -219,5 +234,5 @@ class _DecodeGroup:
                 progress(sum(1 for n in lengths if step < n))
         if finish:
             self.decoder.finish()
-        rows = self.out.cpu()
-        return [rows[i, :n].tolist() for i, n in enumerate(lengths)]
+        tokens, rows = self.out.cpu(), self.rows.cpu().numpy()
+        return [(tokens[i, :n].tolist(), rows[i, :n]) for i, n in enumerate(lengths)]

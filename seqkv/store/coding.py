@@ -222,6 +222,7 @@ def _engine_decode(lm: LoadedModel, chunk: int,
     decoder = VectorRansDecoder([np.asarray(w, dtype=np.uint32) for _, w, _ in jobs],
                                 engine.device)
     decoded: list[list[int]] = [[] for _ in jobs]
+    rows: list[list[np.ndarray]] = [[] for _ in jobs]
     words = [w for _, w, _ in jobs]
     for r in range(max((len(s) for s in segments), default=0)):
         lengths, contexts = [], []
@@ -234,10 +235,10 @@ def _engine_decode(lm: LoadedModel, chunk: int,
             full = list(path) + got
             lengths.append(take)
             contexts.append(full[w : max(len(path), w)])
-        for got, new in zip(decoded, codec.decode(words, lengths, contexts, decoder=decoder),
-                            strict=True):
+        found = codec.decode_intervals(words, lengths, contexts, decoder=decoder)
+        for got, kept, (new, new_rows) in zip(decoded, rows, found, strict=True):
             got.extend(new)
+            kept.append(new_rows)
     decoder.finish()
-    rows = _engine_encode(lm, chunk, [(path, got) for (path, _, _), got in
-                                      zip(jobs, decoded, strict=True)])
-    return list(zip(decoded, rows, strict=True))
+    return [(got, np.concatenate(r) if r else np.zeros((0, 2), dtype=np.int64))
+            for got, r in zip(decoded, rows, strict=True)]
