@@ -487,19 +487,30 @@ class Store:
         return out
 
     def _decode_paths(self, paths: list[list[Node]]) -> None:
-        """Decode the unknown coded edges of ``paths``, level by level, each level's edges (of
-        every path) as one batch through the model seam."""
+        """Decode the unknown coded edges of ``paths`` in rounds, each round's edges (of every
+        path) as one lockstep batch through the model seam. An edge needs the tokens above it
+        as context, so a round takes each path's first unknown edge; and since a lockstep
+        round lasts as long as its longest edge, edges that others wait on go first, with
+        only the leaves that fit in their round (a short shared prefix above many long
+        sessions costs a few steps, not a second full round)."""
         while True:
             jobs: dict[str, tuple[Node, list[int]]] = {}
+            blocking: set[str] = set()
             for path in paths:
                 before: list[int] = []
-                for e in path:
+                for i, e in enumerate(path):
                     if not e.known:
                         jobs.setdefault(e.id, (e, before))
+                        if any(not below.known for below in path[i + 1 :]):
+                            blocking.add(e.id)
                         break
                     before = before + e.tokens
             if not jobs:
                 return
+            if blocking:
+                longest = max(jobs[i][0].n for i in blocking)
+                jobs = {i: job for i, job in jobs.items()
+                        if i in blocking or job[0].n <= longest}
             lm = self._need_model()
             todo = list(jobs.values())
             try:
