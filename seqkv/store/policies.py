@@ -105,8 +105,8 @@ class Policy(Protocol):
 
 class _CheckpointsOnly:
     """``select``: the two-tier view of a policy (checkpoints; every edge coded), for callers
-    of the checkpoint-only API (benchmarks/store_workloads.py, custom policies written before
-    the raw tier)."""
+    of the checkpoint-only API (benchmarks/store_workloads.py); a custom policy that has only
+    ``select`` drives the store through :class:`SelectAdapter`."""
 
     def select(self, nodes: dict[str, NodeInfo], kept: set[str], accessed: str | None,
                budget: int) -> set[str]:

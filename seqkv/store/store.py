@@ -115,7 +115,11 @@ class Store:
                  checkpoint_quant: tuple[str, float] | None = None) -> None:
         """Open the store ``db`` (a path, a ``redis://`` URL, or an open backend). Without a
         model only model-free operations work (raw edges, delete, stats); ``create=False``
-        refuses a store that does not exist yet instead of creating it."""
+        refuses a store that does not exist yet instead of creating it.
+        ``checkpoint_budget``: bytes for the hot tiers that ``rebalance`` fills, KV checkpoints
+        and edges kept raw (0: none, every edge coded); ``checkpoint_policy``: ``"prior"``,
+        ``"lru"`` or a ``policies.Policy``; ``checkpoint_quant``: (method, bits) of
+        ``seqkv.quant`` for the checkpoints' KV (None: the model's dtype, raw)."""
         if not namespace or not isinstance(namespace, str):
             raise StoreError("the namespace must be a non-empty string")
         self.backend = open_backend(db, create=create) if isinstance(db, str) else db
