@@ -222,6 +222,24 @@ def test_prior_guided_store_keeps_the_shared_prompt_raw_and_checkpoints_it(db, l
     _check(db, llama, data)
 
 
+def test_the_stored_bytes_of_the_hot_tiers_stay_within_the_budget(db, llama):  # noqa: F811
+    """The policy budgets with the checkpoint size the store then writes (quantized records
+    are estimated exactly), so the real records and raw edges fit too."""
+    s, data = _coded_store(db, llama)
+    one = s.checkpoint_size(31)
+    for policy in ("lru", "prior"):
+        t = Store(db, llama, checkpoint_budget=one + 100, checkpoint_policy=policy,
+                  checkpoint_quant=("turboquant-mse", 4))
+        for name in ["hot0", "cold1", "hot0", "hot2", "cold0"]:
+            assert t.get_ids(name) == data[name]
+            out = t.rebalance(name)
+            st = t.stats()
+            assert st["checkpoint_bytes"] + st["raw_kept_bytes"] <= t.budget
+            assert out["policy_bytes"] == st["checkpoint_bytes"] + st["raw_kept_bytes"]
+        assert st["checkpoints"] == 1 and st["raw_kept_edges"] >= 1
+    _check(db, llama, data)
+
+
 def test_a_pending_edge_marked_raw_is_never_coded(db, llama):  # noqa: F811
     data = _data()
     s = Store(db, llama, chunk=CHUNK, checkpoint_budget=4 * 13, checkpoint_policy="lru")

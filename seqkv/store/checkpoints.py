@@ -22,6 +22,7 @@ the next compaction then codes. Without a budget nothing is kept raw: every edge
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,7 +32,7 @@ from transformers import DynamicCache
 from ..core.blob import pack
 from ..core.cache import RestoredCache, prefill_cache
 from ..core.errors import BlobError
-from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
+from ..core.kvsize import kv_geometry
 from ..core.stepper import cache_kwarg
 from .backend import StoreError
 from .policies import RAW_BYTES_PER_TOKEN, NodeInfo, Policy, Tier, as_tier_policy, tiers_bytes
@@ -132,6 +133,7 @@ class CheckpointManager:
         self.hits: dict[str, int] = {}  # in memory: observed restores through a node
         self.last: dict[str, float] = {}
         self.clock = 0.0
+        self._fits: dict = {}  # checkpoint sizes per tensor shape (kv_bytes)
 
     def load(self, records: dict[str, dict[str, bytes]]) -> None:
         """The namespace's ``ckptmeta`` and ``tier`` records, as the trie is loaded."""
@@ -197,15 +199,72 @@ class CheckpointManager:
 
     # -- materialize / drop ----------------------------------------------------------------
     def kv_bytes(self, depth: int) -> int:
-        """The estimated size of a checkpoint at ``depth`` (what the policy budgets with)."""
-        lm = self.store._need_model()
-        cfg = lm.config
-        depth -= depth % ALIGN
+        """The size of a checkpoint record at ``depth`` (what the policy budgets with): the
+        path's ids, the KV of its first ``held`` positions as ``serialize_kv`` writes it, and
+        the record's header. Quantized tensors are a fixed header plus a fixed size per
+        position, fitted once per tensor shape on two small tensors, so the estimate is the
+        record's size (a few bytes of rounding at most); raw tensors are counted exactly, their
+        safetensors header from a small one with room for longer numbers."""
+        held = depth - depth % ALIGN
+        if held == 0:
+            return 4 * depth
         if self.quant is None:
-            dtype = next(lm.model.parameters()).dtype
-            dtype_bits = 8 * torch.empty(0, dtype=dtype).element_size()
-            return fp16_kv_bits(cfg, depth) // 16 * dtype_bits // 8 + 4 * depth
-        return turboquant_kv_bits(cfg, depth, int(self.quant[1])) // 8 + 4 * depth
+            kv, meta = self._raw_kv_bytes(held)
+        else:
+            parts, bits = [], 0
+            for heads, positions, dim in self._kv_shapes(held):
+                size, tbits = self._quant_fit(heads, dim)
+                parts += [int(np.ceil(size[0] + size[1] * positions))] * 2
+                bits += 2 * int(np.ceil(tbits[0] + tbits[1] * positions))
+            method, qbits = self.quant
+            kv = sum(parts)
+            meta = {"format": "quant", "method": method, "bits": qbits,
+                    "layers": len(parts) // 2, "parts": parts, "kv_bits": bits}
+        header = {"kind": "ckpt", "node": "0" * 16, "depth": depth, "held": held, "kv": meta}
+        sections = [4 * depth, kv]  # pack() writes the section lengths into its header
+        return (len(pack(header, [])) - len("[]") + len(json.dumps(sections).replace(" ", ""))
+                + sum(sections))
+
+    def _kv_shapes(self, held: int) -> list[tuple[int, int, int]]:
+        """(kv heads, positions, head dim) of each layer's K (and V) for ``held`` positions."""
+        return [(g.kv_heads, min(held, g.window) if g.window else held, g.head_dim)
+                for g in kv_geometry(self.store._need_model().config)]
+
+    def _quant_fit(self, heads: int, dim: int) -> tuple[tuple[float, float], ...]:
+        """(bytes, bits) of one quantized [1, heads, n, dim] tensor as (fixed, per position)."""
+        key = (heads, dim)
+        if key not in self._fits:
+            from ..quant import get_quantizer
+
+            q = get_quantizer(*self.quant)
+            gen = torch.Generator().manual_seed(0)
+            qt = [q.quantize(torch.randn(1, heads, n, dim, generator=gen)) for n in (ALIGN,
+                                                                                    2 * ALIGN)]
+            size = [len(t.to_bytes()) for t in qt]
+            bits = [int(t.bits) for t in qt]
+            per = ((size[1] - size[0]) / ALIGN, (bits[1] - bits[0]) / ALIGN)
+            self._fits[key] = ((size[0] - per[0] * ALIGN, per[0]),
+                               (bits[0] - per[1] * ALIGN, per[1]))
+        return self._fits[key]
+
+    def _raw_kv_bytes(self, held: int) -> tuple[int, dict]:
+        """Bytes of the raw (model dtype) KV of ``held`` positions and its meta."""
+        from safetensors.torch import save
+
+        dtype = next(self.store._need_model().model.parameters()).dtype
+        size = torch.empty(0, dtype=dtype).element_size()
+        shapes = self._kv_shapes(held)
+        data = 2 * size * sum(h * p * d for h, p, d in shapes)
+        if "raw" not in self._fits:  # the safetensors header of a small cache of these shapes
+            small = {}
+            for i, (h, _, d) in enumerate(self._kv_shapes(ALIGN)):
+                for kv in "kv":
+                    small[f"{kv}{i}"] = torch.zeros(1, h, ALIGN, d, dtype=dtype)
+            small_data = sum(t.numel() * size for t in small.values())
+            self._fits["raw"] = len(save(small)) - small_data
+        # longer shapes and offsets take more digits in the header: 24 bytes a tensor of room
+        return (data + self._fits["raw"] + 24 * 2 * len(shapes),
+                {"format": "raw", "layers": len(shapes), "kv_bits": 8 * data})
 
     def checkpoint(self, target: str, cache=None) -> int:
         """Materialize a checkpoint at a session's node (or a node id); returns its bytes."""
