@@ -203,8 +203,9 @@ class CheckpointManager:
         path's ids, the KV of its first ``held`` positions as ``serialize_kv`` writes it, and
         the record's header. Quantized tensors are a fixed header plus a fixed size per
         position, fitted once per tensor shape on two small tensors, so the estimate is the
-        record's size (a few bytes of rounding at most); raw tensors are counted exactly, their
-        safetensors header from a small one with room for longer numbers."""
+        record's size (to the byte on Llama-family caches; a little above it on sliding-window
+        layers, whose cache keeps one position less than the window); raw tensors are counted
+        exactly, their safetensors header from a small one with room for longer numbers."""
         held = depth - depth % ALIGN
         if held == 0:
             return 4 * depth
