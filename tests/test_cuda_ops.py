@@ -7,8 +7,9 @@ H200 and reported in BENCHMARKS.md.
 import pytest
 import torch
 
-from seqkv.engine import IntModel, integerize
+from seqkv.engine import IntModel, cuda_ops, integerize, tables
 from seqkv.engine.cuda_ops import available
+from seqkv.engine.model import FRAC
 
 from .test_engine import MODELS
 
@@ -48,7 +49,8 @@ def test_kernels_give_the_torch_integers(name):
 
 def test_locate_finds_the_tables_symbol():
     """The distribution kernels find the symbol, start and frequency the full table's
-    cumulative search finds: random, flat and tied logits, quantiles at every edge."""
+    cumulative search finds: random, flat and tied logits, quantiles at every edge; and the
+    encoder's (start, freq) of given tokens (first, last, the argmax, random)."""
     model = IntModel(integerize(MODELS["llama"]().model), "cuda")
     g = torch.Generator().manual_seed(5)
     for vocab in (256, 5000, 49152):
@@ -64,3 +66,13 @@ def test_locate_finds_the_tables_symbol():
             got = model.locate(logits, q)
             model.fused_locate = False
             assert torch.equal(got, model.locate(logits, q))
+        pmf = model.pmf(logits)
+        cdf = pmf.cumsum(-1)
+        for tokens in (torch.zeros(8), torch.full((8,), vocab - 1), logits.argmax(1).cpu(),
+                       torch.randint(0, vocab, (8,), generator=g)):
+            symbols = tokens.to(torch.int64).cuda()[:, None] + 1
+            want_freq = pmf.gather(1, symbols)[:, 0]
+            start, freq = cuda_ops.intervals(logits, symbols[:, 0] - 1, model.exp_prob,
+                                             FRAC - tables.EXP_STEP, 1 << 24)
+            assert torch.equal(freq, want_freq)
+            assert torch.equal(start, cdf.gather(1, symbols)[:, 0] - want_freq)

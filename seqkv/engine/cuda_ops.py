@@ -219,11 +219,11 @@ if triton is not None:
         tl.store(fsum_ptr + b * n_blocks + blk, tl.sum(f, axis=0))
 
     @triton.jit
-    def _find_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
-                     quantile_ptr, out_ptr, vocab, n_blocks, table_last, budget,
-                     TOTAL: tl.constexpr, SHIFT: tl.constexpr, BV: tl.constexpr,
-                     NB: tl.constexpr):
-        b = tl.program_id(0)
+    def _row_blocks(best_ptr, arg_ptr, fsum_ptr, b, n_blocks, TOTAL: tl.constexpr,
+                    NB: tl.constexpr):
+        """Per row: each block's frequency sum, the argmax's block credited with what the
+        floors leave (the remainder), the remainder, and the argmax (the first of equal
+        maxima, as torch.argmax)."""
         parts = tl.arange(0, NB)
         in_range = parts < n_blocks
         best = tl.load(best_ptr + b * n_blocks + parts, mask=in_range, other=-(1 << 62))
@@ -232,15 +232,34 @@ if triton is not None:
         sums = tl.load(fsum_ptr + b * n_blocks + parts, mask=in_range, other=0)
         remainder = (TOTAL - 2) - tl.sum(sums, axis=0)
         sums = tl.where(parts == first, sums + remainder, sums)
-        # cumulative frequency after each block: the leading dummy's 1, then the blocks'
-        ends = 1 + tl.cumsum(sums, axis=0)
-        q = tl.load(quantile_ptr + b)
-        blk = tl.minimum(tl.sum((in_range & (ends <= q)).to(tl.int32), axis=0), n_blocks - 1)
+        return parts, in_range, sums, remainder, top_arg
+
+    @triton.jit
+    def _block_cdf(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab, n_blocks,
+                   table_last, budget, parts, sums, remainder, top_arg, SHIFT: tl.constexpr,
+                   BV: tl.constexpr, NB: tl.constexpr):
+        """One block's frequencies (the argmax's with the remainder) and the cumulative
+        frequency after each of its tokens (the leading dummy's 1 and the blocks before)."""
         f, cols = _block_freqs(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab,
                                n_blocks, table_last, budget, SHIFT, BV, NB)
         f = tl.where(cols == top_arg, f + remainder, f)
         base = 1 + tl.sum(tl.where(parts < blk, sums, 0), axis=0)
-        cum = base + tl.cumsum(f, axis=0)  # cdf at symbols cols + 1
+        return f, cols, base + tl.cumsum(f, axis=0)
+
+    @triton.jit
+    def _find_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
+                     quantile_ptr, out_ptr, vocab, n_blocks, table_last, budget,
+                     TOTAL: tl.constexpr, SHIFT: tl.constexpr, BV: tl.constexpr,
+                     NB: tl.constexpr):
+        b = tl.program_id(0)
+        parts, in_range, sums, remainder, top_arg = _row_blocks(best_ptr, arg_ptr, fsum_ptr, b,
+                                                                n_blocks, TOTAL, NB)
+        ends = 1 + tl.cumsum(sums, axis=0)  # cumulative frequency after each block
+        q = tl.load(quantile_ptr + b)
+        blk = tl.minimum(tl.sum((in_range & (ends <= q)).to(tl.int32), axis=0), n_blocks - 1)
+        f, cols, cum = _block_cdf(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab,
+                                  n_blocks, table_last, budget, parts, sums, remainder, top_arg,
+                                  SHIFT, BV, NB)  # cum: the cdf at symbols cols + 1
         j = tl.sum(((cum <= q) & (cols < vocab)).to(tl.int32), axis=0)  # tokens before it
         pick = tl.arange(0, BV) == j
         freq = tl.sum(tl.where(pick, f, 0), axis=0)
@@ -254,6 +273,25 @@ if triton is not None:
         tl.store(out_ptr + b * 3, symbol)
         tl.store(out_ptr + b * 3 + 1, start)
         tl.store(out_ptr + b * 3 + 2, freq)
+
+    @triton.jit
+    def _interval_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
+                         token_ptr, out_ptr, vocab, n_blocks, table_last, budget,
+                         TOTAL: tl.constexpr, SHIFT: tl.constexpr, BV: tl.constexpr,
+                         NB: tl.constexpr):
+        """The encoder's side of _find_kernel: the (start, freq) of a known token."""
+        b = tl.program_id(0)
+        parts, in_range, sums, remainder, top_arg = _row_blocks(best_ptr, arg_ptr, fsum_ptr, b,
+                                                                n_blocks, TOTAL, NB)
+        t = tl.load(token_ptr + b)
+        blk = t // BV
+        f, cols, cum = _block_cdf(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab,
+                                  n_blocks, table_last, budget, parts, sums, remainder, top_arg,
+                                  SHIFT, BV, NB)
+        pick = cols == t
+        freq = tl.sum(tl.where(pick, f, 0), axis=0)
+        tl.store(out_ptr + b * 2, tl.sum(tl.where(pick, cum, 0), axis=0) - freq)
+        tl.store(out_ptr + b * 2 + 1, freq)
 
     # -- a decode step's queries, and its keys and values written into the cache ------------
     @triton.jit
@@ -294,11 +332,9 @@ if triton is not None:
 VOCAB_BLOCK = 4096  # tokens per program in the distribution's passes
 
 
-def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, shift: int,
-           total: int) -> torch.Tensor:
-    """(symbol, start, freq) [B, 3] (int64) of the quantile [B] under model.pmf's frequencies
-    of the Q16 logits [B, V] (weights from the int64 exp ``table`` at distance >> shift): the
-    symbol VectorRansDecoder's search finds in the cumulative table, without building it."""
+def _distribution(logits: torch.Tensor, table: torch.Tensor, shift: int, total: int):
+    """The three passes over blocks of the vocabulary that locate and intervals share: each
+    row's block maxima (and where), weight sums and frequency sums."""
     b, vocab = logits.shape
     n_blocks = triton.cdiv(vocab, VOCAB_BLOCK)
     nb = triton.next_power_of_2(n_blocks)
@@ -307,8 +343,6 @@ def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, sh
     arg = torch.empty((b, n_blocks), dtype=torch.int64, device=dev)
     psum = torch.empty((b, n_blocks), dtype=torch.int64, device=dev)
     fsum = torch.empty((b, n_blocks), dtype=torch.int64, device=dev)
-    out = torch.empty((b, 3), dtype=torch.int64, device=dev)
-    logits = logits.contiguous()
     last, budget = table.shape[0] - 1, total - (vocab + 2)
     grid = (b, n_blocks)
     _max_kernel[grid](logits, best, arg, vocab, n_blocks, BV=VOCAB_BLOCK, num_warps=4)
@@ -316,10 +350,34 @@ def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, sh
                              BV=VOCAB_BLOCK, NB=nb, num_warps=4)
     _freq_sum_kernel[grid](logits, psum, best, table, fsum, vocab, n_blocks, last, budget,
                            SHIFT=shift, BV=VOCAB_BLOCK, NB=nb, num_warps=4)
-    _find_kernel[(b,)](logits, psum, best, arg, table, fsum, quantile.contiguous(), out, vocab,
-                       n_blocks, last, budget, TOTAL=total, SHIFT=shift, BV=VOCAB_BLOCK,
-                       NB=nb, num_warps=8)
+    return dict(psum_ptr=psum, best_ptr=best, arg_ptr=arg, table_ptr=table, fsum_ptr=fsum,
+                vocab=vocab, n_blocks=n_blocks, table_last=last, budget=budget, TOTAL=total,
+                SHIFT=shift, BV=VOCAB_BLOCK, NB=nb)
+
+
+def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, shift: int,
+           total: int) -> torch.Tensor:
+    """(symbol, start, freq) [B, 3] (int64) of the quantile [B] under model.pmf's frequencies
+    of the Q16 logits [B, V] (weights from the int64 exp ``table`` at distance >> shift): the
+    symbol VectorRansDecoder's search finds in the cumulative table, without building it."""
+    logits = logits.contiguous()
+    out = torch.empty((logits.shape[0], 3), dtype=torch.int64, device=logits.device)
+    _find_kernel[(logits.shape[0],)](logits, quantile_ptr=quantile.contiguous(), out_ptr=out,
+                                     num_warps=8, **_distribution(logits, table, shift, total))
     return out
+
+
+def intervals(logits: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor, shift: int,
+              total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, freq) [B] each of tokens [B] under model.pmf's frequencies of the Q16 logits
+    [B, V], as model.IntModel.intervals computes them from the full table (the encoder's
+    side of ``locate``)."""
+    logits = logits.contiguous()
+    out = torch.empty((logits.shape[0], 2), dtype=torch.int64, device=logits.device)
+    _interval_kernel[(logits.shape[0],)](logits, token_ptr=tokens.contiguous(), out_ptr=out,
+                                         num_warps=8,
+                                         **_distribution(logits, table, shift, total))
+    return out[:, 0], out[:, 1]
 
 
 def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Tensor,

@@ -361,6 +361,12 @@ class IntModel:
         table gives, without building it (the encoder needs nothing else)."""
         starts, freqs = [], []
         for s, logits in self._head_blocks(h):
+            if self.fused_locate:  # CUDA: locate's passes, then the token's block
+                start, freq = cuda_ops.intervals(logits, tokens[s : s + logits.shape[0]],
+                                                 self.exp_prob, FRAC - tables.EXP_STEP, TOTAL)
+                starts.append(start)
+                freqs.append(freq)
+                continue
             if self.device.type == "cpu" and cpu_kernels.available():  # one pass per row
                 start, freq = cpu_kernels.interval_rows(logits, tokens[s : s + logits.shape[0]],
                                                         self.exp_prob, FRAC - tables.EXP_STEP,
