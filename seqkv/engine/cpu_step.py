@@ -1,5 +1,5 @@
-"""One decode step of the engine on the CPU, through cpu_kernels: IntModel.step_logits' and
-IntModel.pmf's integers, in six kernel calls per layer.
+"""The pieces of the engine's decode step on the CPU, through cpu_kernels: IntModel.step_logits
+drives them (its StepOps) and gives its own integers, in six kernel calls per layer.
 
 The step reads every weight once, in the kernels' tile layout, and keeps keys and values as
 int32 (|x| < 2**23), so a stream's step costs about the weights' bytes over the memory's
@@ -50,25 +50,35 @@ class CpuStep:
                                  for _ in range(s.n_layers)],
                          capacity=capacity)
 
-    # -- pieces ------------------------------------------------------------------------------
+    # -- the step's pieces (model.StepOps) -----------------------------------------------------
+    def step_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.m.embed(tokens).contiguous()
+
     @staticmethod
     def _norm(h: torch.Tensor, norm: IntNorm, groups: int = 1,
               out: torch.Tensor | None = None) -> torch.Tensor:
         return ck.rms_norm(h, norm.gain, FRAC - norm.frac, norm.eps32, groups, out)
 
     @staticmethod
-    def _linear(x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+    def linear(x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
         return ck.linear(x, lin.w, lin.scale, lin.bias)
 
     @staticmethod
-    def _norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
-                     norm: IntNorm, lin: IntLinear) -> torch.Tensor:
+    def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                    norm: IntNorm, lin: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """model.norm_linear: h += delta (normed by post where the model has one), in place,
         and linear(rms_norm(h, norm), lin)."""
-        return ck.norm_linear(h, delta, post, norm, lin.w, lin.scale, lin.bias, FRAC)
+        return h, ck.norm_linear(h, delta, post, norm, lin.w, lin.scale, lin.bias, FRAC)
 
-    def _attention(self, i: int, qkv: torch.Tensor, cache: StepCache,
-                   pos: torch.Tensor) -> torch.Tensor:
+    def mlp_down(self, gate_up: torch.Tensor, down: IntLinear) -> torch.Tensor:
+        act = ck.gated_activation(gate_up, self.act, FRAC, tables.SIGMOID_IN,
+                                  tables.SIGMOID_OUT)
+        return self.linear(act, down)
+
+    def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
+                    span: int) -> torch.Tensor:
+        """The rotation, the cache write and the attention of layer i as one kernel (over
+        each stream's own keys: ``span`` is not needed)."""
         s, m = self.s, self.m
         layer = self.w.layers[i]
         nq, nk, b = s.n_heads * s.head_dim, s.n_kv * s.head_dim, qkv.shape[0]
@@ -88,24 +98,12 @@ class CpuStep:
         return att
 
     # -- the step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """IntModel.step_logits(cache, tokens, pos): Q16 logits [B, V] of the next token after
-        feeding tokens [B] at positions pos [B] (their keys and values written there)."""
+        """IntModel.step_logits(cache, tokens, pos) through these kernels: Q16 logits [B, V]
+        of the next token after feeding tokens [B] at positions pos [B]."""
         if cache.dtype != torch.int32 or bool((pos >= cache.capacity).any()):
             raise ValueError("CpuStep needs its own int32 cache, positions below its capacity")
-        pos = pos.contiguous()
-        h = self.m.embed(tokens.unsqueeze(1))[:, 0].contiguous()
-        delta, post = None, None
-        for i, layer in enumerate(self.w.layers):
-            qkv = self._norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
-            att = self._attention(i, qkv, cache, pos)
-            gate_up = self._norm_linear(h, self._linear(att, layer.o), layer.post_attn_norm,
-                                        layer.mlp_norm, layer.gate_up)
-            act = ck.gated_activation(gate_up, self.act, FRAC, tables.SIGMOID_IN,
-                                      tables.SIGMOID_OUT)
-            delta, post = self._linear(act, layer.down), layer.post_mlp_norm
-        return self._norm_linear(h, delta, post, self.w.final_norm, self.w.head)
+        return self.m.step_logits(cache, tokens, pos.contiguous(), ops=self)
 
     def pmf(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """IntModel.pmf of the step's logits: frequencies [B, V + 2]."""

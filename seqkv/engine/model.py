@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -467,39 +468,69 @@ class IntModel:
 
     @torch.inference_mode()
     def step_logits(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor,
-                    span: int | None = None) -> torch.Tensor:
+                    span: int | None = None, ops: StepOps | None = None) -> torch.Tensor:
         """Feed tokens [B] at positions pos [B] (writing the cache there) and return Q16
         logits [B, V] of the next token. ``span``: attend over the first ``span`` cache
-        slots (a static bound >= max(pos) + 1; default the whole capacity)."""
-        span = span or cache.capacity
-        b = tokens.shape[0]
-        s = self.spec
-        kpos = torch.arange(span, device=self.device).expand(b, span)
-        slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
-        h, mlp, post = self.embed(tokens.unsqueeze(1)), None, None
+        slots (a static bound >= max(pos) + 1; default the whole capacity). ``ops``: the
+        pieces of the step (``StepOps``), by default this model's own; the CPU's kernels
+        (cpu_step.CpuStep) give the same integers with their own."""
+        ops = ops or self
+        h, delta, post = ops.step_embed(tokens), None, None
         for i, layer in enumerate(self.w.layers):
-            if self.fused_heads and layer.q_norm is None:  # the cache written by the kernel
-                h, qkv = self.norm_linear(h, mlp, post, layer.attn_norm, layer.qkv)
-                cos, sin = self.rope(s.thetas[i], cache.capacity)
-                q = cuda_ops.rope_heads(qkv[:, 0], pos, cos, sin, cache.keys[i],
-                                        cache.values[i], s.n_heads, self._qkv_limit,
-                                        FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC)
-            else:
-                h, q, k, v = self._qkv(layer, i, h, mlp, post, pos.unsqueeze(1),
-                                       cache.capacity, cache.dtype)
-                cache.keys[i].scatter_(2, slot, k)
-                cache.values[i].scatter_(2, slot, v)
-            if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
-                att = cuda_ops.decode_attention(
-                    q, cache.keys[i], cache.values[i], pos, s.windows[i], self.exp_attn_f,
-                    self._index_scale_t, 1 << (FRAC - QKV_FRAC))
-            else:
-                allowed = self._allowed(pos.unsqueeze(1), kpos, i)
-                att = self._attend(q, cache.keys[i][:, :, :span],
-                                   cache.values[i][:, :, :span], allowed)
-            h, mlp = self._finish_layer(layer, h, att)
-            post = layer.post_mlp_norm
-        return self.head(h[:, 0], mlp[:, 0], post)
+            h, qkv = ops.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
+            att = ops.step_attend(i, qkv, cache, pos, span or cache.capacity)
+            h, gate_up = ops.norm_linear(h, ops.linear(att, layer.o), layer.post_attn_norm,
+                                         layer.mlp_norm, layer.gate_up)
+            delta, post = ops.mlp_down(gate_up, layer.down), layer.post_mlp_norm
+        return ops.norm_linear(h, delta, post, self.w.final_norm, self.w.head)[1]
+
+    # -- the step's pieces on this model (StepOps) -------------------------------------------
+    def step_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
+                    span: int) -> torch.Tensor:
+        """Layer i's attention for one new token per stream: the qkv rows [B, (H + 2 Hkv) d]
+        rotated into queries, keys and values, the latter written into the cache at pos, then
+        the queries attend over slots 0..pos. Returns Q16 [B, H d]."""
+        s, layer, b = self.spec, self.w.layers[i], qkv.shape[0]
+        cos, sin = self.rope(s.thetas[i], cache.capacity)
+        if self.fused_heads and layer.q_norm is None:  # the cache written by the kernel
+            q = cuda_ops.rope_heads(qkv, pos, cos, sin, cache.keys[i], cache.values[i],
+                                    s.n_heads, self._qkv_limit,
+                                    FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC)
+        else:
+            q, k, v = self._heads(qkv.unsqueeze(1), cos, sin, pos.unsqueeze(1), layer.q_norm,
+                                  layer.k_norm, cache.dtype)
+            slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
+            cache.keys[i].scatter_(2, slot, k)
+            cache.values[i].scatter_(2, slot, v)
+        if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
+            att = cuda_ops.decode_attention(q, cache.keys[i], cache.values[i], pos,
+                                            s.windows[i], self.exp_attn_f,
+                                            self._index_scale_t, 1 << (FRAC - QKV_FRAC))
+        else:
+            kpos = torch.arange(span, device=self.device).expand(b, span)
+            att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
+                               self._allowed(pos.unsqueeze(1), kpos, i))
+        return att.reshape(b, -1)
+
+
+class StepOps(Protocol):
+    """The pieces of a decode step over rows [B, ...] (IntModel's, or cpu_step.CpuStep's
+    kernels): each gives model.py's integers."""
+
+    def step_embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                    norm: IntNorm, lin: IntLinear) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
+                    span: int) -> torch.Tensor: ...
+
+    def linear(self, v: torch.Tensor, lin: IntLinear) -> torch.Tensor: ...
+
+    def mlp_down(self, gate_up: torch.Tensor, down: IntLinear) -> torch.Tensor: ...
 
 
 @dataclass
