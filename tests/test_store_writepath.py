@@ -258,45 +258,11 @@ def test_put_many_is_one_commit_and_refuses_items_alone(db, llama):  # noqa: F81
                                                               [5, 6, 8, 1]]
 
 
-def test_get_many_decodes_concurrent_sessions_together(db, llama, monkeypatch):  # noqa: F811
+@pytest.fixture
+def decode_rounds(monkeypatch):
+    """The edge lengths of each lockstep decode round the store runs, sorted."""
     import seqkv.store.store as store_mod
 
-    data = seqs(8, n=6)
-    s = Store(db, llama, chunk=CHUNK)
-    for k, v in data.items():
-        s.put(k, v)
-    s.compact()
-    calls = []
-    real = store_mod.decode_edges
-
-    def counting(lm, chunk, jobs, procedure):
-        calls.append(len(jobs))
-        return real(lm, chunk, jobs, procedure)
-
-    monkeypatch.setattr(store_mod, "decode_edges", counting)
-    fresh = Store(db, llama)
-    names = sorted(data) + ["nope"]
-    out = fresh.get_many(names)
-    assert out[:-1] == [data[k] for k in sorted(data)]
-    assert type(out[-1]).__name__ == "NoSessionError"
-    edges = fresh.stats()["edges"]
-    depth = max(len(fresh.trie.path(n)) for n in fresh.trie.sessions.values())
-    assert sum(calls) == edges and len(calls) == depth < edges  # one group per trie level
-
-
-def test_restore_rounds_take_shared_prefixes_first(db, llama, monkeypatch):  # noqa: F811
-    """A lockstep round lasts as long as its longest edge: the short shared prefix that four
-    sessions wait on is decoded alone first, and the long unrelated session joins the next
-    round instead of making the first one long (17 steps in all instead of 26)."""
-    import seqkv.store.store as store_mod
-
-    prefix = [11, 12, 13]
-    data = {f"s{i}": prefix + [20 + 13 * i + j for j in range(12)] for i in range(4)}
-    data["solo"] = [200 + j for j in range(14)]
-    s = Store(db, llama, chunk=CHUNK)
-    for k, v in data.items():
-        s.put(k, v)
-    s.compact()
     rounds = []
     real = store_mod.decode_edges
 
@@ -305,10 +271,42 @@ def test_restore_rounds_take_shared_prefixes_first(db, llama, monkeypatch):  # n
         return real(lm, chunk, jobs, procedure)
 
     monkeypatch.setattr(store_mod, "decode_edges", recording)
+    return rounds
+
+
+def _compacted(url: str, lm, data: dict) -> None:
+    s = Store(url, lm, chunk=CHUNK)
+    for k, v in data.items():
+        s.put(k, v)
+    s.compact()
+
+
+def test_get_many_decodes_concurrent_sessions_together(db, llama, decode_rounds):  # noqa: F811
+    data = seqs(8, n=6)
+    _compacted(db, llama, data)
+    fresh = Store(db, llama)
+    names = sorted(data) + ["nope"]
+    out = fresh.get_many(names)
+    assert out[:-1] == [data[k] for k in sorted(data)]
+    assert type(out[-1]).__name__ == "NoSessionError"
+    edges = fresh.stats()["edges"]
+    depth = max(len(fresh.trie.path(n)) for n in fresh.trie.sessions.values())
+    calls = [len(r) for r in decode_rounds]
+    assert sum(calls) == edges and len(calls) == depth < edges  # one group per trie level
+
+
+def test_restore_rounds_take_shared_prefixes_first(db, llama, decode_rounds):  # noqa: F811
+    """A lockstep round lasts as long as its longest edge: the short shared prefix that four
+    sessions wait on is decoded alone first, and the long unrelated session joins the next
+    round instead of making the first one long (17 steps in all instead of 26)."""
+    prefix = [11, 12, 13]
+    data = {f"s{i}": prefix + [20 + 13 * i + j for j in range(12)] for i in range(4)}
+    data["solo"] = [200 + j for j in range(14)]
+    _compacted(db, llama, data)
     fresh = Store(db, llama)
     assert fresh.get_many(sorted(data)) == [data[k] for k in sorted(data)]
-    assert rounds == [[3], [12, 12, 12, 12, 14]]
-    assert sum(max(r) for r in rounds) == 17
+    assert decode_rounds == [[3], [12, 12, 12, 12, 14]]
+    assert sum(max(r) for r in decode_rounds) == 17
 
 
 def test_writers_queue_in_the_kernel_and_a_long_wait_says_busy(tmp_path, llama, monkeypatch):
