@@ -92,6 +92,21 @@ def busy_timeout() -> float:
         raise StoreError(f"${BUSY_ENV} must be a number of seconds") from e
 
 
+LOG_MAX_DEFAULT = 10_000
+
+
+def log_max_setting(env: str) -> int:
+    """How many change-log entries a namespace keeps, from the environment variable ``env``
+    (each backend names its own): 10,000 if unset, 0 for no limit."""
+    try:
+        n = int(os.environ.get(env, str(LOG_MAX_DEFAULT)))
+    except ValueError as e:
+        raise StoreError(f"${env} must be a whole number of entries") from e
+    if n < 0:
+        raise StoreError(f"${env} must be 0 (no limit) or more")
+    return n
+
+
 # A waiting writer polls the lock every 0.25-2 ms (with jitter): writers hold it for about a
 # millisecond (no model work), so a long backoff would only let whoever just committed take it
 # again and again (one writer starving the others) and push put latency's tail to the backoff.

@@ -39,6 +39,7 @@ from .backend import (
     StoreError,
     StoreUnavailableError,
     busy_timeout,
+    log_max_setting,
 )
 
 # the generation, the change log's floor (KEYS[3]) and, if ARGV[1] is not below the floor,
@@ -221,13 +222,7 @@ LOG_MAX_ENV = "SEQKV_REDIS_LOG_MAX"
 
 def _log_max() -> int:
     """How many change-log entries a namespace keeps: $SEQKV_REDIS_LOG_MAX or 10,000."""
-    try:
-        n = int(os.environ.get(LOG_MAX_ENV, "10000"))
-    except ValueError as e:
-        raise StoreError(f"${LOG_MAX_ENV} must be a whole number of entries") from e
-    if n < 0:
-        raise StoreError(f"${LOG_MAX_ENV} must be 0 (no limit) or more")
-    return n
+    return log_max_setting(LOG_MAX_ENV)
 
 
 class RedisBackend:

@@ -7,6 +7,15 @@ retries with backoff for up to ``busy`` seconds, then raises StoreBusyError ("st
 retry"). Writers hold the lock only to read and write records (no model work), for
 milliseconds. Readers see a consistent snapshot without blocking writers (WAL).
 
+The change log (table ``changes``: each record changed, with the generation that last
+changed it) lets a reader catch up by reading only what changed since the generation it holds.
+It keeps its newest ``SEQKV_SQLITE_LOG_MAX`` entries (10,000; 0: no limit), as the Redis
+backend does: the commit that goes past that drops the oldest generations' entries (a
+generation is kept whole or not at all) and raises the namespace's floor to the newest
+generation dropped, in the commit's own transaction; a reader or writer older than the floor
+reads the namespace whole instead (it cannot tell what it missed), so one that fell behind
+never misses a change.
+
 A file that is not a SQLite database is refused without being touched; with ``create=False``
 (reading commands) a missing file is refused, never created.
 """
@@ -22,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .backend import StoreBusyError, StoreError, busy_timeout, retry_busy
+from .backend import StoreBusyError, StoreError, busy_timeout, log_max_setting, retry_busy
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS records (
@@ -31,17 +40,22 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS generations (ns TEXT PRIMARY KEY, gen INTEGER NOT NULL)",
 ]
 # the change log: the generation at which each record last changed (written or deleted), so
-# a reader catches up by reading what changed since the generation it holds
+# a reader catches up by reading what changed since the generation it holds; and per
+# namespace, the log's floor (the newest generation trimmed away) and how many entries it
+# holds (kept by each commit, so that trimming never counts the whole log; NULL: count it)
 _LOG_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS changes (
     ns TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, gen INTEGER NOT NULL,
     PRIMARY KEY (ns, kind, key)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS changes_gen ON changes (ns, gen)",
+    """CREATE TABLE IF NOT EXISTS changes_floor (
+    ns TEXT PRIMARY KEY, floor INTEGER NOT NULL, entries INTEGER)""",
 ]
 _TABLES = {"records", "generations"}
 
 
 SYNC_ENV = "SEQKV_SQLITE_SYNC"
+LOG_MAX_ENV = "SEQKV_SQLITE_LOG_MAX"
 
 
 def sync_mode() -> str:
@@ -59,6 +73,7 @@ class _SqliteTxn:
         self.con, self.ns, self.logged = con, ns, logged
         row = con.execute("SELECT gen FROM generations WHERE ns = ?", (ns,)).fetchone()
         self.generation = int(row[0]) if row else 0
+        self.added = 0  # change-log entries this transaction created (not moved forward)
 
     def read_kind(self, kind: str) -> dict[str, bytes]:
         rows = self.con.execute("SELECT key, value FROM records WHERE ns = ? AND kind = ?",
@@ -73,8 +88,9 @@ class _SqliteTxn:
     def changes(self, since: int, kinds: tuple[str, ...]
                 ) -> dict[str, dict[str, bytes | None]] | None:
         """Records of ``kinds`` changed after generation ``since``: key -> value, or None
-        where the record was deleted (None: no change log, read the namespace whole)."""
-        if not self.logged:
+        where the record was deleted (None: no change log, or it was trimmed past ``since``:
+        read the namespace whole)."""
+        if not self.logged or since < self._floor()[0]:
             return None
         out: dict[str, dict[str, bytes | None]] = {k: {} for k in kinds}
         rows = self.con.execute(
@@ -86,10 +102,54 @@ class _SqliteTxn:
                 out[kind][key] = None if value is None else bytes(value)
         return out
 
+    def _floor(self) -> tuple[int, int | None]:
+        """The change log's floor and entry count (None: not kept yet, count them)."""
+        try:
+            row = self.con.execute("SELECT floor, entries FROM changes_floor WHERE ns = ?",
+                                   (self.ns,)).fetchone()
+        except sqlite3.OperationalError as e:
+            # an earlier seqkv's store opened read-only: never trimmed, since a trimming
+            # writer creates the table before its first commit
+            if "no such table" not in str(e):
+                raise
+            return 0, None
+        return (int(row[0]), row[1]) if row else (0, None)
+
     def _log(self, kind: str, key: str) -> None:
         if self.logged:
-            self.con.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?, ?)",
-                             (self.ns, kind, key, self.generation + 1))
+            gen = self.generation + 1
+            if not self.con.execute("UPDATE changes SET gen = ? WHERE ns = ? AND kind = ? "
+                                    "AND key = ?", (gen, self.ns, kind, key)).rowcount:
+                self.con.execute("INSERT INTO changes VALUES (?, ?, ?, ?)",
+                                 (self.ns, kind, key, gen))
+                self.added += 1
+
+    def _count(self) -> int:
+        return int(self.con.execute("SELECT count(*) FROM changes WHERE ns = ?",
+                                    (self.ns,)).fetchone()[0])
+
+    def trim(self, cap: int) -> None:
+        """Keep the change log's newest ``cap`` entries (0: all): drop the oldest generations
+        whole and raise the floor to the newest dropped. Runs inside the commit's transaction,
+        so the log, its floor and the records change together or not at all."""
+        if not self.logged:
+            return
+        floor, entries = self._floor()
+        # kept count plus what this transaction added; counted where not kept yet (a new
+        # namespace, or a store of an earlier seqkv)
+        n = self._count() if entries is None else int(entries) + self.added
+        if cap and n > cap:
+            # the generation of the (n - cap)-th oldest entry: it and all older ones go
+            row = self.con.execute("SELECT gen FROM changes WHERE ns = ? ORDER BY gen "
+                                   "LIMIT 1 OFFSET ?", (self.ns, n - cap - 1)).fetchone()
+            if row is None:  # the kept count was too high (rows deleted by hand): recount
+                n = self._count()
+            else:
+                floor = int(row[0])
+                n -= self.con.execute("DELETE FROM changes WHERE ns = ? AND gen <= ?",
+                                      (self.ns, floor)).rowcount
+        self.con.execute("INSERT OR REPLACE INTO changes_floor VALUES (?, ?, ?)",
+                         (self.ns, floor, n))
 
     def put(self, kind: str, key: str, value: bytes) -> None:
         self.con.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
@@ -200,11 +260,17 @@ class _WriterQueue:
 
 
 class SqliteBackend:
-    def __init__(self, path: str, create: bool = True, busy: float | None = None) -> None:
+    def __init__(self, path: str, create: bool = True, busy: float | None = None,
+                 log_max: int | None = None) -> None:
+        """``log_max``: the change-log entries a namespace keeps (default
+        $SEQKV_SQLITE_LOG_MAX or 10,000; 0: all)."""
+        if log_max is not None and log_max < 0:
+            raise StoreError("log_max must be 0 (no limit) or more")
         p = check_sqlite_file(path, create)
         self.logged = True  # the change log is kept (False only for a read-only old store)
         self.url = str(p)
         self.busy = busy_timeout() if busy is None else busy
+        self.log_max = log_max_setting(LOG_MAX_ENV) if log_max is None else log_max
         self.queue = _WriterQueue(p)
         try:
             target = str(p) if create else _uri(p, "rw")
@@ -223,13 +289,16 @@ class SqliteBackend:
         self.con.execute(f"PRAGMA synchronous={sync_mode()}")
         tables = self._tables()
         if _TABLES <= tables:
-            if "changes" not in tables:  # a store of an earlier seqkv: add the change log
+            if not {"changes", "changes_floor"} <= tables:
+                # a store of an earlier seqkv: add the change log, or its floor
                 try:
                     self._create(_LOG_SCHEMA)
                 except sqlite3.OperationalError as e:
                     if _busy(e):
                         raise
-                    self.logged = False  # a read-only file: readers re-read it whole
+                    # a read-only file: without a log readers re-read it whole; a log with
+                    # no floor table has never been trimmed (_SqliteTxn._floor)
+                    self.logged = "changes" in tables
             return
         if not create:
             raise StoreError(f"not a seqkv store (no seqkv tables): {self.url}")
@@ -269,6 +338,7 @@ class SqliteBackend:
         try:
             txn = _SqliteTxn(self.con, ns, self.logged)
             yield txn
+            txn.trim(self.log_max)  # in this transaction: a crash keeps the log whole
             self.con.execute("INSERT OR REPLACE INTO generations VALUES (?, ?)",
                              (ns, txn.generation + 1))
             self._commit()
@@ -294,15 +364,16 @@ class SqliteBackend:
     def changes(self, ns: str, since: int, kinds: tuple[str, ...]
                 ) -> tuple[int, dict[str, dict[str, bytes | None]]] | None:
         """One consistent read: the generation, and what changed after ``since`` (None when
-        this store keeps no change log)."""
+        this store keeps no change log, or it was trimmed past ``since``: read it whole)."""
         if not self.logged:
             return None
 
-        def read() -> tuple[int, dict[str, dict[str, bytes | None]]]:
+        def read() -> tuple[int, dict[str, dict[str, bytes | None]]] | None:
             self.con.execute("BEGIN")
             try:
                 txn = _SqliteTxn(self.con, ns)
-                return txn.generation, txn.changes(since, kinds)  # type: ignore[return-value]
+                changed = txn.changes(since, kinds)
+                return None if changed is None else (txn.generation, changed)
             finally:
                 self.con.execute("COMMIT")
 
