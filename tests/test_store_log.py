@@ -8,7 +8,6 @@ import random
 import signal
 import sqlite3
 import time
-import uuid
 
 import pytest
 
@@ -18,33 +17,22 @@ from seqkv.store import sqlite as sqlite_mod
 from seqkv.store.redis import RedisBackend, _key
 from seqkv.store.sqlite import SqliteBackend
 
-from .test_store_backends import CHUNK, PAUSE_ENV, REDIS_URL, _redis_up, _spawn
+from .test_store_backends import CHUNK, PAUSE_ENV, _spawn, db  # noqa: F401 - the db fixture
 
 LOG_MAX = 24
 LOG_MAX_ENV = {"sqlite": "SEQKV_SQLITE_LOG_MAX", "redis": "SEQKV_REDIS_LOG_MAX"}
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "store.db")
-    if not _redis_up():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no Redis answers at {REDIS_URL} (scripts/services.sh)")
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    return f"{REDIS_URL}#test-{uuid.uuid4().hex}"
+def _kind(url: str) -> str:
+    return "redis" if url.startswith("redis://") else "sqlite"
 
 
-def _kind(db: str) -> str:
-    return "redis" if db.startswith("redis://") else "sqlite"
+def _backend(url: str, log_max: int | None = LOG_MAX) -> SqliteBackend | RedisBackend:
+    return (RedisBackend if _kind(url) == "redis" else SqliteBackend)(url, log_max=log_max)
 
 
-def _backend(db: str, log_max: int | None = LOG_MAX) -> SqliteBackend | RedisBackend:
-    return (RedisBackend if _kind(db) == "redis" else SqliteBackend)(db, log_max=log_max)
-
-
-def _store(db: str, llama, log_max: int | None = LOG_MAX, **kwargs) -> Store:
-    return Store(_backend(db, log_max), llama, **kwargs)
+def _store(url: str, llama, log_max: int | None = LOG_MAX, **kwargs) -> Store:
+    return Store(_backend(url, log_max), llama, **kwargs)
 
 
 def _conn(store: Store) -> object:
@@ -119,7 +107,7 @@ def fill_log(store: Store, expect: dict[str, list[int]], base: list[int],
         store.put(name, expect[name])
 
 
-def test_the_log_stays_bounded_and_readers_behind_miss_nothing(db, llama, whole_reads):
+def test_the_log_stays_bounded_and_readers_behind_miss_nothing(db, llama, whole_reads):  # noqa: F811
     rng = random.Random(5)
     w = _store(db, llama, chunk=CHUNK)
     w.put("s0", [5, 6, 7, 8])
@@ -161,7 +149,7 @@ def test_the_log_stays_bounded_and_readers_behind_miss_nothing(db, llama, whole_
     assert w.stats() == Store(db, llama).stats()
 
 
-def test_log_max_zero_keeps_every_entry_and_a_bad_setting_is_refused(db, llama, monkeypatch):
+def test_log_max_zero_keeps_every_entry_and_a_bad_setting_is_refused(db, llama, monkeypatch):  # noqa: F811
     s = _store(db, llama, log_max=0, chunk=CHUNK)
     for i in range(12):
         s.put(f"s{i}", [5, 6, 7, i + 10, i + 11, i + 12])
@@ -176,7 +164,7 @@ def test_log_max_zero_keeps_every_entry_and_a_bad_setting_is_refused(db, llama, 
     assert Store(db, llama).backend.log_max == 5
 
 
-def test_kill_9_mid_commit_leaves_the_log_and_its_floor_whole(db, llama, tmp_path):
+def test_kill_9_mid_commit_leaves_the_log_and_its_floor_whole(db, llama, tmp_path):  # noqa: F811
     """A writer killed after its commit trimmed the log (SQLite: inside the transaction;
     Redis: before the script) leaves log, floor and records as they were."""
     rng = random.Random(7)
@@ -212,8 +200,8 @@ def test_kill_9_mid_commit_leaves_the_log_and_its_floor_whole(db, llama, tmp_pat
 
 
 def test_sqlite_trim_rolls_back_with_a_failed_commit(tmp_path, llama, monkeypatch):
-    db, rng = str(tmp_path / "store.db"), random.Random(8)
-    s = _store(db, llama, chunk=CHUNK)
+    path, rng = str(tmp_path / "store.path"), random.Random(8)
+    s = _store(path, llama, chunk=CHUNK)
     fill_log(s, {}, [rng.randrange(3, 320) for _ in range(60)], rng)
     state = (log_size(s), log_floor(s), s.backend.generation(s.ns), s.sessions())
 
@@ -224,7 +212,7 @@ def test_sqlite_trim_rolls_back_with_a_failed_commit(tmp_path, llama, monkeypatc
     with pytest.raises(OSError):
         s.put("lost", list(range(200, 240)))
     monkeypatch.undo()
-    fresh = _store(db, llama)
+    fresh = _store(path, llama)
     assert (log_size(fresh), log_floor(fresh), fresh.backend.generation(fresh.ns),
             fresh.sessions()) == state
     check_kept_count(fresh)
@@ -234,8 +222,8 @@ def test_an_earlier_sqlite_store_gets_its_floor_and_is_trimmed(tmp_path, llama, 
     """A store written before the log was trimmed (no floor table): a read-only reader reads
     its log as it is; a writer adds the table and trims, and that reader, now behind the
     floor, reads the namespace whole."""
-    db = str(tmp_path / "store.db")
-    old = _store(db, llama, log_max=0, chunk=CHUNK)
+    path = str(tmp_path / "store.path")
+    old = _store(path, llama, log_max=0, chunk=CHUNK)
     rng = random.Random(9)
     base = [rng.randrange(3, 320) for _ in range(60)]
     expect = {f"s{i}": _random_session(rng, base) for i in range(10)}
@@ -250,11 +238,11 @@ def test_an_earlier_sqlite_store_gets_its_floor_and_is_trimmed(tmp_path, llama, 
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
     monkeypatch.setattr(SqliteBackend, "_create", read_only)
-    reader = _store(db, llama)
+    reader = _store(path, llama)
     assert reader.backend.logged and reader.sessions() == ["s0", "s1"]
     assert reader.backend.changes(reader.ns, 1, ("session",)) is not None  # no floor: 0
     monkeypatch.setattr(SqliteBackend, "_create", real_create)
-    w = _store(db, llama, chunk=CHUNK)  # adds the floor table
+    w = _store(path, llama, chunk=CHUNK)  # adds the floor table
     w.put("s2", expect["s2"])
     assert reader.sessions() == ["s0", "s1", "s2"]  # through the log: nothing trimmed yet
     for name, ids in list(expect.items())[3:]:
