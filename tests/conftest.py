@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from seqkv import testing
 from seqkv.core.models import LoadedModel, from_objects, load_model
 
 
-def tiny_llama(seed: int = 0, vocab: int = 320, max_pos: int = 128) -> LoadedModel:
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-        bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return from_objects(LlamaForCausalLM(config), None, f"tiny-llama-{seed}")
+def tiny_llama(seed: int = 0, vocab: int = testing.TINY_VOCAB, max_pos: int = 128
+               ) -> LoadedModel:
+    """seqkv.testing's tiny Llama (its config lives there, once), as a LoadedModel."""
+    return from_objects(testing.tiny_llama(seed, vocab, max_pos), None, f"tiny-llama-{seed}")
 
 
 def tiny_gemma3(seed: int = 0) -> LoadedModel:

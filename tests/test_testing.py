@@ -2,21 +2,26 @@
 
 import torch
 
-from seqkv.testing import TINY_VOCAB, tiny_llama, tiny_model_dir
+from seqkv.testing import TINY_VOCAB, tiny_llama, tiny_llama_config, tiny_model_dir
 
 from .conftest import tiny_llama as conftest_tiny_llama
 
 
 def test_tiny_llama_is_conftests_and_leaves_the_rng_alone():
-    """The same weights as tests/conftest.py's tiny_llama (the fixtures built on either agree),
-    drawn without moving the caller's torch RNG."""
+    """tests/conftest.py's tiny_llama (behind the ``llama`` fixture and most tests) is this
+    one, its arguments passed through; drawn without moving the caller's torch RNG."""
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    ours = tiny_llama(seed=3).state_dict()
+    ours = tiny_llama(seed=3, vocab=300, max_pos=64)
     assert torch.equal(torch.get_rng_state(), before)
-    theirs = conftest_tiny_llama(seed=3).model.state_dict()
+    theirs = conftest_tiny_llama(seed=3, vocab=300, max_pos=64).model
+    assert theirs.config.to_dict() == ours.config.to_dict()
+    assert ours.config.to_dict() == tiny_llama_config(300, 64).to_dict()
+    ours, theirs = ours.state_dict(), theirs.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["lm_head.weight"],
+                           tiny_llama(seed=4, vocab=300, max_pos=64).state_dict()["lm_head.weight"])
 
 
 def test_tiny_model_dir_loads_as_a_model(tmp_path):
