@@ -25,7 +25,8 @@ TINY_TOKENIZER_TEXTS: tuple[str, ...] = (
 
 
 def tiny_llama_config(vocab: int = TINY_VOCAB, max_pos: int = 128) -> LlamaConfig:
-    """Two layers of width 32, 4 query heads over 2 KV heads: tests/conftest.py's tiny_llama."""
+    """Two layers of width 32, 4 query heads over 2 KV heads: the one config of the tests'
+    tiny Llama (tests/conftest.py's tiny_llama wraps tiny_llama below)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
