@@ -6,6 +6,7 @@
     c.get("s1")                      # {"session", "ids", "text"}
     c.get_cache("s1")                # bytes of a safetensors cache file (seqkv kv-dump format)
     c.delete("s1"); c.stats(); c.nearest(text="..."); c.compact()
+    c.rebalance()                    # the namespace's tiers under the server's --tier-budget
 
     proc, url = start_server("store.db", "--model", "DIR")   # `seqkv serve` on a free
                                      # loopback port, once it answers /healthz (wait_healthy)
@@ -173,6 +174,12 @@ class Client:
     def compact(self) -> dict:
         """Code what is pending in the key's namespace; returns when done."""
         return self._json("POST", "/v1/compact")
+
+    def rebalance(self) -> dict:
+        """Rebalance the key's namespace's tiers (KV checkpoints, edges kept raw, coded) under
+        the server's --tier-budget now; returns the summary (``seqkv store rebalance --json``'s
+        fields) when done. A server without --tier-budget answers 400."""
+        return self._json("POST", "/v1/rebalance")
 
 
 def wait_healthy(url: str, timeout: float = 300.0, proc=None, model: bool = False) -> float:

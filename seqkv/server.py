@@ -12,6 +12,8 @@
     GET    /v1/stats                     the fields of `seqkv store stats --json`
     POST   /v1/nearest                   {"text"} or {"ids"}, optional "k"
     POST   /v1/compact                   codes what is pending; answers when done
+    POST   /v1/rebalance                 gives each trie node its tier under --tier-budget now
+                                         (KV checkpoint, edge kept raw, coded); the summary
     GET    /docs, /openapi.json          the API's OpenAPI description
 
 Auth: with ``--keys KEYS.json`` ({"API key": "namespace", ...}) every /v1 request carries
@@ -26,6 +28,16 @@ process compacts pending edges in the background (``Store.compact``), on CPU tim
 leaves idle, as does ``POST /v1/compact`` in the server itself. Several server processes may
 share one store (Redis, or one SQLite file): every write is a backend transaction and
 compaction swaps edges by compare-and-swap.
+
+Tiers (``--tier-budget BYTES``, ``--tier-policy``, ``--tier-quant``): each namespace's hot
+tiers (KV checkpoints and edges kept raw, ``Store.rebalance``) are rebalanced in the
+background by a thread of the server, every ``--tier-interval`` seconds for a namespace that
+was written or read since, sooner once it served ``--tier-restores`` restores. It runs in the
+server because that is where restores are counted (in the memory of the namespace's reading
+Store; the policy reads those counts live): the compactor child never sees a restore. It has
+its own Store and lock, so puts and reads go on meanwhile (its model work is outside the
+write lock, its writes are short transactions). Several server processes each rebalance with
+the restores they served.
 
 The model loads in the background: the server answers at once (a restart takes the time of
 the Python imports), and what needs no model is served meanwhile: puts of ids (checked
@@ -135,6 +147,28 @@ class NearestBody(_Tokens):
     k: int = Field(10, ge=1, le=1000)
 
 
+class RebalanceResult(BaseModel):
+    """What one rebalance did: the fields of `seqkv store rebalance --json` (nodes by id)."""
+
+    namespace: str
+    budget: int = Field(description="bytes for the hot tiers, checkpoints and raw edges "
+                        "together (--tier-budget)")
+    policy: str = Field(description="prior or lru (--tier-policy)")
+    quant: str | None = Field(description="the checkpoints' KV quantizer (null: raw)")
+    kept: list[str] = Field(description="nodes that hold a KV checkpoint now")
+    added: list[str] = Field(description="checkpoints written by this rebalance")
+    dropped: list[str] = Field(description="checkpoints deleted by this rebalance")
+    bytes: int = Field(description="bytes of the checkpoint records now")
+    raw: list[str] = Field(description="edges kept raw now (compaction leaves them)")
+    raw_added: list[str] = Field(description="edges newly kept raw")
+    raw_dropped: list[str] = Field(description="edges released: the next compaction codes "
+                                   "them")
+    raw_swapped: int = Field(description="of raw_added, coded edges swapped back to raw")
+    raw_skipped: int = Field(description="edges that changed meanwhile: the next rebalance")
+    raw_bytes: int = Field(description="bytes of the edges kept raw (4 a token)")
+    policy_bytes: int = Field(description="the bytes the policy budgeted for its choice")
+
+
 # -- the service ----------------------------------------------------------------------------
 
 
@@ -213,7 +247,7 @@ class Batcher:
                     log.warning("a request's answer could not be delivered: %r", e)  # go on
 
 
-ROLES = ("writer", "reader", "compactor")
+ROLES = ("writer", "reader", "compactor", "tiers")
 
 
 class _Namespace:
@@ -230,6 +264,10 @@ class _Namespace:
         self.puts = Batcher(lambda items: self.with_model("writer", _put_many, items),
                             name=f"seqkv-puts-{ns}")
         self.gets = Batcher(self._get_batch, name=f"seqkv-gets-{ns}")
+        # the background rebalance's cues: written or read since the last one (True at start:
+        # a restarted server applies its budget once), restores served since, the latest one
+        self.dirty, self.restores = True, 0
+        self.last_restored: str | None = None
 
     def store(self, role: str, wait: bool = True):
         """The role's Store; call with ``self.locks[role]`` held."""
@@ -300,7 +338,32 @@ class _Namespace:
 
     def _get_batch(self, sessions: list[str]) -> list:
         """Each session's (ids, text or None), or its error."""
-        return self.with_model("reader", _get_many, sessions)
+        out = self.with_model("reader", _get_many, sessions)
+        served = [name for name, r in zip(sessions, out, strict=True)
+                  if not isinstance(r, BaseException)]
+        if served:
+            self.dirty, self.restores = True, self.restores + len(served)
+            self.last_restored = served[-1]
+            self.service.restored(self.restores)
+        return out
+
+    def rebalance(self) -> dict:
+        """One rebalance of the namespace's tiers, on its own Store and lock (puts and reads go
+        on meanwhile), with the restore counts the reader's Store keeps in memory."""
+        self.service.model()
+        self.dirty, self.restores = False, 0  # what comes in meanwhile counts for the next one
+        try:
+            with self.locks["tiers"]:
+                s = self.store("tiers")
+                reader = self._stores.get("reader")
+                if reader is not None:  # the same dicts: the policy sees every hit so far
+                    s.checkpoints.hits = reader.checkpoints.hits
+                    s.checkpoints.last = reader.checkpoints.last
+                # LRU admits the latest restore's path (the prior policy ignores it)
+                return s.rebalance(self.last_restored)
+        except BaseException:
+            self.dirty = True
+            raise
 
 
 def _put_many(store, items: list) -> list:
@@ -326,9 +389,21 @@ class Service:
 
     def __init__(self, db: str, model: str | None = None, keys: dict[str, str] | None = None,
                  compact_interval: float = 2.0, compact_batch: int = 16,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", tier_budget: int | None = None,
+                 tier_policy: str = "prior", tier_quant: tuple[str, float | None] | None = None,
+                 tier_interval: float = 30.0, tier_restores: int = 100) -> None:
         self.db, self.model_spec, self.keys, self.device = db, model, keys, device
         self.compact_interval, self.compact_batch = compact_interval, compact_batch
+        # the hot tiers (None: no budget, every edge coded, no background rebalance)
+        if tier_budget is not None and tier_budget < 0:
+            raise ServerConfigError(f"bad tier budget {tier_budget}: bytes, 0 or more")
+        if tier_policy not in ("prior", "lru", "prior-guided"):
+            raise ServerConfigError(f"bad tier policy {tier_policy!r}: prior or lru")
+        self.tier_budget, self.tier_policy, self.tier_quant = tier_budget, tier_policy, tier_quant
+        self.tier_interval, self.tier_restores = tier_interval, tier_restores
+        self._tiers_wake, self._tiers_stop = threading.Event(), threading.Event()
+        self._tiers: threading.Thread | None = None
+        self.rebalances = 0  # background rebalances done (healthz)
         self.lm = None  # the model, once loaded and checked against the store
         self.model_state = "loading"
         self._model_error: BaseException | None = None
@@ -358,13 +433,15 @@ class Service:
         model (its meta records the model), or with ``wait=False`` raises NoStoreError."""
         from .store import Store
 
+        tiers = {"checkpoint_budget": self.tier_budget or 0,
+                 "checkpoint_policy": self.tier_policy, "checkpoint_quant": self.tier_quant}
         try:
-            return Store(self.db, self.lm, ns)
+            return Store(self.db, self.lm, ns, **tiers)
         except NoStoreError:
             if self.lm is not None or not wait:
                 raise
         self.model()
-        return Store(self.db, self.lm, ns)
+        return Store(self.db, self.lm, ns, **tiers)
 
     def namespace(self, ns: str) -> _Namespace:
         n = self._ns.get(ns)
@@ -419,9 +496,56 @@ class Service:
         return n.call("compactor", "compact", batch=self.compact_batch,
                       max_rounds=max_rounds).to_dict()
 
+    # -- tiers ------------------------------------------------------------------------------
+    def rebalance(self, ns: str) -> dict:
+        """Rebalance ``ns``'s tiers now under the server's budget: what `seqkv store rebalance
+        --json` prints."""
+        if self.tier_budget is None:
+            raise SeqkvError("this server keeps no hot tiers: start it with --tier-budget BYTES")
+        out = self.namespace(ns).rebalance()
+        quant = None
+        if self.tier_quant is not None:
+            method, bits = self.tier_quant
+            quant = method if bits is None else f"{method}:{bits:g}"
+        return {"namespace": ns, "budget": self.tier_budget, "policy": self.tier_policy,
+                "quant": quant, **out}
+
+    def restored(self, restores: int) -> None:
+        """A namespace served ``restores`` restores since its last rebalance."""
+        if restores >= self.tier_restores:
+            self._tiers_wake.set()
+
+    def _rebalance_loop(self) -> None:
+        """The background rebalance: each namespace written or read since its last one, every
+        ``tier_interval`` seconds (sooner when one served ``tier_restores`` restores)."""
+        try:
+            self.model()
+        except ModelUnavailable:
+            return  # logged once by _load_model; POST /v1/rebalance answers 500 alike
+        while True:
+            self._tiers_wake.wait(self.tier_interval)
+            self._tiers_wake.clear()
+            if self._tiers_stop.is_set():
+                return
+            for ns in self.namespaces():
+                n = self.namespace(ns)
+                if not n.dirty:
+                    continue
+                try:
+                    n.rebalance()
+                    self.rebalances += 1
+                except Exception as e:  # noqa: BLE001 - keep rebalancing; report and go on
+                    log.warning("background rebalance of %r failed: %s", ns, e)
+
     def start(self) -> None:
-        """Load the model in the background, and start the compactor process."""
+        """Load the model in the background, start the compactor process and, with a tier
+        budget, the background rebalance."""
         threading.Thread(target=self._load_model, name="seqkv-model", daemon=True).start()
+        if self.tier_budget is not None and self._tiers is None:
+            self._tiers_stop.clear()
+            self._tiers = threading.Thread(target=self._rebalance_loop, name="seqkv-tiers",
+                                           daemon=True)
+            self._tiers.start()
         if self.compact_interval > 0 and self._compactor is None:
             self._compactor = subprocess.Popen(
                 [sys.executable, "-c", "from seqkv.server import compactor_main as m; m()",
@@ -448,6 +572,9 @@ class Service:
             self.compactor_state = "exited"
 
     def stop(self) -> None:
+        self._tiers_stop.set()  # the rebalance thread stops after its current round
+        self._tiers_wake.set()
+        self._tiers = None
         p, self._compactor = self._compactor, None
         if p is not None:
             self.compactor_state = "off"
@@ -649,9 +776,12 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         """200 as soon as the server takes requests; ``model``: loading, ready or failed
         (puts and reads of raw edges need no model; coding, decoding and text wait for it);
         ``compactor``: the background compactor, off, starting, running or exited;
-        ``device``: where the model runs (the compactor's too)."""
+        ``device``: where the model runs (the compactor's too); ``tiers``: on with a
+        --tier-budget, and ``rebalances`` the background rebalances done."""
         return {"status": "ok", "model": service.model_state,
-                "compactor": service.compactor_state, "device": service.device}
+                "compactor": service.compactor_state, "device": service.device,
+                "tiers": "off" if service.tier_budget is None else "on",
+                "rebalances": service.rebalances}
 
     @app.put("/v1/sessions/{session}", status_code=201,
              responses={200: {"description": "replaced an existing session"}})
@@ -662,6 +792,7 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         n = service.namespace(ns)
         r = await n.submit(n.puts, item)  # group commit
         service.wrote()
+        n.dirty = True  # the next background rebalance sees the new session
         return JSONResponse({"session": r.session, "tokens": r.tokens,
                              "shared_tokens": r.shared_tokens, "new_tokens": r.new_tokens,
                              "created": not r.replaced},
@@ -687,7 +818,9 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
 
     @app.delete("/v1/sessions/{session}")
     def delete_session(session: str, ns: Ns) -> dict:
-        service.namespace(ns).call("writer", "delete", _session_id(session))
+        n = service.namespace(ns)
+        n.call("writer", "delete", _session_id(session))
+        n.dirty = True
         return {"session": session, "deleted": True}
 
     @app.get("/v1/stats")
@@ -702,6 +835,15 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     @app.post("/v1/compact")
     def compact(ns: Ns) -> dict:
         return service.compact(ns)
+
+    @app.post("/v1/rebalance", response_model=RebalanceResult)
+    def rebalance(ns: Ns) -> dict:
+        """Give each trie node of the key's namespace its tier now, under the server's
+        --tier-budget (with --tier-policy and --tier-quant), from the restores this server
+        served: KV checkpoints written and dropped, hot coded edges swapped back to raw, cooled
+        ones left to the next compaction. Answers when done; 400 if the server was started
+        without --tier-budget. The server also does this in the background."""
+        return service.rebalance(ns)
 
     app.add_middleware(_BodyLimit, limit=max_body)
     return app
@@ -797,10 +939,14 @@ def check_device(device: str) -> str:
 
 def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None = None,
           model: str | None = None, max_body: int = MAX_BODY, compact_interval: float = 2.0,
-          device: str = "cpu") -> None:
+          device: str = "cpu", tier_budget: int | None = None, tier_policy: str = "prior",
+          tier_quant: tuple[str, float | None] | None = None, tier_interval: float = 30.0,
+          tier_restores: int = 100) -> None:
     """Open the store and listen; the model loads in the background meanwhile (/healthz
     answers at once, and puts and reads of raw edges need no model). ``device``: where the
-    model runs (cpu, cuda, cuda:N), in the server and its compactor process."""
+    model runs (cpu, cuda, cuda:N), in the server and its compactor process. ``tier_*``: the
+    hot tiers' budget per namespace (None: none), policy, checkpoint quantizer, and when the
+    background rebalance runs (see the module's docstring)."""
     import uvicorn
 
     key_map = load_keys(keys) if keys else None
@@ -816,6 +962,8 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765, keys: str | None =
         check_sqlite_file(db, create=True)  # refuse a non-store file before anything else
     check_model_spec(model)
     check_device(device)
-    service = Service(db, model, key_map, compact_interval=compact_interval, device=device)
+    service = Service(db, model, key_map, compact_interval=compact_interval, device=device,
+                      tier_budget=tier_budget, tier_policy=tier_policy, tier_quant=tier_quant,
+                      tier_interval=tier_interval, tier_restores=tier_restores)
     app = create_app(service, max_body)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -318,7 +318,7 @@ def test_raw_edges_need_no_model_and_idle_connections_are_replaced(tmp_path, mod
             time.sleep(0.1)
             health = c._json("GET", "/healthz")
         assert health == {"status": "ok", "model": "failed", "compactor": "off",
-                          "device": "cpu"}
+                          "device": "cpu", "tiers": "off", "rebalances": 0}
         assert c.put("a", ids=[5, 6, 7, 8])["created"]
         assert c.get("a") == {"session": "a", "ids": [5, 6, 7, 8], "text": None}
         assert c.get("old")["ids"] == [5, 6, 7]
