@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
@@ -191,9 +191,59 @@ def warn_if_slow(what: str, tokens: int, chunk_size: int, batch: int, device: st
     return seconds
 
 
+# --- the hot tiers' arguments (store rebalance, serve --tier-*), checked before any import ----
+
+TIER_POLICIES = ("prior", "lru", "prior-guided")  # seqkv.store.policies.POLICIES' names
+
+
+def parse_budget(text: str, option: str = "--budget") -> int:
+    """A byte budget: a whole number of bytes, 0 or more (exit 2 with one line otherwise)."""
+    value = text.strip().replace("_", "")
+    if not value.isdigit():
+        fail(f"bad {option} {text!r}: give a whole number of bytes, e.g. 67108864", 2)
+    return int(value)
+
+
+def check_policy(name: str, option: str = "--policy") -> str:
+    """A tier policy's name (exit 2 with one line otherwise)."""
+    if name not in TIER_POLICIES:
+        fail(f"bad {option} {name!r}: give prior or lru", 2)
+    return name
+
+
+def parse_quant(spec: str, option: str = "--quant") -> tuple[str, float | None] | None:
+    """A checkpoint quantizer METHOD[:BITS] of seqkv.quant (turboquant-mse:4, int8, fp8,
+    kivi:2, ...) as (method, bits); "raw" (or "none"): None, the KV in the model's dtype.
+    Built once here so that a bad one is refused (exit 2, one line) before any model loads."""
+    method, _, bits_text = spec.strip().partition(":")
+    if method in ("raw", "none") and not bits_text:
+        return None
+    try:
+        bits = float(bits_text) if bits_text else None
+    except ValueError:
+        bits = float("nan")
+    if bits is not None and not (math.isfinite(bits) and bits > 0):
+        fail(f"bad {option} {spec!r}: the bits after ':' must be a positive number", 2)
+    from ..quant import get_quantizer  # torch: only once the cheap checks passed
+
+    try:
+        get_quantizer(method, bits)
+    except (SeqkvError, ValueError, TypeError) as e:
+        fail(f"bad {option} {spec!r}: {e}", 2)
+    return method, bits
+
+
+def quant_spec(quant: tuple[str, float | None] | None) -> str | None:
+    """(method, bits) back as METHOD[:BITS], for summaries."""
+    if quant is None:
+        return None
+    method, bits = quant
+    return method if bits is None else f"{method}:{bits:g}"
+
+
 # --- errors and output ----------------------------------------------------------------------
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit non-zero."""
     typer.echo(f"seqkv: error: {message}", err=True)
     raise typer.Exit(code)

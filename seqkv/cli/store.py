@@ -1,4 +1,4 @@
-"""`seqkv store put | get | delete | stats | nearest | compact` and `seqkv serve`.
+"""`seqkv store put | get | delete | stats | nearest | compact | rebalance` and `seqkv serve`.
 
 ``--db PATH`` is a SQLite file (created by the first put; reading commands never create one);
 ``--db redis://HOST:PORT/N`` a Redis one; ``--server URL`` talks to a running `seqkv serve`
@@ -16,7 +16,19 @@ import typer
 
 from ..core.blob import write_atomic
 from ..core.errors import SeqkvError
-from .common import Command, ModelOption, check_output, friendly_errors, print_json, read_text
+from .common import (
+    Command,
+    ModelOption,
+    check_output,
+    check_policy,
+    fail,
+    friendly_errors,
+    parse_budget,
+    parse_quant,
+    print_json,
+    quant_spec,
+    read_text,
+)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="the store: a SQLite file, or redis://HOST:PORT/N (or use --server)")]
@@ -48,9 +60,10 @@ def _client(db: str | None, server: str | None, api_key: str | None):
 
 
 def _open(db: str, namespace: str, model: str | None, need_model: bool = True,
-          create: bool = False):
+          create: bool = False, **tiers):
     """The store at ``db``: checked first (a missing store is refused unless ``create``, a file
-    that is not a SQLite store always), and only then the model loaded."""
+    that is not a SQLite store always), and only then the model loaded. ``tiers``: Store's
+    checkpoint_budget, checkpoint_policy and checkpoint_quant."""
     from ..store.backend import META_NS, StoreError
     from ..store.registry import open_backend
 
@@ -65,7 +78,7 @@ def _open(db: str, namespace: str, model: str | None, need_model: bool = True,
             lm = load(model)
         from ..store import Store
 
-        return Store(backend, lm, namespace, create=create)
+        return Store(backend, lm, namespace, create=create, **tiers)
     except BaseException:
         backend.close()
         raise
@@ -251,6 +264,88 @@ def compact(
                    err=True)
 
 
+def rebalance(
+    db: DbOption = None,
+    server: ServerOption = None,
+    api_key: KeyOption = None,
+    namespace: NsOption = "default",
+    model: ModelOption = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", metavar="BYTES",
+        help="--db (required): bytes for the hot tiers, KV checkpoints and edges "
+        "kept raw together (0: every edge coded, no checkpoint)")] = None,
+    policy: Annotated[str | None, typer.Option(
+        "--policy", metavar="prior|lru",
+        help="--db: prior (default: expected reuse from the trie's prior) or "
+        "lru")] = None,
+    quant: Annotated[str | None, typer.Option(
+        "--quant", metavar="METHOD[:BITS]",
+        help="--db: the checkpoints' KV quantizer, METHOD[:BITS] "
+        "(turboquant-mse:4, int8, fp8, ...; default raw, the model's dtype)")] = None,
+    session: Annotated[str | None, typer.Option(
+        "--session", metavar="SESSION",
+        help="--db: a session just restored (LRU admits its path as the most "
+        "recent)")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Give each trie node its tier under a byte budget (a KV checkpoint, its edge kept raw, or
+    coded): checkpoints written and dropped, hot coded edges swapped back to raw, cooled ones
+    left to the next compaction. With --db the policy sees the trie and its prior, not the
+    restores of other processes; a server (--server) rebalances under its own --tier-budget
+    with the restores it served."""
+    client = _client(db, server, api_key)
+    if client is not None:
+        given = [o for o, v in (("--budget", budget), ("--policy", policy), ("--quant", quant),
+                                ("--session", session)) if v is not None]
+        if given:
+            fail(f"{', '.join(given)} go(es) with --db: a server rebalances under its own "
+                 "--tier-budget, --tier-policy and --tier-quant", 2)
+        info = client.rebalance()
+    else:
+        if budget is None:
+            fail("rebalance --db needs --budget BYTES", 2)
+        nbytes = parse_budget(budget)
+        name = check_policy(policy or "prior")
+        q = parse_quant(quant) if quant is not None else None
+        with _open(db, namespace, model, checkpoint_budget=nbytes, checkpoint_policy=name,
+                   checkpoint_quant=q) as s:
+            if session is not None:
+                # as a restore of it would: its path is the most recent (this process has
+                # seen no other restore)
+                s.checkpoints.touch(s.trie.path(s._session(session)))
+            out = s.rebalance(session)
+            info = {"namespace": s.ns, "budget": nbytes, "policy": s.checkpoints.policy.name,
+                    "quant": quant_spec(q), **out}
+    if json_:
+        print_json(info)
+    else:
+        _print_rebalance(info)
+
+
+def _print_rebalance(info: dict) -> None:
+    """The rebalance in a few lines: what each tier holds now and what changed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    used = info["bytes"] + info["raw_bytes"]
+    table = Table(title=f"namespace {info['namespace']!r}: {used:,} of {info['budget']:,} "
+                  f"bytes in the hot tiers ({info['policy']} policy)", title_justify="left")
+    for col in ("tier", "nodes", "added", "dropped", "bytes", ""):
+        table.add_column(col, justify="left" if col in ("tier", "") else "right")
+    quant = info.get("quant") or "raw"
+    table.add_row("KV checkpoints", str(len(info["kept"])), str(len(info["added"])),
+                  str(len(info["dropped"])), f"{info['bytes']:,}", f"KV {quant}")
+    note = f"{info['raw_swapped']} swapped back from coded"
+    if info["raw_skipped"]:
+        note += f", {info['raw_skipped']} changed meanwhile (next rebalance)"
+    table.add_row("edges kept raw", str(len(info["raw"])), str(len(info["raw_added"])),
+                  str(len(info["raw_dropped"])), f"{info['raw_bytes']:,}", note)
+    Console().print(table)
+    if info["raw_dropped"]:
+        Console(stderr=True).print(f"{len(info['raw_dropped'])} edge(s) released: the next "
+                                   "compaction codes them", highlight=False)
+
+
 def serve(
     db: Annotated[str, typer.Option("--db", help="the store: a SQLite file (created if "
                                     "missing), or redis://HOST:PORT/N")],
@@ -268,18 +363,43 @@ def serve(
     device: Annotated[str, typer.Option(
         help="where the model runs, in the server and its background compactor: cpu, cuda "
         "or cuda:N")] = "cpu",
+    tier_budget: Annotated[str | None, typer.Option(
+        "--tier-budget", metavar="BYTES",
+        help="bytes per namespace for the hot tiers (KV checkpoints, edges "
+        "kept raw), rebalanced in the background from the restores served; without it every "
+        "edge is coded")] = None,
+    tier_policy: Annotated[str, typer.Option(
+        "--tier-policy", metavar="prior|lru",
+        help="--tier-budget: prior or lru")] = "prior",
+    tier_quant: Annotated[str | None, typer.Option(
+        "--tier-quant", metavar="METHOD[:BITS]",
+        help="--tier-budget: the checkpoints' KV quantizer, METHOD[:BITS] "
+        "(turboquant-mse:4, int8, fp8; default raw)")] = None,
+    tier_interval: Annotated[float, typer.Option(
+        help="--tier-budget: seconds between background rebalances of a namespace that "
+        "changed", min=0.05)] = 30.0,
+    tier_restores: Annotated[int, typer.Option(
+        help="--tier-budget: rebalance sooner, once a namespace served this many restores",
+        min=1)] = 100,
 ) -> None:
     """Serve the store over HTTP (JSON API, OpenAPI docs at /docs) until interrupted."""
+    budget = parse_budget(tier_budget, "--tier-budget") if tier_budget is not None else None
+    policy = check_policy(tier_policy, "--tier-policy")
+    quant = parse_quant(tier_quant, "--tier-quant") if tier_quant is not None else None
+    if budget is None and tier_quant is not None:
+        fail("--tier-quant goes with --tier-budget", 2)
     from ..server import serve as run
 
     run(db, host=host, port=port, keys=str(keys) if keys else None, model=model,
-        max_body=max_body, compact_interval=compact_interval, device=device)
+        max_body=max_body, compact_interval=compact_interval, device=device,
+        tier_budget=budget, tier_policy=policy, tier_quant=quant,
+        tier_interval=tier_interval, tier_restores=tier_restores)
 
 
 def register(app: typer.Typer) -> None:
     store_app = typer.Typer(help="A store of many sessions: shared prefixes stored once (PLT).",
                             no_args_is_help=True)
-    for command in (put, get, delete, stats, nearest, compact):
+    for command in (put, get, delete, stats, nearest, compact, rebalance):
         store_app.command(cls=Command)(friendly_errors(command))
     app.add_typer(store_app, name="store")
     app.command("serve", cls=Command)(friendly_errors(serve))
