@@ -253,3 +253,65 @@ def test_the_background_rebalance_sees_the_restores_the_server_served(tmp_path, 
     for name, ids in DATA.items():
         assert c.get(name)["ids"] == ids
     assert c.health()["rebalances"] >= 1
+
+
+class _SlowTierStore:
+    """A Store whose rebalance takes as long as the test wants; puts and reads are instant."""
+
+    def __init__(self, gate) -> None:
+        self.lm, self.gate = object(), gate
+        self.checkpoints = type("C", (), {"hits": {}, "last": {}})()
+
+    def put_many(self, items):
+        return [session for session, _, _ in items]
+
+    def get_many(self, sessions):
+        return [[5, 6] for _ in sessions]
+
+    def is_text(self, session):
+        return False
+
+    def rebalance(self, accessed):
+        assert self.gate.wait(30)
+        return {"accessed": accessed}
+
+
+class _Service:
+    def __init__(self, gate) -> None:
+        self.lm, self.model_state, self.gate = object(), "ready", gate
+        self.restores_seen: list[int] = []
+
+    def open_store(self, ns, wait=True):
+        return _SlowTierStore(self.gate)
+
+    def model(self):
+        return self.lm
+
+    def restored(self, restores):
+        self.restores_seen.append(restores)
+
+
+def test_a_rebalance_in_progress_holds_up_no_put_and_no_read():
+    """The rebalance has its own Store and lock: while one runs (its model work), puts and
+    reads of the namespace are answered; the restores they served are its cues."""
+    import threading
+
+    from seqkv import server as server_mod
+
+    gate = threading.Event()
+    service = _Service(gate)
+    n = server_mod._Namespace(service, "ns")
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(r=n.rebalance()), daemon=True)
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive() and not n.dirty  # running
+    assert n.puts.submit(("s", [5, 6], True)) == "s"
+    assert n.gets.submit("s") == ([5, 6], None)
+    assert n.dirty and n.restores == 1 and n.last_restored == "s"
+    assert service.restores_seen == [1]
+    gate.set()
+    t.join(10)
+    assert done == {"r": {"accessed": None}}
+    assert n.rebalance() == {"accessed": "s"}  # LRU's cue: the latest restore
+    assert not n.dirty and n.restores == 0
