@@ -17,34 +17,36 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
     torch.device("cuda")), reason="needs a CUDA GPU with Triton")
 
 
-def _use_kernels(model: IntModel, on: bool) -> None:
+def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> None:
     model.triton_linear = on
-    model.fused_attention_streams = 1 << 20 if on else 0
+    model.fused_attention_streams = 1 << 20 if (on if attention is None else attention) else 0
     model.fused_heads = on
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_kernels_give_the_torch_integers(name):
     """Prefill through the fused linear, and steps through the fused attention from mixed
-    positions (past the random Gemma-3's sliding window of 8), equal the torch path."""
+    positions (past the random Gemma-3's sliding window of 8), equal the torch path; and the
+    rotation kernel writing a float64 cache (groups too large for the fused attention)."""
     model = IntModel(integerize(MODELS[name]().model), "cuda")
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (5, 48), generator=g).cuda()
     start = torch.tensor([0, 3, 9, 17, 30], device="cuda")
     runs = []
-    for on in (True, False):
-        _use_kernels(model, on)
+    for on, attention in ((True, True), (False, False), (True, False)):
+        _use_kernels(model, on, attention)
         hidden = model.prefill_hidden(ids)
         cache = model.new_cache(5, 48)
-        assert cache.dtype == (torch.int32 if on else torch.float64)
+        assert cache.dtype == (torch.int32 if attention else torch.float64)
         model.prefill_hidden(ids[:, :30], cache=cache)
         steps = []
         for t in range(18):
             pos = start + t
             steps.append(model.step_logits(cache, ids.gather(1, pos[:, None])[:, 0], pos))
         runs.append((hidden, torch.stack(steps)))
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert torch.equal(runs[0][1], runs[1][1])
+    for hidden, steps in runs[1:]:
+        assert torch.equal(runs[0][0], hidden)
+        assert torch.equal(runs[0][1], steps)
 
 
 def test_locate_finds_the_tables_symbol():

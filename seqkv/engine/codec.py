@@ -220,7 +220,9 @@ class _DecodeGroup:
             self._step(span)
         torch.cuda.current_stream().wait_stream(side)
 
-    def run(self, progress: Progress | None, finish: bool = True) -> list[list[int]]:
+    def run(self, progress: Progress | None,
+            finish: bool = True) -> list[tuple[list[int], np.ndarray]]:
+        """Every step of the group; each stream's tokens and their (start, freq) rows."""
         lengths = self.lengths_host
         for step in range(self.steps):
             span = self._span(step)

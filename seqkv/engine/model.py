@@ -142,11 +142,14 @@ class IntModel:
         self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
         self._index_scale_t = torch.tensor([self._index_scale], dtype=torch.float64, device=dev)
         # Decode groups up to this many streams attend through one Triton kernel on CUDA
-        # (cuda_ops.py): the same integers as the float64 GEMMs.
-        self.fused_attention_streams = (FUSED_ATTENTION_MAX_STREAMS
-                                        if cuda_ops.available(self.device) else 0)
-        self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rope_len = 0
+        # (cuda_ops.py): the same integers as the float64 GEMMs. The per-head kernels span a
+        # head's width in one block: power-of-two head widths only (64, 128, ...).
+        per_head_kernels = (cuda_ops.available(self.device)
+                            and self.spec.head_dim & (self.spec.head_dim - 1) == 0)
+        self.fused_attention_streams = FUSED_ATTENTION_MAX_STREAMS if per_head_kernels else 0
+        # (positions, {theta: tables}), replaced whole, never changed in place: threads that
+        # share the model (a server's readers, compactor and rebalancer) see one or the other
+        self._rope: tuple[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = (0, {})
         # Every GEMM runs as one Triton kernel with the rescaling inside (cuda_ops.int8_linear):
         # on the H200 it took half the time of torch._int_mm plus compiled rescaling from 1 to
         # 1,024 rows, and the encoder's prefill ran 15% faster (BENCHMARKS.md).
@@ -156,9 +159,10 @@ class IntModel:
         self.split_before_gemm = dev.type != "cpu"
         self.fused_locate = cuda_ops.available(dev)
         # A decode step's rotation writes its keys and values straight into the cache (one
-        # kernel instead of the rotation's and two scatters: +14% steps/s at one stream on the
-        # H200, BENCHMARKS.md); models with q/k norms keep the torch composition.
-        self.fused_heads = cuda_ops.available(dev)
+        # kernel instead of the rotation's and two scatters; one stream went from 472 to
+        # 530-539 steps/s on the H200, BENCHMARKS.md); models with q/k norms keep the torch
+        # composition.
+        self.fused_heads = per_head_kernels
         self._linear, self._split_linear = linear, split_linear
         self._rms_norm, self._add_residual = rms_norm, add_residual
         self._residual_norm_split, self._activation_split = residual_norm_split, activation_split
@@ -229,14 +233,15 @@ class IntModel:
     # -- tables ---------------------------------------------------------------------------
     def rope(self, theta: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width rotary tables [positions, d] for ``_rotate``: [cos | cos], [-sin | sin]."""
-        if n_positions > self._rope_len:
-            self._rope.clear()
-            self._rope_len = max(n_positions, 2 * self._rope_len, 64)
-        if theta not in self._rope:
-            cos, sin = tables.rope_table(theta, self.spec.head_dim, self._rope_len)
+        length, built = self._rope
+        if n_positions > length:
+            length, built = max(n_positions, 2 * length, 64), {}
+        if theta not in built:
+            cos, sin = tables.rope_table(theta, self.spec.head_dim, length)
             cos, sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
-            self._rope[theta] = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
-        return self._rope[theta]
+            built = {**built, theta: (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))}
+            self._rope = (length, built)
+        return built[theta]
 
     def prepare(self, n_positions: int) -> None:
         """Build the rotary tables for n_positions up front (outside any CUDA graph)."""

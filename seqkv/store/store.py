@@ -470,9 +470,9 @@ class Store:
 
     def get_many(self, sessions: Sequence[str]) -> list[list[int] | SeqkvError]:
         """Several sessions' token ids at once (concurrent requests): the coded edges not yet
-        decoded in this process are decoded together, one ``decode_edges`` group per level
-        (an edge needs the tokens above it as context), every session's edges of a level in
-        one lockstep group. A session that does not exist gets its NoSessionError."""
+        decoded in this process are decoded together, in lockstep rounds of every session's
+        next edge (an edge needs the tokens above it as context; ``_decode_paths``). A
+        session that does not exist gets its NoSessionError."""
         self.refresh()
         paths, out = [], []
         for name in sessions:
