@@ -377,7 +377,7 @@ def _get_many(store, sessions: list[str]) -> list:
             out.append(ids)
             continue
         try:
-            out.append((ids, store.get_text(name) if store.is_text(name) else None))
+            out.append((ids, store.text_of(name, ids) if store.is_text(name) else None))
         except SeqkvError as e:  # ModelNeededError among them: run again with the model
             out.append(e)
     return out
@@ -811,7 +811,8 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
         n = service.namespace(ns)
         n.submit_blocking(n.gets, _session_id(session))  # decoded with concurrent requests
         service.model()
-        restored = n.call("reader", "get_cache", session)  # then a prefill of the decoded ids
+        # then a prefill of the decoded ids (the batched read counted this restore)
+        restored = n.call("reader", "get_cache", session, count=False)
         return Response(cache_file_bytes(restored), media_type="application/octet-stream",
                         headers={"Content-Disposition":
                                  'attachment; filename="cache.safetensors"'})

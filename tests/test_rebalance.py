@@ -315,3 +315,22 @@ def test_a_rebalance_in_progress_holds_up_no_put_and_no_read():
     assert done == {"r": {"accessed": None}}
     assert n.rebalance() == {"accessed": "s"}  # LRU's cue: the latest restore
     assert not n.dirty and n.restores == 0
+
+
+def test_a_server_read_counts_one_restore_for_the_policy(tmp_path, lm):  # noqa: F811
+    """The reader's batched read of a text session, and a KV cache read after it, count one
+    restore each at the session's node (the text was restored again, and the cache read's
+    second look counted again: the tier policy saw reuse that did not happen)."""
+    from seqkv.server import _get_many
+
+    db = str(tmp_path / "hits.db")
+    writer = Store(db, lm)
+    writer.put("t", "hello world, this is a text session")
+    writer.put("i", [5, 6, 7, 8, 9])
+    reader = Store(db, lm)
+    got = _get_many(reader, ["t", "i"])  # what one GET of each does
+    assert got[0][1] == "hello world, this is a text session" and got[1] == ([5, 6, 7, 8, 9],
+                                                                              None)
+    reader.get_cache("t", count=False)  # the /cache route's prefill after its batched read
+    for name in ("t", "i"):
+        assert reader.checkpoints.hits[reader.trie.sessions[name].id] == 1

@@ -450,7 +450,7 @@ class Store:
         return ids, self.decoded_tokens - before
 
     def _restore_ids(
-        self, session: str, use_checkpoint: bool
+        self, session: str, use_checkpoint: bool, count: bool = True
     ) -> tuple[list[int], tuple[int, dict, list[bytes]] | None]:
         node = self._session(session)
         path = self.trie.path(node)
@@ -463,7 +463,8 @@ class Store:
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
-        self.checkpoints.touch(path)
+        if count:  # one restore for the tier policy (a caller's second look does not count)
+            self.checkpoints.touch(path)
         self.last_restore = {"decoded_tokens": decoded,
                              "checkpoint_depth": path[begin - 1].depth if ckpt else 0}
         return ids, ckpt
@@ -530,21 +531,27 @@ class Store:
                 node.tokens, node.intervals = tokens, r
                 self.decoded_tokens += node.n
 
-    def get_ids(self, session: str, use_checkpoint: bool = True) -> list[int]:
+    def get_ids(self, session: str, use_checkpoint: bool = True,
+                count: bool = True) -> list[int]:
         """A session's token ids (the model is needed only for coded edges)."""
-        return self._restore_ids(session, use_checkpoint)[0]
+        return self._restore_ids(session, use_checkpoint, count)[0]
 
     def get_text(self, session: str) -> str:
-        ids = self.get_ids(session)
+        return self.text_of(session, self.get_ids(session))
+
+    def text_of(self, session: str, ids: list[int]) -> str:
+        """The text of a session stored as text, from its ids (already restored)."""
         recipe = self.session_info[session].get("text")
         if recipe is None:
             raise StoreError(f"session {session!r} holds token ids, not text")
         return decode_text(self._need_model().tokenizer, ids, TextRecipe.from_dict(recipe))
 
-    def get_cache(self, session: str, use_checkpoint: bool = True) -> RestoredCache:
-        """The session's KV cache: from its deepest checkpoint plus a prefill of the rest."""
+    def get_cache(self, session: str, use_checkpoint: bool = True,
+                  count: bool = True) -> RestoredCache:
+        """The session's KV cache: from its deepest checkpoint plus a prefill of the rest.
+        ``count``: whether this counts as a restore for the tier policy."""
         lm = self._need_model()
-        ids, ckpt = self._restore_ids(session, use_checkpoint)
+        ids, ckpt = self._restore_ids(session, use_checkpoint, count)
         with self.model_lock:
             if ckpt is None:
                 return prefill_cache(lm.model, ids)
