@@ -84,6 +84,9 @@ from .registry import open_backend
 from .trie import Node, Trie, edge_hash
 
 DEFAULT_CHUNK = 512
+# The layout of a store's records: a later seqkv that changes it bumps this, and this version
+# refuses its stores by name instead of misreading them.
+STORE_FORMAT = 1
 WRITE_ATTEMPTS = 20  # transactions one write may take (conflicts, edges to decode first)
 R = TypeVar("R")
 
@@ -151,6 +154,10 @@ class Store:
         raw = self.backend.read(META_NS, "meta", "store")
         if raw is not None:
             meta, _ = parse("meta", "store", raw)
+            if int(meta.get("format", 1)) > STORE_FORMAT:  # a later seqkv's: refuse by name
+                raise StoreError(f"the store at {self.backend.url} has format "
+                                 f"{meta['format']}, newer than this seqkv reads "
+                                 f"({STORE_FORMAT}): upgrade seqkv")
             self.procedure = str(meta["numerics"].get("procedure", PROCEDURE))
             self.vocab = meta.get("vocab")  # absent in stores of earlier seqkv versions
             if self.lm is not None:
@@ -167,7 +174,7 @@ class Store:
         # the vocabulary size lets a Store opened without the model check token ids (a
         # server takes puts of ids before its model has loaded)
         header = {"kind": "meta", "model": self.lm.fingerprint.to_dict(),
-                  "numerics": self._profile(chunk, procedure), "format": 1,
+                  "numerics": self._profile(chunk, procedure), "format": STORE_FORMAT,
                   "vocab": self.lm.vocab_size}
         with self.backend.transaction(META_NS) as txn:
             if txn.read("meta", "store") is None:
