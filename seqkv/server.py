@@ -336,10 +336,10 @@ class _Namespace:
             except ModelNeededError as e:
                 return [e] * len(items)
 
-    def _get_batch(self, sessions: list[str]) -> list:
-        """Each session's (ids, text or None), or its error."""
-        out = self.with_model("reader", _get_many, sessions)
-        served = [name for name, r in zip(sessions, out, strict=True)
+    def _get_batch(self, items: list[tuple[str, bool]]) -> list:
+        """Each (session, for a KV cache)'s (ids, text or None), or its error."""
+        out = self.with_model("reader", _get_many, items)
+        served = [name for (name, _), r in zip(items, out, strict=True)
                   if not isinstance(r, BaseException)]
         if served:
             self.dirty, self.restores = True, self.restores + len(served)
@@ -370,14 +370,19 @@ def _put_many(store, items: list) -> list:
     return store.put_many(items)
 
 
-def _get_many(store, sessions: list[str]) -> list:
+def _get_many(store, items: list[tuple[str, bool]]) -> list:
+    """Reads of (session, for a KV cache): one decode group for all; a cache read starts
+    below the session's deepest checkpoint (its restore starts there) and needs no text."""
+    sessions, for_cache = [n for n, _ in items], [c for _, c in items]
     out = []
-    for name, ids in zip(sessions, store.get_many(sessions), strict=True):
+    for name, cache, ids in zip(sessions, for_cache, store.get_many(sessions, for_cache),
+                                strict=True):
         if isinstance(ids, BaseException):
             out.append(ids)
             continue
         try:
-            out.append((ids, store.text_of(name, ids) if store.is_text(name) else None))
+            text = store.text_of(name, ids) if store.is_text(name) and not cache else None
+            out.append((ids, text))
         except SeqkvError as e:  # ModelNeededError among them: run again with the model
             out.append(e)
     return out
@@ -801,7 +806,7 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
     @app.get("/v1/sessions/{session}")
     async def get_session(session: str, ns: Ns) -> dict:
         n = service.namespace(ns)
-        ids, text = await n.submit(n.gets, _session_id(session))
+        ids, text = await n.submit(n.gets, (_session_id(session), False))
         return {"session": session, "ids": ids, "text": text}
 
     @app.get("/v1/sessions/{session}/cache", response_class=Response,
@@ -809,7 +814,8 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
                               "description": "a safetensors cache file (seqkv kv-dump format)"}})
     def get_cache(session: str, ns: Ns) -> Response:
         n = service.namespace(ns)
-        n.submit_blocking(n.gets, _session_id(session))  # decoded with concurrent requests
+        # decoded with concurrent requests, from the session's deepest checkpoint down
+        n.submit_blocking(n.gets, (_session_id(session), True))
         service.model()
         # then a prefill of the decoded ids (the batched read counted this restore)
         restored = n.call("reader", "get_cache", session, count=False)

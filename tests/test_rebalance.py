@@ -265,7 +265,7 @@ class _SlowTierStore:
     def put_many(self, items):
         return [session for session, _, _ in items]
 
-    def get_many(self, sessions):
+    def get_many(self, sessions, use_checkpoint=False):
         return [[5, 6] for _ in sessions]
 
     def is_text(self, session):
@@ -307,7 +307,7 @@ def test_a_rebalance_in_progress_holds_up_no_put_and_no_read():
     time.sleep(0.1)
     assert t.is_alive() and not n.dirty  # running
     assert n.puts.submit(("s", [5, 6], True)) == "s"
-    assert n.gets.submit("s") == ([5, 6], None)
+    assert n.gets.submit(("s", False)) == ([5, 6], None)
     assert n.dirty and n.restores == 1 and n.last_restored == "s"
     assert service.restores_seen == [1]
     gate.set()
@@ -328,7 +328,7 @@ def test_a_server_read_counts_one_restore_for_the_policy(tmp_path, lm):  # noqa:
     writer.put("t", "hello world, this is a text session")
     writer.put("i", [5, 6, 7, 8, 9])
     reader = Store(db, lm)
-    got = _get_many(reader, ["t", "i"])  # what one GET of each does
+    got = _get_many(reader, [("t", False), ("i", False)])  # what one GET of each does
     assert got[0][1] == "hello world, this is a text session" and got[1] == ([5, 6, 7, 8, 9],
                                                                               None)
     reader.get_cache("t", count=False)  # the /cache route's prefill after its batched read

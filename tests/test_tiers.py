@@ -330,3 +330,24 @@ def test_kill_9_during_the_swap_to_raw_loses_nothing(db, llama, tmp_path):  # no
     out = Store(db, llama, checkpoint_budget=budget).rebalance()
     assert len(out["raw"]) == 1 and Store(db, llama).compact().kept_raw == 1
     assert _check(db, llama, data).stats()["raw_kept_bytes"] == budget
+
+
+def test_a_cache_read_through_the_server_decodes_only_below_the_checkpoint(db, llama):  # noqa: F811, E501
+    """The server's batched read for a KV cache starts below the session's deepest checkpoint
+    (the restore starts there): the coded prompt edge above it is not decoded, the ids and
+    the cache are exact; a plain read of the same session decodes it."""
+    from seqkv.server import _get_many
+
+    s, data = _coded_store(db, llama)
+    prompt_node = s.trie.sessions["hot0"].parent
+    big = Store(db, llama, checkpoint_budget=s.checkpoint_size(24) + 4096)
+    assert big.rebalance()["kept"] == [prompt_node.id]
+    big.compact()
+    reader = Store(db, llama)
+    assert _get_many(reader, [("hot2", True)]) == [(data["hot2"], None)]
+    assert not reader.trie.nodes[prompt_node.id].known  # above the checkpoint: not decoded
+    restored = reader.get_cache("hot2", count=False)
+    assert restored.input_ids[0].tolist() == data["hot2"]
+    assert reader.last_restore["checkpoint_depth"] == len(PROMPT)
+    assert _get_many(reader, [("hot2", False)]) == [(data["hot2"], None)]
+    assert reader.trie.nodes[prompt_node.id].known

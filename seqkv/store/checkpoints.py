@@ -381,7 +381,7 @@ class CheckpointManager:
         s = self.store
         s.refresh()
         add = [i for i in sorted(raw) if i not in self.raw and i in s.trie.nodes]
-        s._decode_paths([s.trie.path(s.trie.nodes[i]) for i in add])  # the model, unlocked
+        s._decode_paths([(s.trie.path(s.trie.nodes[i]), []) for i in add])  # model, unlocked
         expect = {i: (s.trie.nodes[i].parent.id, s.trie.nodes[i].start, s.trie.nodes[i].n,
                       s.trie.nodes[i].token_hash) for i in add}
 

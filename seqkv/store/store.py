@@ -462,10 +462,7 @@ class Store:
         node = self._session(session)
         path = self.trie.path(node)
         ckpt = self.checkpoints.deepest(path) if use_checkpoint else None
-        ids, begin = [], 0
-        if ckpt is not None:
-            begin = ckpt[0] + 1
-            ids = np.frombuffer(ckpt[2][0], dtype="<u4").astype(np.int64).tolist()
+        begin, ids = _below(ckpt)
         ids, decoded = self._path_ids(path[begin:], ids)
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
@@ -476,40 +473,52 @@ class Store:
                              "checkpoint_depth": path[begin - 1].depth if ckpt else 0}
         return ids, ckpt
 
-    def get_many(self, sessions: Sequence[str]) -> list[list[int] | SeqkvError]:
+    def get_many(self, sessions: Sequence[str],
+                 use_checkpoint: bool | Sequence[bool] = False) -> list[list[int] | SeqkvError]:
         """Several sessions' token ids at once (concurrent requests): the coded edges not yet
         decoded in this process are decoded together, in lockstep rounds of every session's
         next edge (an edge needs the tokens above it as context; ``_decode_paths``). A
-        session that does not exist gets its NoSessionError."""
+        session that does not exist gets its NoSessionError. ``use_checkpoint`` (for all, or
+        per session): start below the session's deepest KV checkpoint, whose ids it holds, so
+        the edges above it need no decoding (a cache restore starts there anyway)."""
         self.refresh()
+        flags = ([use_checkpoint] * len(sessions) if isinstance(use_checkpoint, bool)
+                 else list(use_checkpoint))
         paths, out = [], []
-        for name in sessions:
+        for name, flag in zip(sessions, flags, strict=True):
             node = self.trie.sessions.get(name)
             out.append(None if node is not None else
                        NoSessionError(f"no session {name!r} in namespace {self.ns!r}"))
             if node is not None:
-                paths.append(self.trie.path(node))
+                path = self.trie.path(node)
+                try:
+                    begin, above = _below(self.checkpoints.deepest(path) if flag else None)
+                except SeqkvError as e:  # an unreadable checkpoint: this session's answer
+                    out[-1] = e
+                    continue
+                paths.append((path[begin:], above))
         self._decode_paths(paths)
-        for i, name in enumerate(sessions):
+        for i, (name, flag) in enumerate(zip(sessions, flags, strict=True)):
             if out[i] is None:
                 try:
-                    out[i] = self.get_ids(name, use_checkpoint=False)
+                    out[i] = self.get_ids(name, use_checkpoint=flag)
                 except SeqkvError as e:
                     out[i] = e
         return out
 
-    def _decode_paths(self, paths: list[list[Node]]) -> None:
-        """Decode the unknown coded edges of ``paths`` in rounds, each round's edges (of every
-        path) as one lockstep batch through the model seam. An edge needs the tokens above it
-        as context, so a round takes each path's first unknown edge; and since a lockstep
-        round lasts as long as its longest edge, edges that others wait on go first, with
-        only the leaves that fit in their round (a short shared prefix above many long
-        sessions costs a few steps, not a second full round)."""
+    def _decode_paths(self, paths: list[tuple[list[Node], list[int]]]) -> None:
+        """Decode the unknown coded edges of ``paths`` (each: edges, and the ids above the
+        first of them) in rounds, each round's edges (of every path) as one lockstep batch
+        through the model seam. An edge needs the tokens above it as context, so a round
+        takes each path's first unknown edge; and since a lockstep round lasts as long as its
+        longest edge, edges that others wait on go first, with only the leaves that fit in
+        their round (a short shared prefix above many long sessions costs a few steps, not a
+        second full round)."""
         while True:
             jobs: dict[str, tuple[Node, list[int]]] = {}
             blocking: set[str] = set()
-            for path in paths:
-                before: list[int] = []
+            for path, above in paths:  # edges, and the ids above the first of them
+                before = list(above)
                 for i, e in enumerate(path):
                     if not e.known:
                         jobs.setdefault(e.id, (e, before))
@@ -704,3 +713,11 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _below(ckpt: tuple[int, dict, list[bytes]] | None) -> tuple[int, list[int]]:
+    """Where a path's restore starts given its deepest checkpoint (``CheckpointManager.deepest``
+    or None): the index of the first edge below it, and the ids it holds."""
+    if ckpt is None:
+        return 0, []
+    return ckpt[0] + 1, np.frombuffer(ckpt[2][0], dtype="<u4").astype(np.int64).tolist()
