@@ -262,20 +262,24 @@ def _spawn(db, work, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_kill_9_mid_write_leaves_no_partial_session(db, llama, tmp_path):
-    data = seqs(5)
-    s = Store(db, llama, chunk=CHUNK)
-    s.put("before", data["s0"])
-    bits = s.stats()["bits_total"]
-    marker = tmp_path / "paused"
-    victim = data["s1"][:5] + list(range(100, 160))  # splits an edge and adds new ones
-    p = _spawn(db, [("victim", victim)], {PAUSE_ENV: str(marker), "SEQKV_REDIS_LOCK_TTL": "2"})
+def kill_9_before_commit(db, work, marker: Path, env: dict | None = None) -> None:
+    """Run a writer of ``work`` that pauses just before its commit, and kill -9 it there."""
+    p = _spawn(db, work, {PAUSE_ENV: str(marker), "SEQKV_REDIS_LOCK_TTL": "2", **(env or {})})
     deadline = time.time() + 60
     while not marker.exists():
         assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+
+
+def test_kill_9_mid_write_leaves_no_partial_session(db, llama, tmp_path):
+    data = seqs(5)
+    s = Store(db, llama, chunk=CHUNK)
+    s.put("before", data["s0"])
+    bits = s.stats()["bits_total"]
+    victim = data["s1"][:5] + list(range(100, 160))  # splits an edge and adds new ones
+    kill_9_before_commit(db, [("victim", victim)], tmp_path / "paused")
     fresh = Store(db, llama)
     assert fresh.sessions() == ["before"]
     assert fresh.stats()["bits_total"] == bits and fresh.get_ids("before") == data["s0"]

@@ -3,11 +3,8 @@
 whole instead of missing a change, and trimming is part of the commit (a writer killed in the
 middle of one leaves the log, its floor and the records as they were)."""
 
-import os
 import random
-import signal
 import sqlite3
-import time
 
 import pytest
 
@@ -17,7 +14,7 @@ from seqkv.store import sqlite as sqlite_mod
 from seqkv.store.redis import RedisBackend, _key
 from seqkv.store.sqlite import SqliteBackend
 
-from .test_store_backends import CHUNK, PAUSE_ENV, _spawn, db  # noqa: F401 - the db fixture
+from .test_store_backends import CHUNK, db, kill_9_before_commit  # noqa: F401 - the db fixture
 
 LOG_MAX = 24
 LOG_MAX_ENV = {"sqlite": "SEQKV_SQLITE_LOG_MAX", "redis": "SEQKV_REDIS_LOG_MAX"}
@@ -176,16 +173,8 @@ def test_kill_9_mid_commit_leaves_the_log_and_its_floor_whole(db, llama, tmp_pat
     expect = {"s0": base[:20]}
     fill_log(w, expect, base, rng)
     size, floor, gen = log_size(w), log_floor(w), w.backend.generation(w.ns)
-    marker = tmp_path / "paused"
-    p = _spawn(db, [("victim", base[:3] + list(range(100, 150)))],
-               {PAUSE_ENV: str(marker), LOG_MAX_ENV[_kind(db)]: str(LOG_MAX),
-                "SEQKV_REDIS_LOCK_TTL": "2"})
-    deadline = time.time() + 60
-    while not marker.exists():
-        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_9_before_commit(db, [("victim", base[:3] + list(range(100, 150)))],
+                         tmp_path / "paused", {LOG_MAX_ENV[_kind(db)]: str(LOG_MAX)})
     fresh = _store(db, llama)
     assert (log_size(fresh), log_floor(fresh), fresh.backend.generation(fresh.ns)) == (
         size, floor, gen)
