@@ -256,19 +256,30 @@ for name, ids in {work!r}:
 """
 
 
-def _spawn(db, work, env=None):
-    code = _WRITER.format(tests=str(Path(__file__).parent), db=db, chunk=CHUNK, work=work)
+def spawn_script(template: str, env: dict | None = None, **fields) -> subprocess.Popen:
+    """A Python child running ``template`` (PAUSE_HOOK-based; ``{tests}`` is this folder)
+    formatted with ``fields``."""
+    code = template.format(tests=str(Path(__file__).parent), **fields)
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(p: subprocess.Popen, path: Path, seconds: float) -> None:
+    """Until the child creates ``path``; it must not exit first, nor take over ``seconds``."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+
+
+def _spawn(db, work, env=None):
+    return spawn_script(_WRITER, env, db=db, chunk=CHUNK, work=work)
 
 
 def kill_9_before_commit(db, work, marker: Path, env: dict | None = None) -> None:
     """Run a writer of ``work`` that pauses just before its commit, and kill -9 it there."""
     p = _spawn(db, work, {PAUSE_ENV: str(marker), "SEQKV_REDIS_LOCK_TTL": "2", **(env or {})})
-    deadline = time.time() + 60
-    while not marker.exists():
-        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()
-        time.sleep(0.05)
+    wait_for(p, marker, 60)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
 

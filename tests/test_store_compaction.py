@@ -6,10 +6,7 @@ where they can, and never run the model under the write lock."""
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +16,15 @@ from seqkv.store import coding as coding_mod
 from seqkv.store import compaction as compaction_mod
 from seqkv.store.coding import ENGINE_PROCEDURE, encode_edges, encode_intervals
 
-from .test_store_backends import CHUNK, PAUSE_ENV, PAUSE_HOOK, db, seqs  # noqa: F401 - the db fixture
+from .test_store_backends import (  # noqa: F401 - the db fixture
+    CHUNK,
+    PAUSE_ENV,
+    PAUSE_HOOK,
+    db,
+    seqs,
+    spawn_script,
+    wait_for,
+)
 
 
 def path_tokens(store, node):
@@ -131,18 +136,7 @@ s.compact(batch={batch})
 
 def _spawn_compactor(db_url, tmp_path, batch, env=None):
     started = tmp_path / f"started-{random.random()}"
-    code = _COMPACTOR.format(tests=str(Path(__file__).parent), db=db_url, batch=batch,
-                             started=str(started))
-    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return p, started
-
-
-def _wait(p, path, what):
-    deadline = time.time() + 90
-    while not path.exists():
-        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
+    return spawn_script(_COMPACTOR, env, db=db_url, batch=batch, started=str(started)), started
 
 
 def test_kill_9_during_compaction_loses_nothing_and_the_next_run_continues(
@@ -156,14 +150,14 @@ def test_kill_9_during_compaction_loses_nothing_and_the_next_run_continues(
     marker = tmp_path / "paused"
     p, _ = _spawn_compactor(db, tmp_path, 2, {PAUSE_ENV: str(marker),
                                               "SEQKV_REDIS_LOCK_TTL": "2"})
-    _wait(p, marker, "pause")
+    wait_for(p, marker, 90)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     st = check_store(db, llama, data).stats()
     assert st["raw_edges"] == st["edges"] == edges  # nothing committed, nothing lost
     # 2: killed at a random moment of a one-edge-per-round run
     p, started = _spawn_compactor(db, tmp_path, 1)
-    _wait(p, started, "start")
+    wait_for(p, started, 90)
     time.sleep(random.uniform(0.0, 0.4))
     os.kill(p.pid, signal.SIGKILL)
     p.wait()

@@ -7,10 +7,7 @@ during the swap loses nothing)."""
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +22,14 @@ from seqkv.store.policies import (
     tiers_bytes,
 )
 
-from .test_store_backends import CHUNK, PAUSE_ENV, PAUSE_HOOK, db  # noqa: F401 - the db fixture
+from .test_store_backends import (  # noqa: F401 - the db fixture
+    CHUNK,
+    PAUSE_ENV,
+    PAUSE_HOOK,
+    db,
+    spawn_script,
+    wait_for,
+)
 
 
 # -- the policies ------------------------------------------------------------------------------
@@ -291,18 +295,7 @@ print(s.rebalance())
 
 def _spawn(db_url, tmp_path, budget, env=None):
     started = tmp_path / f"started-{random.random()}"
-    code = _RETIER.format(tests=str(Path(__file__).parent), db=db_url, budget=budget,
-                          started=str(started))
-    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return p, started
-
-
-def _wait(p, path):
-    deadline = time.time() + 90
-    while not path.exists():
-        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
+    return spawn_script(_RETIER, env, db=db_url, budget=budget, started=str(started)), started
 
 
 def test_kill_9_during_the_swap_to_raw_loses_nothing(db, llama, tmp_path):  # noqa: F811
@@ -312,14 +305,14 @@ def test_kill_9_during_the_swap_to_raw_loses_nothing(db, llama, tmp_path):  # no
     # killed while its swap transaction (the edge raw and its tier record) is about to commit
     marker = tmp_path / "paused"
     p, _ = _spawn(db, tmp_path, budget, {PAUSE_ENV: str(marker), "SEQKV_REDIS_LOCK_TTL": "2"})
-    _wait(p, marker)
+    wait_for(p, marker, 90)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     fresh = _check(db, llama, data)
     assert fresh.tiers() == {} and fresh.stats()["bits_total"] == coded["bits_total"]
     # killed at a random moment: either state, each consistent
     p, started = _spawn(db, tmp_path, budget)
-    _wait(p, started)
+    wait_for(p, started, 90)
     time.sleep(random.uniform(0.0, 0.3))
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
