@@ -318,12 +318,15 @@ class IntModel:
         return cpu_kernels.prefill_attention(q, k, v, allowed, self.exp_attn_f, self._index_scale,
                                              float(1 << (FRAC - QKV_FRAC)))
 
-    def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor):
+    def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor,
+                      ops: StepOps | None = None):
         """The attention's projection added to h, and the MLP's output (the caller adds it,
-        normed by layer.post_mlp_norm, fused with the next norm)."""
-        h, gate_up = self.norm_linear(h, self.linear(att, layer.o), layer.post_attn_norm,
-                                      layer.mlp_norm, layer.gate_up)
-        return h, self.mlp_down(gate_up, layer.down)
+        normed by layer.post_mlp_norm, fused with the next norm); through ``ops``' pieces
+        where given (a decode step's), else this model's."""
+        ops = ops or self
+        h, gate_up = ops.norm_linear(h, ops.linear(att, layer.o), layer.post_attn_norm,
+                                     layer.mlp_norm, layer.gate_up)
+        return h, ops.mlp_down(gate_up, layer.down)
 
     def head(self, h: torch.Tensor, delta: torch.Tensor | None = None,
              post: IntNorm | None = None) -> torch.Tensor:
@@ -484,9 +487,8 @@ class IntModel:
         for i, layer in enumerate(self.w.layers):
             h, qkv = ops.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
             att = ops.step_attend(i, qkv, cache, pos, span or cache.capacity)
-            h, gate_up = ops.norm_linear(h, ops.linear(att, layer.o), layer.post_attn_norm,
-                                         layer.mlp_norm, layer.gate_up)
-            delta, post = ops.mlp_down(gate_up, layer.down), layer.post_mlp_norm
+            h, delta = self._finish_layer(layer, h, att, ops)
+            post = layer.post_mlp_norm
         return ops.norm_linear(h, delta, post, self.w.final_norm, self.w.head)[1]
 
     # -- the step's pieces on this model (StepOps) -------------------------------------------
