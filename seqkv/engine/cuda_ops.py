@@ -11,8 +11,9 @@ order), one IEEE multiply and floor for the table index, one correctly rounded d
 round-half-to-even, so the result is bit-identical to the torch path (checked on the H200).
 
 Around it: ``int8_linear`` (each GEMM with its rescaling), ``rope_heads`` (a step's rotation,
-its keys and values written into the cache in the same kernel) and ``locate`` (the next-token
-distribution and the rANS symbol search without the [B, V] table).
+its keys and values written into the cache in the same kernel), ``locate`` (the next-token
+distribution and the rANS symbol search without the [B, V] table) and ``intervals`` (the
+encoder's side of it).
 """
 
 from __future__ import annotations
