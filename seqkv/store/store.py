@@ -459,19 +459,23 @@ class Store:
     def _restore_ids(
         self, session: str, use_checkpoint: bool, count: bool = True
     ) -> tuple[list[int], tuple[int, dict, list[bytes]] | None]:
-        node = self._session(session)
-        path = self.trie.path(node)
+        path = self.trie.path(self._session(session))
         ckpt = self.checkpoints.deepest(path) if use_checkpoint else None
-        begin, ids = _below(ckpt)
-        ids, decoded = self._path_ids(path[begin:], ids)
+        return self._ids_below(session, path, *_below(ckpt), count), ckpt
+
+    def _ids_below(self, session: str, path: list[Node], begin: int, above: list[int],
+                   count: bool) -> list[int]:
+        """The session's ids: ``above`` (a checkpoint's, or none) and those of the path's
+        edges from index ``begin`` on, checked against the session's hash."""
+        ids, decoded = self._path_ids(path[begin:], above)
         if token_hash(ids) != self.session_info[session]["hash"]:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
         if count:  # one restore for the tier policy (a caller's second look does not count)
             self.checkpoints.touch(path)
         self.last_restore = {"decoded_tokens": decoded,
-                             "checkpoint_depth": path[begin - 1].depth if ckpt else 0}
-        return ids, ckpt
+                             "checkpoint_depth": path[begin - 1].depth if begin else 0}
+        return ids
 
     def get_many(self, sessions: Sequence[str],
                  use_checkpoint: bool | Sequence[bool] = False) -> list[list[int] | SeqkvError]:
@@ -484,26 +488,25 @@ class Store:
         self.refresh()
         flags = ([use_checkpoint] * len(sessions) if isinstance(use_checkpoint, bool)
                  else list(use_checkpoint))
-        paths, out = [], []
+        out: list = []
+        starts: dict[int, tuple[list[Node], int, list[int]]] = {}  # path, begin, ids above
         for name, flag in zip(sessions, flags, strict=True):
             node = self.trie.sessions.get(name)
             out.append(None if node is not None else
                        NoSessionError(f"no session {name!r} in namespace {self.ns!r}"))
             if node is not None:
                 path = self.trie.path(node)
-                try:
-                    begin, above = _below(self.checkpoints.deepest(path) if flag else None)
+                try:  # (read once: its ids are the context below it, then the answer's head)
+                    starts[len(out) - 1] = (path, *_below(self.checkpoints.deepest(path)
+                                                          if flag else None))
                 except SeqkvError as e:  # an unreadable checkpoint: this session's answer
                     out[-1] = e
-                    continue
-                paths.append((path[begin:], above))
-        self._decode_paths(paths)
-        for i, (name, flag) in enumerate(zip(sessions, flags, strict=True)):
-            if out[i] is None:
-                try:
-                    out[i] = self.get_ids(name, use_checkpoint=flag)
-                except SeqkvError as e:
-                    out[i] = e
+        self._decode_paths([(path[begin:], above) for path, begin, above in starts.values()])
+        for i, (path, begin, above) in starts.items():
+            try:
+                out[i] = self._ids_below(sessions[i], path, begin, above, count=True)
+            except SeqkvError as e:
+                out[i] = e
         return out
 
     def _decode_paths(self, paths: list[tuple[list[Node], list[int]]]) -> None:
