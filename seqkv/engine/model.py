@@ -368,30 +368,31 @@ class IntModel:
         """(start, freq) [N] of tokens [N] under the distributions of hidden states h [N,
         hidden]: pmf(head(h))[token + 1] and the sum of pmf below it, exactly what the full
         table gives, without building it (the encoder needs nothing else)."""
+        # one pass per row where a kernel does it (CUDA: locate's passes, then the token's
+        # block; CPUs: cpu_kernels), else the table's cumsum
+        rows = (cuda_ops.intervals if self.fused_locate
+                else cpu_kernels.interval_rows if self.device.type == "cpu"
+                and cpu_kernels.available() else None)
         starts, freqs = [], []
         for s, logits in self._head_blocks(h):
-            if self.fused_locate:  # CUDA: locate's passes, then the token's block
-                start, freq = cuda_ops.intervals(logits, tokens[s : s + logits.shape[0]],
-                                                 self.exp_prob, FRAC - tables.EXP_STEP, TOTAL)
-                starts.append(start)
-                freqs.append(freq)
-                continue
-            if self.device.type == "cpu" and cpu_kernels.available():  # one pass per row
-                start, freq = cpu_kernels.interval_rows(logits, tokens[s : s + logits.shape[0]],
-                                                        self.exp_prob, FRAC - tables.EXP_STEP,
-                                                        TOTAL)
-                starts.append(start)
-                freqs.append(freq)
-                continue
-            freq, remainder = self._freq_plus_one(logits)
-            t = tokens[s : s + logits.shape[0]].unsqueeze(-1)
-            top = logits.argmax(dim=-1, keepdim=True)
-            cum = freq.cumsum_(dim=-1)
-            upto = cum.gather(-1, t)
-            below = torch.where(t > 0, cum.gather(-1, (t - 1).clamp_(min=0)), 0)
-            freqs.append((upto - below + torch.where(top == t, remainder, 0)).squeeze(-1))
-            starts.append((below + 1 + torch.where(top < t, remainder, 0)).squeeze(-1))
+            t = tokens[s : s + logits.shape[0]]
+            start, freq = (rows(logits, t, self.exp_prob, FRAC - tables.EXP_STEP, TOTAL)
+                           if rows is not None else self._table_intervals(logits, t))
+            starts.append(start)
+            freqs.append(freq)
         return torch.cat(starts), torch.cat(freqs)
+
+    def _table_intervals(self, logits: torch.Tensor,
+                         tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``intervals`` of one block through the frequency table's cumsum (torch)."""
+        freq, remainder = self._freq_plus_one(logits)
+        t = tokens.unsqueeze(-1)
+        top = logits.argmax(dim=-1, keepdim=True)
+        cum = freq.cumsum_(dim=-1)
+        upto = cum.gather(-1, t)
+        below = torch.where(t > 0, cum.gather(-1, (t - 1).clamp_(min=0)), 0)
+        return ((below + 1 + torch.where(top < t, remainder, 0)).squeeze(-1),
+                (upto - below + torch.where(top == t, remainder, 0)).squeeze(-1))
 
     def _head_blocks(self, h: torch.Tensor, block: int | None = None):
         """Yield (row offset, Q16 logits) for blocks of rows of h [N, hidden]. On CPUs the head
