@@ -13,6 +13,23 @@ from seqkv.engine.model import FRAC
 
 from .test_engine import MODELS
 
+
+def _llama_rep3():
+    """Three query heads per key/value head, as SmolLM2 (9 over 3): the attention kernels
+    pad the group to four."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqkv.core.models import from_objects
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=128)
+    return from_objects(LlamaForCausalLM(config), None, "tiny-llama-rep3")
+
+
+KERNEL_MODELS = {**MODELS, "llama_rep3": _llama_rep3}
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
     torch.device("cuda")), reason="needs a CUDA GPU with Triton")
 
@@ -21,14 +38,15 @@ def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> No
     model.triton_linear = on
     model.fused_attention_streams = 1 << 20 if (on if attention is None else attention) else 0
     model.fused_heads = on
+    model.row_kernels = on
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
 def test_kernels_give_the_torch_integers(name):
     """Prefill through the fused linear, and steps through the fused attention from mixed
     positions (past the random Gemma-3's sliding window of 8), equal the torch path; and the
     rotation kernel writing a float64 cache (groups too large for the fused attention)."""
-    model = IntModel(integerize(MODELS[name]().model), "cuda")
+    model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (5, 48), generator=g).cuda()
     start = torch.tensor([0, 3, 9, 17, 30], device="cuda")
@@ -78,3 +96,29 @@ def test_locate_finds_the_tables_symbol():
                                              FRAC - tables.EXP_STEP, 1 << 24)
             assert torch.equal(freq, want_freq)
             assert torch.equal(start, cdf.gather(1, symbols)[:, 0] - want_freq)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 100])
+def test_int8_linear_gives_split_linears_integers(rows):
+    """Every GEMM path of int8_linear (one row per program on the CUDA cores for a few rows,
+    tensor-core tiles above) equals model.split_linear: random and extreme halves, widths that
+    are not multiples of any tile, with and without a bias."""
+    from seqkv.engine.model import split_linear
+    from seqkv.engine.weights import IntLinear
+
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((96, 576), (1000, 100), (576, 1536)):
+        hi = torch.randint(-64, 65, (rows, k), generator=g, dtype=torch.int8)
+        lo = torch.randint(-64, 64, (rows, k), generator=g, dtype=torch.int8)
+        hi[0], lo[0] = 64, 63  # the largest row: every product at its bound
+        w = torch.randint(-127, 128, (2 * n, k), generator=g, dtype=torch.int8)
+        w[: n // 2] = 127
+        shift = torch.randint(0, 30, (rows, 1), generator=g)
+        mant = torch.randint(1 << 20, 1 << 21, (n,), generator=g)
+        exp = torch.randint(36, 44, (n,), generator=g)
+        for bias in (None, torch.randint(-(1 << 20), 1 << 20, (n,), generator=g)):
+            lin = IntLinear(w=w.cuda(), mant=mant.cuda(), exp=exp.cuda(),
+                            bias=bias.cuda() if bias is not None else None)
+            args = hi.cuda(), lo.cuda(), shift.cuda()
+            got = cuda_ops.int8_linear(*args, lin.w, lin.scale, lin.bias)
+            assert torch.equal(got, split_linear(*args, lin))
