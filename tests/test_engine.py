@@ -119,6 +119,37 @@ def test_contexts_decode_like_a_continuation(llama):
     assert tails == [f[c:] for f, c in zip(full, cut, strict=True)]
 
 
+def test_kept_decode_groups_decode_later_streams_exactly(llama):
+    """A codec that keeps its decode groups (as on GPUs, with their graphs) reloads them for
+    each decode: streams of other lengths, contexts and a decoder carried across calls decode
+    as by a fresh group, and a corrupt stream is still refused after a good one."""
+    from seqkv.core.decoders import VectorRansDecoder, encode_stream
+
+    model = IntModel(integerize(llama.model))
+    kept = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    g = torch.Generator().manual_seed(6)
+    for n_tokens, cut in (((20, 33), (5, 0)), ((9, 40), (0, 12)), ((3, 3), (1, 1))):
+        full = [torch.randint(3, 320, (n,), generator=g).tolist() for n in n_tokens]
+        rows = kept.intervals(full, skip=list(cut))
+        words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
+        tails = kept.decode(words, [len(f) - c for f, c in zip(full, cut, strict=True)],
+                            contexts=[f[:c] for f, c in zip(full, cut, strict=True)])
+        assert tails == [f[c:] for f, c in zip(full, cut, strict=True)]
+    assert len(kept._pool.free) >= 1  # the groups were kept and reused
+    # one decoder carried over two calls (the store's window rounds)
+    full = [torch.randint(3, 320, (30,), generator=g).tolist() for _ in range(2)]
+    words = kept.encode(full)
+    decoder = VectorRansDecoder(words, model.device)
+    first = kept.decode(words, [10, 10], decoder=decoder)
+    rest = kept.decode(words, [20, 20], contexts=first, decoder=decoder)
+    decoder.finish()
+    assert [a + b for a, b in zip(first, rest, strict=True)] == full
+    bad = [w.copy() for w in words]
+    bad[1][0] ^= 0x5A5A5A5A
+    with pytest.raises(BlobError):
+        kept.decode(bad, [30, 30])
+
+
 _THREADS_SCRIPT = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))

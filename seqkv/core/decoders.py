@@ -144,6 +144,20 @@ class VectorRansDecoder:
         self.left = (count - 2).clamp(min=0)  # words still on the stack below the state
         self.bad = torch.zeros(len(words), dtype=torch.bool, device=device)
 
+    def copy_(self, other: VectorRansDecoder) -> None:
+        """Take other's streams and states, in place (a CUDA graph that captured this
+        decoder's tensors then decodes them); this decoder's rows must be at least as wide."""
+        width = other.words.shape[1]
+        self.words[:, :width].copy_(other.words)
+        self.words[:, width:].zero_()
+        self.copy_state_(other)
+
+    def copy_state_(self, other: VectorRansDecoder) -> None:
+        """Take other's states (as after decoding with it), in place."""
+        self.state.copy_(other.state)
+        self.left.copy_(other.left)
+        self.bad.copy_(other.bad)
+
     def quantile(self) -> torch.Tensor:
         """Where each stream's state points in [0, 2**PRECISION): the next symbol is the one
         whose interval holds it."""

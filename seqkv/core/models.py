@@ -93,7 +93,7 @@ class LoadedModel:
         if key not in self._variants:
             import copy
 
-            for k in [k for k in self._variants if k != "engine"]:
+            for k in [k for k in self._variants if k not in ("engine", "engine_codec")]:
                 del self._variants[k]
             copy_ = copy.deepcopy(self.model).to(getattr(torch, key[0]))
             copy_.set_attn_implementation(key[1])
@@ -110,6 +110,17 @@ class LoadedModel:
         if "engine" not in self._variants:
             self._variants["engine"] = _load_engine(self)
         return self._variants["engine"]
+
+    def engine_codec(self):
+        """The engine's token codec (seqkv.engine.EngineCodec) for this model, kept so its
+        decode groups and their CUDA graphs serve later decodes; None without an engine."""
+        if "engine_codec" not in self._variants:
+            from ..engine import EngineCodec
+
+            engine = self.engine()
+            self._variants["engine_codec"] = (EngineCodec(engine, self.prime_token())
+                                              if engine is not None else None)
+        return self._variants["engine_codec"]
 
     def prime_token(self) -> int:
         """The token every coded chunk is conditioned on first: BOS where the model has one."""

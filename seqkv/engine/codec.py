@@ -12,6 +12,8 @@ at any group size, on any device: groups are chosen for speed alone.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,6 +23,7 @@ from ..core.decoders import VectorRansDecoder, encode_stream, locate_in_pmf
 from .cpu_step import CpuStep
 from .model import IntModel
 
+POOL_BYTES = 4 << 30  # KV-cache bytes of idle decode groups a codec keeps (GPUs)
 ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes
 Progress = Callable[[int], None]
 
@@ -33,11 +36,16 @@ def _rows_budget(device: torch.device) -> int:
 class EngineCodec:
     """Encode and decode token streams, each from position 0 after ``prime``."""
 
-    def __init__(self, model: IntModel, prime: int, graphs: bool | None = None) -> None:
+    def __init__(self, model: IntModel, prime: int, graphs: bool | None = None,
+                 pool_bytes: int | None = None) -> None:
         self.model = model
         self.prime = int(prime)
         self.device = model.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        # decode groups kept with their captured graphs for the next decode of the same shape
+        # (GPUs): a capture and its eager warm-up cost ~0.1 s, a 150-token step run ~0.2 s
+        self._pool = _GroupPool(pool_bytes if pool_bytes is not None
+                                else POOL_BYTES if self.graphs else 0)
 
     # -- encode ---------------------------------------------------------------------------
     def intervals(self, streams: Sequence[Sequence[int]], skip: Sequence[int] | None = None,
@@ -127,40 +135,62 @@ class EngineCodec:
         if not words or max(lengths, default=0) == 0:
             return [([], np.zeros((0, 2), dtype=np.int64)) for _ in words]
         contexts = [list(c) for c in contexts] if contexts is not None else [[]] * len(words)
-        group = _DecodeGroup(self, words, list(lengths), contexts, decoder)
-        return group.run(progress, finish=decoder is None)
+        lengths = list(lengths)
+        own = decoder or VectorRansDecoder(list(words), self.device)
+        # every stream steps max(lengths) times (finished ones idle in place)
+        capacity = max(len(c) for c in contexts) + max(lengths) + 1
+        key = self._pool.key(len(words), capacity, own.words.shape[1])
+        group = self._pool.take(key) or _DecodeGroup(self, *key)
+        try:
+            out = group.run(own, lengths, contexts, progress)
+        finally:
+            self._pool.give(key, group)
+        if decoder is None:
+            own.finish()
+        return out
 
 
 class _DecodeGroup:
-    """Static buffers of one lockstep decode, and its step (captured per span on GPUs)."""
+    """Static buffers of lockstep decodes of ``b`` streams within ``capacity`` positions, and
+    their step (captured per attention span on GPUs): loaded afresh by each decode, so its
+    graphs serve every decode of the same shape."""
 
-    def __init__(self, codec: EngineCodec, words, lengths: list[int], contexts: list[list[int]],
-                 decoder: VectorRansDecoder | None = None):
+    def __init__(self, codec: EngineCodec, b: int, capacity: int, n_words: int):
         m, dev = codec.model, codec.device
-        b = len(words)
-        self.codec, self.model, self.lengths_host = codec, m, lengths
-        prefixes = [[codec.prime] + c for c in contexts]
-        self.start = [len(p) - 1 for p in prefixes]  # position of each stream's first fed token
-        self.steps = max(lengths)
-        self.capacity = max(s + self.steps for s in self.start) + 1
+        self.codec, self.model, self.capacity = codec, m, capacity
         # CPUs step through cpu_kernels where they run (the same integers, ~4x fewer seconds)
         self.fast = CpuStep.for_model(m) if dev.type == "cpu" else None
-        self.cache = (self.fast or m).new_cache(b, self.capacity)
+        self.cache = (self.fast or m).new_cache(b, capacity)
+        self.tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.lengths = torch.zeros(b, dtype=torch.long, device=dev)
+        self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros((b, capacity), dtype=torch.long, device=dev)
+        self.rows = torch.zeros((b, capacity, 2), dtype=torch.long, device=dev)
+        self.decoder = VectorRansDecoder([np.zeros(n_words, dtype=np.uint32)] * b, dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
+        self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
+        self.nbytes = sum(t.numel() * t.element_size()
+                          for t in self.cache.keys + self.cache.values)
+
+    def _load(self, decoder: VectorRansDecoder, lengths: list[int],
+              contexts: list[list[int]]) -> None:
+        """This decode's streams, states and contexts into the static buffers (in place)."""
+        m, dev = self.model, self.codec.device
+        prefixes = [[self.codec.prime] + c for c in contexts]
+        self.start = [len(p) - 1 for p in prefixes]  # position of each stream's first fed token
+        self.steps = max(lengths)
         longest = max(self.start)
         if longest > 0:  # contexts: their keys and values by one prefill, as steps would write
-            ids = torch.full((b, longest), codec.prime, dtype=torch.long)
+            ids = torch.full((len(prefixes), longest), self.codec.prime, dtype=torch.long)
             for row, p in enumerate(prefixes):
                 ids[row, : len(p) - 1] = torch.as_tensor(p[:-1])
             m.prefill_hidden(ids.to(dev), cache=self.cache)
-        self.tokens = torch.as_tensor([p[-1] for p in prefixes], dtype=torch.long, device=dev)
-        self.pos = torch.as_tensor(self.start, dtype=torch.long, device=dev)
-        self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=dev)
-        self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out = torch.zeros((b, self.steps), dtype=torch.long, device=dev)
-        self.rows = torch.zeros((b, self.steps, 2), dtype=torch.long, device=dev)
-        self.decoder = decoder or VectorRansDecoder(list(words), dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
-        self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
+        self.tokens.copy_(torch.as_tensor([p[-1] for p in prefixes]))
+        self.pos.copy_(torch.as_tensor(self.start))
+        self.lengths.copy_(torch.as_tensor(lengths))
+        self.step_t.zero_()
+        self.decoder.copy_(decoder)
 
     def _span(self, step: int) -> int:
         need = max(self.start) + step + 1
@@ -220,13 +250,14 @@ class _DecodeGroup:
             self._step(span)
         torch.cuda.current_stream().wait_stream(side)
 
-    def run(self, progress: Progress | None,
-            finish: bool = True) -> list[tuple[list[int], np.ndarray]]:
-        """Every step of the group; each stream's tokens and their (start, freq) rows."""
-        lengths = self.lengths_host
+    def run(self, decoder: VectorRansDecoder, lengths: list[int], contexts: list[list[int]],
+            progress: Progress | None) -> list[tuple[list[int], np.ndarray]]:
+        """Every step of one decode of ``decoder``'s streams (whose states advance); each
+        stream's tokens and their (start, freq) rows."""
+        self._load(decoder, lengths, contexts)
         for step in range(self.steps):
             span = self._span(step)
-            if self.codec.graphs and step > 0:
+            if self.codec.graphs and (step > 0 or span in self.graphs):
                 self._graph(span).replay()
             elif self.codec.graphs:  # the first step eagerly: the warm-up before capturing
                 self._side_step(span)
@@ -234,7 +265,37 @@ class _DecodeGroup:
                 self._step(span)
             if progress:
                 progress(sum(1 for n in lengths if step < n))
-        if finish:
-            self.decoder.finish()
-        tokens, rows = self.out.cpu(), self.rows.cpu().numpy()
+        decoder.copy_state_(self.decoder)
+        tokens, rows = self.out[:, : self.steps].cpu(), self.rows[:, : self.steps].cpu().numpy()
         return [(tokens[i, :n].tolist(), rows[i, :n]) for i, n in enumerate(lengths)]
+
+
+class _GroupPool:
+    """Decode groups not in use, by shape, up to a budget of KV-cache bytes (the oldest go
+    first). A group is taken out while it decodes, so threads sharing a codec never share
+    one."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.free: OrderedDict[tuple[int, int, int], _DecodeGroup] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def key(self, streams: int, capacity: int, n_words: int) -> tuple[int, int, int]:
+        """A group's shape: rounded up to powers of two (from 64) where groups are kept, so
+        nearby decodes share one."""
+        if self.budget <= 0:
+            return streams, capacity, n_words
+        up = lambda n: 1 << max(6, (n - 1).bit_length())  # noqa: E731
+        return streams, up(capacity), up(n_words)
+
+    def take(self, key: tuple[int, int, int]) -> _DecodeGroup | None:
+        with self.lock:
+            return self.free.pop(key, None)
+
+    def give(self, key: tuple[int, int, int], group: _DecodeGroup) -> None:
+        if group.nbytes > self.budget:
+            return
+        with self.lock:
+            self.free[key] = group
+            while sum(g.nbytes for g in self.free.values()) > self.budget:
+                self.free.popitem(last=False)

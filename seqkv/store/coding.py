@@ -37,7 +37,6 @@ from ..core.distribution import (
 )
 from ..core.models import LoadedModel
 from ..core.stepper import cache_kwarg, configure_determinism
-from ..engine import EngineCodec
 
 PROCEDURE = "plt-path-lockstep-v1"  # HF forward, one stream: the fallback (and seqkv 0.1)
 ENGINE_PROCEDURE = "plt-path-engine"  # the integer engine: any device, any group
@@ -205,7 +204,7 @@ def _engine_encode(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[n
             streams.append(full[w : begin + take])
             skips.append(begin - w)
             owner.append(j)
-    rows = EngineCodec(lm.engine(), lm.prime_token()).intervals(streams, skip=skips)
+    rows = lm.engine_codec().intervals(streams, skip=skips)
     out: list[list[np.ndarray]] = [[] for _ in jobs]
     for j, r in zip(owner, rows, strict=True):
         out[j].append(r)
@@ -216,11 +215,10 @@ def _engine_decode(lm: LoadedModel, chunk: int,
                    jobs: list[DecodeJob]) -> list[tuple[list[int], np.ndarray]]:
     """All edges in one lockstep group per window round: an edge crossing a window boundary
     goes on in the next round from a fresh context, its rANS state carried over."""
-    engine = lm.engine()
-    codec = EngineCodec(engine, lm.prime_token())
+    codec = lm.engine_codec()
     segments = [_windows(len(path), n, chunk) for path, _, n in jobs]
     decoder = VectorRansDecoder([np.asarray(w, dtype=np.uint32) for _, w, _ in jobs],
-                                engine.device)
+                                codec.device)
     decoded: list[list[int]] = [[] for _ in jobs]
     rows: list[list[np.ndarray]] = [[] for _ in jobs]
     words = [w for _, w, _ in jobs]

@@ -30,7 +30,7 @@ from ..core.packaged import model_name
 from ..core.stepper import PROCEDURE
 from ..core.textcodec import TextRecipe, decode_text, encode_text
 from ..core.version import __version__
-from ..engine.codec import ENGINE_ID, EngineCodec
+from ..engine.codec import ENGINE_ID
 from ..engine.model import MAX_POSITIONS
 from . import compact
 from .codec import DEFAULT_BATCH, DEFAULT_CHUNK, TokenCodec, split_chunks
@@ -117,7 +117,7 @@ def engine_chunk_size(lm: LoadedModel, chunk_size: int) -> int:
 def _compress_engine(lm, engine, ids, chunk_size, text, text_digest, progress) -> bytes:
     chunk_size = engine_chunk_size(lm, chunk_size)
     streams = [ids[a:b] for a, b in split_chunks(len(ids), chunk_size)]
-    codec = EngineCodec(engine, lm.prime_token())
+    codec = lm.engine_codec()
     with tqdm(total=len(ids), desc="encode", unit="tok", disable=not progress) as bar:
         words = codec.encode(streams, progress=bar.update)
     if text is not None and text_digest is None:  # the text these ids and recipe give back
@@ -167,7 +167,7 @@ def decode_group_size(device: torch.device) -> int:
 def _decompress_engine(lm: LoadedModel, header: compact.TokenHeader,
                        streams: list[np.ndarray], progress: bool) -> list[int]:
     engine = _engine_for_blob(lm, header)
-    codec = EngineCodec(engine, lm.prime_token())
+    codec = lm.engine_codec()
     lengths = header.chunk_lengths
     group = decode_group_size(engine.device)
     ids: list[int] = []
