@@ -42,77 +42,66 @@ if triton is not None:
         return whole.to(tl.int64) + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.int64)
 
     @triton.jit
-    def _key_range(pos_ptr, kv_head, split, n_kv, window, SPLIT: tl.constexpr):
+    def _key_range(pos_ptr, head, split, n_heads, window, SPLIT: tl.constexpr):
         """Keys [start, end) of this program: its split of the head's keys lo..pos."""
-        pos = tl.load(pos_ptr + kv_head // n_kv)
+        pos = tl.load(pos_ptr + head // n_heads)
         lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), pos * 0)
         start = tl.maximum(lo, split * SPLIT)
         end = tl.minimum(pos + 1, (split + 1) * SPLIT)
         return start, end
 
-    # Each program serves the REP query heads of one key/value head (grouped-query attention):
-    # it reads each key and value once for all of them, where a program per query head read
-    # them REP times (the kernel then trailed the float64 GEMMs at 1,024 streams).
     @triton.jit
-    def _scores_kernel(q_ptr, k_ptr, pos_ptr, scores_ptr, best_ptr, n_kv, capacity, window,
-                       n_splits, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                       REP: tl.constexpr, REP_P: tl.constexpr):
-        kv_head, split = tl.program_id(0), tl.program_id(1)  # kv_head: b * n_kv + h
-        start, end = _key_range(pos_ptr, kv_head, split, n_kv, window, SPLIT)
+    def _scores_kernel(q_ptr, k_ptr, pos_ptr, scores_ptr, best_ptr,
+                       n_heads, rep, capacity, window, n_splits,
+                       D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        head, split = tl.program_id(0), tl.program_id(1)  # head: b * n_heads + h
+        start, end = _key_range(pos_ptr, head, split, n_heads, window, SPLIT)
         d = tl.arange(0, D)
         s = tl.arange(0, BLOCK)
-        r = tl.arange(0, REP_P)
-        heads = kv_head.to(tl.int64) * REP + r  # its query heads: (b * n_kv + h) * REP + r
-        q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=(r < REP)[:, None],
-                    other=0).to(tl.float64)
-        k_base = kv_head.to(tl.int64) * capacity * D
-        best = tl.full([REP_P, BLOCK], float("-inf"), tl.float64)
+        q = tl.load(q_ptr + head * D + d).to(tl.float64)
+        k_base = (head // rep).to(tl.int64) * capacity * D  # its key head: b * n_kv + h // rep
+        row = head.to(tl.int64) * capacity
+        best = tl.full([BLOCK], float("-inf"), tl.float64)
         for first in range(start, end, BLOCK):
             keys = first + s
             valid = keys < end
             k = tl.load(k_ptr + k_base + keys[:, None] * D + d[None, :],
                         mask=valid[:, None], other=0).to(tl.float64)
-            # exact: integers below 2**53
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-            tl.store(scores_ptr + heads[:, None] * capacity + keys[None, :], scores,
-                     mask=(r < REP)[:, None] & valid[None, :])
-            best = tl.maximum(best, tl.where(valid[None, :], scores, float("-inf")))
-        tl.store(best_ptr + heads * n_splits + split, tl.max(best, axis=1), mask=r < REP)
+            scores = tl.sum(k * q[None, :], axis=1)  # exact: integers below 2**53
+            tl.store(scores_ptr + row + keys, scores, mask=valid)
+            best = tl.maximum(best, tl.where(valid, scores, float("-inf")))
+        tl.store(best_ptr + head * n_splits + split, tl.max(best, axis=0))
 
     @triton.jit
     def _weights_kernel(v_ptr, pos_ptr, table_ptr, scale_ptr, scores_ptr, best_ptr,
-                        total_ptr, acc_ptr, n_kv, capacity, window, table_last, n_splits,
+                        total_ptr, acc_ptr, n_heads, rep, capacity, window, table_last, n_splits,
                         D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                        SPLITS_P: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr):
-        kv_head, split = tl.program_id(0), tl.program_id(1)
-        start, end = _key_range(pos_ptr, kv_head, split, n_kv, window, SPLIT)
-        r = tl.arange(0, REP_P)
-        heads = kv_head.to(tl.int64) * REP + r
+                        SPLITS_P: tl.constexpr):
+        head, split = tl.program_id(0), tl.program_id(1)
+        start, end = _key_range(pos_ptr, head, split, n_heads, window, SPLIT)
         parts = tl.arange(0, SPLITS_P)
-        top = tl.max(tl.load(best_ptr + heads[:, None] * n_splits + parts[None, :],
-                             mask=(r < REP)[:, None] & (parts < n_splits)[None, :],
-                             other=float("-inf")), axis=1)
+        top = tl.max(tl.load(best_ptr + head * n_splits + parts, mask=parts < n_splits,
+                             other=float("-inf")), axis=0)
         index_scale = tl.load(scale_ptr)  # float64: a Python float argument would be fp32
         d = tl.arange(0, D)
         s = tl.arange(0, BLOCK)
-        v_base = kv_head.to(tl.int64) * capacity * D
-        total = tl.zeros([REP_P, BLOCK], tl.float64)
-        acc = tl.zeros([REP_P, D], tl.float64)
+        v_base = (head // rep).to(tl.int64) * capacity * D
+        row = head.to(tl.int64) * capacity
+        total = tl.zeros([BLOCK], tl.float64)
+        acc = tl.zeros([D], tl.float64)
         for first in range(start, end, BLOCK):
             keys = first + s
             valid = keys < end
-            ok = (r < REP)[:, None] & valid[None, :]
-            scores = tl.load(scores_ptr + heads[:, None] * capacity + keys[None, :], mask=ok,
-                             other=0.0)
-            idx = tl.minimum(tl.floor((top[:, None] - scores) * index_scale), table_last)
-            p = tl.load(table_ptr + idx.to(tl.int64), mask=ok, other=0.0)
+            scores = tl.load(scores_ptr + row + keys, mask=valid, other=0.0)
+            idx = tl.minimum(tl.floor((top - scores) * index_scale), table_last)
+            p = tl.load(table_ptr + idx.to(tl.int64), mask=valid, other=0.0)
             v = tl.load(v_ptr + v_base + keys[:, None] * D + d[None, :],
                         mask=valid[:, None], other=0).to(tl.float64)
             total += p
-            acc += tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        part = heads * n_splits + split
-        tl.store(total_ptr + part, tl.sum(total, axis=1), mask=r < REP)
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=(r < REP)[:, None])
+            acc += tl.sum(p[:, None] * v, axis=0)
+        part = head.to(tl.int64) * n_splits + split
+        tl.store(total_ptr + part, tl.sum(total, axis=0))
+        tl.store(acc_ptr + part * D + d, acc)
 
     @triton.jit
     def _finish_kernel(total_ptr, acc_ptr, out_ptr, n_splits,
@@ -164,43 +153,6 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out,
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _gemv_kernel(hi_ptr, lo_ptr, k_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K,
-                     HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """_linear_kernel for one row per program on the CUDA cores: a decode step of a few
-        streams reads each weight once and multiplies it by one row, which tensor-core tiles
-        (16 rows at least) pad sixteenfold; narrow column blocks spread the weights over
-        every SM. int32 sums of int8 products (|sum| < 2**31 for K < 2**17), the same
-        integers in any order."""
-        m, pid_n = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        col_ok = rn < N
-        ha = tl.zeros([BN, BK], tl.int32)
-        la = tl.zeros([BN, BK], tl.int32)
-        hb = tl.zeros([BN, BK], tl.int32)
-        row = m.to(tl.int64) * K
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            k_ok = kk < K
-            hi = tl.load(hi_ptr + row + kk, mask=k_ok, other=0).to(tl.int32)
-            lo = tl.load(lo_ptr + row + kk, mask=k_ok, other=0).to(tl.int32)
-            w_off = rn[:, None].to(tl.int64) * K + kk[None, :]
-            w_ok = col_ok[:, None] & k_ok[None, :]
-            wa = tl.load(w_ptr + w_off, mask=w_ok, other=0).to(tl.int32)
-            wb = tl.load(w_ptr + N * K + w_off, mask=w_ok, other=0).to(tl.int32)
-            ha += wa * hi[None, :]
-            la += wa * lo[None, :]
-            hb += wb * hi[None, :]
-        acc = (tl.sum(ha, axis=1).to(tl.int64) * 256 + tl.sum(la, axis=1).to(tl.int64) * 2
-               + tl.sum(hb, axis=1).to(tl.int64)).to(tl.float64)
-        shift = tl.load(k_ptr + m)
-        pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)
-        y = (acc * tl.load(scale_ptr + rn, mask=col_ok, other=0.0)) * pow2
-        out = _round_half_even(y)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=col_ok, other=0)
-        tl.store(out_ptr + m.to(tl.int64) * N + rn, out, mask=col_ok)
 
     # -- the next-token distribution and the decoder's symbol search, without the table -----
     # model.pmf's integers (freq = floor((total + p budget) / total), the argmax gets what the
@@ -439,19 +391,12 @@ def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Te
     m, kdim = hi.shape
     n = w.shape[0] // 2
     out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
-    hi, lo, k = hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous()
-    bias_arg = bias if bias is not None else scale
-    if m <= GEMV_ROWS:
-        bn, bk, warps = _gemv_tiles(n, kdim)
-        _gemv_kernel[(m, triton.cdiv(n, bn))](hi, lo, k, w, scale, bias_arg, out, n, kdim,
-                                              HAS_BIAS=bias is not None, BN=bn, BK=bk,
-                                              num_warps=warps)
-        return out
-    bm, bn, bk, warps, stages = _linear_tiles(m, n)
+    bm, bn, bk = _linear_tiles(m, n)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _linear_kernel[grid](hi, lo, k, w, scale, bias_arg, out, m, n, kdim,
-                         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=warps,
-                         num_stages=stages)
+    _linear_kernel[grid](hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w,
+                         scale, bias if bias is not None else scale, out, m, n, kdim,
+                         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=4,
+                         num_stages=3)
     return out
 
 
@@ -469,31 +414,20 @@ def rope_heads(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: tor
     return q
 
 
-GEMV_ROWS = 2  # GEMMs of up to this many rows run on the CUDA cores (_gemv_kernel)
-
-
-def _gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
-    """(columns, depth, warps) of _gemv_kernel's programs, from a sweep on the H200 with
-    SmolLM2's shapes at one row: 4 columns, 256 deep, one warp took 2.9-4.4 us a projection
-    where 16-row tensor-core tiles took 4.4-8.4 (the 1,536-deep down projection most); the
-    49k-wide head 26 us against 28 at depth 128 (BENCHMARKS.md)."""
-    return 4, (128 if n > 8192 else 256), 1
-
-
-def _linear_tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
-    """Tile sizes (rows, columns, depth) and (warps, stages), from a sweep on the H200 with
-    SmolLM2's shapes. Few rows make a GEMV bound by reading the weights: narrow column tiles
-    give every SM some, except for the 49k-wide head (qkv projection at one row: 3.6 us
-    instead of 8.6 with 128 columns). At 1,024 rows 64 x 64 x 64 tiles took half the time of
-    torch._int_mm plus the compiled rescaling (head: 394 us against 729)."""
+def _linear_tiles(m: int, n: int) -> tuple[int, int, int]:
+    """Tile sizes (rows, columns, depth), from a sweep on the H200 with SmolLM2's shapes. Few
+    rows make a GEMV bound by reading the weights: narrow column tiles give every SM some,
+    except for the 49k-wide head (qkv projection at one row: 3.6 us instead of 8.6 with 128
+    columns). At 1,024 rows 64 x 64 x 64 tiles took half the time of torch._int_mm plus the
+    compiled rescaling (head: 394 us against 729)."""
     if m <= 64:
         wide = n > 8192
-        return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128, 4, 3
-    return 64, 64, 64, 4, 3
+        return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128
+    return 64, 64, 64
 
 
 MAX_SPLITS = 16  # key ranges per head: parallelism across keys, bounded partial sums
-BLOCK = 32  # keys per split's granule (and per iteration, for one query head per key head)
+BLOCK = 32  # keys per loop iteration within a split
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -506,7 +440,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     in Q16."""
     b, n_kv, rep, _, d = q.shape
     capacity = keys.shape[2]
-    heads = b * n_kv * rep
+    n_heads, heads = n_kv * rep, b * n_kv * rep
     split = max(BLOCK, triton.cdiv(triton.cdiv(capacity, MAX_SPLITS), BLOCK) * BLOCK)
     n_splits = triton.cdiv(capacity, split)
     splits_p = triton.next_power_of_2(n_splits)
@@ -517,15 +451,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     total = torch.empty((heads, n_splits), dtype=torch.float64, device=dev)
     acc = torch.empty((heads, n_splits, d), dtype=torch.float64, device=dev)
     out = torch.empty((heads, d), dtype=torch.int64, device=dev)
-    grid = (b * n_kv, n_splits)
-    rep_p = triton.next_power_of_2(rep)
-    block = max(8, BLOCK * 2 // rep_p)  # [heads, keys, d] products per iteration stay 4,096
-    _scores_kernel[grid](q, keys, pos, scores, best, n_kv, capacity, window, n_splits,
-                         D=d, SPLIT=split, BLOCK=block, REP=rep, REP_P=rep_p, num_warps=4)
+    grid = (heads, n_splits)
+    _scores_kernel[grid](q, keys, pos, scores, best, n_heads, rep, capacity, window, n_splits,
+                         D=d, SPLIT=split, BLOCK=BLOCK, num_warps=2)
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
-                          n_kv, capacity, window, table.shape[0] - 1, n_splits,
-                          D=d, SPLIT=split, BLOCK=block, SPLITS_P=splits_p, REP=rep,
-                          REP_P=rep_p, num_warps=4)
+                          n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
+                          D=d, SPLIT=split, BLOCK=BLOCK, SPLITS_P=splits_p, num_warps=2)
     _finish_kernel[(heads,)](total, acc, out, n_splits, OUT_SCALE=out_scale, D=d,
                              SPLITS_P=splits_p, num_warps=1)
     return out.reshape(b, 1, heads // b * d)
