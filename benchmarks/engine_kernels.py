@@ -50,6 +50,8 @@ def use(m: IntModel, what: str, kernel: bool, group: int) -> None:
         m.fused_locate = kernel
     if what in ("heads", "all"):  # the rotation writing keys and values into the cache
         m.fused_heads = kernel
+    if what in ("rows", "all"):  # the norms', activation's and splits' row kernels
+        m.row_kernels = kernel
 
 
 def same_logits(m: IntModel, what: str, streams: int = 48, steps: int = 100) -> bool:
@@ -84,7 +86,7 @@ def same_hidden(m: IntModel) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["attention", "linear", "locate", "heads", "all"])
+    ap.add_argument("what", choices=["attention", "linear", "locate", "heads", "rows", "all"])
     ap.add_argument("--groups", default="1,64,1024")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default=".")

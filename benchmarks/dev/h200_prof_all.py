@@ -1,0 +1,77 @@
+"""Profile the compiled encode (64 x 256 tokens) and graph replays of a decode step at several
+group sizes, on the SmolLM2-shaped engine with random weights (dev).
+
+    python3 benchmarks/dev/h200_prof_all.py 1 256 1024      # from the repository root, CUDA
+    ROWS=0 ...   the compiled torch row functions instead of cuda_rows' kernels
+    ENCODE=0 ... decode steps only
+
+Output of the 2026-11-30/12-01 runs: benchmarks/results/engine_dev_h200.txt.
+"""
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "benchmarks")
+from engine_kernels import smollm2_shaped  # noqa: E402
+
+from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
+from seqkv.engine import EngineCodec  # noqa: E402
+from seqkv.engine.codec import _DecodeGroup  # noqa: E402
+
+
+def table(p, n: int, rows: int = 18) -> None:
+    ev = [e for e in p.events() if e.device_type.name == "CUDA"]
+    agg: dict[str, list] = {}
+    for e in ev:
+        a = agg.setdefault(e.name[:70], [0, 0.0])
+        a[0] += 1
+        a[1] += e.device_time
+    total = sum(e.device_time for e in ev) / n / 1e3
+    print(f"   {len(ev) // n} kernels, {total:.3f} ms kernel time")
+    for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"   {t / n / 1e3:8.3f} ms {c // n:5d}x  {name}")
+
+
+m = smollm2_shaped().compile()
+m.row_kernels = m.row_kernels and os.environ.get("ROWS", "1") == "1"
+codec = EngineCodec(m, 1)
+print("row kernels", m.row_kernels)
+if os.environ.get("ENCODE", "1") == "1":
+    streams = torch.randint(0, m.spec.vocab, (64, 256)).tolist()
+    for _ in range(2):
+        codec.intervals(streams)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    codec.intervals(streams)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    print(f"== encode 64x256: {64 * 256 / dt:,.0f} tok/s ({dt * 1e3:.1f} ms)")
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        codec.intervals(streams)
+        torch.cuda.synchronize()
+    table(p, 1, 25)
+for b in [int(x) for x in sys.argv[1:]] or [1, 256, 1024]:
+    streams = torch.randint(0, m.spec.vocab, (b, 300)).tolist()
+    words = codec.encode(streams)
+    # capacity 320: the multiple of 64 a kept group of these decodes has (codec._GroupPool)
+    g = _DecodeGroup(codec, b, 320, max(w.size for w in words) + 2)
+    g._load(VectorRansDecoder(words, m.device), [300] * b, [[100]] * b)
+    g._side_step(g._span(0))
+    graph = g._graph(g._span(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 50
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    print(f"== {b} streams (cache {g.cache.dtype}): replay {dt * 1e3:.3f} ms/step "
+          f"({1 / dt:.0f} steps/s, {b / dt:,.0f} tok/s)")
+    table(p, 10)
