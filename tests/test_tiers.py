@@ -201,6 +201,28 @@ def test_hot_edges_swapped_to_raw_kept_through_compaction_and_coded_once_cool(db
     assert fresh.stats()["raw_edges"] == 0
 
 
+def test_restore_counts_are_shared_between_processes_and_survive_a_restart(db, llama):  # noqa: F811, E501
+    """Two stores on one database (two servers) rank nodes by every process's restores: what
+    one counted reaches the other at its next rebalance, a process started later sees it all,
+    and a deleted session's counts go with its node."""
+    _, data = _coded_store(db, llama)
+    a, b = (Store(db, llama, checkpoint_budget=4 * 13, checkpoint_policy="lru")
+            for _ in range(2))
+    for _ in range(3):
+        assert a.get_ids("cold1") == data["cold1"]
+    a.rebalance()
+    node = a.trie.sessions["cold1"].id
+    b.get_ids("cold1")
+    b.rebalance()
+    assert b.candidates()[node].hits == 4  # a's three and b's own
+    later = Store(db, llama, checkpoint_budget=4 * 13)  # prior-guided, no restore of its own
+    out = later.rebalance()
+    assert later.candidates()[node].hits == 4 and out["raw"] == [node]
+    later.delete("cold1")
+    assert later.backend.read(later.ns, "hits", node) is None
+    assert node not in Store(db, llama, checkpoint_budget=1 << 20).candidates()
+
+
 def test_prior_guided_store_keeps_the_shared_prompt_raw_and_checkpoints_it(db, llama):  # noqa: F811, E501
     s, data = _coded_store(db, llama)
     prompt_node = s.trie.sessions["hot0"].parent

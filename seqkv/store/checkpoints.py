@@ -13,16 +13,18 @@ Which nodes get one, and which edges stay raw, is a :class:`~.policies.Policy`'s
 (``policies.py``: LRU and prior-guided, three tiers per node: checkpoint, raw, coded); the
 :class:`CheckpointManager` (the namespace's tier manager) keeps the store's checkpoint records
 and its ``tier`` records (the edges kept raw, loaded with the trie), counts observed restores
-through each node, and follows the policy under the byte budget: it materializes and drops
-checkpoints, swaps an edge that became hot back from coded to raw (compare-and-swap, the edge
-and its ``tier`` record in one transaction, so a kill -9 at any moment leaves either the coded
-edge or the raw one, never neither) and deletes the ``tier`` record of one that cooled, which
-the next compaction then codes. Without a budget nothing is kept raw: every edge is coded.
+through each node (``hits`` records, every process's, merged at each rebalance), and follows
+the policy under the byte budget: it materializes and drops checkpoints, swaps an edge that
+became hot back from coded to raw (compare-and-swap, the edge and its ``tier`` record in one
+transaction, so a kill -9 at any moment leaves either the coded edge or the raw one, never
+neither) and deletes the ``tier`` record of one that cooled, which the next compaction then
+codes. Without a budget nothing is kept raw: every edge is coded.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -130,9 +132,11 @@ class CheckpointManager:
         self.policy = as_tier_policy(policy)
         self.meta: dict[str, dict] = {}  # node id -> checkpoint meta
         self.raw: dict[str, dict] = {}  # node id -> its tier record: the edge is kept raw
-        self.hits: dict[str, int] = {}  # in memory: observed restores through a node
+        # restores through each node, every process's as of the last merge plus this one's
+        # since; the last one's Unix time; and this process's not yet in the ``hits`` records
+        self.hits: dict[str, int] = {}
         self.last: dict[str, float] = {}
-        self.clock = 0.0
+        self._unmerged: dict[str, tuple[int, float]] = {}
         self._fits: dict = {}  # checkpoint sizes per tensor shape (kv_bytes)
 
     def load(self, records: dict[str, dict[str, bytes]]) -> None:
@@ -168,6 +172,11 @@ class CheckpointManager:
         if node_id in self.raw:
             txn.delete("tier", node_id)
             del self.raw[node_id]
+        if txn.read("hits", node_id) is not None:
+            txn.delete("hits", node_id)
+        self.hits.pop(node_id, None)
+        self.last.pop(node_id, None)
+        self._unmerged.pop(node_id, None)
 
     # -- restore ---------------------------------------------------------------------------
     def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
@@ -184,11 +193,48 @@ class CheckpointManager:
         return None
 
     def touch(self, path: list[Node]) -> None:
-        """A restore went through these nodes."""
-        self.clock += 1
+        """A restore went through these nodes (shared with other processes at the next
+        ``merge_hits``)."""
+        now = time.time()
         for e in path:
             self.hits[e.id] = self.hits.get(e.id, 0) + 1
-            self.last[e.id] = self.clock
+            self.last[e.id] = now
+            n, _ = self._unmerged.get(e.id, (0, 0.0))
+            self._unmerged[e.id] = (n + 1, now)
+
+    def merge_hits(self) -> None:
+        """Add this process's restores to the namespace's ``hits`` records and take every
+        process's counts back, in one write: servers sharing a store (and a process started
+        later, such as ``seqkv store rebalance``) rank nodes by the same accesses, and a
+        restart loses none."""
+        unmerged, self._unmerged = self._unmerged, {}
+        nodes = self.store.trie.nodes
+
+        def work(txn) -> dict[str, dict]:
+            # (a transaction's reads do not see its own writes on every backend: merged here)
+            merged = {k: parse("hits", k, v)[0] for k, v in txn.read_kind("hits").items()}
+            for i, (n, ts) in unmerged.items():
+                if i not in nodes:  # deleted meanwhile
+                    continue
+                h = merged.get(i, {"count": 0, "last": 0.0})
+                merged[i] = {"kind": "hits", "node": i, "count": int(h["count"]) + n,
+                             "last": max(float(h["last"]), ts)}
+                txn.put("hits", i, pack(merged[i], []))
+            return merged
+
+        try:
+            if unmerged:
+                merged = self.store._write(work)
+            else:  # nothing to add: a read, not a write that other processes would catch up on
+                records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
+                merged = {k: parse("hits", k, v)[0] for k, v in records.items()}
+        except BaseException:
+            for i, (n, ts) in unmerged.items():  # kept for the next merge
+                m, last = self._unmerged.get(i, (0, 0.0))
+                self._unmerged[i] = (m + n, max(ts, last))
+            raise
+        self.hits = {k: int(h["count"]) for k, h in merged.items()}
+        self.last = {k: float(h["last"]) for k, h in merged.items()}
 
     def restore(self, header: dict, sections: list[bytes], ids: list[int]) -> RestoredCache:
         """A checkpoint's KV plus a prefill of the rest of ``ids``."""
@@ -356,6 +402,7 @@ class CheckpointManager:
         to the next compaction."""
         s = self.store
         s.refresh()
+        self.merge_hits()
         nodes = self.candidates()
         acc = s.trie.sessions[accessed].id if accessed in s.trie.sessions else None
         current = {i: t for i, t in self.tiers().items() if i in nodes}

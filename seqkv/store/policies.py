@@ -59,7 +59,7 @@ class NodeInfo:
     refs: int  # stored sessions through the node
     bits: float  # -log2 P_M(path) as coded
     hits: int = 0
-    last: float = 0.0  # last access (logical clock)
+    last: float = 0.0  # last access (Unix time; any increasing clock)
     ancestors: list[str] = field(default_factory=list)  # nodes above it, nearest last
     n: int = 0  # tokens of its edge (0: the raw tier is not offered)
     checkpointable: bool = True  # may hold a checkpoint (deep enough, a branch or session end)
