@@ -208,13 +208,12 @@ class CheckpointManager:
         later, such as ``seqkv store rebalance``) rank nodes by the same accesses, and a
         restart loses none."""
         unmerged, self._unmerged = self._unmerged, {}
-        nodes = self.store.trie.nodes
 
         def work(txn) -> dict[str, dict]:
             # (a transaction's reads do not see its own writes on every backend: merged here)
             merged = {k: parse("hits", k, v)[0] for k, v in txn.read_kind("hits").items()}
             for i, (n, ts) in unmerged.items():
-                if i not in nodes:  # deleted meanwhile
+                if i not in self.store.trie.nodes:  # deleted meanwhile (the trie is current)
                     continue
                 h = merged.get(i, {"count": 0, "last": 0.0})
                 merged[i] = {"kind": "hits", "node": i, "count": int(h["count"]) + n,
