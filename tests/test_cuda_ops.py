@@ -15,8 +15,7 @@ from .test_engine import MODELS
 
 
 def _llama_rep3():
-    """Three query heads per key/value head, as SmolLM2 (9 over 3): the attention kernels
-    pad the group to four."""
+    """Three query heads per key/value head, as SmolLM2 (9 over 3), not a power of two."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from seqkv.core.models import from_objects
@@ -100,14 +99,14 @@ def test_locate_finds_the_tables_symbol():
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 100])
 def test_int8_linear_gives_split_linears_integers(rows):
-    """Every GEMM path of int8_linear (one row per program on the CUDA cores for a few rows,
-    tensor-core tiles above) equals model.split_linear: random and extreme halves, widths that
-    are not multiples of any tile, with and without a bias."""
+    """int8_linear equals model.split_linear at every tile shape it picks (16 and 64 rows,
+    narrow and wide columns): random and extreme halves, widths that are not multiples of any
+    tile (the 9,000-wide one takes the head's tiles), with and without a bias."""
     from seqkv.engine.model import split_linear
     from seqkv.engine.weights import IntLinear
 
     g = torch.Generator().manual_seed(rows)
-    for n, k in ((96, 576), (1000, 100), (576, 1536)):
+    for n, k in ((96, 576), (1000, 100), (576, 1536), (9000, 64)):
         hi = torch.randint(-64, 65, (rows, k), generator=g, dtype=torch.int8)
         lo = torch.randint(-64, 64, (rows, k), generator=g, dtype=torch.int8)
         hi[0], lo[0] = 64, 63  # the largest row: every product at its bound

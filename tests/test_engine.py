@@ -135,7 +135,6 @@ def test_kept_decode_groups_decode_later_streams_exactly(llama):
         tails = kept.decode(words, [len(f) - c for f, c in zip(full, cut, strict=True)],
                             contexts=[f[:c] for f, c in zip(full, cut, strict=True)])
         assert tails == [f[c:] for f, c in zip(full, cut, strict=True)]
-    assert len(kept._pool.free) >= 1  # the groups were kept and reused
     # one decoder carried over two calls (the store's window rounds)
     full = [torch.randint(3, 320, (30,), generator=g).tolist() for _ in range(2)]
     words = kept.encode(full)
@@ -148,6 +147,90 @@ def test_kept_decode_groups_decode_later_streams_exactly(llama):
     bad[1][0] ^= 0x5A5A5A5A
     with pytest.raises(BlobError):
         kept.decode(bad, [30, 30])
+
+
+def test_decode_groups_are_reused_within_budget_and_never_after_a_failure(llama, monkeypatch):
+    """Decodes of one shape share one kept group; a budget too small keeps none, the oldest
+    goes first past it, and a group whose decode raised is not kept."""
+    import seqkv.engine.codec as codec_module
+
+    made = []
+    real_init = codec_module._DecodeGroup.__init__
+
+    def counting_init(self, *args):
+        made.append(self)
+        real_init(self, *args)
+
+    monkeypatch.setattr(codec_module._DecodeGroup, "__init__", counting_init)
+    model = IntModel(integerize(llama.model))
+    g = torch.Generator().manual_seed(8)
+    streams = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (12, 20)]
+    for budget, groups in ((1 << 30, 1), (1, 3)):
+        made.clear()
+        codec = EngineCodec(model, llama.prime_token(), pool_bytes=budget)
+        words = codec.encode(streams)
+        for _ in range(3):
+            assert codec.decode(words, [12, 20]) == streams
+        assert len(made) == groups
+    codec = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    words = codec.encode(streams)
+
+    def fail(n):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        codec.decode(words, [12, 20], progress=fail)
+    assert not codec._pool.free
+    codec._pool.budget = made[-1].nbytes + 1  # room for one group of two streams
+    codec.decode(words, [12, 20])
+    codec.decode([words[0]], [12])  # a second group: the first, older, goes
+    assert list(codec._pool.free) == [codec._pool.key(1, 13, words[0].size)]
+
+
+def test_kept_groups_on_the_float64_path_mask_stale_slots(monkeypatch):
+    """The GPU's float64 attention reads the whole span, stale slots of earlier decodes
+    included: with power-of-two spans as under graphs, Llama and Gemma-3 (window 8) decode
+    every stream exactly through groups reused across lengths and contexts."""
+    import seqkv.engine.codec as codec_module
+
+    monkeypatch.setattr(codec_module.CpuStep, "for_model", staticmethod(lambda m: None))
+
+    def span(self, step):
+        need = max(self.start) + step + 1
+        return min(1 << max(3, (need - 1).bit_length()), self.capacity)
+
+    monkeypatch.setattr(codec_module._DecodeGroup, "_span", span)
+    g = torch.Generator().manual_seed(9)
+    for name in ("llama", "gemma3"):
+        lm = MODELS[name]()
+        codec = EngineCodec(IntModel(integerize(lm.model)), lm.prime_token(),
+                            pool_bytes=1 << 30)
+        for n, cut in ((40, 30), (12, 2), (33, 9), (5, 0)):
+            full = [torch.randint(3, 256, (n,), generator=g).tolist() for _ in range(2)]
+            rows = codec.intervals(full, skip=[cut, cut // 2])
+            from seqkv.core.decoders import encode_stream
+
+            words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
+            tails = codec.decode(words, [n - cut, n - cut // 2],
+                                 contexts=[full[0][:cut], full[1][: cut // 2]])
+            assert tails == [full[0][cut:], full[1][cut // 2 :]]
+
+
+def test_kept_groups_keep_the_rotary_tables_they_were_captured_with(llama):
+    """A longer prefill replaces the rotary tables; the ones a kept group's graphs read by
+    address stay alive."""
+    import gc
+    import weakref
+
+    model = IntModel(integerize(llama.model))
+    kept = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    s = [torch.randint(3, 320, (20,)).tolist()]
+    assert kept.decode(kept.encode(s), [20]) == s
+    refs = [weakref.ref(t) for t in model.rope(model.spec.thetas[0], 1)]
+    kept.encode([torch.randint(3, 320, (120,)).tolist()])  # a longer prefill rebuilds them
+    gc.collect()
+    assert model.rope(model.spec.thetas[0], 1)[0] is not refs[0]()
+    assert all(r() is not None for r in refs)
 
 
 _THREADS_SCRIPT = """

@@ -5,7 +5,10 @@ group sizes, on the SmolLM2-shaped engine with random weights (dev).
     ROWS=0 ...   the compiled torch row functions instead of cuda_rows' kernels
     ENCODE=0 ... decode steps only
 
-Output of the 2026-11-30/12-01 runs: benchmarks/results/engine_dev_h200.txt.
+Output of the 2026-11-30/12-01 runs: benchmarks/results/engine_dev_h200.txt. Those ran an
+earlier copy of this script: groups of capacity 302 (23:40 UTC) and 512 (00:05, 00:23), where
+this one makes 320, the capacity a kept group of these decodes has now; its 1,024-stream
+replays run one span's graph past that span's positions (a profile, not a decode).
 """
 import os
 import sys

@@ -23,7 +23,8 @@ from ..core.decoders import VectorRansDecoder, encode_stream, locate_in_pmf
 from .cpu_step import CpuStep
 from .model import IntModel
 
-POOL_BYTES = 4 << 30  # KV-cache bytes of idle decode groups a codec keeps (GPUs)
+POOL_BYTES = 4 << 30  # bytes of idle decode groups a codec keeps (GPUs; at most a 16th of it)
+MAX_KEPT_GROUPS = 16
 ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes
 Progress = Callable[[int], None]
 
@@ -43,9 +44,14 @@ class EngineCodec:
         self.device = model.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         # decode groups kept with their captured graphs for the next decode of the same shape
-        # (GPUs): a group's cache, eager warm-up and capture cost ~0.1 s on the H200
-        self._pool = _GroupPool(pool_bytes if pool_bytes is not None
-                                else POOL_BYTES if self.graphs else 0)
+        # (GPUs): a group's cache, eager warm-up step and capture are paid once (an estimated
+        # ~0.08 s a decode on the H200: one stream decoded 256 tokens at 530 steps/s end to
+        # end where its graph replays alone ran 635, BENCHMARKS.md)
+        if pool_bytes is None:
+            pool_bytes = (min(POOL_BYTES, torch.cuda.get_device_properties(
+                self.device).total_memory // 16) if self.graphs and self.device.type == "cuda"
+                else 0)
+        self._pool = _GroupPool(pool_bytes)
 
     # -- encode ---------------------------------------------------------------------------
     def intervals(self, streams: Sequence[Sequence[int]], skip: Sequence[int] | None = None,
@@ -140,11 +146,15 @@ class EngineCodec:
         # every stream steps max(lengths) times (finished ones idle in place)
         capacity = max(len(c) for c in contexts) + max(lengths) + 1
         key = self._pool.key(len(words), capacity, own.words.shape[1])
-        group = self._pool.take(key) or _DecodeGroup(self, *key)
-        try:
-            out = group.run(own, lengths, contexts, progress)
-        finally:
-            self._pool.give(key, group)
+        group = self._pool.take(key)
+        if group is None:
+            try:
+                group = _DecodeGroup(self, *key)
+            except torch.OutOfMemoryError:  # the kept groups' memory is the first to go
+                self._pool.clear()
+                group = _DecodeGroup(self, *key)
+        out = group.run(own, lengths, contexts, progress)
+        self._pool.give(key, group)  # only after a decode that ran to its end
         if decoder is None:
             own.finish()
         return out
@@ -170,8 +180,11 @@ class _DecodeGroup:
         self.decoder = VectorRansDecoder([np.zeros(n_words, dtype=np.uint32)] * b, dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
         self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
-        self.nbytes = sum(t.numel() * t.element_size()
-                          for t in self.cache.keys + self.cache.values)
+        # what keeping it holds: the KV cache and buffers, and an estimate of its graphs' own
+        # pool (the step's intermediates, the widest of them a few [b, vocab] int64 rows)
+        self.nbytes = sum(t.numel() * t.element_size() for t in (
+            *self.cache.keys, *self.cache.values, self.out, self.rows, self.decoder.words))
+        self.nbytes += 4 * 8 * b * m.spec.vocab
 
     def _load(self, decoder: VectorRansDecoder, lengths: list[int],
               contexts: list[list[int]]) -> None:
@@ -226,7 +239,8 @@ class _DecodeGroup:
             if self.model.compiled:
                 self._warm_up(span)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: a server's other threads may run the model meanwhile
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 self._step(span)
             self.graphs[span] = graph
         return self.graphs[span]
@@ -283,8 +297,8 @@ class _GroupPool:
     def key(self, streams: int, capacity: int, n_words: int) -> tuple[int, int, int]:
         """A group's shape, rounded up where groups are kept so nearby decodes share one: the
         capacity to a multiple of 64 (the GPU attention launches a program per 32 slots or
-        more: powers of two cost 256 streams 8% of a step on the H200), the words to a
-        power of two."""
+        more: at 256 streams on the H200 it took 1.96 ms a step at capacity 512, 1.44 at
+        302), the words to a power of two."""
         if self.budget <= 0:
             return streams, capacity, n_words
         return streams, -(-capacity // 64) * 64, 1 << max(6, (n_words - 1).bit_length())
@@ -298,5 +312,10 @@ class _GroupPool:
             return
         with self.lock:
             self.free[key] = group
-            while sum(g.nbytes for g in self.free.values()) > self.budget:
+            while (len(self.free) > MAX_KEPT_GROUPS
+                   or sum(g.nbytes for g in self.free.values()) > self.budget):
                 self.free.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()

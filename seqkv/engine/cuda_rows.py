@@ -9,7 +9,7 @@ the row's reciprocal) made exact by an integer-valued correction; values that pr
 in 32 bits are worked on in 32 bits; row maxima that only feed a float exponent are taken as
 an OR of bits. The bounds that make each step exact are argued where it happens. On the H200
 (SmolLM2's widths, CUDA graphs) that took 16,384 rows from 197-414 us to 51-111 us, and one
-row from 3.6-5.8 us to 3.0-4.7 (benchmarks/dev/h200_bench_rows.py).
+row from 3.6-5.7 us to 3.0-4.8 (benchmarks/dev/h200_bench_rows.py).
 
 One program per row, the row in registers as two power-of-two parts so that no lane works on
 padding (576 = 512 + 64); activation rows wider than ACT_ROW_BLOCK are read twice in blocks

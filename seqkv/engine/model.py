@@ -148,8 +148,11 @@ class IntModel:
                             and self.spec.head_dim & (self.spec.head_dim - 1) == 0)
         self.fused_attention_streams = FUSED_ATTENTION_MAX_STREAMS if per_head_kernels else 0
         # (positions, {theta: tables}), replaced whole, never changed in place: threads that
-        # share the model (a server's readers, compactor and rebalancer) see one or the other
+        # share the model (a server's readers, compactor and rebalancer) see one or the other.
+        # Replaced ones stay alive: decode groups kept with their CUDA graphs (codec.py) read
+        # the tables they were captured with by address (each at most half the next one's size).
         self._rope: tuple[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = (0, {})
+        self._rope_past: list[dict[float, tuple[torch.Tensor, torch.Tensor]]] = []
         # Every GEMM runs as one Triton kernel with the rescaling inside (cuda_ops.int8_linear):
         # on the H200 it took half the time of torch._int_mm plus compiled rescaling from 1 to
         # 1,024 rows, and the encoder's prefill ran 15% faster (BENCHMARKS.md).
@@ -246,6 +249,7 @@ class IntModel:
         """Full-width rotary tables [positions, d] for ``_rotate``: [cos | cos], [-sin | sin]."""
         length, built = self._rope
         if n_positions > length:
+            self._rope_past.append(built)
             length, built = max(n_positions, 2 * length, 64), {}
         if theta not in built:
             cos, sin = tables.rope_table(theta, self.spec.head_dim, length)
