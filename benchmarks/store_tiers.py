@@ -179,6 +179,7 @@ def check_store(db: str, lm, quant, prior, budget: int, trace: list[str], sessio
     session's restore measured in a fresh store against the model of it."""
     s = Store(db, lm, checkpoint_budget=budget, checkpoint_policy=prior, checkpoint_quant=quant)
     s.refresh()
+    s.checkpoints.forget_hits()  # the store keeps counted restores: this check's trace alone
     for name in trace:
         s.checkpoints.touch(s.trie.path(s.trie.sessions[name]))
     t0 = time.perf_counter()

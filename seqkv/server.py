@@ -33,11 +33,11 @@ Tiers (``--tier-budget BYTES``, ``--tier-policy``, ``--tier-quant``): each names
 tiers (KV checkpoints and edges kept raw, ``Store.rebalance``) are rebalanced in the
 background by a thread of the server, every ``--tier-interval`` seconds for a namespace that
 was written or read since, sooner once it served ``--tier-restores`` restores. It runs in the
-server because that is where restores are counted (in the memory of the namespace's reading
-Store; the policy reads those counts live): the compactor child never sees a restore. It has
-its own Store and lock, so puts and reads go on meanwhile (its model work is outside the
-write lock, its writes are short transactions). Several server processes each rebalance with
-the restores they served.
+server because that is where restores are counted (by the namespace's reading Store, handed
+to the rebalancing one): the compactor child never sees a restore. It has its own Store and
+lock, so puts and reads go on meanwhile (its model work is outside the write lock, its writes
+are short transactions). Each rebalance adds the restores its server served to the store's
+counts and ranks by all of them, so several server processes on one store agree.
 
 The model loads in the background: the server answers at once (a restart takes the time of
 the Python imports), and what needs no model is served meanwhile: puts of ids (checked
@@ -349,16 +349,15 @@ class _Namespace:
 
     def rebalance(self) -> dict:
         """One rebalance of the namespace's tiers, on its own Store and lock (puts and reads go
-        on meanwhile), with the restore counts the reader's Store keeps in memory."""
+        on meanwhile), with the restores the reader's Store counted since the last one."""
         self.service.model()
         self.dirty, self.restores = False, 0  # what comes in meanwhile counts for the next one
         try:
             with self.locks["tiers"]:
                 s = self.store("tiers")
                 reader = self._stores.get("reader")
-                if reader is not None:  # the same dicts: the policy sees every hit so far
-                    s.checkpoints.hits = reader.checkpoints.hits
-                    s.checkpoints.last = reader.checkpoints.last
+                if reader is not None:  # the restores it served, merged into the store's
+                    s.checkpoints.absorb(reader.checkpoints)
                 # LRU admits the latest restore's path (the prior policy ignores it)
                 return s.rebalance(self.last_restored)
         except BaseException:

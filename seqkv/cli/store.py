@@ -290,9 +290,10 @@ def rebalance(
 ) -> None:
     """Give each trie node its tier under a byte budget (a KV checkpoint, its edge kept raw, or
     coded): checkpoints written and dropped, hot coded edges swapped back to raw, cooled ones
-    left to the next compaction. With --db the policy sees the trie and its prior, not the
-    restores of other processes; a server (--server) rebalances under its own --tier-budget
-    with the restores it served."""
+    left to the next compaction. With --db the policy sees the trie, its prior and the
+    restores every process has recorded in the store (servers record theirs at each rebalance;
+    --session counts as one more); a server (--server) rebalances under its own
+    --tier-budget."""
     client = _client(db, server, api_key)
     if client is not None:
         given = [o for o, v in (("--budget", budget), ("--policy", policy), ("--quant", quant),

@@ -24,6 +24,7 @@ codes. Without a budget nothing is kept raw: every edge is coded.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,19 @@ def continue_prefill(model, cache: DynamicCache, ids: list[int], held: int) -> R
     return RestoredCache(cache, all_ids, out.logits[:, -1])
 
 
+def _hits(key: str, data: bytes | None) -> dict | None:
+    """A ``hits`` record's count and last restore time; None when absent, or when it fails
+    its checksum (a ranking statistic: the node counts as never restored, and the next merge
+    that touches it writes it afresh)."""
+    if data is None:
+        return None
+    try:
+        h = parse("hits", key, data)[0]
+        return {"count": int(h["count"]), "last": float(h["last"])}
+    except (BlobError, KeyError, TypeError, ValueError):
+        return None
+
+
 class CheckpointManager:
     """One namespace's tiers: KV checkpoints, records ``ckptmeta`` (sizes, loaded with the
     trie) and ``ckpt`` (payloads, read on restore); edges kept raw, records ``tier``; observed
@@ -137,6 +151,7 @@ class CheckpointManager:
         self.hits: dict[str, int] = {}
         self.last: dict[str, float] = {}
         self._unmerged: dict[str, tuple[int, float]] = {}
+        self._hits_lock = threading.Lock()  # readers touch while the rebalancer merges
         self._fits: dict = {}  # checkpoint sizes per tensor shape (kv_bytes)
 
     def load(self, records: dict[str, dict[str, bytes]]) -> None:
@@ -174,9 +189,10 @@ class CheckpointManager:
             del self.raw[node_id]
         if txn.read("hits", node_id) is not None:
             txn.delete("hits", node_id)
-        self.hits.pop(node_id, None)
-        self.last.pop(node_id, None)
-        self._unmerged.pop(node_id, None)
+        with self._hits_lock:
+            self.hits.pop(node_id, None)
+            self.last.pop(node_id, None)
+            self._unmerged.pop(node_id, None)
 
     # -- restore ---------------------------------------------------------------------------
     def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
@@ -196,44 +212,83 @@ class CheckpointManager:
         """A restore went through these nodes (shared with other processes at the next
         ``merge_hits``)."""
         now = time.time()
-        for e in path:
-            self.hits[e.id] = self.hits.get(e.id, 0) + 1
-            self.last[e.id] = now
-            n, _ = self._unmerged.get(e.id, (0, 0.0))
-            self._unmerged[e.id] = (n + 1, now)
+        with self._hits_lock:
+            for e in path:
+                self.hits[e.id] = self.hits.get(e.id, 0) + 1
+                self.last[e.id] = now
+                n, _ = self._unmerged.get(e.id, (0, 0.0))
+                self._unmerged[e.id] = (n + 1, now)
 
     def merge_hits(self) -> None:
         """Add this process's restores to the namespace's ``hits`` records and take every
-        process's counts back, in one write: servers sharing a store (and a process started
-        later, such as ``seqkv store rebalance``) rank nodes by the same accesses, and a
-        restart loses none."""
-        unmerged, self._unmerged = self._unmerged, {}
+        process's counts back: servers sharing a store (and a process started later, such as
+        ``seqkv store rebalance``) rank nodes by the same accesses, and a restart loses none.
+        The write holds the lock for the touched nodes' records alone; all are read after."""
+        with self._hits_lock:
+            unmerged, self._unmerged = self._unmerged, {}
 
-        def work(txn) -> dict[str, dict]:
-            # (a transaction's reads do not see its own writes on every backend: merged here)
-            merged = {k: parse("hits", k, v)[0] for k, v in txn.read_kind("hits").items()}
+        def work(txn) -> None:
             for i, (n, ts) in unmerged.items():
                 if i not in self.store.trie.nodes:  # deleted meanwhile (the trie is current)
                     continue
-                h = merged.get(i, {"count": 0, "last": 0.0})
-                merged[i] = {"kind": "hits", "node": i, "count": int(h["count"]) + n,
-                             "last": max(float(h["last"]), ts)}
-                txn.put("hits", i, pack(merged[i], []))
-            return merged
+                h = _hits(i, txn.read("hits", i)) or {"count": 0, "last": 0.0}
+                txn.put("hits", i, pack({"kind": "hits", "node": i, "count": h["count"] + n,
+                                         "last": max(h["last"], ts)}, []))
 
         try:
             if unmerged:
-                merged = self.store._write(work)
-            else:  # nothing to add: a read, not a write that other processes would catch up on
-                records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
-                merged = {k: parse("hits", k, v)[0] for k, v in records.items()}
+                self.store._write(work)
+            records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
         except BaseException:
-            for i, (n, ts) in unmerged.items():  # kept for the next merge
+            self._requeue(unmerged, count=False)  # kept for the next merge
+            raise
+        merged = {k: h for k, v in records.items() if (h := _hits(k, v)) is not None}
+        with self._hits_lock:  # with the restores touched since the swap above
+            self.hits = {k: h["count"] for k, h in merged.items()}
+            self.last = {k: h["last"] for k, h in merged.items()}
+            for i, (n, ts) in self._unmerged.items():
+                self.hits[i] = self.hits.get(i, 0) + n
+                self.last[i] = max(self.last.get(i, 0.0), ts)
+
+    def absorb(self, other: CheckpointManager) -> None:
+        """The restores another manager counted and has not merged (a server's reading Store,
+        whose tiers another Store rebalances), to go into this one's next merge."""
+        with other._hits_lock:
+            counts, other._unmerged = other._unmerged, {}
+        self._requeue(counts, count=True)
+
+    def _requeue(self, counts: dict[str, tuple[int, float]], count: bool) -> None:
+        """Unmerged restores into the next merge (``count``: and into this process's view,
+        where they were not counted yet)."""
+        with self._hits_lock:
+            for i, (n, ts) in counts.items():
                 m, last = self._unmerged.get(i, (0, 0.0))
                 self._unmerged[i] = (m + n, max(ts, last))
-            raise
-        self.hits = {k: int(h["count"]) for k, h in merged.items()}
-        self.last = {k: float(h["last"]) for k, h in merged.items()}
+                if count:
+                    self.hits[i] = self.hits.get(i, 0) + n
+                    self.last[i] = max(self.last.get(i, 0.0), ts)
+
+    def split_in(self, txn, upper: str, lower: str) -> None:
+        """Inside a write: an edge was split, and every restore through the lower half went
+        through the new upper one too."""
+        data = txn.read("hits", lower)
+        h = _hits(lower, data)
+        if h is not None:
+            txn.put("hits", upper, pack({"kind": "hits", "node": upper, **h}, []))
+        with self._hits_lock:
+            for held in (self.hits, self.last, self._unmerged):
+                if lower in held:
+                    held[upper] = held[lower]
+
+    def forget_hits(self) -> None:
+        """Drop every recorded restore of the namespace (all processes' counts)."""
+        def work(txn) -> None:
+            for k in txn.read_kind("hits"):
+                txn.delete("hits", k)
+
+        self.store._write(work)
+        with self._hits_lock:
+            self.hits, self.last, self._unmerged = {}, {}, {}
 
     def restore(self, header: dict, sections: list[bytes], ids: list[int]) -> RestoredCache:
         """A checkpoint's KV plus a prefill of the rest of ``ids``."""

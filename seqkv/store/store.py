@@ -388,6 +388,7 @@ class Store:
         node, changed, split = m.node, [], 0
         if m.offset < node.n:
             mid = self.trie.split(node, m.offset)
+            self.checkpoints.split_in(txn, mid.id, node.id)
             changed += [mid, node]
             node, split = mid, 1
         if m.depth < len(ids):
