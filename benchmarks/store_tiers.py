@@ -181,7 +181,7 @@ def check_store(db: str, lm, quant, prior, budget: int, trace: list[str], sessio
     s.refresh()
     s.checkpoints.forget_hits()  # the store keeps counted restores: this check's trace alone
     for name in trace:
-        s.checkpoints.touch(s.trie.path(s.trie.sessions[name]))
+        s.checkpoints.touch(name)
     t0 = time.perf_counter()
     out = s.rebalance()
     rebalance_s = time.perf_counter() - t0

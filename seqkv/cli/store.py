@@ -313,7 +313,8 @@ def rebalance(
             if session is not None:
                 # as a restore of it would: its path is the most recent (this process has
                 # seen no other restore)
-                s.checkpoints.touch(s.trie.path(s._session(session)))
+                s._session(session)  # (an unknown session: the store's one-line error)
+                s.checkpoints.touch(session)
             out = s.rebalance(session)
             info = {"namespace": s.ns, "budget": nbytes, "policy": s.checkpoints.policy.name,
                     "quant": quant_spec(q), **out}

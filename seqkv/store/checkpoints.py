@@ -13,7 +13,7 @@ Which nodes get one, and which edges stay raw, is a :class:`~.policies.Policy`'s
 (``policies.py``: LRU and prior-guided, three tiers per node: checkpoint, raw, coded); the
 :class:`CheckpointManager` (the namespace's tier manager) keeps the store's checkpoint records
 and its ``tier`` records (the edges kept raw, loaded with the trie), counts observed restores
-through each node (``hits`` records, every process's, merged at each rebalance), and follows
+of each session (``hits`` records, every process's, merged at each rebalance), and follows
 the policy under the byte budget: it materializes and drops checkpoints, swaps an edge that
 became hot back from coded to raw (compare-and-swap, the edge and its ``tier`` record in one
 transaction, so a kill -9 at any moment leaves either the coded edge or the raw one, never
@@ -122,15 +122,15 @@ def continue_prefill(model, cache: DynamicCache, ids: list[int], held: int) -> R
     return RestoredCache(cache, all_ids, out.logits[:, -1])
 
 
-def _hits(key: str, data: bytes | None) -> dict | None:
+def _hits(key: str, data: bytes | None) -> tuple[int, float] | None:
     """A ``hits`` record's count and last restore time; None when absent, or when it fails
-    its checksum (a ranking statistic: the node counts as never restored, and the next merge
-    that touches it writes it afresh)."""
+    its checksum (a ranking statistic: the session counts as never restored, and the next
+    merge that adds to it writes it afresh)."""
     if data is None:
         return None
     try:
         h = parse("hits", key, data)[0]
-        return {"count": int(h["count"]), "last": float(h["last"])}
+        return int(h["count"]), float(h["last"])
     except (BlobError, KeyError, TypeError, ValueError):
         return None
 
@@ -148,8 +148,11 @@ class CheckpointManager:
         self.raw: dict[str, dict] = {}  # node id -> its tier record: the edge is kept raw
         # restores through each node, every process's as of the last merge plus this one's
         # since; the last one's Unix time; and this process's not yet in the ``hits`` records
-        self.hits: dict[str, int] = {}
-        self.last: dict[str, float] = {}
+        # restores of each session (count, the last one's Unix time): every process's as of
+        # the last merge plus this one's since, and this one's not yet in the ``hits`` records.
+        # Per session, not per node: a restore walks its session's whole path, so a node's
+        # count is its sessions' sum, whatever splits the trie's edges have had since.
+        self.restores: dict[str, tuple[int, float]] = {}
         self._unmerged: dict[str, tuple[int, float]] = {}
         self._hits_lock = threading.Lock()  # readers touch while the rebalancer merges
         self._fits: dict = {}  # checkpoint sizes per tensor shape (kv_bytes)
@@ -187,12 +190,14 @@ class CheckpointManager:
         if node_id in self.raw:
             txn.delete("tier", node_id)
             del self.raw[node_id]
-        if txn.read("hits", node_id) is not None:
-            txn.delete("hits", node_id)
+
+    def forget_session_in(self, txn, session: str) -> None:
+        """Inside a write: the session is deleted (or replaced), its restores with it."""
+        if txn.read("hits", session) is not None:
+            txn.delete("hits", session)
         with self._hits_lock:
-            self.hits.pop(node_id, None)
-            self.last.pop(node_id, None)
-            self._unmerged.pop(node_id, None)
+            self.restores.pop(session, None)
+            self._unmerged.pop(session, None)
 
     # -- restore ---------------------------------------------------------------------------
     def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
@@ -208,47 +213,41 @@ class CheckpointManager:
                     return i, h, sections
         return None
 
-    def touch(self, path: list[Node]) -> None:
-        """A restore went through these nodes (shared with other processes at the next
+    def touch(self, session: str) -> None:
+        """A restore of this session (shared with other processes at the next
         ``merge_hits``)."""
-        now = time.time()
-        with self._hits_lock:
-            for e in path:
-                self.hits[e.id] = self.hits.get(e.id, 0) + 1
-                self.last[e.id] = now
-                n, _ = self._unmerged.get(e.id, (0, 0.0))
-                self._unmerged[e.id] = (n + 1, now)
+        self._requeue({session: (1, time.time())}, count=True)
 
     def merge_hits(self) -> None:
         """Add this process's restores to the namespace's ``hits`` records and take every
         process's counts back: servers sharing a store (and a process started later, such as
         ``seqkv store rebalance``) rank nodes by the same accesses, and a restart loses none.
-        The write holds the lock for the touched nodes' records alone; all are read after."""
+        The write holds the lock for the restored sessions' records alone; all are read
+        after."""
         with self._hits_lock:
             unmerged, self._unmerged = self._unmerged, {}
 
         def work(txn) -> None:
-            for i, (n, ts) in unmerged.items():
-                if i not in self.store.trie.nodes:  # deleted meanwhile (the trie is current)
+            for k, (n, ts) in unmerged.items():
+                if k not in self.store.trie.sessions:  # deleted meanwhile (the trie is current)
                     continue
-                h = _hits(i, txn.read("hits", i)) or {"count": 0, "last": 0.0}
-                txn.put("hits", i, pack({"kind": "hits", "node": i, "count": h["count"] + n,
-                                         "last": max(h["last"], ts)}, []))
+                h = _hits(k, txn.read("hits", k)) or (0, 0.0)
+                txn.put("hits", k, pack({"kind": "hits", "session": k, "count": h[0] + n,
+                                         "last": max(h[1], ts)}, []))
 
-        try:
-            if unmerged:
+        if unmerged:
+            try:
                 self.store._write(work)
-            records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
-        except BaseException:
-            self._requeue(unmerged, count=False)  # kept for the next merge
-            raise
+            except BaseException:
+                self._requeue(unmerged, count=False)  # kept for the next merge
+                raise
+        records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
         merged = {k: h for k, v in records.items() if (h := _hits(k, v)) is not None}
         with self._hits_lock:  # with the restores touched since the swap above
-            self.hits = {k: h["count"] for k, h in merged.items()}
-            self.last = {k: h["last"] for k, h in merged.items()}
-            for i, (n, ts) in self._unmerged.items():
-                self.hits[i] = self.hits.get(i, 0) + n
-                self.last[i] = max(self.last.get(i, 0.0), ts)
+            self.restores = merged
+            for k, (n, ts) in self._unmerged.items():
+                m, last = self.restores.get(k, (0, 0.0))
+                self.restores[k] = (m + n, max(last, ts))
 
     def absorb(self, other: CheckpointManager) -> None:
         """The restores another manager counted and has not merged (a server's reading Store,
@@ -261,24 +260,11 @@ class CheckpointManager:
         """Unmerged restores into the next merge (``count``: and into this process's view,
         where they were not counted yet)."""
         with self._hits_lock:
-            for i, (n, ts) in counts.items():
-                m, last = self._unmerged.get(i, (0, 0.0))
-                self._unmerged[i] = (m + n, max(ts, last))
-                if count:
-                    self.hits[i] = self.hits.get(i, 0) + n
-                    self.last[i] = max(self.last.get(i, 0.0), ts)
-
-    def split_in(self, txn, upper: str, lower: str) -> None:
-        """Inside a write: an edge was split, and every restore through the lower half went
-        through the new upper one too."""
-        data = txn.read("hits", lower)
-        h = _hits(lower, data)
-        if h is not None:
-            txn.put("hits", upper, pack({"kind": "hits", "node": upper, **h}, []))
-        with self._hits_lock:
-            for held in (self.hits, self.last, self._unmerged):
-                if lower in held:
-                    held[upper] = held[lower]
+            for k, (n, ts) in counts.items():
+                held = [self._unmerged, self.restores] if count else [self._unmerged]
+                for d in held:
+                    m, last = d.get(k, (0, 0.0))
+                    d[k] = (m + n, max(ts, last))
 
     def forget_hits(self) -> None:
         """Drop every recorded restore of the namespace (all processes' counts)."""
@@ -288,7 +274,21 @@ class CheckpointManager:
 
         self.store._write(work)
         with self._hits_lock:
-            self.hits, self.last, self._unmerged = {}, {}, {}
+            self.restores, self._unmerged = {}, {}
+
+    def node_hits(self) -> dict[str, tuple[int, float]]:
+        """Each node's restores (count, last one's time): its sessions' summed."""
+        out: dict[str, tuple[int, float]] = {}
+        trie = self.store.trie
+        with self._hits_lock:
+            counts = list(self.restores.items())
+        for session, (n, ts) in counts:
+            node = trie.sessions.get(session)
+            while node is not None and node is not trie.root:
+                m, last = out.get(node.id, (0, 0.0))
+                out[node.id] = (m + n, max(last, ts))
+                node = node.parent
+        return out
 
     def restore(self, header: dict, sections: list[bytes], ids: list[int]) -> RestoredCache:
         """A checkpoint's KV plus a prefill of the rest of ``ids``."""
@@ -427,6 +427,7 @@ class CheckpointManager:
         """Every node, with its edge (the raw tier); session ends and branch points at least
         ``ALIGN`` deep may also hold a checkpoint."""
         trie = self.store.trie
+        hits = self.node_hits()
         out: dict[str, NodeInfo] = {}
         bits: dict[str, float] = {"root": 0.0}
         ancestors: dict[str, list[str]] = {"root": []}
@@ -439,8 +440,8 @@ class CheckpointManager:
                 ancestors[n.id] = [*above, node.id] if node is not trie.root else []
                 ckpt = bool(n.sessions or len(n.children) > 1) and n.depth >= ALIGN
                 out[n.id] = NodeInfo(n.id, n.depth, self.kv_bytes(n.depth) if ckpt else 0,
-                                     trie.refs(n), bits[n.id], self.hits.get(n.id, 0),
-                                     self.last.get(n.id, 0.0), list(ancestors[n.id]), n.n, ckpt)
+                                     trie.refs(n), bits[n.id], *hits.get(n.id, (0, 0.0)),
+                                     list(ancestors[n.id]), n.n, ckpt)
                 stack.append(n)
         return out
 

@@ -11,8 +11,8 @@ a flipped bit anywhere is refused on read as :class:`StoreCorruptError`.
     ckptmeta  / ckpt    a KV checkpoint's size (read with the trie) / its payload (read on restore)
     tier      an edge the tier policy keeps raw (compaction leaves it; ``policies.py``), with
               its coded bits from before it was swapped back to raw (the prior needs them)
-    hits      restores through a trie node, every process's (count, last one's Unix time):
-              added to and read back at each rebalance, so the tier policy ranks by them
+    hits      a session's restores, every process's (count, last one's Unix time): added to
+              and read back at each rebalance; a node's are its sessions' summed
     exact     a session's exact-tier residual blob
 """
 

@@ -388,7 +388,6 @@ class Store:
         node, changed, split = m.node, [], 0
         if m.offset < node.n:
             mid = self.trie.split(node, m.offset)
-            self.checkpoints.split_in(txn, mid.id, node.id)
             changed += [mid, node]
             node, split = mid, 1
         if m.depth < len(ids):
@@ -416,6 +415,7 @@ class Store:
         if (self.session_info.pop(session, None) or {}).get("exact_bytes"):
             txn.delete("exact", session)
         txn.delete("session", session)
+        self.checkpoints.forget_session_in(txn, session)
 
     def delete(self, session: str) -> None:
         """Delete a session (no model needed); edges no other session uses are freed."""
@@ -473,7 +473,7 @@ class Store:
             raise StoreCorruptError(f"session {session!r} decoded to tokens that do not match "
                                     "its hash")
         if count:  # one restore for the tier policy (a caller's second look does not count)
-            self.checkpoints.touch(path)
+            self.checkpoints.touch(session)
         self.last_restore = {"decoded_tokens": decoded,
                              "checkpoint_depth": path[begin - 1].depth if begin else 0}
         return ids
