@@ -223,6 +223,27 @@ def test_restore_counts_are_shared_between_processes_and_survive_a_restart(db, l
     assert node not in Store(db, llama, checkpoint_budget=1 << 20).candidates()
 
 
+def test_a_replaced_session_does_not_inherit_the_old_contents_restores(db, llama):  # noqa: F811, E501
+    """As in a server: a reading Store counts restores of x, a writing Store replaces x with
+    other tokens, and the rebalancing Store takes the reader's counts: none of them passes to
+    the new x (nor does the record of an earlier merge)."""
+    _, data = _coded_store(db, llama)
+    reader, writer = Store(db, llama), Store(db, llama)
+    tiers = Store(db, llama, checkpoint_budget=1 << 20)
+    for _ in range(2):
+        reader.get_ids("cold2")
+    tiers.checkpoints.absorb(reader.checkpoints)
+    tiers.rebalance()
+    assert tiers.candidates()[tiers.trie.sessions["cold2"].id].hits == 2
+    for _ in range(3):
+        reader.get_ids("cold2")
+    writer.put("cold2", data["cold2"][:5] + [9, 9, 9], replace=True)
+    tiers.checkpoints.absorb(reader.checkpoints)
+    tiers.rebalance()
+    assert tiers.candidates()[tiers.trie.sessions["cold2"].id].hits == 0
+    assert tiers.backend.read(tiers.ns, "hits", "cold2") is None
+
+
 def test_restore_counts_follow_a_split_and_a_corrupt_count_is_no_count(db, llama):  # noqa: F811, E501
     """An edge split by a later put (here by another process, as a server's writer does):
     its new upper half carries the restores that went through the edge. A count record that

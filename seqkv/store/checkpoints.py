@@ -122,15 +122,16 @@ def continue_prefill(model, cache: DynamicCache, ids: list[int], held: int) -> R
     return RestoredCache(cache, all_ids, out.logits[:, -1])
 
 
-def _hits(key: str, data: bytes | None) -> tuple[int, float] | None:
-    """A ``hits`` record's count and last restore time; None when absent, or when it fails
-    its checksum (a ranking statistic: the session counts as never restored, and the next
-    merge that adds to it writes it afresh)."""
+def _hits(key: str, data: bytes | None, content: str | None) -> tuple[int, float] | None:
+    """A ``hits`` record's count and last restore time, if it counts restores of ``content``
+    (the session's token hash now); None when absent, of other content, or when it fails its
+    checksum (a ranking statistic: the session counts as never restored, and the next merge
+    that adds to it writes it afresh)."""
     if data is None:
         return None
     try:
         h = parse("hits", key, data)[0]
-        return int(h["count"]), float(h["last"])
+        return (int(h["count"]), float(h["last"])) if h["hash"] == content else None
     except (BlobError, KeyError, TypeError, ValueError):
         return None
 
@@ -153,7 +154,7 @@ class CheckpointManager:
         # Per session, not per node: a restore walks its session's whole path, so a node's
         # count is its sessions' sum, whatever splits the trie's edges have had since.
         self.restores: dict[str, tuple[int, float]] = {}
-        self._unmerged: dict[str, tuple[int, float]] = {}
+        self._unmerged: dict[tuple[str, str], tuple[int, float]] = {}  # by (session, content)
         self._hits_lock = threading.Lock()  # readers touch while the rebalancer merges
         self._fits: dict = {}  # checkpoint sizes per tensor shape (kv_bytes)
 
@@ -192,12 +193,10 @@ class CheckpointManager:
             del self.raw[node_id]
 
     def forget_session_in(self, txn, session: str) -> None:
-        """Inside a write: the session is deleted (or replaced), its restores with it."""
+        """Inside a write: the session is deleted (or replaced), its recorded restores with
+        it (restores still queued anywhere name its old content, and are dropped at merge)."""
         if txn.read("hits", session) is not None:
             txn.delete("hits", session)
-        with self._hits_lock:
-            self.restores.pop(session, None)
-            self._unmerged.pop(session, None)
 
     # -- restore ---------------------------------------------------------------------------
     def deepest(self, path: list[Node]) -> tuple[int, dict, list[bytes]] | None:
@@ -215,8 +214,11 @@ class CheckpointManager:
 
     def touch(self, session: str) -> None:
         """A restore of this session (shared with other processes at the next
-        ``merge_hits``)."""
-        self._requeue({session: (1, time.time())}, count=True)
+        ``merge_hits``), of its content as this process knows it (its token hash): if the
+        session is replaced meanwhile, here or elsewhere, the count does not pass to the new
+        content."""
+        content = self.store.session_info[session]["hash"]
+        self._requeue({(session, content): (1, time.time())}, count=True)
 
     def merge_hits(self) -> None:
         """Add this process's restores to the namespace's ``hits`` records and take every
@@ -228,12 +230,12 @@ class CheckpointManager:
             unmerged, self._unmerged = self._unmerged, {}
 
         def work(txn) -> None:
-            for k, (n, ts) in unmerged.items():
-                if k not in self.store.trie.sessions:  # deleted meanwhile (the trie is current)
+            for (k, content), (n, ts) in unmerged.items():
+                if self._content(k) != content:  # deleted or replaced meanwhile (current trie)
                     continue
-                h = _hits(k, txn.read("hits", k)) or (0, 0.0)
-                txn.put("hits", k, pack({"kind": "hits", "session": k, "count": h[0] + n,
-                                         "last": max(h[1], ts)}, []))
+                h = _hits(k, txn.read("hits", k), content) or (0, 0.0)
+                txn.put("hits", k, pack({"kind": "hits", "session": k, "hash": content,
+                                         "count": h[0] + n, "last": max(h[1], ts)}, []))
 
         if unmerged:
             try:
@@ -242,12 +244,18 @@ class CheckpointManager:
                 self._requeue(unmerged, count=False)  # kept for the next merge
                 raise
         records = self.store.backend.snapshot(self.store.ns, ("hits",))[1]["hits"]
-        merged = {k: h for k, v in records.items() if (h := _hits(k, v)) is not None}
+        merged = {k: h for k, v in records.items()
+                  if (h := _hits(k, v, self._content(k))) is not None}
         with self._hits_lock:  # with the restores touched since the swap above
             self.restores = merged
-            for k, (n, ts) in self._unmerged.items():
+            for (k, _), (n, ts) in self._unmerged.items():
                 m, last = self.restores.get(k, (0, 0.0))
                 self.restores[k] = (m + n, max(last, ts))
+
+    def _content(self, session: str) -> str | None:
+        """The session's token hash as this process's trie has it (None: no such session)."""
+        info = self.store.session_info.get(session)
+        return info["hash"] if info is not None else None
 
     def absorb(self, other: CheckpointManager) -> None:
         """The restores another manager counted and has not merged (a server's reading Store,
@@ -256,15 +264,16 @@ class CheckpointManager:
             counts, other._unmerged = other._unmerged, {}
         self._requeue(counts, count=True)
 
-    def _requeue(self, counts: dict[str, tuple[int, float]], count: bool) -> None:
-        """Unmerged restores into the next merge (``count``: and into this process's view,
-        where they were not counted yet)."""
+    def _requeue(self, counts: dict[tuple[str, str], tuple[int, float]], count: bool) -> None:
+        """Unmerged restores, by (session, content), into the next merge (``count``: and into
+        this process's view, where they were not counted yet)."""
         with self._hits_lock:
-            for k, (n, ts) in counts.items():
-                held = [self._unmerged, self.restores] if count else [self._unmerged]
-                for d in held:
-                    m, last = d.get(k, (0, 0.0))
-                    d[k] = (m + n, max(ts, last))
+            for key, (n, ts) in counts.items():
+                m, last = self._unmerged.get(key, (0, 0.0))
+                self._unmerged[key] = (m + n, max(ts, last))
+                if count:
+                    m, last = self.restores.get(key[0], (0, 0.0))
+                    self.restores[key[0]] = (m + n, max(ts, last))
 
     def forget_hits(self) -> None:
         """Drop every recorded restore of the namespace (all processes' counts)."""
