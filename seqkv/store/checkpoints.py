@@ -147,8 +147,6 @@ class CheckpointManager:
         self.policy = as_tier_policy(policy)
         self.meta: dict[str, dict] = {}  # node id -> checkpoint meta
         self.raw: dict[str, dict] = {}  # node id -> its tier record: the edge is kept raw
-        # restores through each node, every process's as of the last merge plus this one's
-        # since; the last one's Unix time; and this process's not yet in the ``hits`` records
         # restores of each session (count, the last one's Unix time): every process's as of
         # the last merge plus this one's since, and this one's not yet in the ``hits`` records.
         # Per session, not per node: a restore walks its session's whole path, so a node's
