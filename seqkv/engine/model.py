@@ -22,7 +22,7 @@ import torch
 
 from ..core.decoders import locate_in_pmf
 from ..core.distribution import TOTAL
-from . import cpu_kernels, cuda_ops, cuda_rows, tables
+from . import cpu_kernels, cuda_attention, cuda_ops, cuda_rows, tables
 from .intops import (
     RowGemm,
     int_matmul,
@@ -142,7 +142,7 @@ class IntModel:
         self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
         self._index_scale_t = torch.tensor([self._index_scale], dtype=torch.float64, device=dev)
         # Decode groups up to this many streams attend through one Triton kernel on CUDA
-        # (cuda_ops.py): the same integers as the float64 GEMMs. The per-head kernels span a
+        # (cuda_attention.py): the same integers as the float64 GEMMs. The per-head kernels span a
         # head's width in one block: power-of-two head widths only (64, 128, ...).
         per_head_kernels = (cuda_ops.available(self.device)
                             and self.spec.head_dim & (self.spec.head_dim - 1) == 0)
@@ -529,7 +529,7 @@ class IntModel:
             cache.keys[i].scatter_(2, slot, k)
             cache.values[i].scatter_(2, slot, v)
         if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
-            att = cuda_ops.decode_attention(q, cache.keys[i], cache.values[i], pos,
+            att = cuda_attention.decode_attention(q, cache.keys[i], cache.values[i], pos,
                                             s.windows[i], self.exp_attn_f,
                                             self._index_scale_t, 1 << (FRAC - QKV_FRAC))
         else:
