@@ -4,14 +4,22 @@ They run only on CUDA GPUs, so these tests skip elsewhere (CI has no GPU); they 
 H200 and reported in BENCHMARKS.md.
 """
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
-from seqkv.engine import IntModel, cuda_ops, integerize, tables
+from seqkv.core.decoders import VectorRansDecoder, encode_stream
+from seqkv.core.distribution import TOTAL
+from seqkv.engine import EngineCodec, IntModel, cuda_ops, integerize, tables
+from seqkv.engine.codec import advance_streams
 from seqkv.engine.cuda_ops import available
 from seqkv.engine.model import FRAC
 
 from .test_engine import MODELS
+
+CUDA = torch.device("cuda")
 
 
 def _llama_rep3():
@@ -66,18 +74,35 @@ def test_kernels_give_the_torch_integers(name):
         assert torch.equal(runs[0][1], steps)
 
 
+def _extreme_logits(g: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """Q16 logits [rows, vocab] on the GPU: spreads from 2**12 to 2**19, all equal, a tie for
+    the maximum, one huge maximum (every other token at the exp table's 0)."""
+    spread = 2.0 ** (torch.arange(rows, dtype=torch.float64)[:, None] % 8 + 12)
+    logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * spread).to(torch.int64)
+    logits[0] = 7
+    logits[1, [3, vocab - 1]] = logits[1].max() + 1
+    logits[2, vocab // 2] = 1 << 40
+    return logits.to(CUDA)
+
+
+def _corrupt_words(g: torch.Generator, n: int, low: int | None) -> np.ndarray:
+    """n random words (the top bits set: states past 2**63) whose first state's quantile is
+    ``low`` where given (the low 24 bits of the word below the top, or of the only one)."""
+    w = torch.randint(0, 1 << 32, (n,), generator=g, dtype=torch.int64) | (1 << 31)
+    if low is not None:
+        below = max(n - 2, 0)
+        w[below] = (w[below] & ~(TOTAL - 1)) | low
+    return w.numpy().astype(np.uint32)
+
+
 def test_locate_finds_the_tables_symbol():
     """The distribution kernels find the symbol, start and frequency the full table's
-    cumulative search finds: random, flat and tied logits, quantiles at every edge; and the
-    encoder's (start, freq) of given tokens (first, last, the argmax, random)."""
-    model = IntModel(integerize(MODELS["llama"]().model), "cuda")
+    cumulative search finds: random, flat, tied and peaked logits, quantiles at every edge;
+    and the encoder's (start, freq) of given tokens (first, last, the argmax, random)."""
+    model = IntModel(integerize(MODELS["llama"]().model), CUDA)
     g = torch.Generator().manual_seed(5)
     for vocab in (256, 5000, 49152):
-        logits = (torch.randn(8, vocab, generator=g, dtype=torch.float64) * 2.0 ** torch.arange(
-            8, dtype=torch.float64)[:, None] * 2**12).to(torch.int64)
-        logits[0] = 7  # all equal
-        logits[1, [3, vocab - 1]] = logits[1].max() + 1  # a tie for the maximum
-        logits = logits.cuda()
+        logits = _extreme_logits(g, 8, vocab)
         for q in (torch.zeros(8), torch.full((8,), (1 << 24) - 1), torch.ones(8),
                   torch.randint(0, 1 << 24, (8,), generator=g)):
             q = q.to(torch.int64).cuda()
@@ -121,3 +146,113 @@ def test_int8_linear_gives_split_linears_integers(rows):
             args = hi.cuda(), lo.cuda(), shift.cuda()
             got = cuda_ops.int8_linear(*args, lin.w, lin.scale, lin.bias)
             assert torch.equal(got, split_linear(*args, lin))
+
+
+def test_decode_step_equals_the_torch_tail():
+    """cuda_ops.decode_step gives codec.advance_streams' integers after model.locate (tokens,
+    (start, freq) rows, states, words left, ``bad``, positions, steps), step by step: sound
+    streams of different lengths (one empty; those finishing early idle in place), refilling
+    as their words run out; corrupt streams on either reserved symbol, past 2**63, with one or
+    two words; flat, tied and peaked logits. The sound streams decode their tokens and end
+    empty."""
+    model = IntModel(integerize(MODELS["llama"]().model), CUDA)
+    model.fused_locate = False  # the reference: locate_in_pmf on the full table
+    g = torch.Generator().manual_seed(11)
+    steps, lengths = 12, [12, 12, 3, 0, 1, 7, 12, 5, 12, 12, 12]
+    sound = 8
+    for vocab in (256, 5000):
+        logits = torch.stack([_extreme_logits(g, len(lengths), vocab) for _ in range(steps)])
+        pmf = model.pmf(logits.reshape(-1, vocab)).reshape(steps, len(lengths), -1).cpu()
+        cdf = pmf.cumsum(-1) - pmf
+        want, words = [], []
+        for s, n in enumerate(lengths[:sound]):
+            symbols = torch.randint(1, vocab + 1, (n,), generator=g)
+            at = (torch.arange(n), s, symbols)
+            want.append((symbols - 1).tolist())
+            words.append(encode_stream("ans", cdf[at].numpy(), pmf[at].numpy()))
+        words += [_corrupt_words(g, 6, 0), _corrupt_words(g, 2, TOTAL - 1),
+                  _corrupt_words(g, 1, 0)]
+        b = len(words)
+        runs = []
+        for _ in range(2):
+            bufs = (torch.zeros(b, dtype=torch.long), torch.tensor(lengths),
+                    torch.randint(0, vocab, (b,), generator=torch.Generator().manual_seed(1)),
+                    torch.arange(b) * 3, torch.zeros((b, steps + 1), dtype=torch.long),
+                    torch.zeros((b, steps + 1, 2), dtype=torch.long))
+            runs.append((VectorRansDecoder(words, CUDA), [t.to(CUDA) for t in bufs]))
+        (ref, ref_bufs), (fused, fused_bufs) = runs
+        for t in range(steps):
+            found = model.locate(logits[t], ref.quantile())
+            advance_streams(ref, found, vocab + 2, *ref_bufs)
+            cuda_ops.decode_step(logits[t], model.exp_prob, FRAC - tables.EXP_STEP, TOTAL,
+                                 fused, *fused_bufs)
+            for x, y in zip((ref.state, ref.left, ref.bad, *ref_bufs),
+                            (fused.state, fused.left, fused.bad, *fused_bufs), strict=True):
+                assert torch.equal(x, y), f"vocab {vocab}, step {t}"
+        out = fused_bufs[4].cpu()
+        assert [out[s, :n].tolist() for s, n in enumerate(lengths[:sound])] == want
+        assert not fused.state[:sound].any() and not fused.left[:sound].any()
+        assert fused.bad.tolist() == [False] * sound + [True] * (b - sound)
+
+
+def test_fused_decode_step_decodes_like_the_torch_tail():
+    """Decode groups (CUDA graphs on the GPU) stepping through cuda_ops.decode_step decode
+    what the torch tail decodes: tokens, rows and the decoders' end states, with contexts,
+    streams of different lengths and a corrupt one."""
+    lm = MODELS["llama"]()
+    model = IntModel(integerize(lm.model), CUDA)
+    g = torch.Generator().manual_seed(12)
+    full = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (20, 33, 7, 26)]
+    cut = [5, 0, 2, 9]
+    codec = EngineCodec(model, lm.prime_token(), pool_bytes=0)
+    rows = codec.intervals(full, skip=cut)
+    words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows[:3]]
+    words.append(_corrupt_words(g, 9, None))
+    lengths = [len(f) - c for f, c in zip(full, cut, strict=True)]
+    contexts = [f[:c] for f, c in zip(full, cut, strict=True)]
+    runs = []
+    for fused in (True, False):
+        model.fused_locate = fused
+        decoder = VectorRansDecoder(words, CUDA)
+        out = EngineCodec(model, lm.prime_token(), pool_bytes=0).decode_intervals(
+            words, lengths, contexts, decoder=decoder)
+        runs.append((out, decoder))
+    (out, decoder), (want, ref) = runs
+    assert [t for t, _ in out[:3]] == [f[c:] for f, c in zip(full[:3], cut[:3], strict=True)]
+    for (tokens, r), (want_tokens, want_r) in zip(out, want, strict=True):
+        assert tokens == want_tokens and np.array_equal(r, want_r)
+    for x, y in ((decoder.state, ref.state), (decoder.left, ref.left), (decoder.bad, ref.bad)):
+        assert torch.equal(x, y)
+
+
+def test_embed_rows_gives_the_embeddings_integers():
+    """cuda_ops.embed_rows equals IntModel.embed: every token of each tiny model, ids of any
+    shape, and random int16 tables with mantissas and exponents at the extremes (shifts from
+    -70 to 70, products that wrap int64) at widths of one to several column blocks; ids out
+    of range give zeros, not reads past the table."""
+    g = torch.Generator().manual_seed(13)
+    for name in sorted(MODELS):
+        model = IntModel(integerize(MODELS[name]().model), CUDA)
+        model.fused_embed = False  # (where the model would take the kernel itself)
+        w = model.w
+        for ids in (torch.arange(w.embed.shape[0]),
+                    torch.randint(0, w.embed.shape[0], (3, 7), generator=g)):
+            ids = ids.to(CUDA)
+            got = cuda_ops.embed_rows(ids, w.embed, w.embed_mant, w.embed_exp, FRAC)
+            assert torch.equal(got, model.embed(ids)), name
+    vocab = 300
+    for hidden in (1, 5, 576, 1030, 2304):
+        table = torch.randint(-32768, 32768, (vocab, hidden), generator=g, dtype=torch.int16)
+        table[0], table[1] = 32767, -32768
+        mant = torch.randint(0, 1 << 15, (vocab,), generator=g)
+        mant[:8] = torch.tensor([0, 1 << 15, (1 << 62) + 3, -(1 << 40), 1 << 47, 1, 3, 1 << 14])
+        exp = torch.randint(FRAC - 70, FRAC + 70, (vocab,), generator=g)
+        exp[:8] = FRAC + torch.tensor([0, 1, -1, 62, 63, -62, -63, 35])
+        ids = torch.cat([torch.arange(vocab), torch.randint(0, vocab, (50,), generator=g)])
+        table, mant, exp, ids = (t.to(CUDA) for t in (table, mant, exp, ids))
+        weights = SimpleNamespace(embed=table, embed_mant=mant, embed_exp=exp)
+        torch_model = SimpleNamespace(w=weights, fused_embed=False)
+        want = IntModel.embed(torch_model, ids)  # the model's method on these tables
+        assert torch.equal(cuda_ops.embed_rows(ids, table, mant, exp, FRAC), want), hidden
+    outside = torch.tensor([-1, vocab, 1 << 40], device=CUDA)
+    assert not cuda_ops.embed_rows(outside, table, mant, exp, FRAC).any()

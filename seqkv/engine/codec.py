@@ -160,6 +160,24 @@ class EngineCodec:
         return out
 
 
+def advance_streams(decoder: VectorRansDecoder, found: torch.Tensor, n_symbols: int,
+                    step: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor,
+                    pos: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
+    """A decode step's tail in place, given each stream's (symbol, start, freq) [B, 3] under
+    its n_symbols distribution: the decoder advances the streams still decoding (step[b] <
+    lengths[b]); tokens[b] becomes the decoded token where it does; out[b, step[b]] =
+    tokens[b], rows[b, step[b]] = (start, freq); pos and step (int64 [B]) go up by one.
+    cuda_ops.decode_step does the same in locate's kernels."""
+    active = step < lengths
+    symbols = decoder.advance(found, active, n_symbols)
+    tokens.copy_(torch.where(active, symbols, tokens))
+    b = out.shape[0]
+    out.scatter_(1, step.view(b, 1), tokens.unsqueeze(1))
+    rows.scatter_(1, step.view(b, 1, 1).expand(b, 1, 2), found[:, None, 1:])
+    pos.add_(1)
+    step.add_(1)
+
+
 class _DecodeGroup:
     """Static buffers of lockstep decodes of ``b`` streams within ``capacity`` positions, and
     their step (captured per attention span on GPUs): loaded afresh by each decode, so its
@@ -174,7 +192,7 @@ class _DecodeGroup:
         self.tokens = torch.zeros(b, dtype=torch.long, device=dev)
         self.pos = torch.zeros(b, dtype=torch.long, device=dev)
         self.lengths = torch.zeros(b, dtype=torch.long, device=dev)
-        self.step_t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.step_t = torch.zeros(b, dtype=torch.long, device=dev)  # per stream, all equal
         self.out = torch.zeros((b, capacity), dtype=torch.long, device=dev)
         self.rows = torch.zeros((b, capacity, 2), dtype=torch.long, device=dev)
         self.decoder = VectorRansDecoder([np.zeros(n_words, dtype=np.uint32)] * b, dev)
@@ -218,21 +236,19 @@ class _DecodeGroup:
         return min(span, self.capacity)
 
     def _step(self, span: int) -> None:
-        m = self.model
-        active = self.step_t < self.lengths
+        m, bufs = self.model, (self.step_t, self.lengths, self.tokens, self.pos, self.out,
+                               self.rows)
         if self.fast is not None:
             pmf = self.fast.pmf(self.cache, self.tokens, self.pos)
-            found, n_symbols = locate_in_pmf(pmf, self.decoder.quantile()), pmf.shape[-1]
+            found = locate_in_pmf(pmf, self.decoder.quantile())
+            advance_streams(self.decoder, found, pmf.shape[-1], *bufs)
+            return
+        logits = m.step_logits(self.cache, self.tokens, self.pos, span)
+        if m.fused_locate:  # the search, the decoder's step and the bookkeeping: 4 kernels
+            m.decode_step(logits, self.decoder, *bufs)
         else:
-            logits = m.step_logits(self.cache, self.tokens, self.pos, span)
-            found, n_symbols = m.locate(logits, self.decoder.quantile()), logits.shape[-1] + 2
-        symbols = self.decoder.advance(found, active, n_symbols)
-        self.tokens.copy_(torch.where(active, symbols, self.tokens))
-        b = self.out.shape[0]
-        self.out.scatter_(1, self.step_t.expand(b, 1), self.tokens.unsqueeze(1))
-        self.rows.scatter_(1, self.step_t.view(1, 1, 1).expand(b, 1, 2), found[:, None, 1:])
-        self.pos.add_(1)
-        self.step_t.add_(1)
+            found = m.locate(logits, self.decoder.quantile())
+            advance_streams(self.decoder, found, logits.shape[-1] + 2, *bufs)
 
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         if span not in self.graphs:

@@ -78,7 +78,7 @@ class CpuStep:
     def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
                     span: int) -> torch.Tensor:
         """The rotation, the cache write and the attention of layer i as one kernel (over
-        each stream's own keys: ``span`` is not needed)."""
+        each stream's own keys: ``span`` is not needed), then its output projection."""
         s, m = self.s, self.m
         layer = self.w.layers[i]
         nq, nk, b = s.n_heads * s.head_dim, s.n_kv * s.head_dim, qkv.shape[0]
@@ -95,7 +95,7 @@ class CpuStep:
             cache.keys[i].data_ptr(), cache.values[i].data_ptr(), cache.capacity,
             s.windows[i], self.exp_attn.data_ptr(), self.exp_attn.shape[0], m._index_scale,
             float(1 << (FRAC - QKV_FRAC)), att.data_ptr(), work.data_ptr())
-        return att
+        return self.linear(att, layer.o)
 
     # -- the step ----------------------------------------------------------------------------
     def logits(self, cache: StepCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,20 @@
 """Fused GPU kernels of the engine (Triton), computing the same integers as model.py's torch code.
 
-``int8_linear`` (each GEMM with its rescaling), ``rope_heads`` (a step's rotation, its keys and
-values written into the cache in the same kernel), ``locate`` (the next-token distribution and
-the rANS symbol search without the [B, V] table) and ``intervals`` (the encoder's side of it).
-The attention kernels are in cuda_attention.py, the row passes before each GEMM in cuda_rows.py.
+``int8_linear`` (each GEMM with its rescaling), ``locate`` (the next-token distribution and the
+rANS symbol search without the [B, V] table), ``decode_step`` (that search with the rANS
+decoder's step and the decode loop's bookkeeping), ``intervals`` (the encoder's side) and
+``embed_rows`` (the token embedding). The rotation and attention kernels are in
+cuda_attention.py, the row passes before each GEMM in cuda_rows.py.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..core.decoders import VectorRansDecoder
 
 try:  # Triton ships with CUDA builds of torch; CPU machines never reach this module's kernels.
     import triton
@@ -110,6 +116,30 @@ if triton is not None:
         tl.store(psum_ptr + b * n_blocks + blk, tl.sum(p, axis=0))
 
     @triton.jit
+    def _freq_plus_one(p, total, budget):
+        """floor((total + p budget) / total) = floor(p budget / total) + 1, model.pmf's
+        frequency of a token of weight p, without an int64 division per token (a software
+        routine of ~100 instructions on GPUs: _freq_sum_kernel took 5.9 ms of a 72 ms encode
+        on the H200, mostly in it).
+
+        Bounds: 0 <= p <= 2**30 (the Q30 exp table's entries); total, the row's sum of p,
+        holds the maximum's 2**30 and at most vocab of them: 2**30 <= total < 2**54 for
+        vocabularies below 2**24 - 2 (then 0 < budget = 2**24 - vocab - 2 < 2**24; Gemma-3's
+        262,144 gives total <= 2**48). So y = p budget / total has 0 <= y <= budget < 2**24,
+        and p budget < 2**54. The estimate e = p * fl(budget / fl(total)) carries three
+        relative roundings of at most 2**-53 each (a quotient a few ulps off would do too):
+        |e - y| <= 2**24 * 3.01 * 2**-53 < 2**-27, so q0 = floor(e) (a truncation: e >= 0)
+        is floor(y) or one off either way (off below where y is an integer, as when k tied
+        maxima share a budget that k divides). r = p budget - q0 total is exact in int64
+        (|r| <= p budget + total < 2**55): r < 0 means q0 is one above, r >= total one below.
+        So the same integers as torch's division for every p, total and budget in range.
+        """
+        p32 = p.to(tl.int32)  # p <= 2**30; q0 < 2**25: int32, widening multiplies below
+        q0 = (p32.to(tl.float64) * (budget / total.to(tl.float64))).to(tl.int32)
+        r = p32.to(tl.int64) * budget - q0.to(tl.int64) * total
+        return q0.to(tl.int64) + 1 - (r < 0).to(tl.int64) + (r >= total).to(tl.int64)
+
+    @triton.jit
     def _block_freqs(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab, n_blocks,
                      table_last, budget, SHIFT: tl.constexpr, BV: tl.constexpr,
                      NB: tl.constexpr):
@@ -122,7 +152,7 @@ if triton is not None:
         valid = cols < vocab
         p = _weights(logits_ptr, b.to(tl.int64) * vocab, cols, valid, top, table_ptr,
                      table_last, SHIFT)
-        return tl.where(valid, (total + p * budget) // total, 0), cols
+        return tl.where(valid, _freq_plus_one(p, total, budget), 0), cols
 
     @triton.jit
     def _freq_sum_kernel(logits_ptr, psum_ptr, best_ptr, table_ptr, fsum_ptr, vocab,
@@ -162,15 +192,14 @@ if triton is not None:
         return f, cols, base + tl.cumsum(f, axis=0)
 
     @triton.jit
-    def _find_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
-                     quantile_ptr, out_ptr, vocab, n_blocks, table_last, budget,
-                     TOTAL: tl.constexpr, SHIFT: tl.constexpr, BV: tl.constexpr,
-                     NB: tl.constexpr):
-        b = tl.program_id(0)
+    def _find(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr, b, q, vocab,
+              n_blocks, table_last, budget, TOTAL: tl.constexpr, SHIFT: tl.constexpr,
+              BV: tl.constexpr, NB: tl.constexpr):
+        """(symbol, start, freq) of the interval of row b's distribution that holds the
+        quantile q: locate_in_pmf's search over the table it does not build."""
         parts, in_range, sums, remainder, top_arg = _row_blocks(best_ptr, arg_ptr, fsum_ptr, b,
                                                                 n_blocks, TOTAL, NB)
         ends = 1 + tl.cumsum(sums, axis=0)  # cumulative frequency after each block
-        q = tl.load(quantile_ptr + b)
         blk = tl.minimum(tl.sum((in_range & (ends <= q)).to(tl.int32), axis=0), n_blocks - 1)
         f, cols, cum = _block_cdf(logits_ptr, psum_ptr, best_ptr, table_ptr, b, blk, vocab,
                                   n_blocks, table_last, budget, parts, sums, remainder, top_arg,
@@ -185,9 +214,63 @@ if triton is not None:
         freq = tl.where(low | high, 1, freq)
         start = tl.where(low, 0, tl.where(high, TOTAL - 1, upto - freq))
         symbol = tl.where(low, 0, tl.where(high, vocab + 1, symbol))
+        return symbol, start, freq
+
+    @triton.jit
+    def _find_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
+                     quantile_ptr, out_ptr, vocab, n_blocks, table_last, budget,
+                     TOTAL: tl.constexpr, SHIFT: tl.constexpr, BV: tl.constexpr,
+                     NB: tl.constexpr):
+        b = tl.program_id(0)
+        symbol, start, freq = _find(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr,
+                                    fsum_ptr, b, tl.load(quantile_ptr + b), vocab, n_blocks,
+                                    table_last, budget, TOTAL, SHIFT, BV, NB)
         tl.store(out_ptr + b * 3, symbol)
         tl.store(out_ptr + b * 3 + 1, start)
         tl.store(out_ptr + b * 3 + 2, freq)
+
+    @triton.jit
+    def _decode_step_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
+                            state_ptr, left_ptr, words_ptr, bad_ptr, step_ptr, lengths_ptr,
+                            tokens_ptr, pos_ptr, out_ptr, rows_ptr, words_stride, out_stride,
+                            rows_stride, capacity, vocab, n_blocks, table_last, budget,
+                            TOTAL: tl.constexpr, PRECISION: tl.constexpr,
+                            SHIFT: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr):
+        """A decode step's tail for stream b: _find_kernel's search at the stream's quantile,
+        then VectorRansDecoder.advance and the codec's bookkeeping (decode_step says which).
+
+        The rANS state is the unsigned 64-bit state's int64 bit pattern, as in the decoder:
+        int64 products, sums and left shifts wrap mod 2**64 as torch's do, and the right
+        shifts are masked (>> 24 & 2**40 - 1) or compared with 0 (the high word is 0 exactly
+        when x >> 32, arithmetic or logical, is 0), so they read as logical shifts."""
+        b = tl.program_id(0)
+        state = tl.load(state_ptr + b)
+        q = state & (TOTAL - 1)
+        symbol, start, freq = _find(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr,
+                                    fsum_ptr, b, q, vocab, n_blocks, table_last, budget, TOTAL,
+                                    SHIFT, BV, NB)
+        step = tl.load(step_ptr + b)
+        active = step < tl.load(lengths_ptr + b)
+        x = freq * ((state >> PRECISION) & ((1 << (64 - PRECISION)) - 1)) + q - start
+        left = tl.load(left_ptr + b)
+        refill = active & ((x >> 32) == 0) & (left > 0)
+        word = tl.load(words_ptr + b.to(tl.int64) * words_stride + tl.maximum(left - 1, 0))
+        x = tl.where(refill, (x << 32) | word, x)
+        tl.store(left_ptr + b, left - refill.to(tl.int64))
+        tl.store(state_ptr + b, tl.where(active, x, state))
+        # symbols 0 and vocab + 1 are the dummies (decoders._reserved): a corrupt stream
+        reserved = (symbol <= 0) | (symbol >= vocab + 1)
+        tl.store(bad_ptr + b, tl.load(bad_ptr + b) | (active & reserved).to(tl.uint8))
+        token = tl.minimum(tl.maximum(symbol - 1, 0), vocab - 1)
+        token = tl.where(active, token, tl.load(tokens_ptr + b))
+        tl.store(tokens_ptr + b, token)
+        inside = step < capacity  # (the codec never steps past its buffers)
+        tl.store(out_ptr + b.to(tl.int64) * out_stride + step, token, mask=inside)
+        row = rows_ptr + b.to(tl.int64) * rows_stride + 2 * step
+        tl.store(row, start, mask=inside)
+        tl.store(row + 1, freq, mask=inside)
+        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1)
+        tl.store(step_ptr + b, step + 1)
 
     @triton.jit
     def _interval_kernel(logits_ptr, psum_ptr, best_ptr, arg_ptr, table_ptr, fsum_ptr,
@@ -208,40 +291,29 @@ if triton is not None:
         tl.store(out_ptr + b * 2, tl.sum(tl.where(pick, cum, 0), axis=0) - freq)
         tl.store(out_ptr + b * 2 + 1, freq)
 
-    # -- a decode step's queries, and its keys and values written into the cache ------------
+    # -- the token embedding ----------------------------------------------------------------
     @triton.jit
-    def _rope_heads_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_heads,
-                           n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr,
-                           V_SHIFT: tl.constexpr, D: tl.constexpr):
-        """model._heads for one token per stream, without q_norm/k_norm: head j of stream b
-        rotated (queries and keys) or shifted (values) into Q12, queries into q, keys and
-        values into the cache at the stream's position."""
-        b, j = tl.program_id(0), tl.program_id(1)
-        width = (n_heads + 2 * n_kv) * D
-        d = tl.arange(0, D)
-        row = qkv_ptr + b.to(tl.int64) * width + j * D
-        x = tl.load(row + d)
-        p = tl.load(pos_ptr + b)
-        slot = ((b * n_kv).to(tl.int64) * capacity + p) * D  # + head * capacity * D
-        if j < n_heads + n_kv:
-            x = tl.minimum(tl.maximum(x, -(1 << 40)), 1 << 40)
-            swapped = tl.load(row + (d + D // 2) % D)
-            swapped = tl.minimum(tl.maximum(swapped, -(1 << 40)), 1 << 40)
-            cos = tl.load(cos_ptr + p * D + d)
-            sin = tl.load(sin_ptr + p * D + d)
-            out = (x * cos + swapped * sin + (1 << (ROPE_SHIFT - 1))) >> ROPE_SHIFT
-            out = tl.minimum(tl.maximum(out, -limit), limit)
-            if j < n_heads:
-                tl.store(q_ptr + (b * n_heads + j).to(tl.int64) * D + d, out)
-            else:
-                kv = (j - n_heads).to(tl.int64)
-                tl.store(k_ptr + slot + kv * capacity * D + d,
-                         out.to(k_ptr.dtype.element_ty))
-        else:
-            out = (x + (1 << (V_SHIFT - 1))) >> V_SHIFT
-            out = tl.minimum(tl.maximum(out, -limit), limit)
-            kv = (j - n_heads - n_kv).to(tl.int64)
-            tl.store(v_ptr + slot + kv * capacity * D + d, out.to(v_ptr.dtype.element_ty))
+    def _embed_kernel(ids_ptr, table_ptr, mant_ptr, exp_ptr, out_ptr, vocab, hidden,
+                      FRAC: tl.constexpr, BH: tl.constexpr):
+        """model.IntModel.embed for one token and BH columns: the int16 row times the token's
+        mantissa, rounded by intops.rshift_round at its shift exp - FRAC. The same int64
+        operations as the torch code (product, clamps, shifts, the select), so the same
+        integers, wraparound included, for every table and id in range (where torch raises
+        on an id out of range, this gives a row of zeros and reads nothing past the table)."""
+        n, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        cols = blk * BH + tl.arange(0, BH)
+        valid = cols < hidden
+        t = tl.load(ids_ptr + n)
+        known = (t >= 0) & (t < vocab)
+        t = tl.where(known, t, 0)
+        x = tl.load(table_ptr + t * hidden + cols, mask=valid, other=0).to(tl.int64)
+        e = x * tl.load(mant_ptr + t)
+        shift = tl.load(exp_ptr + t) - FRAC
+        right = tl.minimum(tl.maximum(shift, 1), 62)
+        left = tl.minimum(tl.maximum(-shift, 0), 62)
+        out = tl.where(shift > 0, (e + (1 << (right - 1))) >> right, e << left)
+        out = tl.where(known, out, 0)
+        tl.store(out_ptr + n * hidden + cols, out, mask=valid)
 
 
 VOCAB_BLOCK = 4096  # tokens per program in the distribution's passes
@@ -282,6 +354,40 @@ def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, sh
     return out
 
 
+def decode_step(logits: torch.Tensor, table: torch.Tensor, shift: int, total: int,
+                decoder: VectorRansDecoder, step: torch.Tensor, lengths: torch.Tensor,
+                tokens: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
+                rows: torch.Tensor) -> None:
+    """The rest of a decode step after its logits [B, V], in place: what
+    codec.advance_streams does with ``locate``'s rows, in locate's four kernels (the last, one
+    program per stream, also steps the stream). Stream b at its step s = step[b] takes the
+    symbol at ``decoder``'s quantile and advances as VectorRansDecoder.advance (state, words
+    left, ``bad``); tokens[b] becomes the decoded token if s < lengths[b] (else stays);
+    out[b, s] = tokens[b], rows[b, s] = (start, freq); pos[b] and step[b] go up by one. The
+    counter is per stream (int64 [B]) so that no program reads one that another advances.
+
+    In a CUDA graph this replaces 37 small kernels (torch ops of the quantile, the decoder's
+    advance and the bookkeeping): the same integers (tests/test_cuda_ops.py)."""
+    precision = total.bit_length() - 1
+    if total != 1 << precision or not 0 < precision < 32:
+        raise ValueError(f"the rANS decoder's total must be a power of two, not {total}")
+    logits = logits.contiguous()
+    for t in (decoder.state, decoder.left, decoder.bad, step, lengths, tokens, pos):
+        if not t.is_contiguous():
+            raise ValueError("decode_step updates its per-stream tensors in place: contiguous")
+    if decoder.words.stride(1) != 1 or out.stride(1) != 1 or rows.stride(1) != 2 or \
+            rows.stride(2) != 1:
+        raise ValueError("decode_step's words, out and rows need contiguous rows")
+    _decode_step_kernel[(logits.shape[0],)](
+        logits, state_ptr=decoder.state, left_ptr=decoder.left, words_ptr=decoder.words,
+        bad_ptr=decoder.bad.view(torch.uint8), step_ptr=step, lengths_ptr=lengths,
+        tokens_ptr=tokens, pos_ptr=pos, out_ptr=out, rows_ptr=rows,
+        words_stride=decoder.words.stride(0), out_stride=out.stride(0),
+        rows_stride=rows.stride(0), capacity=min(out.shape[1], rows.shape[1]),
+        PRECISION=precision, num_warps=8,
+        **_distribution(logits, table, shift, total))
+
+
 def intervals(logits: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor, shift: int,
               total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, freq) [B] each of tokens [B] under model.pmf's frequencies of the Q16 logits
@@ -295,6 +401,24 @@ def intervals(logits: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor, s
     return out[:, 0], out[:, 1]
 
 
+def embed_rows(ids: torch.Tensor, table: torch.Tensor, mant: torch.Tensor, exp: torch.Tensor,
+               frac: int) -> torch.Tensor:
+    """model.IntModel.embed in one kernel: Q(frac) int64 rows [*ids.shape, hidden] of token
+    ids (int64, each in [0, vocab)) from the int16 table [vocab, hidden] and the per-token
+    mantissas and exponents (int64 [vocab]), where torch's gather, multiply and rounding
+    shift took ~17 small kernels."""
+    hidden = table.shape[1]
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty((flat.shape[0], hidden), dtype=torch.int64, device=ids.device)
+    bh = min(1024, triton.next_power_of_2(hidden))
+    if flat.shape[0]:
+        _embed_kernel[(flat.shape[0], triton.cdiv(hidden, bh))](
+            flat, table.contiguous(), mant.contiguous(), exp.contiguous(), out, table.shape[0],
+            hidden,
+            FRAC=frac, BH=bh, num_warps=max(1, min(4, bh // 256)))
+    return out.reshape(*ids.shape, hidden)
+
+
 def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """model.linear's product and rescaling in one kernel: rows q = 128 hi + lo (int8 halves,
@@ -305,36 +429,27 @@ def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Te
     m, kdim = hi.shape
     n = w.shape[0] // 2
     out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
-    bm, bn, bk = _linear_tiles(m, n)
+    bm, bn, bk, warps = _linear_tiles(m, n, kdim)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _linear_kernel[grid](hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w,
                          scale, bias if bias is not None else scale, out, m, n, kdim,
-                         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=4,
+                         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=warps,
                          num_stages=3)
     return out
 
 
-def rope_heads(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               keys: torch.Tensor, values: torch.Tensor, n_heads: int, limit: int,
-               rope_shift: int, v_shift: int) -> torch.Tensor:
-    """One decode step's qkv rows [B, (H + 2 Hkv) d] as model._heads makes them (for models
-    without q/k norms): returns the queries, int64 [B, Hkv, H / Hkv, 1, d]; the keys and values
-    go straight into the cache [B, Hkv, capacity, d] at slots pos [B]."""
-    b, n_kv, capacity, d = keys.shape
-    q = torch.empty((b, n_kv, n_heads // n_kv, 1, d), dtype=torch.int64, device=qkv.device)
-    _rope_heads_kernel[(b, n_heads + 2 * n_kv)](
-        qkv.contiguous(), pos.contiguous(), cos, sin, q, keys, values, n_heads, n_kv, capacity,
-        limit, ROPE_SHIFT=rope_shift, V_SHIFT=v_shift, D=d, num_warps=1)
-    return q
-
-
-def _linear_tiles(m: int, n: int) -> tuple[int, int, int]:
-    """Tile sizes (rows, columns, depth), from a sweep on the H200 with SmolLM2's shapes. Few
-    rows make a GEMV bound by reading the weights: narrow column tiles give every SM some,
-    except for the 49k-wide head (qkv projection at one row: 3.6 us instead of 8.6 with 128
-    columns). At 1,024 rows 64 x 64 x 64 tiles took half the time of torch._int_mm plus the
-    compiled rescaling (head: 394 us against 729)."""
+def _linear_tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """Tile sizes (rows, columns, depth) and warps, from sweeps on the H200 with SmolLM2's
+    shapes. Few rows make a GEMV bound by reading the weights: narrow column tiles give every
+    SM some, except for the 49k-wide head (qkv projection at one row: 3.6 us instead of 8.6
+    with 128 columns); at one row 16 columns and 2 warps, and a depth of 256 for the 1,536-deep
+    down projection, took 3.1-4.3 us where 32 columns and 4 warps took 3.3-5.0. At 1,024 rows
+    64 x 64 x 64 tiles took half the time of torch._int_mm plus the compiled rescaling (head:
+    394 us against 729); at 4,096 and 16,384 rows (the encoder's) a depth of 128 took 3-27%
+    less than 64 (the down projection the most)."""
+    if m <= 16 and n <= 8192:
+        return 16, (16 if n < 2048 else 32), (256 if k > 1024 else 128), 2
     if m <= 64:
         wide = n > 8192
-        return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128
-    return 64, 64, 64
+        return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128, 4
+    return 64, 64, (128 if m > 1024 else 64), 4

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -32,9 +32,14 @@ from .intops import (
 )
 from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
 
+if TYPE_CHECKING:
+    from ..core.decoders import VectorRansDecoder
+
 QKV_FRAC = 12
 MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many keys
-FUSED_ATTENTION_MAX_STREAMS = 256  # decode groups up to this size use cuda_ops' kernel
+# Decode groups up to this size attend with cuda_attention's fused kernel over int32 caches,
+# larger ones with float64 GEMMs (see new_cache): in practice every group.
+FUSED_ATTENTION_MAX_STREAMS = 1 << 16
 
 
 def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -147,6 +152,10 @@ class IntModel:
         per_head_kernels = (cuda_ops.available(self.device)
                             and self.spec.head_dim & (self.spec.head_dim - 1) == 0)
         self.fused_attention_streams = FUSED_ATTENTION_MAX_STREAMS if per_head_kernels else 0
+        # A prefill's attention as one kernel per layer (cuda_attention.prefill_attention): its
+        # scores never leave the chip, where the float64 GEMMs and the softmax's passes wrote
+        # and read [B, H, T, T] float64 tensors (13 of 72 ms of the H200's encode profile).
+        self.fused_prefill = per_head_kernels and self.spec.head_dim >= 16
         # (positions, {theta: tables}), replaced whole, never changed in place: threads that
         # share the model (a server's readers, compactor and rebalancer) see one or the other.
         # Replaced ones stay alive: decode groups kept with their CUDA graphs (codec.py) read
@@ -161,6 +170,8 @@ class IntModel:
         # them inside the GEMM (intops.RowGemm). The same integers either way (tested).
         self.split_before_gemm = dev.type != "cpu"
         self.fused_locate = cuda_ops.available(dev)
+        # A decode step's token embedding as one kernel (cuda_ops.embed_rows), not ~17 torch ops
+        self.fused_embed = cuda_ops.available(dev)
         # A decode step's rotation writes its keys and values straight into the cache (one
         # kernel instead of the rotation's and two scatters; one stream went from 472 to
         # 530-539 steps/s on the H200, BENCHMARKS.md); models with q/k norms keep the torch
@@ -280,13 +291,36 @@ class IntModel:
         return out.bitwise_right_shift_(shift).clamp_(-self._qkv_limit, self._qkv_limit)
 
     def _qkv(self, layer: IntLayer, i: int, h: torch.Tensor, delta: torch.Tensor | None,
-             post: IntNorm | None, pos: torch.Tensor, n_pos: int, kv_dtype: torch.dtype):
+             post: IntNorm | None, pos: torch.Tensor, cache: StepCache | None):
         """The residual stream h' = add_residual(h, delta, post), and queries [B, Hkv, rep, T,
-        d] and keys, values [B, Hkv, T, d] (as kv_dtype) in Q12 at positions pos [B, T] (all
-        below n_pos)."""
+        d] and keys, values [B, Hkv, T, d] in Q12 at positions pos [B, T] = 0..T-1, the keys
+        and values also written into ``cache`` where given."""
         h, qkv = self.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
-        cos, sin = self.rope(self.spec.thetas[i], n_pos)
-        return (h, *self._heads(qkv, cos, sin, pos, layer.q_norm, layer.k_norm, kv_dtype))
+        b, t = pos.shape
+        if self.fused_heads and layer.q_norm is None:  # one kernel writes the cache
+            if cache is None:
+                shape = (b, self.spec.n_kv, t, self.spec.head_dim)
+                cache = StepCache([torch.empty(shape, dtype=torch.int32, device=self.device)],
+                                  [torch.empty(shape, dtype=torch.int32, device=self.device)],
+                                  t)
+                keys, values = cache.keys[0], cache.values[0]
+            else:
+                keys, values = cache.keys[i], cache.values[i]
+            q = cuda_attention.heads(qkv, pos[:, 0], keys, values, self._rotation(i, t))
+            return h, q, keys[:, :, :t], values[:, :, :t]
+        cos, sin = self.rope(self.spec.thetas[i], t)
+        kv_dtype = cache.dtype if cache is not None else torch.int64
+        q, k, v = self._heads(qkv, cos, sin, pos, layer.q_norm, layer.k_norm, kv_dtype)
+        if cache is not None:
+            cache.keys[i][:, :, :t] = k
+            cache.values[i][:, :, :t] = v
+        return h, q, k, v
+
+    def _rotation(self, i: int, n_positions: int) -> cuda_attention.Rotation:
+        """What cuda_attention's kernels need to rotate layer i's heads themselves."""
+        cos, sin = self.rope(self.spec.thetas[i], n_positions)
+        return cuda_attention.Rotation(self.spec.n_heads, cos, sin, self._qkv_limit,
+                                       FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC)
 
     def _heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                q_norm: IntNorm | None, k_norm: IntNorm | None, kv_dtype: torch.dtype):
@@ -333,14 +367,14 @@ class IntModel:
         return cpu_kernels.prefill_attention(q, k, v, allowed, self.exp_attn_f, self._index_scale,
                                              float(1 << (FRAC - QKV_FRAC)))
 
-    def _finish_layer(self, layer: IntLayer, h: torch.Tensor, att: torch.Tensor,
+    def _finish_layer(self, layer: IntLayer, h: torch.Tensor, attn_out: torch.Tensor,
                       ops: StepOps | None = None):
-        """The attention's projection added to h, and the MLP's output (the caller adds it,
-        normed by layer.post_mlp_norm, fused with the next norm); through ``ops``' pieces
-        where given (a decode step's), else this model's."""
+        """The attention's output (projected by layer.o) added to h, and the MLP's output (the
+        caller adds it, normed by layer.post_mlp_norm, fused with the next norm); through
+        ``ops``' pieces where given (a decode step's), else this model's."""
         ops = ops or self
-        h, gate_up = ops.norm_linear(h, ops.linear(att, layer.o), layer.post_attn_norm,
-                                     layer.mlp_norm, layer.gate_up)
+        h, gate_up = ops.norm_linear(h, attn_out, layer.post_attn_norm, layer.mlp_norm,
+                                     layer.gate_up)
         return h, ops.mlp_down(gate_up, layer.down)
 
     def head(self, h: torch.Tensor, delta: torch.Tensor | None = None,
@@ -377,6 +411,13 @@ class IntModel:
             shift = FRAC - tables.EXP_STEP
             return cuda_ops.locate(logits, quantile, self.exp_prob, shift, TOTAL)
         return locate_in_pmf(self.pmf(logits), quantile)
+
+    def decode_step(self, logits: torch.Tensor, decoder: VectorRansDecoder,
+                    *buffers: torch.Tensor) -> None:
+        """``locate`` and the decode loop's tail (codec.advance_streams: the rANS decoder's
+        step and the bookkeeping of ``buffers``) in locate's four kernels (CUDA only)."""
+        cuda_ops.decode_step(logits, self.exp_prob, FRAC - tables.EXP_STEP, TOTAL, decoder,
+                             *buffers)
 
     @torch.inference_mode()
     def intervals(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,18 +494,19 @@ class IntModel:
         budget = budget or (1 << (24 if self.device.type == "cpu" else 28))
         block = max(16, budget // max(1, b * self.spec.n_heads * t))
         h, mlp, post = self.embed(ids), None, None
-        kv_dtype = cache.dtype if cache is not None else torch.int64
         for i, layer in enumerate(self.w.layers):
-            h, q, k, v = self._qkv(layer, i, h, mlp, post, pos, t, kv_dtype)
-            if cache is not None:
-                cache.keys[i][:, :, :t] = k
-                cache.values[i][:, :, :t] = v
-            att = torch.cat([
-                self._attend(q[..., s:e, :], k[:, :, :e], v[:, :, :e],
-                             self._allowed(pos[:, s:e], pos[:, :e], i))
-                for s, e in ((s, min(s + block, t)) for s in range(0, t, block))
-            ], dim=1)
-            h, mlp = self._finish_layer(layer, h, att)
+            h, q, k, v = self._qkv(layer, i, h, mlp, post, pos, cache)
+            if self.fused_prefill:
+                att = cuda_attention.prefill_attention(
+                    q, k, v, self.spec.windows[i], self.exp_attn_f, self._index_scale_t,
+                    1 << (FRAC - QKV_FRAC))
+            else:
+                att = torch.cat([
+                    self._attend(q[..., s:e, :], k[:, :, :e], v[:, :, :e],
+                                 self._allowed(pos[:, s:e], pos[:, :e], i))
+                    for s, e in ((s, min(s + block, t)) for s in range(0, t, block))
+                ], dim=1)
+            h, mlp = self._finish_layer(layer, h, self.linear(att, layer.o))
             post = layer.post_mlp_norm
         return self._add_residual(h, mlp, post)
 
@@ -478,9 +520,11 @@ class IntModel:
         s = self.spec
         shape = (batch, s.n_kv, capacity, s.head_dim)
         self.prepare(capacity)
-        # The fused kernel reads int32 keys and values (|x| < 2**23). On the H200 (compiled,
-        # 128-token streams) it beat the float64 GEMMs at 1 to 256 streams (+16% at 1 and 64,
-        # +13% at 256) and trailed them at 1,024 (-4 to -10%).
+        # The fused kernels read int32 keys and values (|x| < 2**23), each stream's own
+        # positions only. On the H200 (compiled, 128-token streams) they beat the float64
+        # GEMMs at 1 to 256 streams (+16% at 1 and 64, +13% at 256); with their key splits
+        # sized to the group (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at
+        # positions 100-190, where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
         dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
         return StepCache(
             keys=[torch.zeros(shape, dtype=dtype, device=self.device)
@@ -502,41 +546,53 @@ class IntModel:
         h, delta, post = ops.step_embed(tokens), None, None
         for i, layer in enumerate(self.w.layers):
             h, qkv = ops.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
-            att = ops.step_attend(i, qkv, cache, pos, span or cache.capacity)
-            h, delta = self._finish_layer(layer, h, att, ops)
+            attn_out = ops.step_attend(i, qkv, cache, pos, span or cache.capacity)
+            h, delta = self._finish_layer(layer, h, attn_out, ops)
             post = layer.post_mlp_norm
         return ops.norm_linear(h, delta, post, self.w.final_norm, self.w.head)[1]
 
     # -- the step's pieces on this model (StepOps) -------------------------------------------
     def step_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.fused_embed:  # a decoder's tokens are in range (clamped)
+            return cuda_ops.embed_rows(tokens, self.w.embed, self.w.embed_mant,
+                                       self.w.embed_exp, FRAC)
         return self.embed(tokens)
 
     def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
                     span: int) -> torch.Tensor:
-        """Layer i's attention for one new token per stream: the qkv rows [B, (H + 2 Hkv) d]
-        rotated into queries, keys and values, the latter written into the cache at pos, then
-        the queries attend over slots 0..pos. Returns Q16 [B, H d]."""
+        """Layer i's attention for one new token per stream, through its output projection:
+        the qkv rows [B, (H + 2 Hkv) d] rotated into queries, keys and values, the latter
+        written into the cache at pos, then the queries attend over slots 0..pos. Returns
+        Q16 [B, hidden]."""
         s, layer, b = self.spec, self.w.layers[i], qkv.shape[0]
-        cos, sin = self.rope(s.thetas[i], cache.capacity)
-        if self.fused_heads and layer.q_norm is None:  # the cache written by the kernel
-            q = cuda_ops.rope_heads(qkv, pos, cos, sin, cache.keys[i], cache.values[i],
-                                    s.n_heads, self._qkv_limit,
-                                    FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC)
+        rotate_in_kernel = self.fused_heads and layer.q_norm is None
+        if cache.dtype == torch.int32 and rotate_in_kernel:  # one pass, no queries stored
+            rotation = self._rotation(i, cache.capacity)
+            return self._gemm(*self._decode_attention(i, qkv, cache, pos, rotation), layer.o)
+        if rotate_in_kernel:  # the cache written by the kernel
+            q = cuda_attention.heads(qkv.unsqueeze(1), pos, cache.keys[i], cache.values[i],
+                                     self._rotation(i, cache.capacity))
         else:
+            cos, sin = self.rope(s.thetas[i], cache.capacity)
             q, k, v = self._heads(qkv.unsqueeze(1), cos, sin, pos.unsqueeze(1), layer.q_norm,
                                   layer.k_norm, cache.dtype)
             slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
             cache.keys[i].scatter_(2, slot, k)
             cache.values[i].scatter_(2, slot, v)
-        if cache.dtype == torch.int32:  # the fused kernel: each stream's own keys only
-            att = cuda_attention.decode_attention(q, cache.keys[i], cache.values[i], pos,
-                                            s.windows[i], self.exp_attn_f,
-                                            self._index_scale_t, 1 << (FRAC - QKV_FRAC))
-        else:
-            kpos = torch.arange(span, device=self.device).expand(b, span)
-            att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
-                               self._allowed(pos.unsqueeze(1), kpos, i))
-        return att.reshape(b, -1)
+        if cache.dtype == torch.int32:  # the fused kernels: each stream's own keys only
+            return self._gemm(*self._decode_attention(i, q, cache, pos), layer.o)
+        kpos = torch.arange(span, device=self.device).expand(b, span)
+        att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
+                           self._allowed(pos.unsqueeze(1), kpos, i))
+        return self.linear(att.reshape(b, -1), layer.o)
+
+    def _decode_attention(self, i: int, q: torch.Tensor, cache: StepCache, pos: torch.Tensor,
+                          rotation: cuda_attention.Rotation | None = None):
+        """cuda_attention.decode_attention of layer i: the o projection's split input."""
+        return cuda_attention.decode_attention(q, cache.keys[i], cache.values[i], pos,
+                                               self.spec.windows[i], self.exp_attn_f,
+                                               self._index_scale_t, 1 << (FRAC - QKV_FRAC),
+                                               rotation)
 
 
 class StepOps(Protocol):

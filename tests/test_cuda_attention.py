@@ -1,0 +1,66 @@
+"""The engine's attention kernels (seqkv/engine/cuda_attention.py) give the torch path's integers.
+
+They run only on CUDA GPUs, so these tests skip elsewhere (CI has no GPU); they are run on the
+H200 and reported in BENCHMARKS.md.
+"""
+
+import pytest
+import torch
+
+from seqkv.engine import IntModel, cuda_attention, integerize
+from seqkv.engine.cuda_ops import available
+from seqkv.engine.model import FRAC, QKV_FRAC
+
+from .test_cuda_ops import KERNEL_MODELS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
+    torch.device("cuda")), reason="needs a CUDA GPU with Triton")
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
+def test_prefill_kernel_gives_the_torch_integers(name):
+    """A prefill through the attention kernel equals the torch path's query blocks, for
+    uneven lengths (not multiples of the kernel's blocks) and past the random Gemma-3's
+    sliding window of 8; with the cache written, as a decode group's context is."""
+    model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
+    if not model.fused_prefill:
+        pytest.skip("head width outside the kernel's")
+    g = torch.Generator().manual_seed(4)
+    for b, t in ((1, 1), (3, 37), (2, 70)):
+        ids = torch.randint(0, 256, (b, t), generator=g).cuda()
+        runs = []
+        for fused in (True, False):
+            model.fused_prefill = fused
+            cache = model.new_cache(b, t + 2)
+            runs.append((model.prefill_hidden(ids, cache=cache), cache))
+        (fused_h, fused_cache), (torch_h, torch_cache) = runs
+        assert torch.equal(fused_h, torch_h)
+        for i in range(model.spec.n_layers):
+            assert torch.equal(fused_cache.keys[i], torch_cache.keys[i])
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("kv_dtype", [torch.int64, torch.int32, torch.float64])
+def test_prefill_kernel_at_the_bounds(window, kv_dtype):
+    """Queries after earlier keys (S > T), keys at the engine's |x| bound, strided keys and
+    values (a transposed view, as the model passes them) and every cache dtype: the same
+    integers as IntModel._attend."""
+    from .test_engine import MODELS
+
+    model = IntModel(integerize(MODELS["llama"]().model), "cuda")
+    g = torch.Generator().manual_seed(9)
+    lim = model._qkv_limit
+    b, n_kv, rep, d, s, t = 2, 2, 3, 64, 75, 40
+    q = torch.randint(-lim, lim + 1, (b, n_kv, rep, t, d), generator=g)
+    k = torch.randint(-lim, lim + 1, (b, s, n_kv, d), generator=g).transpose(1, 2)
+    v = torch.randint(-lim, lim + 1, (b, s, n_kv, d), generator=g).transpose(1, 2)
+    q[0, 0, 0, 0], k[0, 0, :3] = lim, lim  # products and sums at their largest
+    q[1, 1, 2, -1] = 0  # every score equal
+    q, k, v = q.cuda(), k.cuda().to(kv_dtype), v.cuda().to(kv_dtype)
+    qpos = torch.arange(s - t, s, device="cuda")[:, None]
+    kpos = torch.arange(s, device="cuda")[None, :]
+    allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+    want = model._attend(q, k, v, allowed.expand(b, 1, 1, t, s))
+    got = cuda_attention.prefill_attention(q, k, v, window, model.exp_attn_f,
+                                           model._index_scale_t, 1 << (FRAC - QKV_FRAC))
+    assert torch.equal(got, want)
