@@ -98,7 +98,9 @@ def main() -> None:
                  "same_integers": check, "groups": {}}
     print(json.dumps(res), flush=True)
     path = Path(args.out, f"engine_{args.what}.json")
-    codec = EngineCodec(m, 1)
+    # No kept decode groups: a group kept from one configuration's decode would be replayed,
+    # graphs and all, by the next (the 256-stream A/B of 2026-12-01 03:25 timed one twice).
+    codec = EngineCodec(m, 1, pool_bytes=0)
     n = args.tokens
     if args.what in ("linear", "all"):
         streams = torch.randint(0, m.spec.vocab, (64, 256)).tolist()
