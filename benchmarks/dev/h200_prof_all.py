@@ -4,6 +4,7 @@ group sizes, on the SmolLM2-shaped engine with random weights (dev).
     python3 benchmarks/dev/h200_prof_all.py 1 256 1024      # from the repository root, CUDA
     ROWS=0 ...   the compiled torch row functions instead of cuda_rows' kernels
     ENCODE=0 ... decode steps only
+    SHOW=40 ...  kernels listed per profile (default 18)
 
 Output of the 2026-11-30/12-01 runs: benchmarks/results/engine_dev_h200.txt. Those ran an
 earlier copy of this script: groups of capacity 302 (23:40 UTC) and 512 (00:05, 00:23), where
@@ -77,4 +78,4 @@ for b in [int(x) for x in sys.argv[1:]] or [1, 256, 1024]:
         torch.cuda.synchronize()
     print(f"== {b} streams (cache {g.cache.dtype}): replay {dt * 1e3:.3f} ms/step "
           f"({1 / dt:.0f} steps/s, {b / dt:,.0f} tok/s)")
-    table(p, 10)
+    table(p, 10, int(os.environ.get("SHOW", "18")))
