@@ -285,7 +285,7 @@ def test_any_thread_count(tmp_path):
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
-                                   reason="no CPU kernels here (C compiler, AVX-512 VNNI)")
+                                   reason="no CPU kernels here (C compiler, AVX-512 VNNI or AVX2)")
 
 
 @needs_kernels
@@ -316,7 +316,7 @@ def test_cpu_kernels_give_the_torch_integers(name):
 @needs_kernels
 def test_cpu_attention_kernel_equals_the_torch_attention(llama):
     """The prefill attention kernel gives _attend's integers: head widths on and off its
-    64-column blocks, causal and sliding-window visibility, queries past the first key."""
+    column blocks, causal and sliding-window visibility, queries past the first key."""
     model = IntModel(integerize(llama.model))
     g = torch.Generator().manual_seed(10)
     qpos, kpos = torch.arange(5, 42).expand(2, 37), torch.arange(42).expand(2, 42)

@@ -1,4 +1,4 @@
-/* The engine's CPU kernels (AVX-512 VNNI): the same integers as model.py's torch code.
+/* The engine's CPU kernels (AVX-512 VNNI, or AVX2): the same integers as model.py's torch code.
  *
  * Every result is integer arithmetic (int8 products summed in int32, int64 elsewhere) or
  * one of the IEEE operations the torch code performs on exact float64 integers: a multiply,
@@ -17,9 +17,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__) || \
-    !defined(__AVX512VNNI__)
-#error "needs AVX-512 F/BW/DQ/VNNI"
+/* Two instruction sets, one set of integers: AVX-512 VNNI multiplies four int8 pairs per
+ * 32-bit lane (dpbusd), AVX2 two int16 pairs (madd: the int8 halves widened first); both sum
+ * exactly in int32, and the float64 steps are the same IEEE operations in the same order. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__)
+#define AVX512 1
+typedef uint8_t act_t; /* a GEMM input byte as VNNI reads it */
+#define VCOLS 64       /* prefill_attention's value columns in registers */
+#elif defined(__AVX2__)
+#define AVX512 0
+typedef uint16_t act_t; /* widened to int16 for madd */
+#define VCOLS 32
+#else
+#error "needs AVX-512 F/BW/DQ/VNNI or AVX2"
 #endif
 
 typedef int64_t i64;
@@ -101,21 +112,23 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
 
 /* -- rows into int8 halves (intops.split_rows) --------------------------------------------- */
 /* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo; stored as hi + 128, lo + 128
- * (VNNI multiplies unsigned by signed bytes), k padded with zeros (128) to kp. */
-static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, double *pow2) {
+ * (VNNI multiplies unsigned by signed bytes; AVX2 keeps them as int16), k padded with zeros
+ * (128) to kp. */
+static void split_row(const i64 *v, i64 k, i64 kp, act_t *hi, act_t *lo, double *pow2) {
     i64 sh = row_shift(v, k, 13);
     i64 half = ((i64)1 << sh) >> 1;
     for (i64 i = 0; i < k; i++) {
         i64 q = (v[i] + half) >> sh;
         i64 h = (q + 64) >> 7;
-        hi[i] = (uint8_t)(h + 128);
-        lo[i] = (uint8_t)(q - (h << 7) + 128);
+        hi[i] = (act_t)(h + 128);
+        lo[i] = (act_t)(q - (h << 7) + 128);
     }
     for (i64 i = k; i < kp; i++) hi[i] = lo[i] = 128;
     *pow2 = ldexp(1.0, (int)sh);
 }
 
 /* -- the GEMM and its rescaling ----------------------------------------------------------- */
+#if AVX512
 static inline __m512d rescale8(__m256i ha, __m256i la, __m256i hb, __m512d scale, __m512d pow2) {
     /* hb + 256 ha + 2 la: exact in float64; then * scale (the one rounded product), * 2**k
      * (exact), round half to even: RowGemm.rows' operations in its order. */
@@ -128,7 +141,7 @@ static inline __m512d rescale8(__m256i ha, __m256i la, __m256i hb, __m512d scale
 }
 
 static inline __attribute__((always_inline)) void tile_rows(
-    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const uint8_t *hi, const uint8_t *lo,
+    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const act_t *hi, const act_t *lo,
     const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
     i64 ldo) {
     __m512i ha[8], la[8], hb[8];
@@ -169,6 +182,80 @@ static inline __attribute__((always_inline)) void tile_rows(
         _mm512_mask_storeu_epi64(o + 8, m1, _mm512_add_epi64(_mm512_cvtpd_epi64(y1), b1));
     }
 }
+#else
+/* AVX2: for each group of 4 channels (16 bytes of a 64-byte block: 4 k of each), the weights
+ * widened to int16 and multiplied by the row's 4 inputs broadcast, madd summing pairs of k:
+ * each channel's sum is spread over two int32 lanes, added in the rescaling. */
+static inline __attribute__((always_inline)) void tile_rows(
+    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const act_t *hi, const act_t *lo,
+    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
+    i64 ldo) {
+    int32_t sums[4][3][4][8]; /* [row][ha, la, hb][channel group][lane] */
+    const int8_t *ta = tile, *tb = tile + k4 * 64;
+    if (mb == 1) { /* a decode step's one row: the four groups in one pass over the weights */
+        __m256i ha[4], la[4], hb[4];
+        for (int g = 0; g < 4; g++) ha[g] = la[g] = hb[g] = _mm256_setzero_si256();
+        for (i64 q = 0; q < k4; q++) {
+            int64_t h4, l4;
+            memcpy(&h4, hi + q * 4, 8);
+            memcpy(&l4, lo + q * 4, 8);
+            __m256i xh = _mm256_set1_epi64x(h4), xl = _mm256_set1_epi64x(l4);
+            for (int g = 0; g < 4; g++) {
+                __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ta + q * 64 + g * 16)));
+                __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(tb + q * 64 + g * 16)));
+                ha[g] = _mm256_add_epi32(ha[g], _mm256_madd_epi16(a, xh));
+                la[g] = _mm256_add_epi32(la[g], _mm256_madd_epi16(a, xl));
+                hb[g] = _mm256_add_epi32(hb[g], _mm256_madd_epi16(b, xh));
+            }
+        }
+        for (int g = 0; g < 4; g++) {
+            _mm256_storeu_si256((__m256i *)sums[0][0][g], ha[g]);
+            _mm256_storeu_si256((__m256i *)sums[0][1][g], la[g]);
+            _mm256_storeu_si256((__m256i *)sums[0][2][g], hb[g]);
+        }
+    }
+    for (int g = 0; g < 4 && mb > 1; g++) {
+        __m256i ha[4], la[4], hb[4];
+        for (int j = 0; j < mb; j++) ha[j] = la[j] = hb[j] = _mm256_setzero_si256();
+        for (i64 q = 0; q < k4; q++) {
+            __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ta + q * 64 + g * 16)));
+            __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(tb + q * 64 + g * 16)));
+            for (int j = 0; j < mb; j++) {
+                int64_t h4, l4;
+                memcpy(&h4, hi + j * kp + q * 4, 8);
+                memcpy(&l4, lo + j * kp + q * 4, 8);
+                __m256i xh = _mm256_set1_epi64x(h4), xl = _mm256_set1_epi64x(l4);
+                ha[j] = _mm256_add_epi32(ha[j], _mm256_madd_epi16(a, xh));
+                la[j] = _mm256_add_epi32(la[j], _mm256_madd_epi16(a, xl));
+                hb[j] = _mm256_add_epi32(hb[j], _mm256_madd_epi16(b, xh));
+            }
+        }
+        for (int j = 0; j < mb; j++) {
+            _mm256_storeu_si256((__m256i *)sums[j][0][g], ha[j]);
+            _mm256_storeu_si256((__m256i *)sums[j][1][g], la[j]);
+            _mm256_storeu_si256((__m256i *)sums[j][2][g], hb[j]);
+        }
+    }
+    i64 cols = n - c0 < 16 ? n - c0 : 16;
+    for (int j = 0; j < mb; j++) {
+        i64 *o = out + j * ldo + c0;
+        for (i64 c = 0; c < cols; c++) {
+            const int g = (int)(c / 4), u = (int)(c % 4) * 2;
+            /* (x + 128).w = x.w + 128 sum(w) */
+            int32_t a = sums[j][0][g][u] + sums[j][0][g][u + 1] - (rs[c] << 7);
+            int32_t l = sums[j][1][g][u] + sums[j][1][g][u + 1] - (rs[c] << 7);
+            int32_t r = sums[j][2][g][u] + sums[j][2][g][u + 1] - (rs[16 + c] << 7);
+            /* the AVX-512 rescale8's operations in its order */
+            double y = (double)r;
+            y = y + (double)a * 256.0;
+            y = y + (double)l * 2.0;
+            y = y * scale[c0 + c];
+            y = y * pow2[j];
+            o[c] = (i64)nearbyint(y) + (bias ? bias[c0 + c] : 0);
+        }
+    }
+}
+#endif
 
 #define MB 4     /* rows per register block */
 #define MBLOCK 256 /* rows per pass over the weights (their halves stay in L2) */
@@ -179,15 +266,16 @@ i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int3
            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
     i64 k4 = (k + 3) / 4, kp = k4 * 4, tiles = (n + 15) / 16;
     i64 rows = m < MBLOCK ? m : MBLOCK;
-    i64 hi_bytes = 2 * rows * kp + 64, pow2_bytes = rows * (i64)sizeof(double);
-    uint8_t *hi = alloc(hi_bytes);
+    i64 hi_bytes = (2 * rows * kp + 64) * (i64)sizeof(act_t);
+    i64 pow2_bytes = rows * (i64)sizeof(double);
+    act_t *hi = alloc(hi_bytes);
     double *pow2 = alloc(pow2_bytes);
     if (!hi || !pow2) {
         free(hi);
         free(pow2);
         return hi ? pow2_bytes : hi_bytes;
     }
-    uint8_t *lo = hi + rows * kp;
+    act_t *lo = hi + rows * kp;
     for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
         i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (nr > 8)
@@ -199,7 +287,7 @@ i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int3
             for (i64 j = 0; j < nr; j += MB) {
                 int mb = nr - j < MB ? (int)(nr - j) : MB;
                 i64 *o = out + (r0 + j) * ldo;
-                const uint8_t *h = hi + j * kp, *l = lo + j * kp;
+                const act_t *h = hi + j * kp, *l = lo + j * kp;
                 switch (mb) {
 #define CASE(x) case x: tile_rows(tile, rowsum + t * 32, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
                     CASE(1) CASE(2) CASE(3) CASE(4)
@@ -470,6 +558,7 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                 }
                 double qd[512];
                 for (i64 i = 0; i < d; i++) qd[i] = (double)qr[i];
+#if AVX512
                 i64 j0 = lo;
                 for (; j0 + 32 <= hi + 1; j0 += 32) { /* 32 scores in registers */
                     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
@@ -494,6 +583,29 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                                                              _mm512_maskz_loadu_pd(mk, kt + i * s + j0)));
                     _mm512_mask_storeu_pd(sc + j0, mk, a0);
                 }
+#else
+                i64 j0 = lo;
+                for (; j0 + 16 <= hi + 1; j0 += 16) { /* 16 scores in registers */
+                    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+                    for (i64 i = 0; i < d; i++) {
+                        __m256d qi = _mm256_set1_pd(qd[i]);
+                        const double *row = kt + i * s + j0;
+                        a0 = _mm256_add_pd(a0, _mm256_mul_pd(qi, _mm256_loadu_pd(row)));
+                        a1 = _mm256_add_pd(a1, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 4)));
+                        a2 = _mm256_add_pd(a2, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 8)));
+                        a3 = _mm256_add_pd(a3, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 12)));
+                    }
+                    _mm256_storeu_pd(sc + j0, a0);
+                    _mm256_storeu_pd(sc + j0 + 4, a1);
+                    _mm256_storeu_pd(sc + j0 + 8, a2);
+                    _mm256_storeu_pd(sc + j0 + 12, a3);
+                }
+                for (; j0 <= hi; j0++) { /* then one at a time (exact sums: any order) */
+                    double a = 0.0;
+                    for (i64 i = 0; i < d; i++) a += qd[i] * kt[i * s + j0];
+                    sc[j0] = a;
+                }
+#endif
                 double best = -INFINITY, total = 0.0;
                 for (i64 j = lo; j <= hi; j++)
                     if (ok[j] && sc[j] > best) best = sc[j];
@@ -507,7 +619,8 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                     total += p;
                 }
                 for (i64 i = 0; i < d; i++) acc[i] = 0.0;
-                for (i64 c = 0; c + 64 <= d; c += 64) { /* 64 columns in registers */
+#if AVX512
+                for (i64 c = 0; c + VCOLS <= d; c += VCOLS) { /* 64 columns in registers */
                     __m512d a[8];
                     for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_pd();
                     for (i64 j = lo; j <= hi; j++) {
@@ -519,11 +632,25 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                     }
                     for (int u = 0; u < 8; u++) _mm512_storeu_pd(acc + c + 8 * u, a[u]);
                 }
-                for (i64 j = lo; j <= hi && d % 64; j++) { /* the columns past the last 64 */
+#else
+                for (i64 c = 0; c + VCOLS <= d; c += VCOLS) { /* 32 columns in registers */
+                    __m256d a[8];
+                    for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_pd();
+                    for (i64 j = lo; j <= hi; j++) {
+                        if (w[j] == 0.0) continue;
+                        __m256d p = _mm256_set1_pd(w[j]);
+                        const double *vr = vd + j * d + c;
+                        for (int u = 0; u < 8; u++)
+                            a[u] = _mm256_add_pd(a[u], _mm256_mul_pd(p, _mm256_loadu_pd(vr + 4 * u)));
+                    }
+                    for (int u = 0; u < 8; u++) _mm256_storeu_pd(acc + c + 4 * u, a[u]);
+                }
+#endif
+                for (i64 j = lo; j <= hi && d % VCOLS; j++) { /* the columns past the last block */
                     double p = w[j];
                     if (p == 0.0) continue;
                     const double *vr = vd + j * d;
-                    for (i64 i = d - d % 64; i < d; i++) acc[i] += p * vr[i];
+                    for (i64 i = d - d % VCOLS; i < d; i++) acc[i] += p * vr[i];
                 }
                 for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
             }

@@ -3,10 +3,11 @@
 Each kernel computes exactly the integers of the torch code it replaces (model.py, intops.py):
 integer arithmetic, and the same IEEE float64 operations in the same order on exact integers
 (built with -ffp-contract=off). A decode step costs six calls per layer instead of ~60 torch
-operations, and its GEMMs read the weights once in VNNI's tile layout. The library is
-built with the system's C compiler at first use, into ``$SEQKV_CACHE/kernels`` (or
-``~/.cache/seqkv``); where there is no compiler, no AVX-512 VNNI, or ``SEQKV_CPU_KERNELS=0``,
-``available()`` is False and the engine runs its torch code (the same integers, slower).
+operations, and its GEMMs read the weights once in VNNI's tile layout (AVX2 widens them as it
+reads). The library is built with the system's C compiler at first use, into
+``$SEQKV_CACHE/kernels`` (or ``~/.cache/seqkv``); where there is no compiler, neither AVX-512
+VNNI nor AVX2, or ``SEQKV_CPU_KERNELS=0``, ``available()`` is False and the engine runs its
+torch code (the same integers, slower).
 A kernel whose scratch memory cannot be allocated raises MemoryError (``_ALLOCATING``).
 """
 

@@ -5,7 +5,8 @@ The step reads every weight once, in the kernels' tile layout, and keeps keys an
 int32 (|x| < 2**23), so a stream's step costs about the weights' bytes over the memory's
 bandwidth plus a fraction of a millisecond of calls. The operations, their order and every
 rounding are model.py's (tested position by position against the prefill, for every supported
-architecture); a model the kernels cannot run (no compiler, no AVX-512 VNNI) has none.
+architecture); a model the kernels cannot run (no compiler, neither AVX-512 VNNI nor AVX2) has
+none.
 """
 
 from __future__ import annotations
