@@ -67,13 +67,10 @@ def test_every_kernel_allocation_failure_raises_and_leaves_nothing_broken(two_th
 @needs_kernels
 def test_an_allocation_past_the_address_space_raises_memory_error():
     """A real malloc failure (no hook): the GEMM's rows are 2**58 wide (a stride-0 view: no
-    memory behind them), so its scratch is 2**59 bytes (2**60 where AVX2 widens the inputs to
-    int16), past any machine's address space."""
+    memory behind them), so its scratch is 2**59 bytes, past any machine's address space."""
     v = torch.zeros(1, 1, dtype=torch.int64).expand(1, 1 << 58)
     w = torch.ones(4, 8, dtype=torch.int8)
-    # 2**59 (+ 64) bytes of int8 inputs under AVX-512, twice as many int16 ones under AVX2
-    size = r"(576,460,752,303,|1,152,921,504,606,)"
-    with pytest.raises(MemoryError, match=r"kernel linear: cannot allocate " + size):
+    with pytest.raises(MemoryError, match=r"kernel linear: cannot allocate 576,460,752,303,"):
         cpu_kernels.linear(v, w, torch.ones(2, dtype=torch.float64), None)
 
 

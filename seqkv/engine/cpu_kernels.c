@@ -17,17 +17,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Two instruction sets, one set of integers: AVX-512 VNNI multiplies four int8 pairs per
- * 32-bit lane (dpbusd), AVX2 two int16 pairs (madd: the int8 halves widened first); both sum
- * exactly in int32, and the float64 steps are the same IEEE operations in the same order. */
+/* Two instruction sets, one set of integers. Both multiply unsigned by signed bytes and sum
+ * exactly in int32: AVX-512 VNNI (dpbusd) takes the inputs + 128 against the weights, AVX2
+ * (maddubs, then madd) the weights + 128 against the inputs, whose |x| <= 64 keeps its int16
+ * pair sums from saturating. The float64 steps are the same IEEE operations in one order. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
 #define AVX512 1
-typedef uint8_t act_t; /* a GEMM input byte as VNNI reads it */
-#define VCOLS 64       /* prefill_attention's value columns in registers */
+#define INPUT_OFFSET 128 /* added to each GEMM input byte */
+#define WEIGHT_FLIP 0    /* xor-ed into each packed weight byte (0x80: w + 128 as unsigned) */
+#define VCOLS 64         /* prefill_attention's value columns in registers */
 #elif defined(__AVX2__)
 #define AVX512 0
-typedef uint16_t act_t; /* widened to int16 for madd */
+#define INPUT_OFFSET 0
+#define WEIGHT_FLIP 0x80
 #define VCOLS 32
 #else
 #error "needs AVX-512 F/BW/DQ/VNNI or AVX2"
@@ -90,11 +93,12 @@ static inline i64 row_shift(const i64 *x, i64 n, int bits) {
 
 /* -- weights ----------------------------------------------------------------------------- */
 /* w int8 [2N, K] (N weight rows A over N residual rows B) -> tiles of 16 output channels:
- * tile t holds A then B, each [K4][16][4] (VNNI's layout: 4 consecutive k of 16 channels);
- * rowsum [T][32]: the A and B sums of each channel (for the unsigned-input correction). */
+ * tile t holds A then B, each [K4][16][4] (VNNI's layout: 4 consecutive k of 16 channels),
+ * each byte xor WEIGHT_FLIP; rowsum [T][32]: the A and B sums of each channel (for VNNI's
+ * unsigned-input correction). */
 void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum) {
     i64 tiles = (n + 15) / 16, k4 = (k + 3) / 4;
-    memset(packed, 0, (size_t)(tiles * 2 * k4 * 64));
+    memset(packed, WEIGHT_FLIP, (size_t)(tiles * 2 * k4 * 64)); /* padding: weights of 0 */
     memset(rowsum, 0, (size_t)(tiles * 32) * sizeof(int32_t));
     for (i64 half = 0; half < 2; half++)
         for (i64 c = 0; c < n; c++) {
@@ -103,7 +107,7 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
             int8_t *dst = packed + (t * 2 + half) * k4 * 64;
             int32_t s = 0;
             for (i64 i = 0; i < k; i++) {
-                dst[(i / 4) * 64 + j * 4 + (i % 4)] = row[i];
+                dst[(i / 4) * 64 + j * 4 + (i % 4)] = (int8_t)((uint8_t)row[i] ^ WEIGHT_FLIP);
                 s += row[i];
             }
             rowsum[t * 32 + half * 16 + j] = s;
@@ -111,20 +115,25 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
 }
 
 /* -- rows into int8 halves (intops.split_rows) --------------------------------------------- */
-/* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo; stored as hi + 128, lo + 128
- * (VNNI multiplies unsigned by signed bytes; AVX2 keeps them as int16), k padded with zeros
- * (128) to kp. */
-static void split_row(const i64 *v, i64 k, i64 kp, act_t *hi, act_t *lo, double *pow2) {
+/* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo (|hi|, |lo| <= 64); stored as
+ * bytes hi + INPUT_OFFSET, lo + INPUT_OFFSET, k padded with zeros to kp; sums[0], sums[1]:
+ * the row's sums of hi and of lo (for AVX2's unsigned-weight correction). */
+static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, double *pow2,
+                      int32_t *sums) {
     i64 sh = row_shift(v, k, 13);
-    i64 half = ((i64)1 << sh) >> 1;
+    i64 half = ((i64)1 << sh) >> 1, sh_sum = 0, lo_sum = 0;
     for (i64 i = 0; i < k; i++) {
         i64 q = (v[i] + half) >> sh;
         i64 h = (q + 64) >> 7;
-        hi[i] = (act_t)(h + 128);
-        lo[i] = (act_t)(q - (h << 7) + 128);
+        hi[i] = (uint8_t)(h + INPUT_OFFSET);
+        lo[i] = (uint8_t)(q - (h << 7) + INPUT_OFFSET);
+        sh_sum += h;
+        lo_sum += q - (h << 7);
     }
-    for (i64 i = k; i < kp; i++) hi[i] = lo[i] = 128;
+    for (i64 i = k; i < kp; i++) hi[i] = lo[i] = INPUT_OFFSET;
     *pow2 = ldexp(1.0, (int)sh);
+    sums[0] = (int32_t)sh_sum;
+    sums[1] = (int32_t)lo_sum;
 }
 
 /* -- the GEMM and its rescaling ----------------------------------------------------------- */
@@ -141,9 +150,10 @@ static inline __m512d rescale8(__m256i ha, __m256i la, __m256i hb, __m512d scale
 }
 
 static inline __attribute__((always_inline)) void tile_rows(
-    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const act_t *hi, const act_t *lo,
-    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
-    i64 ldo) {
+    const int8_t *tile, const int32_t *rs, const int32_t *xs, i64 k4, i64 kp, const uint8_t *hi,
+    const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
+    i64 c0, i64 *out, i64 ldo) {
+    (void)xs; /* the inputs' sums: AVX2's correction */
     __m512i ha[8], la[8], hb[8];
     for (int j = 0; j < mb; j++) ha[j] = la[j] = hb[j] = _mm512_setzero_si512();
     const int8_t *ta = tile, *tb = tile + k4 * 64;
@@ -183,68 +193,72 @@ static inline __attribute__((always_inline)) void tile_rows(
     }
 }
 #else
-/* AVX2: for each group of 4 channels (16 bytes of a 64-byte block: 4 k of each), the weights
- * widened to int16 and multiplied by the row's 4 inputs broadcast, madd summing pairs of k:
- * each channel's sum is spread over two int32 lanes, added in the rescaling. */
+/* AVX2: (w + 128) x for 4 k of 8 channels a vector: maddubs sums pairs of k in int16, madd
+ * with ones the two pairs in int32. Eight channels a pass (two passes a tile), except for one
+ * row (a decode step), whose six accumulators take both halves in one pass over the weights. */
+static inline __attribute__((always_inline)) __m256i dot4(__m256i acc, __m256i w, __m256i x,
+                                                           __m256i ones) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+}
+
 static inline __attribute__((always_inline)) void tile_rows(
-    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const act_t *hi, const act_t *lo,
-    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
-    i64 ldo) {
-    int32_t sums[4][3][4][8]; /* [row][ha, la, hb][channel group][lane] */
+    const int8_t *tile, const int32_t *rs, const int32_t *xs, i64 k4, i64 kp, const uint8_t *hi,
+    const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
+    i64 c0, i64 *out, i64 ldo) {
+    (void)rs; /* the weights' sums: VNNI's correction */
+    int32_t sums[4][3][16]; /* [row][ha, la, hb][channel] */
     const int8_t *ta = tile, *tb = tile + k4 * 64;
-    if (mb == 1) { /* a decode step's one row: the four groups in one pass over the weights */
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int c8 = 0; c8 < (mb == 1 ? 1 : 2); c8++) {
         __m256i ha[4], la[4], hb[4];
-        for (int g = 0; g < 4; g++) ha[g] = la[g] = hb[g] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) ha[j] = la[j] = hb[j] = _mm256_setzero_si256();
         for (i64 q = 0; q < k4; q++) {
-            int64_t h4, l4;
-            memcpy(&h4, hi + q * 4, 8);
-            memcpy(&l4, lo + q * 4, 8);
-            __m256i xh = _mm256_set1_epi64x(h4), xl = _mm256_set1_epi64x(l4);
-            for (int g = 0; g < 4; g++) {
-                __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ta + q * 64 + g * 16)));
-                __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(tb + q * 64 + g * 16)));
-                ha[g] = _mm256_add_epi32(ha[g], _mm256_madd_epi16(a, xh));
-                la[g] = _mm256_add_epi32(la[g], _mm256_madd_epi16(a, xl));
-                hb[g] = _mm256_add_epi32(hb[g], _mm256_madd_epi16(b, xh));
+            const int8_t *wa = ta + q * 64 + c8 * 32, *wb = tb + q * 64 + c8 * 32;
+            __m256i a = _mm256_loadu_si256((const __m256i *)wa);
+            __m256i b = _mm256_loadu_si256((const __m256i *)wb);
+            if (mb == 1) { /* row 0 in registers 0-2, channels 8-15 in registers 1-3's slots */
+                __m256i xh = _mm256_set1_epi32(*(const int32_t *)(hi + q * 4));
+                __m256i xl = _mm256_set1_epi32(*(const int32_t *)(lo + q * 4));
+                __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + 32));
+                __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+                ha[0] = dot4(ha[0], a, xh, ones);
+                la[0] = dot4(la[0], a, xl, ones);
+                hb[0] = dot4(hb[0], b, xh, ones);
+                ha[1] = dot4(ha[1], a1, xh, ones);
+                la[1] = dot4(la[1], a1, xl, ones);
+                hb[1] = dot4(hb[1], b1, xh, ones);
+                continue;
             }
-        }
-        for (int g = 0; g < 4; g++) {
-            _mm256_storeu_si256((__m256i *)sums[0][0][g], ha[g]);
-            _mm256_storeu_si256((__m256i *)sums[0][1][g], la[g]);
-            _mm256_storeu_si256((__m256i *)sums[0][2][g], hb[g]);
-        }
-    }
-    for (int g = 0; g < 4 && mb > 1; g++) {
-        __m256i ha[4], la[4], hb[4];
-        for (int j = 0; j < mb; j++) ha[j] = la[j] = hb[j] = _mm256_setzero_si256();
-        for (i64 q = 0; q < k4; q++) {
-            __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ta + q * 64 + g * 16)));
-            __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(tb + q * 64 + g * 16)));
             for (int j = 0; j < mb; j++) {
-                int64_t h4, l4;
-                memcpy(&h4, hi + j * kp + q * 4, 8);
-                memcpy(&l4, lo + j * kp + q * 4, 8);
-                __m256i xh = _mm256_set1_epi64x(h4), xl = _mm256_set1_epi64x(l4);
-                ha[j] = _mm256_add_epi32(ha[j], _mm256_madd_epi16(a, xh));
-                la[j] = _mm256_add_epi32(la[j], _mm256_madd_epi16(a, xl));
-                hb[j] = _mm256_add_epi32(hb[j], _mm256_madd_epi16(b, xh));
+                __m256i xh = _mm256_set1_epi32(*(const int32_t *)(hi + j * kp + q * 4));
+                __m256i xl = _mm256_set1_epi32(*(const int32_t *)(lo + j * kp + q * 4));
+                ha[j] = dot4(ha[j], a, xh, ones);
+                la[j] = dot4(la[j], a, xl, ones);
+                hb[j] = dot4(hb[j], b, xh, ones);
             }
+        }
+        if (mb == 1) {
+            for (int h = 0; h < 2; h++) {
+                _mm256_storeu_si256((__m256i *)(sums[0][0] + 8 * h), ha[h]);
+                _mm256_storeu_si256((__m256i *)(sums[0][1] + 8 * h), la[h]);
+                _mm256_storeu_si256((__m256i *)(sums[0][2] + 8 * h), hb[h]);
+            }
+            continue;
         }
         for (int j = 0; j < mb; j++) {
-            _mm256_storeu_si256((__m256i *)sums[j][0][g], ha[j]);
-            _mm256_storeu_si256((__m256i *)sums[j][1][g], la[j]);
-            _mm256_storeu_si256((__m256i *)sums[j][2][g], hb[j]);
+            _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * c8), ha[j]);
+            _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * c8), la[j]);
+            _mm256_storeu_si256((__m256i *)(sums[j][2] + 8 * c8), hb[j]);
         }
     }
     i64 cols = n - c0 < 16 ? n - c0 : 16;
     for (int j = 0; j < mb; j++) {
         i64 *o = out + j * ldo + c0;
         for (i64 c = 0; c < cols; c++) {
-            const int g = (int)(c / 4), u = (int)(c % 4) * 2;
-            /* (x + 128).w = x.w + 128 sum(w) */
-            int32_t a = sums[j][0][g][u] + sums[j][0][g][u + 1] - (rs[c] << 7);
-            int32_t l = sums[j][1][g][u] + sums[j][1][g][u + 1] - (rs[c] << 7);
-            int32_t r = sums[j][2][g][u] + sums[j][2][g][u + 1] - (rs[16 + c] << 7);
+            /* (w + 128).x = w.x + 128 sum(x) */
+            int32_t a = sums[j][0][c] - (xs[2 * j] << 7);
+            int32_t l = sums[j][1][c] - (xs[2 * j + 1] << 7);
+            int32_t r = sums[j][2][c] - (xs[2 * j] << 7);
             /* the AVX-512 rescale8's operations in its order */
             double y = (double)r;
             y = y + (double)a * 256.0;
@@ -266,30 +280,32 @@ i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int3
            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
     i64 k4 = (k + 3) / 4, kp = k4 * 4, tiles = (n + 15) / 16;
     i64 rows = m < MBLOCK ? m : MBLOCK;
-    i64 hi_bytes = (2 * rows * kp + 64) * (i64)sizeof(act_t);
-    i64 pow2_bytes = rows * (i64)sizeof(double);
-    act_t *hi = alloc(hi_bytes);
+    i64 hi_bytes = 2 * rows * kp + 64;
+    i64 pow2_bytes = rows * (i64)(sizeof(double) + 2 * sizeof(int32_t));
+    uint8_t *hi = alloc(hi_bytes);
     double *pow2 = alloc(pow2_bytes);
     if (!hi || !pow2) {
         free(hi);
         free(pow2);
         return hi ? pow2_bytes : hi_bytes;
     }
-    act_t *lo = hi + rows * kp;
+    uint8_t *lo = hi + rows * kp;
+    int32_t *xsum = (int32_t *)(pow2 + rows);
     for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
         i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (nr > 8)
         for (i64 r = 0; r < nr; r++)
-            split_row(v + (r0 + r) * ldv, k, kp, hi + r * kp, lo + r * kp, pow2 + r);
+            split_row(v + (r0 + r) * ldv, k, kp, hi + r * kp, lo + r * kp, pow2 + r,
+                      xsum + 2 * r);
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (i64 t = 0; t < tiles; t++) {
             const int8_t *tile = packed + t * 2 * k4 * 64;
             for (i64 j = 0; j < nr; j += MB) {
                 int mb = nr - j < MB ? (int)(nr - j) : MB;
                 i64 *o = out + (r0 + j) * ldo;
-                const act_t *h = hi + j * kp, *l = lo + j * kp;
+                const uint8_t *h = hi + j * kp, *l = lo + j * kp;
                 switch (mb) {
-#define CASE(x) case x: tile_rows(tile, rowsum + t * 32, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
+#define CASE(x) case x: tile_rows(tile, rowsum + t * 32, xsum + 2 * j, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
                     CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
                 }
