@@ -63,6 +63,12 @@ static inline void failed(i64 *status, i64 bytes) {
     __atomic_store_n(status, bytes > 0 ? bytes : -1, __ATOMIC_RELAXED);
 }
 
+static inline int32_t bytes4(const void *p) { /* 4 input bytes as one lane (no aliasing) */
+    int32_t x;
+    memcpy(&x, p, 4);
+    return x;
+}
+
 static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
     i64 q = a / b;
     return (a % b != 0 && a < 0) ? q - 1 : q;
@@ -160,8 +166,8 @@ static inline __attribute__((always_inline)) void tile_rows(
     for (i64 q = 0; q < k4; q++) {
         __m512i a = _mm512_loadu_si512(ta + q * 64), b = _mm512_loadu_si512(tb + q * 64);
         for (int j = 0; j < mb; j++) {
-            __m512i xh = _mm512_set1_epi32(*(const int32_t *)(hi + j * kp + q * 4));
-            __m512i xl = _mm512_set1_epi32(*(const int32_t *)(lo + j * kp + q * 4));
+            __m512i xh = _mm512_set1_epi32(bytes4(hi + j * kp + q * 4));
+            __m512i xl = _mm512_set1_epi32(bytes4(lo + j * kp + q * 4));
             ha[j] = _mm512_dpbusd_epi32(ha[j], xh, a);
             la[j] = _mm512_dpbusd_epi32(la[j], xl, a);
             hb[j] = _mm512_dpbusd_epi32(hb[j], xh, b);
@@ -216,9 +222,9 @@ static inline __attribute__((always_inline)) void tile_rows(
             const int8_t *wa = ta + q * 64 + c8 * 32, *wb = tb + q * 64 + c8 * 32;
             __m256i a = _mm256_loadu_si256((const __m256i *)wa);
             __m256i b = _mm256_loadu_si256((const __m256i *)wb);
-            if (mb == 1) { /* row 0 in registers 0-2, channels 8-15 in registers 1-3's slots */
-                __m256i xh = _mm256_set1_epi32(*(const int32_t *)(hi + q * 4));
-                __m256i xl = _mm256_set1_epi32(*(const int32_t *)(lo + q * 4));
+            if (mb == 1) { /* channels 0-7 in ha[0], la[0], hb[0]; 8-15 in ha[1], la[1], hb[1] */
+                __m256i xh = _mm256_set1_epi32(bytes4(hi + q * 4));
+                __m256i xl = _mm256_set1_epi32(bytes4(lo + q * 4));
                 __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + 32));
                 __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
                 ha[0] = dot4(ha[0], a, xh, ones);
@@ -230,8 +236,8 @@ static inline __attribute__((always_inline)) void tile_rows(
                 continue;
             }
             for (int j = 0; j < mb; j++) {
-                __m256i xh = _mm256_set1_epi32(*(const int32_t *)(hi + j * kp + q * 4));
-                __m256i xl = _mm256_set1_epi32(*(const int32_t *)(lo + j * kp + q * 4));
+                __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
+                __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
                 ha[j] = dot4(ha[j], a, xh, ones);
                 la[j] = dot4(la[j], a, xl, ones);
                 hb[j] = dot4(hb[j], b, xh, ones);
@@ -255,10 +261,12 @@ static inline __attribute__((always_inline)) void tile_rows(
     for (int j = 0; j < mb; j++) {
         i64 *o = out + j * ldo + c0;
         for (i64 c = 0; c < cols; c++) {
-            /* (w + 128).x = w.x + 128 sum(x) */
-            int32_t a = sums[j][0][c] - (xs[2 * j] << 7);
-            int32_t l = sums[j][1][c] - (xs[2 * j + 1] << 7);
-            int32_t r = sums[j][2][c] - (xs[2 * j] << 7);
+            /* (w + 128).x = w.x + 128 sum(x), in uint32 as the vector paths wrap (no signed
+             * overflow; the true values fit int32) */
+            uint32_t ch = (uint32_t)xs[2 * j] * 128u, cl = (uint32_t)xs[2 * j + 1] * 128u;
+            int32_t a = (int32_t)((uint32_t)sums[j][0][c] - ch);
+            int32_t l = (int32_t)((uint32_t)sums[j][1][c] - cl);
+            int32_t r = (int32_t)((uint32_t)sums[j][2][c] - ch);
             /* the AVX-512 rescale8's operations in its order */
             double y = (double)r;
             y = y + (double)a * 256.0;
