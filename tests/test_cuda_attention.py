@@ -64,3 +64,20 @@ def test_prefill_kernel_at_the_bounds(window, kv_dtype):
     got = cuda_attention.prefill_attention(q, k, v, window, model.exp_attn_f,
                                            model._index_scale_t, 1 << (FRAC - QKV_FRAC))
     assert torch.equal(got, want)
+
+
+def test_prefill_kernel_past_a_grid_axis_limit():
+    """More (stream, head) pairs than a CUDA grid's second axis holds (65,535): short streams
+    in one large prefill, as the store's compaction makes them."""
+    from .test_engine import MODELS
+
+    model = IntModel(integerize(MODELS["llama"]().model), "cuda")
+    g = torch.Generator().manual_seed(5)
+    b, n_kv, rep, d, t = 22_000, 1, 3, 16, 2
+    q = torch.randint(-999, 1000, (b, n_kv, rep, t, d), generator=g).cuda()
+    k, v = (torch.randint(-999, 1000, (b, n_kv, t, d), generator=g).cuda() for _ in range(2))
+    pos = torch.arange(t, device="cuda")
+    allowed = (pos[None, :] <= pos[:, None]).expand(b, 1, 1, t, t)
+    got = cuda_attention.prefill_attention(q, k, v, 0, model.exp_attn_f, model._index_scale_t,
+                                           1 << (FRAC - QKV_FRAC))
+    assert torch.equal(got, model._attend(q, k, v, allowed))

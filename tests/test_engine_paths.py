@@ -26,3 +26,14 @@ def test_split_before_gemm_gives_the_same_integers(name):
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(runs[0][2][-1], runs[0][1])  # the last step is the prefill's last row
+
+
+def test_prefill_refuses_ids_past_its_cache():
+    """More positions or streams than the cache holds: a clear error, not writes past it (the
+    GPU's rotation kernel writes without bounds checks)."""
+    model = IntModel(integerize(MODELS["llama"]().model))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    for streams, capacity in ((2, 8), (1, 16)):
+        with pytest.raises(ValueError, match="do not fit a cache"):
+            model.prefill_hidden(ids, cache=model.new_cache(streams, capacity))
+    model.prefill_hidden(ids, cache=model.new_cache(2, 9))

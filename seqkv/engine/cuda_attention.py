@@ -299,14 +299,17 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, scale_ptr, T, S, n_heads, rep,
-                        n_kv, window, table_last,
+                        n_kv, window, table_last, n_blocks,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         OUT_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr):
         """One block of BM query rows of one head: the exact maximum over the keys it sees
         (first pass), then the table weights, their sum and the weighted values (second)."""
-        blk, bh = tl.program_id(0), tl.program_id(1)  # bh: b * n_heads + head
+        # one grid axis: the second stops at 65,535 programs, which b * n_heads passes at
+        # ~7,300 short streams of SmolLM2 in one prefill
+        pid = tl.program_id(0)
+        blk, bh = pid % n_blocks, pid // n_blocks  # bh: b * n_heads + head
         b, head = bh // n_heads, bh % n_heads
         kv = head // rep
         qpos = blk * BM + tl.arange(0, BM)  # query i sits at position i (S - T before it)
@@ -363,9 +366,9 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     # 32 x 32 blocks unpipelined: on the H200 at SmolLM2's shapes (64 x 256 tokens, 9 heads
     # of 64) 367 us a layer, against 395-541 for 64-row blocks or pipelined loads
     bm = 32 if d <= 128 else 16
-    grid = (triton.cdiv(t, bm), b * n_heads)
-    _prefill_kernel[grid](q.contiguous(), keys, values, out, table, index_scale, t, s,
-                          n_heads, rep, n_kv, window, table.shape[0] - 1, *keys.stride(),
-                          *values.stride(), OUT_SCALE=out_scale, D=d, BM=bm, BN=32,
-                          num_warps=4, num_stages=1)
+    n_blocks = triton.cdiv(t, bm)
+    _prefill_kernel[(n_blocks * b * n_heads,)](
+        q.contiguous(), keys, values, out, table, index_scale, t, s, n_heads, rep, n_kv, window,
+        table.shape[0] - 1, n_blocks, *keys.stride(), *values.stride(), OUT_SCALE=out_scale,
+        D=d, BM=bm, BN=32, num_warps=4, num_stages=1)
     return out

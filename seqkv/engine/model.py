@@ -490,6 +490,10 @@ class IntModel:
         0..T-1, optionally writing their keys and values into ``cache`` (the same integers a
         step-by-step run writes). Attention runs in query blocks of about ``budget`` scores."""
         b, t = ids.shape
+        if cache is not None and (t > cache.capacity or b > cache.keys[0].shape[0]):
+            # the GPU's rotation kernel writes unchecked (the torch path's copy would raise)
+            raise ValueError(f"{b} x {t} ids do not fit a cache of {cache.keys[0].shape[0]} "
+                             f"streams x {cache.capacity} positions")
         pos = torch.arange(t, device=self.device).expand(b, t)
         budget = budget or (1 << (24 if self.device.type == "cpu" else 28))
         block = max(16, budget // max(1, b * self.spec.n_heads * t))
