@@ -26,15 +26,26 @@
 #define AVX512 1
 #define INPUT_OFFSET 128 /* added to each GEMM input byte */
 #define WEIGHT_FLIP 0    /* xor-ed into each packed weight byte (0x80: w + 128 as unsigned) */
-#define VCOLS 64         /* prefill_attention's value columns in registers */
+#define VW 8             /* float64 lanes of a vector register */
 #elif defined(__AVX2__)
 #define AVX512 0
 #define INPUT_OFFSET 0
 #define WEIGHT_FLIP 0x80
-#define VCOLS 32
+#define VW 4
 #else
 #error "needs AVX-512 F/BW/DQ/VNNI or AVX2"
 #endif
+
+/* float64 vectors of VW lanes (GCC/Clang vector extensions: one source for both widths) */
+typedef double vdouble __attribute__((vector_size(VW * sizeof(double))));
+
+static inline vdouble vload(const double *p) {
+    vdouble v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(double *p, vdouble v) { memcpy(p, &v, sizeof v); }
 
 typedef int64_t i64;
 
@@ -582,54 +593,31 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                 }
                 double qd[512];
                 for (i64 i = 0; i < d; i++) qd[i] = (double)qr[i];
-#if AVX512
                 i64 j0 = lo;
-                for (; j0 + 32 <= hi + 1; j0 += 32) { /* 32 scores in registers */
-                    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+                for (; j0 + 4 * VW <= hi + 1; j0 += 4 * VW) { /* 4 VW scores in registers */
+                    vdouble a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                     for (i64 i = 0; i < d; i++) {
-                        __m512d qi = _mm512_set1_pd(qd[i]);
                         const double *row = kt + i * s + j0;
-                        a0 = _mm512_add_pd(a0, _mm512_mul_pd(qi, _mm512_loadu_pd(row)));
-                        a1 = _mm512_add_pd(a1, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 8)));
-                        a2 = _mm512_add_pd(a2, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 16)));
-                        a3 = _mm512_add_pd(a3, _mm512_mul_pd(qi, _mm512_loadu_pd(row + 24)));
+                        a0 += qd[i] * vload(row);
+                        a1 += qd[i] * vload(row + VW);
+                        a2 += qd[i] * vload(row + 2 * VW);
+                        a3 += qd[i] * vload(row + 3 * VW);
                     }
-                    _mm512_storeu_pd(sc + j0, a0);
-                    _mm512_storeu_pd(sc + j0 + 8, a1);
-                    _mm512_storeu_pd(sc + j0 + 16, a2);
-                    _mm512_storeu_pd(sc + j0 + 24, a3);
+                    vstore(sc + j0, a0);
+                    vstore(sc + j0 + VW, a1);
+                    vstore(sc + j0 + 2 * VW, a2);
+                    vstore(sc + j0 + 3 * VW, a3);
                 }
-                for (; j0 <= hi; j0 += 8) { /* then 8 at a time, the last ones masked */
-                    __mmask8 mk = hi + 1 - j0 >= 8 ? 0xff : (__mmask8)((1u << (hi + 1 - j0)) - 1);
-                    __m512d a0 = _mm512_setzero_pd();
-                    for (i64 i = 0; i < d; i++)
-                        a0 = _mm512_add_pd(a0, _mm512_mul_pd(_mm512_set1_pd(qd[i]),
-                                                             _mm512_maskz_loadu_pd(mk, kt + i * s + j0)));
-                    _mm512_mask_storeu_pd(sc + j0, mk, a0);
-                }
-#else
-                i64 j0 = lo;
-                for (; j0 + 16 <= hi + 1; j0 += 16) { /* 16 scores in registers */
-                    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-                    for (i64 i = 0; i < d; i++) {
-                        __m256d qi = _mm256_set1_pd(qd[i]);
-                        const double *row = kt + i * s + j0;
-                        a0 = _mm256_add_pd(a0, _mm256_mul_pd(qi, _mm256_loadu_pd(row)));
-                        a1 = _mm256_add_pd(a1, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 4)));
-                        a2 = _mm256_add_pd(a2, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 8)));
-                        a3 = _mm256_add_pd(a3, _mm256_mul_pd(qi, _mm256_loadu_pd(row + 12)));
-                    }
-                    _mm256_storeu_pd(sc + j0, a0);
-                    _mm256_storeu_pd(sc + j0 + 4, a1);
-                    _mm256_storeu_pd(sc + j0 + 8, a2);
-                    _mm256_storeu_pd(sc + j0 + 12, a3);
+                for (; j0 + VW <= hi + 1; j0 += VW) { /* then VW at a time */
+                    vdouble a0 = {0};
+                    for (i64 i = 0; i < d; i++) a0 += qd[i] * vload(kt + i * s + j0);
+                    vstore(sc + j0, a0);
                 }
                 for (; j0 <= hi; j0++) { /* then one at a time (exact sums: any order) */
                     double a = 0.0;
                     for (i64 i = 0; i < d; i++) a += qd[i] * kt[i * s + j0];
                     sc[j0] = a;
                 }
-#endif
                 double best = -INFINITY, total = 0.0;
                 for (i64 j = lo; j <= hi; j++)
                     if (ok[j] && sc[j] > best) best = sc[j];
@@ -643,38 +631,21 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                     total += p;
                 }
                 for (i64 i = 0; i < d; i++) acc[i] = 0.0;
-#if AVX512
-                for (i64 c = 0; c + VCOLS <= d; c += VCOLS) { /* 64 columns in registers */
-                    __m512d a[8];
-                    for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_pd();
+                for (i64 c = 0; c + 8 * VW <= d; c += 8 * VW) { /* 8 VW columns in registers */
+                    vdouble a[8];
+                    for (int u = 0; u < 8; u++) a[u] = (vdouble){0};
                     for (i64 j = lo; j <= hi; j++) {
                         if (w[j] == 0.0) continue;
-                        __m512d p = _mm512_set1_pd(w[j]);
                         const double *vr = vd + j * d + c;
-                        for (int u = 0; u < 8; u++)
-                            a[u] = _mm512_add_pd(a[u], _mm512_mul_pd(p, _mm512_loadu_pd(vr + 8 * u)));
+                        for (int u = 0; u < 8; u++) a[u] += w[j] * vload(vr + VW * u);
                     }
-                    for (int u = 0; u < 8; u++) _mm512_storeu_pd(acc + c + 8 * u, a[u]);
+                    for (int u = 0; u < 8; u++) vstore(acc + c + VW * u, a[u]);
                 }
-#else
-                for (i64 c = 0; c + VCOLS <= d; c += VCOLS) { /* 32 columns in registers */
-                    __m256d a[8];
-                    for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_pd();
-                    for (i64 j = lo; j <= hi; j++) {
-                        if (w[j] == 0.0) continue;
-                        __m256d p = _mm256_set1_pd(w[j]);
-                        const double *vr = vd + j * d + c;
-                        for (int u = 0; u < 8; u++)
-                            a[u] = _mm256_add_pd(a[u], _mm256_mul_pd(p, _mm256_loadu_pd(vr + 4 * u)));
-                    }
-                    for (int u = 0; u < 8; u++) _mm256_storeu_pd(acc + c + 4 * u, a[u]);
-                }
-#endif
-                for (i64 j = lo; j <= hi && d % VCOLS; j++) { /* the columns past the last block */
+                for (i64 j = lo; j <= hi && d % (8 * VW); j++) { /* the columns past the last block */
                     double p = w[j];
                     if (p == 0.0) continue;
                     const double *vr = vd + j * d;
-                    for (i64 i = d - d % VCOLS; i < d; i++) acc[i] += p * vr[i];
+                    for (i64 i = d - d % (8 * VW); i < d; i++) acc[i] += p * vr[i];
                 }
                 for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
             }
