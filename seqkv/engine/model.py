@@ -298,12 +298,10 @@ class IntModel:
         h, qkv = self.norm_linear(h, delta, post, layer.attn_norm, layer.qkv)
         b, t = pos.shape
         if self.fused_heads and layer.q_norm is None:  # one kernel writes the cache
-            if cache is None:
+            if cache is None:  # keys and values for this prefill alone
                 shape = (b, self.spec.n_kv, t, self.spec.head_dim)
-                cache = StepCache([torch.empty(shape, dtype=torch.int32, device=self.device)],
-                                  [torch.empty(shape, dtype=torch.int32, device=self.device)],
-                                  t)
-                keys, values = cache.keys[0], cache.values[0]
+                keys, values = (torch.empty(shape, dtype=torch.int32, device=self.device)
+                                for _ in range(2))
             else:
                 keys, values = cache.keys[i], cache.values[i]
             q = cuda_attention.heads(qkv, pos[:, 0], keys, values, self._rotation(i, t))
