@@ -171,3 +171,17 @@ def test_compact_blob_refusal_imports_no_torch(foreign_text_blob, tmp_path):
                           "-o", str(tmp_path / "o.txt")], capture_output=True, text=True,
                          timeout=120)
     assert "engine weights" in out.stderr and out.stderr.strip().endswith("False"), out.stderr
+
+
+def test_blob_of_an_earlier_engine_refused_by_name_before_the_model(no_model, tmp_path):
+    """Engine 1's golden blob (int8 weights with a rounding residual): one line naming both
+    versions, no model loaded, nothing written; inspect still describes it."""
+    from pathlib import Path
+
+    old = Path(__file__).parent / "golden" / "smollm2_news_engine1.skv"
+    out = tmp_path / "o.txt"
+    _one_line_error(runner.invoke(app, ["decompress", str(old), "-o", str(out)]),
+                    "integer engine version 1", "has version 2")
+    assert not out.exists()
+    result = runner.invoke(app, ["inspect", str(old), "--json"])
+    assert result.exit_code == 0 and '"smollm2-135m"' in result.output

@@ -135,7 +135,7 @@ def test_int8_linear_gives_split_linears_integers(rows):
         hi = torch.randint(-64, 65, (rows, k), generator=g, dtype=torch.int8)
         lo = torch.randint(-64, 64, (rows, k), generator=g, dtype=torch.int8)
         hi[0], lo[0] = 64, 63  # the largest row: every product at its bound
-        w = torch.randint(-127, 128, (2 * n, k), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         w[: n // 2] = 127
         shift = torch.randint(0, 30, (rows, 1), generator=g)
         mant = torch.randint(1 << 20, 1 << 21, (n,), generator=g)

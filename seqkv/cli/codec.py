@@ -19,6 +19,7 @@ from .common import (
     OutPath,
     TextIn,
     blob_info,
+    check_engine,
     check_output,
     coding_seconds,
     friendly_errors,
@@ -118,6 +119,7 @@ def decompress(
         raise SeqkvError(f"{input} is a kv-delta blob (a KV cache): use seqkv kv-restore")
     if info.get("text") is False:
         raise SeqkvError(f"{input} holds token ids, not text: restore the cache from Python")
+    check_engine(info, input)
     if not quiet:
         _warn_decode(info)
     lm = load(model, info.get("model"))

@@ -123,6 +123,16 @@ def blob_info(blob: bytes, path: Path) -> dict:
         raise SeqkvError(f"{path}: unreadable blob header ({type(e).__name__}: {e})") from e
 
 
+def check_engine(info: dict, path: Path) -> None:
+    """Refuse, before loading a model, a compact blob coded by another engine version."""
+    from ..core.version import ENGINE_ID
+
+    engine = info.get("engine")
+    if info.get("format") == "compact" and engine != ENGINE_ID:
+        raise SeqkvError(f"{path}: coded by integer engine version {engine}; this seqkv has "
+                         f"version {ENGINE_ID} (decode it with the seqkv that wrote it)")
+
+
 def check_model_name(model: str | None, needed: str | None) -> None:
     """Refuse, before loading, a packaged model (or the default) other than the one a blob
     names in its header. A path is not checked here: its name is only known once loaded."""

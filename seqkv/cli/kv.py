@@ -17,6 +17,7 @@ from .common import (
     OutPath,
     TextIn,
     blob_info,
+    check_engine,
     check_output,
     friendly_errors,
     load,
@@ -138,7 +139,9 @@ def kv_restore(
     if exact and header.mode != "exact":
         raise SeqkvError(f"{input} is lossy ({header.lossy}); it cannot restore bit for bit")
     if header.tokens.coding == "coded":
-        _warn_decode_tokens(blob_info(sections["tokens"], input))
+        tokens = blob_info(sections["tokens"], input)
+        check_engine(tokens, input)
+        _warn_decode_tokens(tokens)
     needs = needs_model(predictor_of(header), header.tokens.coding)
     lm = load(model, info.get("model")) if needs else None
     save_cachefile(output, decompress_kv(blob, lm))

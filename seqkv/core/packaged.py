@@ -10,8 +10,12 @@ NAMES = (DEFAULT_MODEL, GEMMA3)
 # The engine's integer-weights digests of the packaged models (first 8 bytes, as compact
 # blobs record them), so a header names its model without loading one. A test re-derives them.
 ENGINE_WEIGHTS = {
-    "smollm2-135m": "8cd0d9426fd40ea1",
-    "gemma3-270m": "222edbe1f0df120b",
+    "smollm2-135m": "9443d4eb04ca4b7d",
+    "gemma3-270m": "dce0a654c147ed7d",
+}
+# ... and under earlier engine versions, so a blob of one still names its model.
+EARLIER_ENGINE_WEIGHTS = {
+    1: {"smollm2-135m": "8cd0d9426fd40ea1", "gemma3-270m": "222edbe1f0df120b"},
 }
 
 # KV geometry of the packaged models: (layers, kv heads, head dim, sliding window per layer).
@@ -23,9 +27,10 @@ _PACKAGED_KV = {
 
 def model_name(engine_weights: bytes) -> str:
     """The packaged model whose engine weights begin with these bytes, or a description."""
-    for name, digest in ENGINE_WEIGHTS.items():
-        if engine_weights.hex() == digest:
-            return name
+    for table in (ENGINE_WEIGHTS, *EARLIER_ENGINE_WEIGHTS.values()):
+        for name, digest in table.items():
+            if engine_weights.hex() == digest:
+                return name
     return f"unknown (engine weights {engine_weights.hex()})"
 
 

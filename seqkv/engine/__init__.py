@@ -7,7 +7,8 @@ primitives and GEMMs), ``weights`` (HF model -> integer weights; which architect
 ``model`` (the forward: prefill and step), ``codec`` (token streams coded and decoded with it).
 """
 
-from .codec import ENGINE_ID, EngineCodec
+from ..core.version import ENGINE_ID
+from .codec import EngineCodec
 from .model import IntModel
 from .weights import IntWeights, Unsupported, arch_spec, integerize
 

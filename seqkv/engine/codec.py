@@ -25,7 +25,6 @@ from .model import IntModel
 
 POOL_BYTES = 4 << 30  # bytes of idle decode groups a codec keeps (GPUs; at most a 16th of it)
 MAX_KEPT_GROUPS = 16
-ENGINE_ID = 1  # recorded in blobs and stores: bump when any integer of the forward changes
 Progress = Callable[[int], None]
 
 

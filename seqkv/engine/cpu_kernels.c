@@ -109,26 +109,24 @@ static inline i64 row_shift(const i64 *x, i64 n, int bits) {
 }
 
 /* -- weights ----------------------------------------------------------------------------- */
-/* w int8 [2N, K] (N weight rows A over N residual rows B) -> tiles of 16 output channels:
- * tile t holds A then B, each [K4][16][4] (VNNI's layout: 4 consecutive k of 16 channels),
- * each byte xor WEIGHT_FLIP; rowsum [T][32]: the A and B sums of each channel (for VNNI's
- * unsigned-input correction). */
+/* w int8 [N, K] -> tiles of 16 output channels, each [K4][16][4] (VNNI's layout: 4
+ * consecutive k of 16 channels), each byte xor WEIGHT_FLIP; rowsum [T][16]: each channel's
+ * sum (for VNNI's unsigned-input correction). */
 void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum) {
     i64 tiles = (n + 15) / 16, k4 = (k + 3) / 4;
-    memset(packed, WEIGHT_FLIP, (size_t)(tiles * 2 * k4 * 64)); /* padding: weights of 0 */
-    memset(rowsum, 0, (size_t)(tiles * 32) * sizeof(int32_t));
-    for (i64 half = 0; half < 2; half++)
-        for (i64 c = 0; c < n; c++) {
-            const int8_t *row = w + (half * n + c) * k;
-            i64 t = c / 16, j = c % 16;
-            int8_t *dst = packed + (t * 2 + half) * k4 * 64;
-            int32_t s = 0;
-            for (i64 i = 0; i < k; i++) {
-                dst[(i / 4) * 64 + j * 4 + (i % 4)] = (int8_t)((uint8_t)row[i] ^ WEIGHT_FLIP);
-                s += row[i];
-            }
-            rowsum[t * 32 + half * 16 + j] = s;
+    memset(packed, WEIGHT_FLIP, (size_t)(tiles * k4 * 64)); /* padding: weights of 0 */
+    memset(rowsum, 0, (size_t)(tiles * 16) * sizeof(int32_t));
+    for (i64 c = 0; c < n; c++) {
+        const int8_t *row = w + c * k;
+        i64 t = c / 16, j = c % 16;
+        int8_t *dst = packed + t * k4 * 64;
+        int32_t s = 0;
+        for (i64 i = 0; i < k; i++) {
+            dst[(i / 4) * 64 + j * 4 + (i % 4)] = (int8_t)((uint8_t)row[i] ^ WEIGHT_FLIP);
+            s += row[i];
         }
+        rowsum[t * 16 + j] = s;
+    }
 }
 
 /* -- rows into int8 halves (intops.split_rows) --------------------------------------------- */
@@ -155,11 +153,10 @@ static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, dou
 
 /* -- the GEMM and its rescaling ----------------------------------------------------------- */
 #if AVX512
-static inline __m512d rescale8(__m256i ha, __m256i la, __m256i hb, __m512d scale, __m512d pow2) {
-    /* hb + 256 ha + 2 la: exact in float64; then * scale (the one rounded product), * 2**k
+static inline __m512d rescale8(__m256i ha, __m256i la, __m512d scale, __m512d pow2) {
+    /* 256 ha + 2 la: exact in float64; then * scale (the one rounded product), * 2**k
      * (exact), round half to even: RowGemm.rows' operations in its order. */
-    __m512d a = _mm512_cvtepi32_pd(hb);
-    a = _mm512_add_pd(a, _mm512_mul_pd(_mm512_cvtepi32_pd(ha), _mm512_set1_pd(256.0)));
+    __m512d a = _mm512_mul_pd(_mm512_cvtepi32_pd(ha), _mm512_set1_pd(256.0));
     a = _mm512_add_pd(a, _mm512_mul_pd(_mm512_cvtepi32_pd(la), _mm512_set1_pd(2.0)));
     a = _mm512_mul_pd(a, scale);
     a = _mm512_mul_pd(a, pow2);
@@ -171,22 +168,19 @@ static inline __attribute__((always_inline)) void tile_rows(
     const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
     i64 c0, i64 *out, i64 ldo) {
     (void)xs; /* the inputs' sums: AVX2's correction */
-    __m512i ha[8], la[8], hb[8];
-    for (int j = 0; j < mb; j++) ha[j] = la[j] = hb[j] = _mm512_setzero_si512();
-    const int8_t *ta = tile, *tb = tile + k4 * 64;
+    __m512i ha[8], la[8];
+    for (int j = 0; j < mb; j++) ha[j] = la[j] = _mm512_setzero_si512();
     for (i64 q = 0; q < k4; q++) {
-        __m512i a = _mm512_loadu_si512(ta + q * 64), b = _mm512_loadu_si512(tb + q * 64);
+        __m512i a = _mm512_loadu_si512(tile + q * 64);
         for (int j = 0; j < mb; j++) {
             __m512i xh = _mm512_set1_epi32(bytes4(hi + j * kp + q * 4));
             __m512i xl = _mm512_set1_epi32(bytes4(lo + j * kp + q * 4));
             ha[j] = _mm512_dpbusd_epi32(ha[j], xh, a);
             la[j] = _mm512_dpbusd_epi32(la[j], xl, a);
-            hb[j] = _mm512_dpbusd_epi32(hb[j], xh, b);
         }
     }
     /* (x + 128).w = x.w + 128 sum(w) */
     __m512i ca = _mm512_slli_epi32(_mm512_loadu_si512(rs), 7);
-    __m512i cb = _mm512_slli_epi32(_mm512_loadu_si512(rs + 16), 7);
     i64 left = n - c0;
     __mmask8 m0 = left >= 8 ? 0xff : (__mmask8)((1u << left) - 1);
     __mmask8 m1 = left >= 16 ? 0xff : (left <= 8 ? 0 : (__mmask8)((1u << (left - 8)) - 1));
@@ -198,12 +192,10 @@ static inline __attribute__((always_inline)) void tile_rows(
     }
     for (int j = 0; j < mb; j++) {
         __m512i a = _mm512_sub_epi32(ha[j], ca), l = _mm512_sub_epi32(la[j], ca);
-        __m512i r = _mm512_sub_epi32(hb[j], cb);
         __m512d p = _mm512_set1_pd(pow2[j]);
-        __m512d y0 = rescale8(_mm512_castsi512_si256(a), _mm512_castsi512_si256(l),
-                              _mm512_castsi512_si256(r), s0, p);
+        __m512d y0 = rescale8(_mm512_castsi512_si256(a), _mm512_castsi512_si256(l), s0, p);
         __m512d y1 = rescale8(_mm512_extracti64x4_epi64(a, 1), _mm512_extracti64x4_epi64(l, 1),
-                              _mm512_extracti64x4_epi64(r, 1), s1, p);
+                              s1, p);
         i64 *o = out + j * ldo + c0;
         _mm512_mask_storeu_epi64(o, m0, _mm512_add_epi64(_mm512_cvtpd_epi64(y0), b0));
         _mm512_mask_storeu_epi64(o + 8, m1, _mm512_add_epi64(_mm512_cvtpd_epi64(y1), b1));
@@ -211,8 +203,9 @@ static inline __attribute__((always_inline)) void tile_rows(
 }
 #else
 /* AVX2: (w + 128) x for 4 k of 8 channels a vector: maddubs sums pairs of k in int16, madd
- * with ones the two pairs in int32. Eight channels a pass (two passes a tile), except for one
- * row (a decode step), whose six accumulators take both halves in one pass over the weights. */
+ * with ones the two pairs in int32. Up to two rows take a tile's 16 channels in one pass over
+ * its weights (a decode step's one row: four accumulators); three or four rows take two
+ * passes of eight channels, within the sixteen vector registers. */
 static inline __attribute__((always_inline)) __m256i dot4(__m256i acc, __m256i w, __m256i x,
                                                            __m256i ones) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
@@ -223,49 +216,45 @@ static inline __attribute__((always_inline)) void tile_rows(
     const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
     i64 c0, i64 *out, i64 ldo) {
     (void)rs; /* the weights' sums: VNNI's correction */
-    int32_t sums[4][3][16]; /* [row][ha, la, hb][channel] */
-    const int8_t *ta = tile, *tb = tile + k4 * 64;
+    int32_t sums[4][2][16]; /* [row][ha, la][channel] */
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int c8 = 0; c8 < (mb == 1 ? 1 : 2); c8++) {
-        __m256i ha[4], la[4], hb[4];
-        for (int j = 0; j < 4; j++) ha[j] = la[j] = hb[j] = _mm256_setzero_si256();
+    if (mb <= 2) {
+        __m256i ha[2][2], la[2][2]; /* [row][channels 0-7, 8-15] */
+        for (int j = 0; j < mb; j++) ha[j][0] = ha[j][1] = la[j][0] = la[j][1] = _mm256_setzero_si256();
         for (i64 q = 0; q < k4; q++) {
-            const int8_t *wa = ta + q * 64 + c8 * 32, *wb = tb + q * 64 + c8 * 32;
-            __m256i a = _mm256_loadu_si256((const __m256i *)wa);
-            __m256i b = _mm256_loadu_si256((const __m256i *)wb);
-            if (mb == 1) { /* channels 0-7 in ha[0], la[0], hb[0]; 8-15 in ha[1], la[1], hb[1] */
-                __m256i xh = _mm256_set1_epi32(bytes4(hi + q * 4));
-                __m256i xl = _mm256_set1_epi32(bytes4(lo + q * 4));
-                __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + 32));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
-                ha[0] = dot4(ha[0], a, xh, ones);
-                la[0] = dot4(la[0], a, xl, ones);
-                hb[0] = dot4(hb[0], b, xh, ones);
-                ha[1] = dot4(ha[1], a1, xh, ones);
-                la[1] = dot4(la[1], a1, xl, ones);
-                hb[1] = dot4(hb[1], b1, xh, ones);
-                continue;
-            }
+            __m256i a0 = _mm256_loadu_si256((const __m256i *)(tile + q * 64));
+            __m256i a1 = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + 32));
             for (int j = 0; j < mb; j++) {
                 __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
                 __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
-                ha[j] = dot4(ha[j], a, xh, ones);
-                la[j] = dot4(la[j], a, xl, ones);
-                hb[j] = dot4(hb[j], b, xh, ones);
+                ha[j][0] = dot4(ha[j][0], a0, xh, ones);
+                la[j][0] = dot4(la[j][0], a0, xl, ones);
+                ha[j][1] = dot4(ha[j][1], a1, xh, ones);
+                la[j][1] = dot4(la[j][1], a1, xl, ones);
             }
         }
-        if (mb == 1) {
+        for (int j = 0; j < mb; j++)
             for (int h = 0; h < 2; h++) {
-                _mm256_storeu_si256((__m256i *)(sums[0][0] + 8 * h), ha[h]);
-                _mm256_storeu_si256((__m256i *)(sums[0][1] + 8 * h), la[h]);
-                _mm256_storeu_si256((__m256i *)(sums[0][2] + 8 * h), hb[h]);
+                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * h), ha[j][h]);
+                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * h), la[j][h]);
             }
-            continue;
-        }
-        for (int j = 0; j < mb; j++) {
-            _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * c8), ha[j]);
-            _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * c8), la[j]);
-            _mm256_storeu_si256((__m256i *)(sums[j][2] + 8 * c8), hb[j]);
+    } else {
+        for (int c8 = 0; c8 < 2; c8++) {
+            __m256i ha[4], la[4];
+            for (int j = 0; j < mb; j++) ha[j] = la[j] = _mm256_setzero_si256();
+            for (i64 q = 0; q < k4; q++) {
+                __m256i a = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + c8 * 32));
+                for (int j = 0; j < mb; j++) {
+                    __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
+                    __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
+                    ha[j] = dot4(ha[j], a, xh, ones);
+                    la[j] = dot4(la[j], a, xl, ones);
+                }
+            }
+            for (int j = 0; j < mb; j++) {
+                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * c8), ha[j]);
+                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * c8), la[j]);
+            }
         }
     }
     i64 cols = n - c0 < 16 ? n - c0 : 16;
@@ -277,10 +266,8 @@ static inline __attribute__((always_inline)) void tile_rows(
             uint32_t ch = (uint32_t)xs[2 * j] * 128u, cl = (uint32_t)xs[2 * j + 1] * 128u;
             int32_t a = (int32_t)((uint32_t)sums[j][0][c] - ch);
             int32_t l = (int32_t)((uint32_t)sums[j][1][c] - cl);
-            int32_t r = (int32_t)((uint32_t)sums[j][2][c] - ch);
             /* the AVX-512 rescale8's operations in its order */
-            double y = (double)r;
-            y = y + (double)a * 256.0;
+            double y = (double)a * 256.0;
             y = y + (double)l * 2.0;
             y = y * scale[c0 + c];
             y = y * pow2[j];
@@ -291,9 +278,9 @@ static inline __attribute__((always_inline)) void tile_rows(
 #endif
 
 #define MB 4     /* rows per register block */
-#define MBLOCK 256 /* rows per pass over the weights (their halves stay in L2) */
+#define MBLOCK 256 /* rows per pass over the weights (their int8 halves stay in L2) */
 
-/* out[m, c] = round(2 q.(A + B / 256) * scale * 2**k) (+ bias): intops.RowGemm's integers.
+/* out[m, c] = round(2 q.A * scale * 2**k) (+ bias): intops.RowGemm's integers.
  * v int64 [m, k] rows (row stride ldv), out int64 [m, n] (row stride ldo). */
 i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int32_t *rowsum,
            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
@@ -318,13 +305,13 @@ i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int3
                       xsum + 2 * r);
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (i64 t = 0; t < tiles; t++) {
-            const int8_t *tile = packed + t * 2 * k4 * 64;
+            const int8_t *tile = packed + t * k4 * 64;
             for (i64 j = 0; j < nr; j += MB) {
                 int mb = nr - j < MB ? (int)(nr - j) : MB;
                 i64 *o = out + (r0 + j) * ldo;
                 const uint8_t *h = hi + j * kp, *l = lo + j * kp;
                 switch (mb) {
-#define CASE(x) case x: tile_rows(tile, rowsum + t * 32, xsum + 2 * j, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
+#define CASE(x) case x: tile_rows(tile, rowsum + t * 16, xsum + 2 * j, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
                     CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
                 }

@@ -140,15 +140,15 @@ def _probe(lib: ctypes.CDLL) -> bool:
 
     g = torch.Generator().manual_seed(0)
     n, k = 37, 70
-    w = torch.randint(-127, 128, (2 * n, k), dtype=torch.int8, generator=g)
-    w[0], w[1], w[n] = 127, -127, -127
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0], w[1], w[n - 1] = 127, -127, -127
     scale = torch.ldexp(torch.randint(1 << 14, 1 << 15, (n,), generator=g).double(),
                         -torch.randint(12, 40, (n,), generator=g))
     bias = torch.randint(-(1 << 30), 1 << 30, (n,), generator=g)
     v = torch.randint(-(1 << 45), 1 << 45, (5, k), generator=g)
     v[0], v[1], v[2, ::3] = 0, 1 << 13, -(1 << 50)
-    tile = torch.empty(3 * 2 * 18 * 64, dtype=torch.int8)
-    rowsum = torch.empty(3 * 32, dtype=torch.int32)
+    tile = torch.empty(3 * 18 * 64, dtype=torch.int8)
+    rowsum = torch.empty(3 * 16, dtype=torch.int32)
     lib.pack_weights(w.data_ptr(), n, k, tile.data_ptr(), rowsum.data_ptr())
     out = torch.empty((5, n), dtype=torch.int64)
     lib.linear(v.data_ptr(), 5, k, k, tile.data_ptr(), rowsum.data_ptr(), n, scale.data_ptr(),
@@ -199,14 +199,14 @@ _packs: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def packed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w int8 [2N, K] in the kernels' tile layout, and its channels' sums (cached with w)."""
+    """w int8 [N, K] in the kernels' tile layout, and its channels' sums (cached with w)."""
     hit = _packs.get(id(w))
     if hit is not None and hit[0]() is w:
         return hit[1]
-    n, k = w.shape[0] // 2, w.shape[1]
+    n, k = w.shape
     tiles, k4 = (n + 15) // 16, (k + 3) // 4
-    tile = torch.empty(tiles * 2 * k4 * 64, dtype=torch.int8)
-    rowsum = torch.empty(tiles * 32, dtype=torch.int32)
+    tile = torch.empty(tiles * k4 * 64, dtype=torch.int8)
+    rowsum = torch.empty(tiles * 16, dtype=torch.int32)
     w = w.contiguous()
     library().pack_weights(_p(w), n, k, _p(tile), _p(rowsum))
     _packs[id(w)] = (weakref.ref(w), (tile, rowsum))
@@ -219,7 +219,7 @@ def linear(v: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Te
            out: torch.Tensor | None = None) -> torch.Tensor:
     """intops.RowGemm(v, w, scale, bias).all() for int64 rows v [M, K] (unit column stride)."""
     m, k = v.shape
-    n = w.shape[0] // 2
+    n = w.shape[0]
     tile, rowsum = packed(w)
     if out is None:
         out = torch.empty((m, n), dtype=torch.int64)
@@ -234,7 +234,7 @@ def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post, norm, w: torc
     linear(rms_norm(h, norm)): model.norm_linear in one call, for contiguous int64 h [M, K].
     ``post`` and ``norm`` are IntNorms (gain, frac, eps32); frac is the activations' (FRAC)."""
     m, k = h.shape
-    n = w.shape[0] // 2
+    n = w.shape[0]
     tile, rowsum = packed(w)
     out = torch.empty((m, n), dtype=torch.int64)
     tmp = torch.empty((m, k), dtype=torch.int64)

@@ -48,7 +48,6 @@ if triton is not None:
         row_ok, col_ok = rm < M, rn < N
         ha = tl.zeros([BM, BN], tl.int32)  # hi.A
         la = tl.zeros([BM, BN], tl.int32)  # lo.A
-        hb = tl.zeros([BM, BN], tl.int32)  # hi.B (the residual weights, rows N..2N of w)
         for k0 in range(0, K, BK):
             kk = k0 + rk
             k_ok = kk < K
@@ -57,12 +56,10 @@ if triton is not None:
             lo = tl.load(lo_ptr + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0)
             w_off = rn[None, :].to(tl.int64) * K + kk[:, None]
             wa = tl.load(w_ptr + w_off, mask=col_ok[None, :] & k_ok[:, None], other=0)
-            wb = tl.load(w_ptr + N * K + w_off, mask=col_ok[None, :] & k_ok[:, None], other=0)
             ha += tl.dot(hi, wa, out_dtype=tl.int32)
             la += tl.dot(lo, wa, out_dtype=tl.int32)
-            hb += tl.dot(hi, wb, out_dtype=tl.int32)
-        # 2 q.(A + B / 256) in step units: integers far below 2**53, exact in float64.
-        acc = (ha.to(tl.int64) * 256 + la.to(tl.int64) * 2 + hb.to(tl.int64)).to(tl.float64)
+        # 2 q.A in step units: integers far below 2**53, exact in float64.
+        acc = (ha.to(tl.int64) * 256 + la.to(tl.int64) * 2).to(tl.float64)
         shift = tl.load(k_ptr + rm, mask=row_ok, other=0)
         pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)  # 2**k, exactly
         scale = tl.load(scale_ptr + rn, mask=col_ok, other=0.0)
@@ -422,12 +419,12 @@ def embed_rows(ids: torch.Tensor, table: torch.Tensor, mant: torch.Tensor, exp: 
 def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """model.linear's product and rescaling in one kernel: rows q = 128 hi + lo (int8 halves,
-    [M, K]) at scale 2**k ([M] or [M, 1]) times w = [A; B] (int8 [2N, K]: weights and their
-    rounding residuals x 256), rounded to Q16 int64 [M, N] plus ``bias``. The three int8
-    products (hi.A, lo.A, hi.B) share one pass over the weights and never leave the chip.
+    [M, K]) at scale 2**k ([M] or [M, 1]) times w (int8 [N, K]), rounded to Q16 int64 [M, N]
+    plus ``bias``. The two int8 products (hi.w, lo.w) share one pass over the weights and
+    never leave the chip.
     """
     m, kdim = hi.shape
-    n = w.shape[0] // 2
+    n = w.shape[0]
     out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
     bm, bn, bk, warps = _linear_tiles(m, n, kdim)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))

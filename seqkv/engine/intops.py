@@ -55,17 +55,15 @@ def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int_matmul(hi: torch.Tensor, lo: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """2 * q @ (A + B / 256), exactly, as float64 [M, N] holding integers, for q = 128 hi + lo
-    given as its int8 halves (``split_rows``) and wt = [A | B], int8 [K, 2N] (weights and their
-    rounding residuals).
+    """2 * q @ A, exactly, as float64 [M, N] holding integers, for q = 128 hi + lo given as its
+    int8 halves (``split_rows``) and wt = A, int8 [K, N].
 
     hi and lo are stacked as one GEMM's rows so each weight is read once: 2 q.A = 256 hi.A +
-    2 lo.A exactly, and the residual term is taken on hi alone (hi.B = 2 q.B / 256 up to lo's
-    0.8% of the row's range).
+    2 lo.A exactly.
     """
-    m, n = hi.shape[0], wt.shape[1] // 2
+    m = hi.shape[0]
     acc = _int8_gemm(torch.cat([hi, lo]), wt).to(torch.float64)
-    return acc[:m, :n] * 256 + acc[m:, :n] * 2 + acc[:m, n:]
+    return acc[:m] * 256 + acc[m:] * 2
 
 
 def split_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,42 +81,36 @@ def split_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 # A rescaling pass runs over this many float64 elements at a time on CPUs (a few MB, which
 # stay in cache between the five passes, instead of one pass after another over memory).
 _CHUNK = 1 << 19
-# Up to this many rows a CPU GEMM takes [hi; lo] as one input, so each weight is read once
-# (steps are bound by the weights' bytes); above it hi.[A | B] and lo.A are two GEMMs, which
-# skip the discarded lo.B products (prefills are bound by the multiplies).
-STACK_ROWS = 32
+# Up to this many rows (steps, bound by the weights' bytes) a CPU GEMM reads oneDNN's
+# prepacked weights (_packed); more rows (prefills, bound by the multiplies) go to _int8_gemm.
+PACKED_ROWS = 32
 
 
 class RowGemm:
     """The integer GEMMs of one CPU linear layer over rows v [M, K] (int64, Q16), whose
     rescaled rows (``rows``) come in blocks, so a caller can consume them while in cache.
 
-    rows(s, e) = round(2 q.(A + B / 256) * scale * 2**k) exactly as int_matmul and
-    model.linear compute it: the three int32 products are summed exactly in float64 (far
-    below 2**53), then the same two multiplies (the second by a power of two) and the same
-    IEEE rounding as before.
+    rows(s, e) = round(2 q.A * scale * 2**k) exactly as int_matmul and model.linear compute
+    it: the two int32 products are summed exactly in float64 (far below 2**53), then the same
+    two multiplies (the second by a power of two) and the same IEEE rounding as before.
     """
 
     def __init__(self, v: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         hi, lo, k = split_rows(v)
-        m, n = v.shape[0], w.shape[0] // 2
+        m, n = v.shape[0], w.shape[0]
         wt = w.t()
-        if m <= STACK_ROWS:
-            x = torch.cat([hi, lo])
-            packed = _packed(w)
-            acc = _int8_gemm(x, wt) if packed is None else _packed_mm(x, packed)
-            self.ha, self.hb, self.la = acc[:m, :n], acc[:m, n:], acc[m:, :n]
-        else:
-            p = _int8_gemm(hi, wt)
-            self.ha, self.hb, self.la = p[:, :n], p[:, n:], _int8_gemm(lo, wt[:, :n])
+        x = torch.cat([hi, lo])  # one GEMM reads each weight once for both halves
+        packed = _packed(w) if m <= PACKED_ROWS else None
+        acc = _int8_gemm(x, wt) if packed is None else _packed_mm(x, packed)
+        self.ha, self.la = acc[:m], acc[m:]
         self.pow2 = torch.ldexp(torch.ones_like(k, dtype=torch.float64), k)
         self.scale, self.bias, self.m, self.n = scale, bias, m, n
         self.block = max(1, _CHUNK // n)
 
     def rows(self, s: int, e: int) -> torch.Tensor:
-        a = self.hb[s:e].to(torch.float64)
-        a.add_(self.ha[s:e], alpha=256).add_(self.la[s:e], alpha=2)
+        a = self.ha[s:e].to(torch.float64)
+        a.mul_(256).add_(self.la[s:e], alpha=2)
         a.mul_(self.scale).mul_(self.pow2[s:e]).round_()
         y = a.to(torch.int64)
         return y.add_(self.bias) if self.bias is not None else y

@@ -45,7 +45,7 @@ class ArchSpec:
 
 @dataclass
 class IntLinear:
-    w: torch.Tensor  # int8 [2 * out, in]: rounded weights over their residuals (x 256)
+    w: torch.Tensor  # int8 [out, in]
     mant: torch.Tensor  # int64 [out]
     exp: torch.Tensor  # int64 [out]
     bias: torch.Tensor | None = None  # int64 [out], Q16
@@ -175,20 +175,17 @@ def _dyadic(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None,
             scale: float = 1.0, levels: int = 127) -> IntLinear:
-    """Per-row symmetric quantization to +-levels (int8 GEMM weights; int16 embeddings)."""
+    """Per-row symmetric quantization to +-levels (int8 GEMM weights; int16 embeddings).
+
+    Engine 1 added an int8 matrix of the rounding residuals (x 256): a third GEMM product per
+    weight and twice the weights' bytes, for 0.1% of bits on SmolLM2's Brown chunks (1.00002x
+    -> 1.0011x the float model's cross-entropy; BENCHMARKS.md)."""
     w = np.concatenate([_np(x) for x in weights]) * scale
     amax = np.abs(w).max(axis=1)
     step = amax / float(levels)
     safe = np.where(step > 0, step, 1.0)
     exact = w / safe[:, None]
-    q = np.clip(np.rint(exact), -levels, levels)
-    if levels < 128:
-        # A second int8 matrix holds the rounding residual in units of 1/256 step: int8 alone
-        # cost SmolLM2 0.5% in bits, the pair about 0.01% (intops.int_matmul combines them).
-        residual = np.clip(np.rint((exact - q) * 256.0), -127, 127)
-        q = np.concatenate([q, residual]).astype(np.int8)
-    else:
-        q = q.astype(np.int16)
+    q = np.clip(np.rint(exact), -levels, levels).astype(np.int8 if levels < 128 else np.int16)
     mant, ex = _dyadic(step)
     bias = None
     if biases is not None and any(b is not None for b in biases):

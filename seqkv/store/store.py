@@ -47,7 +47,7 @@ from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..core.models import LoadedModel
 from ..core.stepper import numerics_profile
 from ..core.textcodec import TextRecipe, decode_text, encode_text
-from ..engine.codec import ENGINE_ID
+from ..core.version import ENGINE_ID
 from ..tokens.api import engine_chunk_size
 from .backend import (
     META_NS,

@@ -29,8 +29,7 @@ from ..core.models import LoadedModel
 from ..core.packaged import model_name
 from ..core.stepper import PROCEDURE
 from ..core.textcodec import TextRecipe, decode_text, encode_text
-from ..core.version import __version__
-from ..engine.codec import ENGINE_ID
+from ..core.version import ENGINE_ID, __version__
 from ..engine.model import MAX_POSITIONS
 from . import compact
 from .codec import DEFAULT_BATCH, DEFAULT_CHUNK, TokenCodec, split_chunks
