@@ -190,6 +190,11 @@ class Store:
             raise ModelMismatchError("store was coded under the integer engine, which "
                                      "this model's architecture has no mapping for")
         mine = self._profile(int(meta["numerics"]["chunk"]), self.procedure, lm)
+        theirs = meta["numerics"].get("engine")
+        if self.procedure == ENGINE_PROCEDURE and theirs != ENGINE_ID:
+            raise ModelMismatchError(f"store was coded by integer engine version {theirs}; this "
+                                     f"seqkv has version {ENGINE_ID} (read it with the seqkv "
+                                     "that wrote it)")
         for key, value in meta["numerics"].items():
             if mine.get(key) != value:
                 raise ModelMismatchError(
