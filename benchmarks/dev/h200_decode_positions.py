@@ -1,0 +1,71 @@
+"""A decode step's time by position (dev; CUDA): graph replays of one 1,024-stream and one
+1-stream group from position 0 to 256 (a whole 256-token decode, capacity 320), timed step by
+step, and the kernels of the steps at positions 120-130. SmolLM2-shaped engine with random
+weights, compiled.
+
+    python3 benchmarks/dev/h200_decode_positions.py      # from the repository root
+
+Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
+"""
+
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "benchmarks")
+from engine_kernels import smollm2_shaped  # noqa: E402
+
+from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
+from seqkv.engine import EngineCodec  # noqa: E402
+from seqkv.engine.codec import _DecodeGroup  # noqa: E402
+
+
+def table(prof, n: int, rows: int = 14) -> None:
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    agg: dict[str, list] = {}
+    for e in events:
+        a = agg.setdefault(e.name[:60], [0, 0.0])
+        a[0] += 1
+        a[1] += e.device_time
+    total = sum(e.device_time for e in events) / n / 1e3
+    print(f"   {len(events) // n} kernels, {total:.3f} ms kernel time")
+    for name, (count, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"   {t / n / 1e3:8.3f} ms {count // n:5d}x  {name}")
+
+
+def main() -> None:
+    m = smollm2_shaped().compile()
+    codec = EngineCodec(m, 1)
+    for b in (1024, 1):
+        streams = torch.randint(0, m.spec.vocab, (b, 256)).tolist()
+        words = codec.encode(streams)
+        g = _DecodeGroup(codec, b, 320, max(w.size for w in words) + 2)
+        g._load(VectorRansDecoder(words, m.device), [256] * b, [[]] * b)
+        g._side_step(g._span(0))
+        graph = g._graph(g._span(1))
+        times = []
+        for step in range(1, 256):
+            if step == 120:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        graph.replay()
+                    torch.cuda.synchronize()
+            if 120 <= step < 130:
+                continue
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append((step, time.perf_counter() - t))
+        for lo, hi in ((1, 32), (32, 96), (96, 160), (160, 256)):
+            sel = [dt for s, dt in times if lo <= s < hi]
+            print(f"== {b} streams, steps {lo}-{hi}: {sum(sel) / len(sel) * 1e3:.3f} ms/step")
+        print(f"== {b} streams, profile at positions 120-130:")
+        table(prof, 10)
+        del g
+
+
+if __name__ == "__main__":
+    main()
