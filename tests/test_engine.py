@@ -149,6 +149,37 @@ def test_kept_decode_groups_decode_later_streams_exactly(llama):
         kept.decode(bad, [30, 30])
 
 
+def test_a_decode_continuing_the_last_skips_its_contexts_prefill(llama, monkeypatch):
+    """A chat's edges decode one after another, each after the ids of those before it: a
+    kept group whose cache already holds those ids is not prefilled again, and decodes
+    exactly; streams of unequal lengths (idle steps past the shorter one) and a context the
+    cache does not hold (prefilled) as well."""
+    from seqkv.core.decoders import encode_stream
+
+    model = IntModel(integerize(llama.model))
+    codec = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    prefills = []  # a decode's context prefills (the encoder's prefills write no cache)
+    prefill = model.prefill_hidden
+    monkeypatch.setattr(model, "prefill_hidden", lambda ids, cache=None, **k: (
+        prefills.append(ids.shape) if cache is not None else None) or prefill(ids, cache, **k))
+    g = torch.Generator().manual_seed(8)
+    full = [torch.randint(3, 320, (60,), generator=g).tolist() for _ in range(2)]
+
+    def decode(streams, cut, end):
+        rows = codec.intervals([f[:e] for f, e in zip(streams, end, strict=True)],
+                               skip=list(cut))
+        words = [encode_stream("ans", r[:, 0], r[:, 1]) for r in rows]
+        return codec.decode(words, [e - c for c, e in zip(cut, end, strict=True)],
+                            [f[:c] for f, c in zip(streams, cut, strict=True)], capacity=100)
+
+    for cut, end in (((0, 0), (20, 12)), ((20, 12), (45, 30)), ((45, 30), (60, 60))):
+        assert decode(full, cut, end) == [f[c:e] for f, c, e in zip(full, cut, end, strict=True)]
+    assert prefills == []  # every context was in the group's cache
+    other = [[3] * 10 + f[10:] for f in full]  # contexts the cache does not hold
+    assert decode(other, (10, 10), (20, 20)) == [f[10:20] for f in full]
+    assert prefills == [(2, 10)]
+
+
 def test_decode_groups_are_reused_within_budget_and_never_after_a_failure(llama, monkeypatch):
     """Decodes of one shape share one kept group; a budget too small keeps none, the oldest
     goes first past it, and a group whose decode raised is not kept."""

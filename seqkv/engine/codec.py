@@ -24,6 +24,7 @@ from .cpu_step import CpuStep
 from .model import IntModel
 
 POOL_BYTES = 4 << 30  # bytes of idle decode groups a codec keeps (GPUs; at most a 16th of it)
+CPU_POOL_BYTES = 256 << 20  # on CPUs: a few small groups (a chat's edges decode one by one)
 MAX_KEPT_GROUPS = 16
 Progress = Callable[[int], None]
 
@@ -49,7 +50,7 @@ class EngineCodec:
         if pool_bytes is None:
             pool_bytes = (min(POOL_BYTES, torch.cuda.get_device_properties(
                 self.device).total_memory // 16) if self.graphs and self.device.type == "cuda"
-                else 0)
+                else CPU_POOL_BYTES if self.device.type == "cpu" else 0)
         self._pool = _GroupPool(pool_bytes)
 
     # -- encode ---------------------------------------------------------------------------
@@ -118,21 +119,25 @@ class EngineCodec:
     def decode(self, words: Sequence[np.ndarray], lengths: Sequence[int],
                contexts: Sequence[Sequence[int]] | None = None,
                progress: Progress | None = None,
-               decoder: VectorRansDecoder | None = None) -> list[list[int]]:
+               decoder: VectorRansDecoder | None = None,
+               capacity: int = 0) -> list[list[int]]:
         """Decode streams of ``lengths`` tokens in one lockstep group; each continues its
         context (fed, not decoded; default none).
 
         ``decoder``: carry on an open decoder of these streams (whose state persists across
         calls, e.g. across context resets) instead of opening one; the caller then checks its
-        end with ``decoder.finish()``."""
+        end with ``decoder.finish()``. ``capacity``: positions to size the group for at least
+        (a caller that will continue these streams in later decodes passes their total, so
+        those find this group, whose cache already holds their contexts, and skip the
+        contexts' prefill)."""
         return [t for t, _ in self.decode_intervals(words, lengths, contexts, progress,
-                                                     decoder)]
+                                                     decoder, capacity)]
 
     @torch.inference_mode()
     def decode_intervals(self, words: Sequence[np.ndarray], lengths: Sequence[int],
                          contexts: Sequence[Sequence[int]] | None = None,
                          progress: Progress | None = None,
-                         decoder: VectorRansDecoder | None = None
+                         decoder: VectorRansDecoder | None = None, capacity: int = 0
                          ) -> list[tuple[list[int], np.ndarray]]:
         """``decode``, with each token's (start, freq) rows [n, 2] as ``intervals`` gives
         them: the decoder found them anyway, so a caller that keeps them (the store, to cut
@@ -143,7 +148,7 @@ class EngineCodec:
         lengths = list(lengths)
         own = decoder or VectorRansDecoder(list(words), self.device)
         # every stream steps max(lengths) times (finished ones idle in place)
-        capacity = max(len(c) for c in contexts) + max(lengths) + 1
+        capacity = max(max(len(c) for c in contexts) + max(lengths) + 1, capacity)
         key = self._pool.key(len(words), capacity, own.words.shape[1])
         group = self._pool.take(key)
         if group is None:
@@ -195,6 +200,9 @@ class _DecodeGroup:
         self.out = torch.zeros((b, capacity), dtype=torch.long, device=dev)
         self.rows = torch.zeros((b, capacity, 2), dtype=torch.long, device=dev)
         self.decoder = VectorRansDecoder([np.zeros(n_words, dtype=np.uint32)] * b, dev)
+        # per stream, the ids whose keys and values the cache holds at positions 0.. (the
+        # prime first), so a decode that continues the last one skips its contexts' prefill
+        self.held: list[list[int]] = [[] for _ in range(b)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
         self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
         # what keeping it holds: the KV cache and buffers, and an estimate of its graphs' own
@@ -211,7 +219,9 @@ class _DecodeGroup:
         self.start = [len(p) - 1 for p in prefixes]  # position of each stream's first fed token
         self.steps = max(lengths)
         longest = max(self.start)
-        if longest > 0:  # contexts: their keys and values by one prefill, as steps would write
+        held = all(h[: len(p) - 1] == p[:-1] for h, p in zip(self.held, prefixes, strict=True))
+        self.prefixes, self.held = prefixes, [[] for _ in prefixes]  # known again at the end
+        if longest > 0 and not held:  # contexts: keys and values by one prefill, as steps write
             ids = torch.full((len(prefixes), longest), self.codec.prime, dtype=torch.long)
             for row, p in enumerate(prefixes):
                 ids[row, : len(p) - 1] = torch.as_tensor(p[:-1])
@@ -295,8 +305,16 @@ class _DecodeGroup:
             if progress:
                 progress(sum(1 for n in lengths if step < n))
         decoder.copy_state_(self.decoder)
-        tokens, rows = self.out[:, : self.steps].cpu(), self.rows[:, : self.steps].cpu().numpy()
-        return [(tokens[i, :n].tolist(), rows[i, :n]) for i, n in enumerate(lengths)]
+        # copies: on CPUs .cpu() is the group's own buffer, which a kept group's next decode
+        # overwrites
+        tokens = self.out[:, : self.steps].cpu()
+        rows = self.rows[:, : self.steps].cpu().numpy().copy()
+        out = [(tokens[i, :n].tolist(), rows[i, :n]) for i, n in enumerate(lengths)]
+        # a stream's steps fed its prefix's last id and its tokens but the last; idle steps
+        # past its length write positions that a continuation rewrites before reading
+        self.held = [p + t[: n - 1] if n else p[:-1]
+                     for p, (t, _), n in zip(self.prefixes, out, lengths, strict=True)]
+        return out
 
 
 class _GroupPool:

@@ -168,11 +168,14 @@ def encode_edges(lm: LoadedModel, chunk: int, jobs: list[EncodeJob],
 
 
 def decode_edges(lm: LoadedModel, chunk: int, jobs: list[DecodeJob],
-                 procedure: str = PROCEDURE) -> list[tuple[list[int], np.ndarray]]:
+                 procedure: str = PROCEDURE,
+                 path_tokens: int = 0) -> list[tuple[list[int], np.ndarray]]:
     """Each job's edge decoded from its words given its path: (tokens, rows). A corrupt
-    stream raises BlobError."""
+    stream raises BlobError. ``path_tokens``: the longest whole path these edges begin (the
+    engine sizes its group for it, so the next round of the same paths finds that group's
+    cache holding its contexts)."""
     if procedure == ENGINE_PROCEDURE:
-        return _engine_decode(lm, chunk, jobs) if jobs else []
+        return _engine_decode(lm, chunk, jobs, path_tokens) if jobs else []
     cursor = Cursor(lm, chunk)
     out = []
     for path, words, n in jobs:
@@ -211,8 +214,8 @@ def _engine_encode(lm: LoadedModel, chunk: int, jobs: list[EncodeJob]) -> list[n
     return [np.concatenate(r) if r else np.zeros((0, 2), dtype=np.int64) for r in out]
 
 
-def _engine_decode(lm: LoadedModel, chunk: int,
-                   jobs: list[DecodeJob]) -> list[tuple[list[int], np.ndarray]]:
+def _engine_decode(lm: LoadedModel, chunk: int, jobs: list[DecodeJob],
+                   path_tokens: int = 0) -> list[tuple[list[int], np.ndarray]]:
     """All edges in one lockstep group per window round: an edge crossing a window boundary
     goes on in the next round from a fresh context, its rANS state carried over."""
     codec = lm.engine_codec()
@@ -233,7 +236,8 @@ def _engine_decode(lm: LoadedModel, chunk: int,
             full = list(path) + got
             lengths.append(take)
             contexts.append(full[w : max(len(path), w)])
-        found = codec.decode_intervals(words, lengths, contexts, decoder=decoder)
+        found = codec.decode_intervals(words, lengths, contexts, decoder=decoder,
+                                       capacity=min(chunk, path_tokens) + 1)
         for got, kept, (new, new_rows) in zip(decoded, rows, found, strict=True):
             got.extend(new)
             kept.append(new_rows)

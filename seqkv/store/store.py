@@ -543,10 +543,11 @@ class Store:
                         if i in blocking or job[0].n <= longest}
             lm = self._need_model()
             todo = list(jobs.values())
+            longest = max(len(above) + sum(e.n for e in path) for path, above in paths)
             try:
                 with self.model_lock:
                     rows = decode_edges(lm, self.chunk, [(b, e.words, e.n) for e, b in todo],
-                                        self.procedure)
+                                        self.procedure, path_tokens=longest)
             except BlobError as e:
                 raise StoreCorruptError(f"corrupt store record edge: {e}") from e
             for (node, _), (tokens, r) in zip(todo, rows, strict=True):
