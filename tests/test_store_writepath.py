@@ -266,9 +266,9 @@ def decode_rounds(monkeypatch):
     rounds = []
     real = store_mod.decode_edges
 
-    def recording(lm, chunk, jobs, procedure):
+    def recording(lm, chunk, jobs, procedure, **options):
         rounds.append(sorted(n for _, _, n in jobs))
-        return real(lm, chunk, jobs, procedure)
+        return real(lm, chunk, jobs, procedure, **options)
 
     monkeypatch.setattr(store_mod, "decode_edges", recording)
     return rounds
