@@ -125,12 +125,13 @@ def blob_info(blob: bytes, path: Path) -> dict:
 
 def check_engine(info: dict, path: Path) -> None:
     """Refuse, before loading a model, a compact blob coded by another engine version."""
-    from ..core.version import ENGINE_ID
+    from ..core.version import engine_mismatch
 
-    engine = info.get("engine")
-    if info.get("format") == "compact" and engine != ENGINE_ID:
-        raise SeqkvError(f"{path}: coded by integer engine version {engine}; this seqkv has "
-                         f"version {ENGINE_ID} (decode it with the seqkv that wrote it)")
+    if info.get("format") != "compact":
+        return
+    problem = engine_mismatch(info.get("engine"), "blob")
+    if problem:
+        raise SeqkvError(f"{path}: {problem}")
 
 
 def check_model_name(model: str | None, needed: str | None) -> None:

@@ -7,3 +7,12 @@ __version__ = "0.1.0"
 # third GEMM product per weight for 0.1% of bits); engine 1's blobs and stores are refused by
 # name.
 ENGINE_ID = 2
+
+
+def engine_mismatch(engine: object, what: str) -> str | None:
+    """The one-line refusal of a ``what`` ("blob", "store") coded by another engine version
+    than this one, or None when it is this one's."""
+    if engine == ENGINE_ID:
+        return None
+    return (f"{what} was coded by integer engine version {engine}; this seqkv has version "
+            f"{ENGINE_ID} (read it with the seqkv that wrote it)")

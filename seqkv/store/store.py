@@ -47,7 +47,7 @@ from ..core.kvsize import fp16_kv_bits, turboquant_kv_bits
 from ..core.models import LoadedModel
 from ..core.stepper import numerics_profile
 from ..core.textcodec import TextRecipe, decode_text, encode_text
-from ..core.version import ENGINE_ID
+from ..core.version import ENGINE_ID, engine_mismatch
 from ..tokens.api import engine_chunk_size
 from .backend import (
     META_NS,
@@ -190,11 +190,9 @@ class Store:
             raise ModelMismatchError("store was coded under the integer engine, which "
                                      "this model's architecture has no mapping for")
         mine = self._profile(int(meta["numerics"]["chunk"]), self.procedure, lm)
-        theirs = meta["numerics"].get("engine")
-        if self.procedure == ENGINE_PROCEDURE and theirs != ENGINE_ID:
-            raise ModelMismatchError(f"store was coded by integer engine version {theirs}; this "
-                                     f"seqkv has version {ENGINE_ID} (read it with the seqkv "
-                                     "that wrote it)")
+        problem = engine_mismatch(meta["numerics"].get("engine"), "store")
+        if self.procedure == ENGINE_PROCEDURE and problem:
+            raise ModelMismatchError(problem)
         for key, value in meta["numerics"].items():
             if mine.get(key) != value:
                 raise ModelMismatchError(

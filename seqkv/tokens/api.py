@@ -29,7 +29,7 @@ from ..core.models import LoadedModel
 from ..core.packaged import model_name
 from ..core.stepper import PROCEDURE
 from ..core.textcodec import TextRecipe, decode_text, encode_text
-from ..core.version import ENGINE_ID, __version__
+from ..core.version import ENGINE_ID, __version__, engine_mismatch
 from ..engine.model import MAX_POSITIONS
 from . import compact
 from .codec import DEFAULT_BATCH, DEFAULT_CHUNK, TokenCodec, split_chunks
@@ -143,9 +143,9 @@ def check_model(lm: LoadedModel, header: dict, tokenizer: bool = False) -> None:
 
 
 def _engine_for_blob(lm: LoadedModel, header: compact.TokenHeader):
-    if header.engine != ENGINE_ID:
-        raise BlobError(f"blob was coded by integer engine version {header.engine}; this "
-                        f"seqkv has version {ENGINE_ID}")
+    problem = engine_mismatch(header.engine, "blob")
+    if problem:
+        raise BlobError(problem)
     engine = lm.engine()
     if engine is None:
         raise ModelMismatchError(
