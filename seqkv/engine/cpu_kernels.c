@@ -218,44 +218,29 @@ static inline __attribute__((always_inline)) void tile_rows(
     (void)rs; /* the weights' sums: VNNI's correction */
     int32_t sums[4][2][16]; /* [row][ha, la][channel] */
     const __m256i ones = _mm256_set1_epi16(1);
-    if (mb <= 2) {
-        __m256i ha[2][2], la[2][2]; /* [row][channels 0-7, 8-15] */
-        for (int j = 0; j < mb; j++) ha[j][0] = ha[j][1] = la[j][0] = la[j][1] = _mm256_setzero_si256();
+    const int halves = mb <= 2 ? 2 : 1; /* eight-channel halves of the tile a pass takes */
+    for (int pass = 0; pass < 2 / halves; pass++) {
+        __m256i ha[4][2], la[4][2]; /* [row][half] */
+        for (int j = 0; j < mb; j++)
+            for (int h = 0; h < halves; h++) ha[j][h] = la[j][h] = _mm256_setzero_si256();
         for (i64 q = 0; q < k4; q++) {
-            __m256i a0 = _mm256_loadu_si256((const __m256i *)(tile + q * 64));
-            __m256i a1 = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + 32));
+            __m256i a[2];
+            for (int h = 0; h < halves; h++)
+                a[h] = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + (pass + h) * 32));
             for (int j = 0; j < mb; j++) {
                 __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
                 __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
-                ha[j][0] = dot4(ha[j][0], a0, xh, ones);
-                la[j][0] = dot4(la[j][0], a0, xl, ones);
-                ha[j][1] = dot4(ha[j][1], a1, xh, ones);
-                la[j][1] = dot4(la[j][1], a1, xl, ones);
+                for (int h = 0; h < halves; h++) {
+                    ha[j][h] = dot4(ha[j][h], a[h], xh, ones);
+                    la[j][h] = dot4(la[j][h], a[h], xl, ones);
+                }
             }
         }
         for (int j = 0; j < mb; j++)
-            for (int h = 0; h < 2; h++) {
-                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * h), ha[j][h]);
-                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * h), la[j][h]);
+            for (int h = 0; h < halves; h++) {
+                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * (pass + h)), ha[j][h]);
+                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * (pass + h)), la[j][h]);
             }
-    } else {
-        for (int c8 = 0; c8 < 2; c8++) {
-            __m256i ha[4], la[4];
-            for (int j = 0; j < mb; j++) ha[j] = la[j] = _mm256_setzero_si256();
-            for (i64 q = 0; q < k4; q++) {
-                __m256i a = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + c8 * 32));
-                for (int j = 0; j < mb; j++) {
-                    __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
-                    __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
-                    ha[j] = dot4(ha[j], a, xh, ones);
-                    la[j] = dot4(la[j], a, xl, ones);
-                }
-            }
-            for (int j = 0; j < mb; j++) {
-                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * c8), ha[j]);
-                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * c8), la[j]);
-            }
-        }
     }
     i64 cols = n - c0 < 16 ? n - c0 : 16;
     for (int j = 0; j < mb; j++) {
