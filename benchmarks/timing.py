@@ -19,3 +19,18 @@ def timed(fn):
     result = fn()
     sync()
     return result, time.perf_counter() - t0
+
+
+def kernel_table(prof, n: int, rows: int = 18) -> None:
+    """Print a torch.profiler run's CUDA kernels per iteration (n iterations profiled): their
+    count and total time, then the costliest by name."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    agg: dict[str, list] = {}
+    for e in events:
+        a = agg.setdefault(e.name[:70], [0, 0.0])
+        a[0] += 1
+        a[1] += e.device_time
+    total = sum(e.device_time for e in events) / n / 1e3
+    print(f"   {len(events) // n} kernels, {total:.3f} ms kernel time")
+    for name, (count, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"   {t / n / 1e3:8.3f} ms {count // n:5d}x  {name}")

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 from engine_kernels import smollm2_shaped  # noqa: E402
+from timing import timed  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder, encode_stream  # noqa: E402
 from seqkv.engine import EngineCodec  # noqa: E402
@@ -74,12 +75,7 @@ def main() -> None:
         g._side_step(g._span(0))
         graph = g._graph(g._span(1))
         graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            graph.replay()
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        dt = timed(lambda: [graph.replay() for _ in range(n)])[1]
         print(f"   replays alone: {dt / n * 1e3:.3f} ms/step ({b * n / dt:,.0f} tok/s)")
         del g
 

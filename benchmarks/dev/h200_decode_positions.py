@@ -16,23 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "benchmarks")
 from engine_kernels import smollm2_shaped  # noqa: E402
+from timing import kernel_table  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
 from seqkv.engine import EngineCodec  # noqa: E402
 from seqkv.engine.codec import _DecodeGroup  # noqa: E402
-
-
-def table(prof, n: int, rows: int = 14) -> None:
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    agg: dict[str, list] = {}
-    for e in events:
-        a = agg.setdefault(e.name[:60], [0, 0.0])
-        a[0] += 1
-        a[1] += e.device_time
-    total = sum(e.device_time for e in events) / n / 1e3
-    print(f"   {len(events) // n} kernels, {total:.3f} ms kernel time")
-    for name, (count, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
-        print(f"   {t / n / 1e3:8.3f} ms {count // n:5d}x  {name}")
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
             sel = [dt for s, dt in times if lo <= s < hi]
             print(f"== {b} streams, steps {lo}-{hi}: {sum(sel) / len(sel) * 1e3:.3f} ms/step")
         print(f"== {b} streams, profile at positions 120-130:")
-        table(prof, 10)
+        kernel_table(prof, 10, 14)
         del g
 
 

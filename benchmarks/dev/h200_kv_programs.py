@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 from engine_kernels import smollm2_shaped  # noqa: E402
+from timing import timed  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
 from seqkv.engine import EngineCodec, cuda_attention  # noqa: E402
@@ -38,12 +39,7 @@ def main() -> None:
             g._load(VectorRansDecoder(words, m.device), [256] * b, [[]] * b)
             g._side_step(g._span(0))
             graph = g._graph(g._span(1))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(255):
-                graph.replay()
-            torch.cuda.synchronize()
-            step = (time.perf_counter() - t0) / 255
+            step = timed(lambda: [graph.replay() for _ in range(255)])[1] / 255
             del g
             print(f"{b} streams, per-kv-head from {setting}: decode {b * 256 / dt:,.0f} tok/s "
                   f"(exact {out == streams}); replays {step * 1e3:.3f} ms/step "

@@ -20,23 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "benchmarks")
 from engine_kernels import smollm2_shaped  # noqa: E402
+from timing import kernel_table, timed  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
 from seqkv.engine import EngineCodec  # noqa: E402
 from seqkv.engine.codec import _DecodeGroup  # noqa: E402
-
-
-def table(p, n: int, rows: int = 18) -> None:
-    ev = [e for e in p.events() if e.device_type.name == "CUDA"]
-    agg: dict[str, list] = {}
-    for e in ev:
-        a = agg.setdefault(e.name[:70], [0, 0.0])
-        a[0] += 1
-        a[1] += e.device_time
-    total = sum(e.device_time for e in ev) / n / 1e3
-    print(f"   {len(ev) // n} kernels, {total:.3f} ms kernel time")
-    for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
-        print(f"   {t / n / 1e3:8.3f} ms {c // n:5d}x  {name}")
 
 
 m = smollm2_shaped().compile()
@@ -56,7 +44,7 @@ if os.environ.get("ENCODE", "1") == "1":
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         codec.intervals(streams)
         torch.cuda.synchronize()
-    table(p, 1, 25)
+    kernel_table(p, 1, 25)
 for b in [int(x) for x in sys.argv[1:]] or [1, 256, 1024]:
     streams = torch.randint(0, m.spec.vocab, (b, 300)).tolist()
     words = codec.encode(streams)
@@ -66,16 +54,11 @@ for b in [int(x) for x in sys.argv[1:]] or [1, 256, 1024]:
     g._side_step(g._span(0))
     graph = g._graph(g._span(1))
     graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(50):
-        graph.replay()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / 50
+    dt = timed(lambda: [graph.replay() for _ in range(50)])[1] / 50
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(10):
             graph.replay()
         torch.cuda.synchronize()
     print(f"== {b} streams (cache {g.cache.dtype}): replay {dt * 1e3:.3f} ms/step "
           f"({1 / dt:.0f} steps/s, {b / dt:,.0f} tok/s)")
-    table(p, 10, int(os.environ.get("SHOW", "18")))
+    kernel_table(p, 10, int(os.environ.get("SHOW", "18")))
