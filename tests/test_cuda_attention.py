@@ -81,3 +81,34 @@ def test_prefill_kernel_past_a_grid_axis_limit():
     got = cuda_attention.prefill_attention(q, k, v, 0, model.exp_attn_f, model._index_scale_t,
                                            1 << (FRAC - QKV_FRAC))
     assert torch.equal(got, model._attend(q, k, v, allowed))
+
+
+@pytest.mark.parametrize("programs", [2048, 1])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_kernels_at_the_bounds(programs, window, monkeypatch):
+    """One step's attention over queries, keys and values at the engine's |x| bound, with
+    split heads and with one program per key head (as large groups run): the torch path's
+    integers, split for the o projection."""
+    from seqkv.engine.intops import split_rows
+
+    from .test_engine import MODELS
+
+    monkeypatch.setattr(cuda_attention, "TARGET_PROGRAMS", programs)
+    model = IntModel(integerize(MODELS["llama"]().model), "cuda")
+    g = torch.Generator().manual_seed(11)
+    lim = model._qkv_limit
+    b, n_kv, rep, d, cap = 3, 2, 3, 64, 75
+    q = torch.randint(-lim, lim + 1, (b, n_kv, rep, 1, d), generator=g)
+    k = torch.randint(-lim, lim + 1, (b, n_kv, cap, d), generator=g)
+    v = torch.randint(-lim, lim + 1, (b, n_kv, cap, d), generator=g)
+    q[0, 0, 0, 0], k[0, 0, :3], v[0, 0, :5] = lim, lim, -lim  # products at their largest
+    q[1, 1, 2] = 0  # every score equal
+    pos = torch.tensor([cap - 1, 40, 3])
+    kpos = torch.arange(cap)[None, :]
+    allowed = (kpos <= pos[:, None]) & ((pos[:, None] - kpos < window) if window else True)
+    q, k, v, pos, allowed = (x.to(model.device) for x in (q, k, v, pos, allowed))
+    want = split_rows(model._attend(q, k, v, allowed[:, None, None, None, :])[:, 0])
+    got = cuda_attention.decode_attention(q, k.to(torch.int32), v.to(torch.int32), pos,
+                                          window, model.exp_attn_f, model._index_scale_t,
+                                          1 << (FRAC - QKV_FRAC))
+    assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))

@@ -48,11 +48,18 @@ def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> No
     model.row_kernels = on
 
 
+@pytest.mark.parametrize("programs", [None, 1])
 @pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
-def test_kernels_give_the_torch_integers(name):
+def test_kernels_give_the_torch_integers(name, programs, monkeypatch):
     """Prefill through the fused linear, and steps through the fused attention from mixed
     positions (past the random Gemma-3's sliding window of 8), equal the torch path; and the
-    rotation kernel writing a float64 cache (groups too large for the fused attention)."""
+    rotation kernel writing a float64 cache (groups too large for the fused attention).
+    programs=1: one attention program per key head (as large groups run), else split
+    heads."""
+    if programs is not None:
+        from seqkv.engine import cuda_attention
+
+        monkeypatch.setattr(cuda_attention, "TARGET_PROGRAMS", programs)
     model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (5, 48), generator=g).cuda()

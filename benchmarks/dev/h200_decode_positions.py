@@ -3,7 +3,11 @@
 step, and the kernels of the steps at positions 120-130. SmolLM2-shaped engine with random
 weights, compiled.
 
-    python3 benchmarks/dev/h200_decode_positions.py      # from the repository root
+    python3 benchmarks/dev/h200_decode_positions.py [STREAMS ...] [--set NAME=VALUE ...]
+
+(from the repository root; default 1,024 and 1 streams; --set sets a cuda_attention
+constant, e.g. TARGET_PROGRAMS=1 for unsplit heads, KV_HEAD_PROGRAMS=0 for a program per query
+head.)
 
 Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
 """
@@ -19,14 +23,21 @@ from engine_kernels import smollm2_shaped  # noqa: E402
 from timing import kernel_table  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
-from seqkv.engine import EngineCodec  # noqa: E402
+from seqkv.engine import EngineCodec, cuda_attention  # noqa: E402
 from seqkv.engine.codec import _DecodeGroup  # noqa: E402
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    while "--set" in args:
+        at = args.index("--set")
+        name, value = args[at + 1].split("=")
+        setattr(cuda_attention, name, int(value))
+        print(f"cuda_attention.{name} = {value}")
+        del args[at : at + 2]
     m = smollm2_shaped().compile()
     codec = EngineCodec(m, 1)
-    for b in (1024, 1):
+    for b in [int(a) for a in args] or (1024, 1):
         streams = torch.randint(0, m.spec.vocab, (b, 256)).tolist()
         words = codec.encode(streams)
         g = _DecodeGroup(codec, b, 320, max(w.size for w in words) + 2)
