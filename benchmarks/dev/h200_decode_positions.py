@@ -6,8 +6,8 @@ weights, compiled.
     python3 benchmarks/dev/h200_decode_positions.py [STREAMS ...] [--set NAME=VALUE ...]
 
 (from the repository root; default 1,024 and 1 streams; --set sets a cuda_attention
-constant, e.g. TARGET_PROGRAMS=1 for unsplit heads, KV_HEAD_PROGRAMS=0 for a program per query
-head.)
+constant, e.g. TARGET_PROGRAMS=1 for unsplit heads; --tiles BM,BN,BK,WARPS sets the GEMM tiles
+of groups of up to 16 rows, the head's excepted; --head-tiles the head's at up to 16 rows.)
 
 Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
 """
@@ -23,7 +23,7 @@ from engine_kernels import smollm2_shaped  # noqa: E402
 from timing import kernel_table  # noqa: E402
 
 from seqkv.core.decoders import VectorRansDecoder  # noqa: E402
-from seqkv.engine import EngineCodec, cuda_attention  # noqa: E402
+from seqkv.engine import EngineCodec, cuda_attention, cuda_ops  # noqa: E402
 from seqkv.engine.codec import _DecodeGroup  # noqa: E402
 
 
@@ -35,6 +35,16 @@ def main() -> None:
         setattr(cuda_attention, name, int(value))
         print(f"cuda_attention.{name} = {value}")
         del args[at : at + 2]
+    for flag, head in (("--tiles", False), ("--head-tiles", True)):
+        if flag in args:
+            at = args.index(flag)
+            tiles = tuple(int(x) for x in args[at + 1].split(","))
+            own = cuda_ops._linear_tiles
+            cuda_ops._linear_tiles = (
+                lambda m, n, k, own=own, tiles=tiles, head=head:
+                tiles if m <= 16 and (n > 8192) == head else own(m, n, k))
+            print(f"{flag} at up to 16 rows: {tiles}")
+            del args[at : at + 2]
     m = smollm2_shaped().compile()
     codec = EngineCodec(m, 1)
     for b in [int(a) for a in args] or (1024, 1):

@@ -204,7 +204,11 @@ MAX_SPLITS = 16  # key ranges per head: parallelism across keys, bounded partial
 # 3.96 to 3.16 ms and a 1,024-stream one from 10.9 to 7.2 (4,096-16,384: 3.31-3.41 and
 # 7.2-7.5; 1 and 16 streams alike). None: always MAX_SPLITS.
 TARGET_PROGRAMS: int | None = 2048
-BLOCK = 32  # keys per loop iteration within a split
+BLOCK = 32  # keys per loop iteration, in heads taken whole
+# ... and in split heads: fewer, fuller splits. At one stream (SmolLM2's shapes, capacity 320)
+# 64 took a whole decode step from 1.28-1.50 to 1.21-1.44 ms (5 splits, not 10, of one
+# iteration each; the finish reads half the partial sums).
+SPLIT_BLOCK = 64
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -226,7 +230,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     rep, heads = n_heads // n_kv, b * n_heads
     splits = (MAX_SPLITS if TARGET_PROGRAMS is None
               else min(MAX_SPLITS, max(1, triton.cdiv(TARGET_PROGRAMS, heads))))
-    split = max(BLOCK, triton.cdiv(triton.cdiv(capacity, splits), BLOCK) * BLOCK)
+    block = SPLIT_BLOCK if splits > 1 else BLOCK
+    split = max(block, triton.cdiv(triton.cdiv(capacity, splits), block) * block)
     n_splits = triton.cdiv(capacity, split)
     q = q.contiguous()
     dev = q.device
@@ -242,10 +247,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
                          capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
                          ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=BLOCK, num_warps=2)
+                         BLOCK=block, num_warps=2)
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
-                          D=d, SPLIT=split, BLOCK=BLOCK,
+                          D=d, SPLIT=split, BLOCK=block,
                           SPLITS_P=triton.next_power_of_2(n_splits), num_warps=2)
     _finish_kernel[(b,)](total, acc, hi, lo, shift, n_heads, N_SPLITS=n_splits,
                          OUT_SCALE=out_scale, ACT_BITS=ACT_BITS, D=d,

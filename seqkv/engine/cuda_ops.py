@@ -439,13 +439,15 @@ def _linear_tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """Tile sizes (rows, columns, depth) and warps, from sweeps on the H200 with SmolLM2's
     shapes. Few rows make a GEMV bound by reading the weights: narrow column tiles give every
     SM some, except for the 49k-wide head (qkv projection at one row: 3.6 us instead of 8.6
-    with 128 columns); at one row 16 columns and 2 warps, and a depth of 256 for the 1,536-deep
-    down projection, took 3.1-4.3 us where 32 columns and 4 warps took 3.3-5.0. At 1,024 rows
-    64 x 64 x 64 tiles took half the time of torch._int_mm plus the compiled rescaling (head:
-    394 us against 729); at 4,096 and 16,384 rows (the encoder's) a depth of 128 took 3-27%
-    less than 64 (the down projection the most)."""
+    with 128 columns). At one row a depth of 512 (two or three loads of the weights, not five
+    or six) took a whole decode step from 1.36-1.53 to 1.28-1.40 ms with 32 columns and 4
+    warps, and to 1.28-1.48 with 16 and 2 (the GEMMs 0.46 ms of kernel time a step instead of
+    0.54; 128-256 deep, 16-32 columns: the earlier choice). At 1,024 rows 64 x 64 x 64 tiles
+    took half the time of torch._int_mm plus the compiled rescaling (head: 394 us against
+    729); at 4,096 and 16,384 rows (the encoder's) a depth of 128 took 3-27% less than 64 (the
+    down projection the most)."""
     if m <= 16 and n <= 8192:
-        return 16, (16 if n < 2048 else 32), (256 if k > 1024 else 128), 2
+        return 16, 32, 512, 4
     if m <= 64:
         wide = n > 8192
         return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128, 4
