@@ -17,20 +17,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Two instruction sets, one set of integers. Both multiply unsigned by signed bytes and sum
- * exactly in int32: AVX-512 VNNI (dpbusd) takes the inputs + 128 against the weights, AVX2
- * (maddubs, then madd) the weights + 128 against the inputs, whose |x| <= 64 keeps its int16
- * pair sums from saturating. The float64 steps are the same IEEE operations in one order. */
+/* Two instruction sets, one set of integers, both summing exactly in int32: AVX-512 VNNI
+ * (dpbusd) multiplies the inputs' int8 halves + 128 (unsigned) by the weights; AVX2 (madd)
+ * the whole int16 inputs by the weights widened to int16. The float64 steps are the same
+ * IEEE operations in one order. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
 #define AVX512 1
-#define INPUT_OFFSET 128 /* added to each GEMM input byte */
-#define WEIGHT_FLIP 0    /* xor-ed into each packed weight byte (0x80: w + 128 as unsigned) */
+#define INPUT_OFFSET 128 /* added to each GEMM input byte (int8 half) */
 #define VW 8             /* float64 lanes of a vector register */
 #elif defined(__AVX2__)
 #define AVX512 0
-#define INPUT_OFFSET 0
-#define WEIGHT_FLIP 0x80
 #define VW 4
 #else
 #error "needs AVX-512 F/BW/DQ/VNNI or AVX2"
@@ -110,11 +107,11 @@ static inline i64 row_shift(const i64 *x, i64 n, int bits) {
 
 /* -- weights ----------------------------------------------------------------------------- */
 /* w int8 [N, K] -> tiles of 16 output channels, each [K4][16][4] (VNNI's layout: 4
- * consecutive k of 16 channels), each byte xor WEIGHT_FLIP; rowsum [T][16]: each channel's
- * sum (for VNNI's unsigned-input correction). */
+ * consecutive k of 16 channels); rowsum [T][16]: each channel's sum (for VNNI's
+ * unsigned-input correction). */
 void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum) {
     i64 tiles = (n + 15) / 16, k4 = (k + 3) / 4;
-    memset(packed, WEIGHT_FLIP, (size_t)(tiles * k4 * 64)); /* padding: weights of 0 */
+    memset(packed, 0, (size_t)(tiles * k4 * 64)); /* padding: weights of 0 */
     memset(rowsum, 0, (size_t)(tiles * 16) * sizeof(int32_t));
     for (i64 c = 0; c < n; c++) {
         const int8_t *row = w + c * k;
@@ -122,33 +119,35 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
         int8_t *dst = packed + t * k4 * 64;
         int32_t s = 0;
         for (i64 i = 0; i < k; i++) {
-            dst[(i / 4) * 64 + j * 4 + (i % 4)] = (int8_t)((uint8_t)row[i] ^ WEIGHT_FLIP);
+            dst[(i / 4) * 64 + j * 4 + (i % 4)] = row[i];
             s += row[i];
         }
         rowsum[t * 16 + j] = s;
     }
 }
 
-/* -- rows into int8 halves (intops.split_rows) --------------------------------------------- */
-/* q = round(v / 2**k) with |q| <= 2**13, q = 128 hi + lo (|hi|, |lo| <= 64); stored as
- * bytes hi + INPUT_OFFSET, lo + INPUT_OFFSET, k padded with zeros to kp; sums[0], sums[1]:
- * the row's sums of hi and of lo (for AVX2's unsigned-weight correction). */
-static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *hi, uint8_t *lo, double *pow2,
-                      int32_t *sums) {
+/* -- GEMM input rows (intops.split_rows) ---------------------------------------------------- */
+/* q = round(v / 2**k) with |q| <= 2**13, k padded with zeros to kp, *pow2 = 2**k, in 2 kp
+ * bytes at row. AVX-512: q = 128 hi + lo (|hi|, |lo| <= 64) as bytes hi + INPUT_OFFSET at
+ * row, lo + INPUT_OFFSET at row + kp; AVX2: q itself, int16. */
+static void split_row(const i64 *v, i64 k, i64 kp, uint8_t *row, double *pow2) {
     i64 sh = row_shift(v, k, 13);
-    i64 half = ((i64)1 << sh) >> 1, sh_sum = 0, lo_sum = 0;
+    i64 half = ((i64)1 << sh) >> 1;
+#if AVX512
+    uint8_t *hi = row, *lo = row + kp;
     for (i64 i = 0; i < k; i++) {
         i64 q = (v[i] + half) >> sh;
         i64 h = (q + 64) >> 7;
         hi[i] = (uint8_t)(h + INPUT_OFFSET);
         lo[i] = (uint8_t)(q - (h << 7) + INPUT_OFFSET);
-        sh_sum += h;
-        lo_sum += q - (h << 7);
     }
     for (i64 i = k; i < kp; i++) hi[i] = lo[i] = INPUT_OFFSET;
+#else
+    int16_t *q = (int16_t *)row;
+    for (i64 i = 0; i < k; i++) q[i] = (int16_t)((v[i] + half) >> sh);
+    for (i64 i = k; i < kp; i++) q[i] = 0;
+#endif
     *pow2 = ldexp(1.0, (int)sh);
-    sums[0] = (int32_t)sh_sum;
-    sums[1] = (int32_t)lo_sum;
 }
 
 /* -- the GEMM and its rescaling ----------------------------------------------------------- */
@@ -163,18 +162,20 @@ static inline __m512d rescale8(__m256i ha, __m256i la, __m512d scale, __m512d po
     return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+/* Rows j < mb of split_row's buffer (row j at rows + 2 kp j) times one tile of 16 output
+ * channels, rescaled into out[j, c0 + c]. */
 static inline __attribute__((always_inline)) void tile_rows(
-    const int8_t *tile, const int32_t *rs, const int32_t *xs, i64 k4, i64 kp, const uint8_t *hi,
-    const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
-    i64 c0, i64 *out, i64 ldo) {
-    (void)xs; /* the inputs' sums: AVX2's correction */
+    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const uint8_t *rows,
+    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
+    i64 ldo) {
+    const uint8_t *hi = rows, *lo = rows + kp;
     __m512i ha[8], la[8];
     for (int j = 0; j < mb; j++) ha[j] = la[j] = _mm512_setzero_si512();
     for (i64 q = 0; q < k4; q++) {
         __m512i a = _mm512_loadu_si512(tile + q * 64);
         for (int j = 0; j < mb; j++) {
-            __m512i xh = _mm512_set1_epi32(bytes4(hi + j * kp + q * 4));
-            __m512i xl = _mm512_set1_epi32(bytes4(lo + j * kp + q * 4));
+            __m512i xh = _mm512_set1_epi32(bytes4(hi + 2 * j * kp + q * 4));
+            __m512i xl = _mm512_set1_epi32(bytes4(lo + 2 * j * kp + q * 4));
             ha[j] = _mm512_dpbusd_epi32(ha[j], xh, a);
             la[j] = _mm512_dpbusd_epi32(la[j], xl, a);
         }
@@ -202,58 +203,68 @@ static inline __attribute__((always_inline)) void tile_rows(
     }
 }
 #else
-/* AVX2: (w + 128) x for 4 k of 8 channels a vector: maddubs sums pairs of k in int16, madd
- * with ones the two pairs in int32. Up to two rows take a tile's 16 channels in one pass over
- * its weights (a decode step's one row: four accumulators); three or four rows take two
- * passes of eight channels, within the sixteen vector registers. */
-static inline __attribute__((always_inline)) __m256i dot4(__m256i acc, __m256i w, __m256i x,
-                                                           __m256i ones) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+/* AVX2: whole int16 inputs (|q| <= 2**13) against the weights widened to int16: one madd
+ * multiplies 16 pairs and sums each pair in int32, where int8 halves took maddubs and madd
+ * for half as many (the multiplies share one or two ports: 1.3-1.4x the GEMM's rate on a
+ * Zen EPYC). Per 4 k (the packed tile's unit) and 4 channels, one vector [c][k] of weights
+ * times the row's four q broadcast gives each channel two pair sums, added up per channel at
+ * the end. |q w| <= 2**20, so a lane's sum over QCHUNK steps is at most 2**29 and a
+ * channel's two 2**30: int32 within a chunk, int64 across chunks (any depth). */
+#define QCHUNK 256
+
+/* One or two rows (xa, xb: their q) times channels 8h .. 8h + 7 of a tile, added into
+ * sa, sb [16]: four accumulators (more spill, and a spilled one costs a store-to-load
+ * round trip every step). */
+static inline __attribute__((always_inline)) void half_rows(const int8_t *tile, int h, i64 k4,
+                                                             const int16_t *xa,
+                                                             const int16_t *xb, int two,
+                                                             i64 *sa, i64 *sb) {
+    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order: c0 c1 c4 c5 c2 c3 c6 c7 */
+    for (i64 q0 = 0; q0 < k4; q0 += QCHUNK) {
+        i64 q1 = k4 - q0 < QCHUNK ? k4 : q0 + QCHUNK;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+#pragma GCC unroll 2
+        for (i64 q = q0; q < q1; q++) {
+            const int8_t *w = tile + q * 64 + 32 * h;
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+            __m256i x = _mm256_castpd_si256(_mm256_broadcast_sd((const double *)(xa + q * 4)));
+            a0 = _mm256_add_epi32(_mm256_madd_epi16(w0, x), a0);
+            a1 = _mm256_add_epi32(_mm256_madd_epi16(w1, x), a1);
+            if (two) {
+                x = _mm256_castpd_si256(_mm256_broadcast_sd((const double *)(xb + q * 4)));
+                b0 = _mm256_add_epi32(_mm256_madd_epi16(w0, x), b0);
+                b1 = _mm256_add_epi32(_mm256_madd_epi16(w1, x), b1);
+            }
+        }
+        int32_t c[8];
+        _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(a0, a1));
+        for (int i = 0; i < 8; i++) sa[8 * h + at[i]] += c[i];
+        if (two) {
+            _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(b0, b1));
+            for (int i = 0; i < 8; i++) sb[8 * h + at[i]] += c[i];
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) void tile_rows(
-    const int8_t *tile, const int32_t *rs, const int32_t *xs, i64 k4, i64 kp, const uint8_t *hi,
-    const uint8_t *lo, const double *pow2, int mb, const double *scale, const i64 *bias, i64 n,
-    i64 c0, i64 *out, i64 ldo) {
+    const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const uint8_t *rows,
+    const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
+    i64 ldo) {
     (void)rs; /* the weights' sums: VNNI's correction */
-    int32_t sums[4][2][16]; /* [row][ha, la][channel] */
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int halves = mb <= 2 ? 2 : 1; /* eight-channel halves of the tile a pass takes */
-    for (int pass = 0; pass < 2 / halves; pass++) {
-        __m256i ha[4][2], la[4][2]; /* [row][half] */
-        for (int j = 0; j < mb; j++)
-            for (int h = 0; h < halves; h++) ha[j][h] = la[j][h] = _mm256_setzero_si256();
-        for (i64 q = 0; q < k4; q++) {
-            __m256i a[2];
-            for (int h = 0; h < halves; h++)
-                a[h] = _mm256_loadu_si256((const __m256i *)(tile + q * 64 + (pass + h) * 32));
-            for (int j = 0; j < mb; j++) {
-                __m256i xh = _mm256_set1_epi32(bytes4(hi + j * kp + q * 4));
-                __m256i xl = _mm256_set1_epi32(bytes4(lo + j * kp + q * 4));
-                for (int h = 0; h < halves; h++) {
-                    ha[j][h] = dot4(ha[j][h], a[h], xh, ones);
-                    la[j][h] = dot4(la[j][h], a[h], xl, ones);
-                }
-            }
-        }
-        for (int j = 0; j < mb; j++)
-            for (int h = 0; h < halves; h++) {
-                _mm256_storeu_si256((__m256i *)(sums[j][0] + 8 * (pass + h)), ha[j][h]);
-                _mm256_storeu_si256((__m256i *)(sums[j][1] + 8 * (pass + h)), la[j][h]);
-            }
-    }
+    const int16_t *x = (const int16_t *)rows; /* row j at x + kp j (2 kp bytes a row) */
+    i64 sums[4][16] = {{0}};
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < mb; j += 2)
+            half_rows(tile, h, k4, x + j * kp, x + (j + 1) * kp, mb - j >= 2, sums[j],
+                      sums[j + 1]); /* j <= 2 */
     i64 cols = n - c0 < 16 ? n - c0 : 16;
     for (int j = 0; j < mb; j++) {
         i64 *o = out + j * ldo + c0;
         for (i64 c = 0; c < cols; c++) {
-            /* (w + 128).x = w.x + 128 sum(x), in uint32 as the vector paths wrap (no signed
-             * overflow; the true values fit int32) */
-            uint32_t ch = (uint32_t)xs[2 * j] * 128u, cl = (uint32_t)xs[2 * j + 1] * 128u;
-            int32_t a = (int32_t)((uint32_t)sums[j][0][c] - ch);
-            int32_t l = (int32_t)((uint32_t)sums[j][1][c] - cl);
-            /* the AVX-512 rescale8's operations in its order */
-            double y = (double)a * 256.0;
-            y = y + (double)l * 2.0;
+            /* 2 q.w = 256 hi.w + 2 lo.w: the AVX-512 rescale8's value (exact in float64),
+             * then its two products in its order */
+            double y = (double)(2 * sums[j][c]);
             y = y * scale[c0 + c];
             y = y * pow2[j];
             o[c] = (i64)nearbyint(y) + (bias ? bias[c0 + c] : 0);
@@ -263,7 +274,7 @@ static inline __attribute__((always_inline)) void tile_rows(
 #endif
 
 #define MB 4     /* rows per register block */
-#define MBLOCK 256 /* rows per pass over the weights (their int8 halves stay in L2) */
+#define MBLOCK 256 /* rows per pass over the weights (their 2 kp bytes each stay in L2) */
 
 /* out[m, c] = round(2 q.A * scale * 2**k) (+ bias): intops.RowGemm's integers.
  * v int64 [m, k] rows (row stride ldv), out int64 [m, n] (row stride ldo). */
@@ -271,39 +282,36 @@ i64 linear(const i64 *v, i64 m, i64 k, i64 ldv, const int8_t *packed, const int3
            i64 n, const double *scale, const i64 *bias, i64 *out, i64 ldo) {
     i64 k4 = (k + 3) / 4, kp = k4 * 4, tiles = (n + 15) / 16;
     i64 rows = m < MBLOCK ? m : MBLOCK;
-    i64 hi_bytes = 2 * rows * kp + 64;
-    i64 pow2_bytes = rows * (i64)(sizeof(double) + 2 * sizeof(int32_t));
-    uint8_t *hi = alloc(hi_bytes);
+    i64 row_bytes = 2 * rows * kp + 64;
+    i64 pow2_bytes = rows * (i64)sizeof(double);
+    uint8_t *buf = alloc(row_bytes);
     double *pow2 = alloc(pow2_bytes);
-    if (!hi || !pow2) {
-        free(hi);
+    if (!buf || !pow2) {
+        free(buf);
         free(pow2);
-        return hi ? pow2_bytes : hi_bytes;
+        return buf ? pow2_bytes : row_bytes;
     }
-    uint8_t *lo = hi + rows * kp;
-    int32_t *xsum = (int32_t *)(pow2 + rows);
     for (i64 r0 = 0; r0 < m; r0 += MBLOCK) {
         i64 nr = m - r0 < MBLOCK ? m - r0 : MBLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (nr > 8)
         for (i64 r = 0; r < nr; r++)
-            split_row(v + (r0 + r) * ldv, k, kp, hi + r * kp, lo + r * kp, pow2 + r,
-                      xsum + 2 * r);
+            split_row(v + (r0 + r) * ldv, k, kp, buf + 2 * r * kp, pow2 + r);
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (i64 t = 0; t < tiles; t++) {
             const int8_t *tile = packed + t * k4 * 64;
             for (i64 j = 0; j < nr; j += MB) {
                 int mb = nr - j < MB ? (int)(nr - j) : MB;
                 i64 *o = out + (r0 + j) * ldo;
-                const uint8_t *h = hi + j * kp, *l = lo + j * kp;
+                const uint8_t *rj = buf + 2 * j * kp;
                 switch (mb) {
-#define CASE(x) case x: tile_rows(tile, rowsum + t * 16, xsum + 2 * j, k4, kp, h, l, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
+#define CASE(x) case x: tile_rows(tile, rowsum + t * 16, k4, kp, rj, pow2 + j, x, scale, bias, n, t * 16, o, ldo); break;
                     CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
                 }
             }
         }
     }
-    free(hi);
+    free(buf);
     free(pow2);
     return 0;
 }
