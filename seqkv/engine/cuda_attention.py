@@ -204,11 +204,14 @@ MAX_SPLITS = 16  # key ranges per head: parallelism across keys, bounded partial
 # 3.96 to 3.16 ms and a 1,024-stream one from 10.9 to 7.2 (4,096-16,384: 3.31-3.41 and
 # 7.2-7.5; 1 and 16 streams alike). None: always MAX_SPLITS.
 TARGET_PROGRAMS: int | None = 2048
-BLOCK = 32  # keys per loop iteration, in heads taken whole
-# ... and in split heads: fewer, fuller splits. At one stream (SmolLM2's shapes, capacity 320)
-# 64 took a whole decode step from 1.28-1.50 to 1.21-1.44 ms (5 splits, not 10, of one
-# iteration each; the finish reads half the partial sums).
+BLOCK = 32  # keys per loop iteration
+# ... in the split heads of groups of up to SMALL_GROUP streams: fewer, fuller splits. At one
+# stream (SmolLM2's shapes, capacity 320) 64 took a whole decode step from 1.28-1.50 to
+# 1.21-1.44 ms (5 splits, not 10, of one iteration each; the finish reads half the partial
+# sums); 16 streams gained too. At 32 streams the longest positions lost 4% (a 64-key tile is
+# twice the registers, and larger groups run more programs at once), so larger groups keep 32.
 SPLIT_BLOCK = 64
+SMALL_GROUP = 16
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -230,7 +233,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     rep, heads = n_heads // n_kv, b * n_heads
     splits = (MAX_SPLITS if TARGET_PROGRAMS is None
               else min(MAX_SPLITS, max(1, triton.cdiv(TARGET_PROGRAMS, heads))))
-    block = SPLIT_BLOCK if splits > 1 else BLOCK
+    block = SPLIT_BLOCK if splits > 1 and b <= SMALL_GROUP else BLOCK
     split = max(block, triton.cdiv(triton.cdiv(capacity, splits), block) * block)
     n_splits = triton.cdiv(capacity, split)
     q = q.contiguous()
