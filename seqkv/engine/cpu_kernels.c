@@ -1,9 +1,10 @@
 /* The engine's CPU kernels (AVX-512 VNNI, or AVX2): the same integers as model.py's torch code.
  *
- * Every result is integer arithmetic (int8 products summed in int32, int64 elsewhere) or
- * one of the IEEE operations the torch code performs on exact float64 integers: a multiply,
- * a division, floor and round-half-to-even. Built with -ffp-contract=off (no FMA contraction)
- * and without -ffast-math, so each of those rounds exactly as torch's does on any machine.
+ * Every result is integer arithmetic (int8 or int16 products summed in int32, int64
+ * elsewhere) or one of the IEEE operations the torch code performs on exact float64 integers:
+ * a multiply, a division, floor and round-half-to-even. Built with -ffp-contract=off (no
+ * FMA contraction) and without -ffast-math, so each of those rounds exactly as torch's does on
+ * any machine.
  * cpu_kernels.py compiles this file at first use and probes its GEMM against intops.RowGemm;
  * tests/test_engine.py checks every kernel against the torch code.
  *
@@ -126,7 +127,7 @@ void pack_weights(const int8_t *w, i64 n, i64 k, int8_t *packed, int32_t *rowsum
     }
 }
 
-/* -- GEMM input rows (intops.split_rows) ---------------------------------------------------- */
+/* -- GEMM input rows (intops.split_rows) ---------------------------------------------- */
 /* q = round(v / 2**k) with |q| <= 2**13, k padded with zeros to kp, *pow2 = 2**k, in 2 kp
  * bytes at row. AVX-512: q = 128 hi + lo (|hi|, |lo| <= 64) as bytes hi + INPUT_OFFSET at
  * row, lo + INPUT_OFFSET at row + kp; AVX2: q itself, int16. */
@@ -219,7 +220,7 @@ static inline __attribute__((always_inline)) void half_rows(const int8_t *tile, 
                                                              const int16_t *xa,
                                                              const int16_t *xb, int two,
                                                              i64 *sa, i64 *sb) {
-    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order: c0 c1 c4 c5 c2 c3 c6 c7 */
+    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order of the channels */
     for (i64 q0 = 0; q0 < k4; q0 += QCHUNK) {
         i64 q1 = k4 - q0 < QCHUNK ? k4 : q0 + QCHUNK;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
