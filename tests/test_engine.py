@@ -369,11 +369,12 @@ def test_cpu_attention_kernel_equals_the_torch_attention(llama):
 @needs_kernels
 def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
     """The kernel GEMM and rescaling give RowGemm's integers: saturated weights, rows of zeros
-    and of extreme values, widths off the kernel's tiles, row counts across its blocks."""
+    and of extreme values, widths off the kernel's tiles, row counts across its blocks, and a
+    depth whose sums pass int32 (4,100 products of 2**20: the AVX2 kernel's chunks)."""
     g = torch.Generator().manual_seed(9)
-    for n, k in ((37, 70), (16, 64), (200, 1537)):
+    for n, k in ((37, 70), (16, 64), (200, 1537), (24, 4100)):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        w[0], w[1, ::2], w[n - 2], w[n - 1] = 127, -127, -127, 127
+        w[0], w[1, ::2], w[n - 2], w[n - 1] = 127, -127, -128, 127
         mant = torch.randint(1 << 14, (1 << 15) + 1, (n,), generator=g).to(torch.float64)
         scale = torch.ldexp(mant, -torch.randint(12, 40, (n,), generator=g))
         bias = torch.randint(-(1 << 30), 1 << 30, (n,), generator=g)
@@ -383,6 +384,7 @@ def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
             v[0] = 0
             if m > 2:
                 v[1], v[2, ::3] = 1 << 13, -(1 << 50)
+                v[m - 1] = -(1 << 50)  # q = -2**13 at every k: times -128, 2**20 each
             for b in (bias, None):
                 assert torch.equal(cpu_kernels.linear(v, w, scale, b),
                                    RowGemm(v, w, scale, b).all()), (n, k, m)
