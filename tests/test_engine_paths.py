@@ -37,3 +37,17 @@ def test_prefill_refuses_ids_past_its_cache():
         with pytest.raises(ValueError, match="do not fit a cache"):
             model.prefill_hidden(ids, cache=model.new_cache(streams, capacity))
     model.prefill_hidden(ids, cache=model.new_cache(2, 9))
+
+
+def test_gemm_tiles_fit_the_gpus_shared_memory():
+    """The small-group GEMM tiles (cuda_ops._linear_tiles) take the deep tiles measured on the
+    H200 only where a program's stages fit the GPU's shared memory with room to spare; on a
+    GPU with less (an RTX 4090's 99 KB, a T4's 64 KB) they fall back to shallower ones."""
+    from seqkv.engine import cuda_ops
+
+    for shared in (232_448, 166_912, 101_376, 65_536):  # H200/H100, A100, RTX 4090/L4, T4
+        for m, n, k in ((1, 960, 576), (16, 3072, 576), (4, 576, 1536), (1, 8192, 2048)):
+            bm, bn, bk, _ = cuda_ops._linear_tiles(m, n, k, shared)
+            assert cuda_ops._stages_bytes(bm, bn, bk) + cuda_ops.SHARED_MARGIN <= shared
+        assert cuda_ops._linear_tiles(1, 960, 576, shared)[2] == (512 if shared > 150_000
+                                                                   else 128)

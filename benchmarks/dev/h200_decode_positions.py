@@ -41,8 +41,8 @@ def main() -> None:
             tiles = tuple(int(x) for x in args[at + 1].split(","))
             own = cuda_ops._linear_tiles
             cuda_ops._linear_tiles = (
-                lambda m, n, k, own=own, tiles=tiles, head=head:
-                tiles if m <= 16 and (n > 8192) == head else own(m, n, k))
+                lambda m, n, k, shared, own=own, tiles=tiles, head=head:
+                tiles if m <= 16 and (n > 8192) == head else own(m, n, k, shared))
             print(f"{flag} at up to 16 rows: {tiles}")
             del args[at : at + 2]
     m = smollm2_shaped().compile()

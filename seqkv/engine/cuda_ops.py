@@ -9,6 +9,7 @@ cuda_attention.py, the row passes before each GEMM in cuda_rows.py.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -426,28 +427,53 @@ def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Te
     m, kdim = hi.shape
     n = w.shape[0]
     out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
-    bm, bn, bk, warps = _linear_tiles(m, n, kdim)
+    bm, bn, bk, warps = _linear_tiles(m, n, kdim, _shared_memory(hi.device))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _linear_kernel[grid](hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w,
                          scale, bias if bias is not None else scale, out, m, n, kdim,
                          HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=warps,
-                         num_stages=3)
+                         num_stages=LINEAR_STAGES)
     return out
 
 
-def _linear_tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+LINEAR_STAGES = 3  # the GEMM's pipelined loads: each stage holds a tile of rows and weights
+SHARED_MARGIN = 16 << 10  # what a program needs besides its stages (layout conversions)
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on this GPU (the figure Triton checks its
+    kernels against)."""
+    return _device_shared_memory(device.index if device.index is not None
+                                 else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:  # a driver query: once per GPU, not per GEMM
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _stages_bytes(bm: int, bn: int, bk: int) -> int:
+    """Shared memory of the GEMM's pipelined loads: int8 halves [bm, bk] twice, weights
+    [bk, bn], LINEAR_STAGES times."""
+    return LINEAR_STAGES * (2 * bm * bk + bk * bn)
+
+
+def _linear_tiles(m: int, n: int, k: int, shared: int) -> tuple[int, int, int, int]:
     """Tile sizes (rows, columns, depth) and warps, from sweeps on the H200 with SmolLM2's
     shapes. Few rows make a GEMV bound by reading the weights: narrow column tiles give every
     SM some, except for the 49k-wide head (qkv projection at one row: 3.6 us instead of 8.6
     with 128 columns). At one row a depth of 512 (two or three loads of the weights, not five
     or six) took a whole decode step from 1.36-1.53 to 1.28-1.40 ms with 32 columns and 4
     warps, and to 1.28-1.48 with 16 and 2 (the GEMMs 0.46 ms of kernel time a step instead of
-    0.54; 128-256 deep, 16-32 columns: the earlier choice). At 1,024 rows 64 x 64 x 64 tiles
-    took half the time of torch._int_mm plus the compiled rescaling (head: 394 us against
-    729); at 4,096 and 16,384 rows (the encoder's) a depth of 128 took 3-27% less than 64 (the
-    down projection the most)."""
+    0.54; 128-256 deep, 16-32 columns: the earlier choice, kept for GPUs whose ``shared``
+    memory, in bytes, does not hold its 96 KB of stages with room to spare, as an RTX 4090's or
+    an L4's does not). At 1,024 rows 64 x 64 x 64 tiles took half the time of torch._int_mm
+    plus the compiled rescaling (head: 394 us against 729); at 4,096 and 16,384 rows (the
+    encoder's) a depth of 128 took 3-27% less than 64 (the down projection the most)."""
     if m <= 16 and n <= 8192:
-        return 16, 32, 512, 4
+        if _stages_bytes(16, 32, 512) + SHARED_MARGIN <= shared:
+            return 16, 32, 512, 4
+        return 16, (16 if n < 2048 else 32), (256 if k > 1024 else 128), 2
     if m <= 64:
         wide = n > 8192
         return (16 if m <= 16 else 64), (128 if wide and m <= 16 else 64 if wide else 32), 128, 4
