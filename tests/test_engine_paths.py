@@ -51,3 +51,22 @@ def test_gemm_tiles_fit_the_gpus_shared_memory():
             assert cuda_ops._stages_bytes(bm, bn, bk) + cuda_ops.SHARED_MARGIN <= shared
         assert cuda_ops._linear_tiles(1, 960, 576, shared)[2] == (512 if shared > 150_000
                                                                    else 128)
+
+
+def test_dependent_launch_only_for_small_groups_on_gpus_that_have_it(monkeypatch):
+    """Programmatic dependent launch (cuda_ops.launch_options) is on for kernels of up to
+    PDL_MAX_ROWS rows on a GPU with griddepcontrol, and off for larger groups (where it was
+    measured slower), on CPUs (Triton's interpreter) and when switched off."""
+    from seqkv.engine import cuda_ops
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(cuda_ops, "_has_pdl", lambda index: True)
+    small, large = cuda_ops.PDL_MAX_ROWS, cuda_ops.PDL_MAX_ROWS + 1
+    assert cuda_ops.launch_options(gpu, small) == {"PDL": True, "launch_pdl": True}
+    assert cuda_ops.launch_options(gpu, large) == {"PDL": False, "launch_pdl": False}
+    assert not cuda_ops.launch_options(torch.device("cpu"), 1)["PDL"]
+    monkeypatch.setattr(cuda_ops, "_has_pdl", lambda index: False)  # before Hopper
+    assert not cuda_ops.launch_options(gpu, 1)["PDL"]
+    monkeypatch.setattr(cuda_ops, "_has_pdl", lambda index: True)
+    monkeypatch.setattr(cuda_ops, "PDL", False)
+    assert not cuda_ops.launch_options(gpu, 1)["launch_pdl"]

@@ -6,8 +6,9 @@ weights, compiled.
     python3 benchmarks/dev/h200_decode_positions.py [STREAMS ...] [--set NAME=VALUE ...]
 
 (from the repository root; default 1,024 and 1 streams; --set sets a cuda_attention
-constant, e.g. TARGET_PROGRAMS=1 for unsplit heads; --tiles BM,BN,BK,WARPS sets the GEMM tiles
-of groups of up to 16 rows, the head's excepted; --head-tiles the head's at up to 16 rows.)
+constant, e.g. TARGET_PROGRAMS=1 for unsplit heads, or a cuda_ops one, e.g. cuda_ops.PDL=0;
+--tiles BM,BN,BK,WARPS sets the GEMM tiles of groups of up to 16 rows, the head's excepted;
+--head-tiles the head's at up to 16 rows.)
 
 Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
 """
@@ -32,8 +33,10 @@ def main() -> None:
     while "--set" in args:
         at = args.index("--set")
         name, value = args[at + 1].split("=")
-        setattr(cuda_attention, name, int(value))
-        print(f"cuda_attention.{name} = {value}")
+        module, name = name.split(".") if "." in name else ("cuda_attention", name)
+        setattr({"cuda_attention": cuda_attention, "cuda_ops": cuda_ops}[module], name,
+                int(value))
+        print(f"{module}.{name} = {value}")
         del args[at : at + 2]
     for flag, head in (("--tiles", False), ("--head-tiles", True)):
         if flag in args:

@@ -57,7 +57,7 @@ for M in (1, 64):
                         bm = 16 if M <= 16 else 64
                         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
                         f = lambda: cuda_ops._linear_kernel[grid](hi, lo, k.reshape(-1), w, scale, scale, out, M, N, K,
-                              HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                              HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st, PDL=False)
                         try:
                             t = bench(f)
                         except Exception as e:

@@ -48,7 +48,7 @@ for M in (1024,):
                         out = torch.empty((M, N), dtype=torch.int64, device="cuda")
                         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
                         f = lambda: cuda_ops._linear_kernel[grid](hi, lo, k.reshape(-1), w, scale, scale, out, M, N, K,
-                              HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                              HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st, PDL=False)
                         try:
                             t = bench(f)
                         except Exception as e:

@@ -87,7 +87,7 @@ if "attention" in what:
                                 qc, k, v, out, m.exp_attn_f, m._index_scale_t, t, t,
                                 n_kv * rep, rep, n_kv, window, m.exp_attn_f.shape[0] - 1,
                                 *k.stride(), *v.stride(), OUT_SCALE=16, D=d, BM=bm, BN=bn,
-                                num_warps=nw, num_stages=st)
+                                num_warps=nw, num_stages=st, PDL=False)
                         try:
                             us = graph_time(f)
                             res.append((us, bm, bn, nw, st, torch.equal(out, ref)))
@@ -121,7 +121,7 @@ if "gemm" in what:
                             def f():
                                 cuda_ops._linear_kernel[grid](
                                     hi, lo, k, w, scale, scale, out, rows, n, kd, HAS_BIAS=False,
-                                    BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                                    BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=st, PDL=False)
                             try:
                                 us = graph_time(f, 5)
                                 res.append((us, bm, bn, bk, nw, st, torch.equal(out, ref)))
@@ -154,7 +154,7 @@ if "gemv" in what:  # one row: narrower column tiles than the current 32 (the he
                         def f():
                             cuda_ops._linear_kernel[grid](
                                 hi, lo, k, w, scale, scale, out, 1, n, kd, HAS_BIAS=False,
-                                BM=16, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                                BM=16, BN=bn, BK=bk, num_warps=nw, num_stages=st, PDL=False)
                         try:
                             us = graph_time(f, 50)
                             res.append((us, bn, bk, nw, st, torch.equal(out, ref)))

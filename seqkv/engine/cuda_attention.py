@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda_ops import triton
+from .cuda_ops import launch_options, triton
 from .intops import ACT_BITS
 
 if triton is not None:
     import triton.language as tl
 
-    from .cuda_ops import _round_half_even
+    from .cuda_ops import _await_inputs, _round_half_even
     from .cuda_rows import _halves, _row_shift
 
     @triton.jit
@@ -61,11 +61,12 @@ if triton is not None:
     @triton.jit
     def _heads_kernel(qkv_ptr, start_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, n_heads,
                       n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr,
-                      D: tl.constexpr, BT: tl.constexpr):
+                      D: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
         """model._heads of rows [B, T] of qkv at positions start[b] + t, without q/k norms:
         head j of BT rows rotated (queries and keys) or shifted (values) into Q12, queries
         into q [B, H, T, d], keys and values into the cache [B, Hkv, capacity, d] at their
         positions."""
+        _await_inputs(PDL)
         b, j, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         t = blk * BT + tl.arange(0, BT)
         ok = (t < T)[:, None]
@@ -94,12 +95,14 @@ if triton is not None:
     def _scores_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, scores_ptr, best_ptr,
                        n_heads, rep, n_kv, capacity, window, n_splits, limit,
                        ROTATE: tl.constexpr, ROPE_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr,
-                       D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                       D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
         """Scores and their maximum over this program's keys. ROTATE: q_ptr holds the step's
         qkv rows [B, (H + 2 Hkv) d]; the program rotates its query and its head's new key
         (model._heads), uses that key at the stream's position, and the first query head of
         each key head writes the new key and value into the cache (for the next kernels and
         steps). Else q_ptr holds rotated queries [B, H, d] and the cache the new keys."""
+        _await_inputs(PDL)
         head, split = tl.program_id(0), tl.program_id(1)  # head: b * n_heads + h
         start, end = _key_range(pos_ptr, head, split, n_heads, window, SPLIT)
         d = tl.arange(0, D)
@@ -141,7 +144,8 @@ if triton is not None:
     def _weights_kernel(v_ptr, pos_ptr, table_ptr, scale_ptr, scores_ptr, best_ptr,
                         total_ptr, acc_ptr, n_heads, rep, capacity, window, table_last, n_splits,
                         D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                        SPLITS_P: tl.constexpr):
+                        SPLITS_P: tl.constexpr, PDL: tl.constexpr):
+        _await_inputs(PDL)
         head, split = tl.program_id(0), tl.program_id(1)
         start, end = _key_range(pos_ptr, head, split, n_heads, window, SPLIT)
         parts = tl.arange(0, SPLITS_P)
@@ -171,12 +175,13 @@ if triton is not None:
     @triton.jit
     def _finish_kernel(total_ptr, acc_ptr, hi_ptr, lo_ptr, shift_ptr, n_heads,
                        N_SPLITS: tl.constexpr, OUT_SCALE: tl.constexpr, ACT_BITS: tl.constexpr,
-                       D: tl.constexpr, HP: tl.constexpr):
+                       D: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
         """One stream's attention output (every head: the weighted values over the weights'
         sum, rounded half to even) as the o projection's input: intops.split_rows' int8
         halves and shift of the row (cuda_rows' helpers, the same integers). The splits'
         loop is unrolled so that their loads are in flight together (a loop over a runtime
         count took 7 us a call on the H200, one load after another)."""
+        _await_inputs(PDL)
         b = tl.program_id(0)
         h = tl.arange(0, HP)
         d = tl.arange(0, D)
@@ -250,14 +255,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
                          capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
                          ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=block, num_warps=2)
+                         BLOCK=block, num_warps=2, **launch_options(dev, b))
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
                           D=d, SPLIT=split, BLOCK=block,
-                          SPLITS_P=triton.next_power_of_2(n_splits), num_warps=2)
+                          SPLITS_P=triton.next_power_of_2(n_splits), num_warps=2,
+                          **launch_options(dev, b))
     _finish_kernel[(b,)](total, acc, hi, lo, shift, n_heads, N_SPLITS=n_splits,
                          OUT_SCALE=out_scale, ACT_BITS=ACT_BITS, D=d,
-                         HP=triton.next_power_of_2(n_heads), num_warps=4)
+                         HP=triton.next_power_of_2(n_heads), num_warps=4, **launch_options(dev, b))
     return hi, lo, shift
 
 
@@ -288,7 +294,7 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
     _heads_kernel[(b, r.n_heads + 2 * n_kv, triton.cdiv(t, bt))](
         qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, r.n_heads,
         n_kv, capacity, r.limit, ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, BT=bt,
-        num_warps=1 if bt == 1 else 4)
+        num_warps=1 if bt == 1 else 4, **launch_options(qkv.device, b * t))
     return q
 
 if triton is not None:
@@ -311,9 +317,10 @@ if triton is not None:
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         OUT_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr):
+                        BN: tl.constexpr, PDL: tl.constexpr):
         """One block of BM query rows of one head: the exact maximum over the keys it sees
         (first pass), then the table weights, their sum and the weighted values (second)."""
+        _await_inputs(PDL)
         # one grid axis: the second stops at 65,535 programs, which b * n_heads passes at
         # ~7,300 short streams of SmolLM2 in one prefill
         pid = tl.program_id(0)
@@ -378,5 +385,5 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _prefill_kernel[(n_blocks * b * n_heads,)](
         q.contiguous(), keys, values, out, table, index_scale, t, s, n_heads, rep, n_kv, window,
         table.shape[0] - 1, n_blocks, *keys.stride(), *values.stride(), OUT_SCALE=out_scale,
-        D=d, BM=bm, BN=32, num_warps=4, num_stages=1)
+        D=d, BM=bm, BN=32, num_warps=4, num_stages=1, **launch_options(q.device, b * t))
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import tables
+from .cuda_ops import launch_options
 from .weights import FRAC, IntNorm
 
 try:  # Triton ships with CUDA builds of torch; CPU machines never reach this module's kernels.
@@ -50,6 +51,8 @@ if triton is not None:
     # minus this constant's bits are that integer (same exponent, the mantissas differ by it).
     _MAGIC = tl.constexpr(6755399441055744.0)
     _MAGIC_BITS = tl.constexpr(0x4338000000000000)
+
+    from .cuda_ops import _await_inputs
 
     @triton.jit
     def _row_shift(top, BITS: tl.constexpr):
@@ -190,7 +193,8 @@ if triton is not None:
     def _norm_split_kernel(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, hi_ptr, lo_ptr,
                            k_ptr, n, HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr,
                            S_POST: tl.constexpr, EPS_POST: tl.constexpr, S: tl.constexpr,
-                           EPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+                           EPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, PDL: tl.constexpr):
+        _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         off = row * n
         ca = tl.arange(0, A)
@@ -237,7 +241,8 @@ if triton is not None:
     def _act_split_kernel(gu_ptr, table_ptr, hi_ptr, lo_ptr, k_ptr, width, ADD: tl.constexpr,
                           LAST: tl.constexpr, SHIFT: tl.constexpr, OUT: tl.constexpr,
                           Q: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
-                          LOOP: tl.constexpr):
+                          LOOP: tl.constexpr, PDL: tl.constexpr):
+        _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         base = row * 2 * width
         off = row * width
@@ -321,7 +326,8 @@ def norm_split(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None
         _norm_split_kernel[(m,)](
             rows, d, h2, post.gain if post is not None else norm.gain, norm.gain, hi, lo, k,
             hidden, HAS_DELTA=delta is not None, HAS_POST=post is not None, S_POST=s_post,
-            EPS_POST=eps_post, S=s, EPS=eps, A=a, B=b, num_warps=_warps(hidden))
+            EPS_POST=eps_post, S=s, EPS=eps, A=a, B=b, num_warps=_warps(hidden),
+            **launch_options(dev, m))
     return (h2.view(h.shape) if delta is not None else h), hi, lo, k
 
 
@@ -345,5 +351,5 @@ def act_split(table: torch.Tensor, gate_up: torch.Tensor, *,
         _act_split_kernel[(m,)](
             rows, table.contiguous(), hi, lo, k, width, ADD=(1 << (shift - 1)) + (n << shift),
             LAST=2 * n - 1, SHIFT=shift, OUT=tables.SIGMOID_OUT, Q=FRAC, A=a, B=b, LOOP=loop,
-            num_warps=_warps(a if loop else width))
+            num_warps=_warps(a if loop else width), **launch_options(dev, m))
     return hi, lo, k
