@@ -367,6 +367,29 @@ def test_cpu_attention_kernel_equals_the_torch_attention(llama):
 
 
 @needs_kernels
+def test_cpu_decode_attention_at_the_bounds(llama):
+    """The CPU decode step's attention kernel (rotation, cache write, attention over each
+    stream's keys) gives the torch step's integers when queries, keys and values sit at the
+    engine's bound (rows far past it, clamped), mixed with ordinary values: the products and
+    sums at their largest."""
+    model = IntModel(integerize(llama.model))
+    step = CpuStep.for_model(model)
+    s, b, cap = model.spec, 2, 24
+    fast, slow = step.new_cache(b, cap), model.new_cache(b, cap)
+    width = (s.n_heads + 2 * s.n_kv) * s.head_dim
+    g = torch.Generator().manual_seed(11)
+    for t in range(cap):
+        sign = torch.randint(0, 2, (b, width), generator=g) * 2 - 1
+        big = torch.rand((b, width), generator=g) < 0.5
+        qkv = torch.where(big, sign << 45, torch.randint(-(1 << 20), 1 << 20, (b, width),
+                                                         generator=g))
+        pos = torch.full((b,), t)
+        want = model.step_attend(0, qkv.clone(), slow, pos, cap)
+        got = step.step_attend(0, qkv.clone(), fast, pos, cap)
+        assert torch.equal(got, want), t
+
+
+@needs_kernels
 def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
     """The kernel GEMM and rescaling give RowGemm's integers: saturated weights, rows of zeros
     and of extreme values, widths off the kernel's tiles, row counts across its blocks, and a
