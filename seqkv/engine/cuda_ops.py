@@ -74,7 +74,10 @@ if triton is not None:
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         row_ok, col_ok = rm < M, rn < N
-        if PDL:  # the weights are constants: their first tile loads while the last kernel ends
+        # The weights are constants: their first tile loads while the last kernel ends. (No
+        # engine kernel writes weights; torch's kernels, which might, never let their
+        # dependents launch before they finish.)
+        if PDL:
             wa = _weights_tile(w_ptr, rn, rk, col_ok, K)
             _await_inputs(PDL)
             hi, lo = _rows_tile(hi_ptr, lo_ptr, rm, rk, row_ok, K)
