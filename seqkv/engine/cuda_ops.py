@@ -370,9 +370,13 @@ def launch_options(device: torch.device, rows: int) -> dict:
     """The PDL constexpr and launch flag of an engine kernel over ``rows`` rows on
     ``device``: on up to PDL_MAX_ROWS rows from compute capability 9.0 (Hopper), where
     griddepcontrol exists."""
-    on = PDL and rows <= PDL_MAX_ROWS and device.type == "cuda" and _has_pdl(
-        device.index if device.index is not None else torch.cuda.current_device())
+    on = (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"
+          and _has_pdl(_device_index(device)))
     return {"PDL": on, "launch_pdl": on}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
@@ -385,7 +389,8 @@ VOCAB_BLOCK = 4096  # tokens per program in the distribution's passes
 
 def _distribution(logits: torch.Tensor, table: torch.Tensor, shift: int, total: int):
     """The three passes over blocks of the vocabulary that locate and intervals share: each
-    row's block maxima (and where), weight sums and frequency sums."""
+    row's block maxima (and where), weight sums and frequency sums. Returns the last kernel's
+    arguments (its launch options included)."""
     b, vocab = logits.shape
     n_blocks = triton.cdiv(vocab, VOCAB_BLOCK)
     nb = triton.next_power_of_2(n_blocks)
@@ -395,17 +400,15 @@ def _distribution(logits: torch.Tensor, table: torch.Tensor, shift: int, total: 
     psum = torch.empty((b, n_blocks), dtype=torch.int64, device=dev)
     fsum = torch.empty((b, n_blocks), dtype=torch.int64, device=dev)
     last, budget = table.shape[0] - 1, total - (vocab + 2)
-    grid = (b, n_blocks)
-    _max_kernel[grid](logits, best, arg, vocab, n_blocks, BV=VOCAB_BLOCK, num_warps=4,
-                      **launch_options(dev, b))
+    grid, launch = (b, n_blocks), launch_options(dev, b)
+    _max_kernel[grid](logits, best, arg, vocab, n_blocks, BV=VOCAB_BLOCK, num_warps=4, **launch)
     _weight_sum_kernel[grid](logits, best, table, psum, vocab, n_blocks, last, SHIFT=shift,
-                             BV=VOCAB_BLOCK, NB=nb, num_warps=4, **launch_options(dev, b))
+                             BV=VOCAB_BLOCK, NB=nb, num_warps=4, **launch)
     _freq_sum_kernel[grid](logits, psum, best, table, fsum, vocab, n_blocks, last, budget,
-                           SHIFT=shift, BV=VOCAB_BLOCK, NB=nb, num_warps=4,
-                           **launch_options(dev, b))
+                           SHIFT=shift, BV=VOCAB_BLOCK, NB=nb, num_warps=4, **launch)
     return dict(psum_ptr=psum, best_ptr=best, arg_ptr=arg, table_ptr=table, fsum_ptr=fsum,
                 vocab=vocab, n_blocks=n_blocks, table_last=last, budget=budget, TOTAL=total,
-                SHIFT=shift, BV=VOCAB_BLOCK, NB=nb)
+                SHIFT=shift, BV=VOCAB_BLOCK, NB=nb, **launch)
 
 
 def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, shift: int,
@@ -416,8 +419,7 @@ def locate(logits: torch.Tensor, quantile: torch.Tensor, table: torch.Tensor, sh
     logits = logits.contiguous()
     out = torch.empty((logits.shape[0], 3), dtype=torch.int64, device=logits.device)
     _find_kernel[(logits.shape[0],)](logits, quantile_ptr=quantile.contiguous(), out_ptr=out,
-                                     num_warps=8, **_distribution(logits, table, shift, total),
-                                     **launch_options(logits.device, logits.shape[0]))
+                                     num_warps=8, **_distribution(logits, table, shift, total))
     return out
 
 
@@ -452,8 +454,7 @@ def decode_step(logits: torch.Tensor, table: torch.Tensor, shift: int, total: in
         words_stride=decoder.words.stride(0), out_stride=out.stride(0),
         rows_stride=rows.stride(0), capacity=min(out.shape[1], rows.shape[1]),
         PRECISION=precision, num_warps=8,
-        **_distribution(logits, table, shift, total),
-        **launch_options(logits.device, logits.shape[0]))
+        **_distribution(logits, table, shift, total))
 
 
 def intervals(logits: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor, shift: int,
@@ -465,8 +466,7 @@ def intervals(logits: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor, s
     out = torch.empty((logits.shape[0], 2), dtype=torch.int64, device=logits.device)
     _interval_kernel[(logits.shape[0],)](logits, token_ptr=tokens.contiguous(), out_ptr=out,
                                          num_warps=8,
-                                         **_distribution(logits, table, shift, total),
-                                         **launch_options(logits.device, logits.shape[0]))
+                                         **_distribution(logits, table, shift, total))
     return out[:, 0], out[:, 1]
 
 
@@ -515,8 +515,7 @@ SHARED_MARGIN = 16 << 10  # what a program needs besides its stages (layout conv
 def _shared_memory(device: torch.device) -> int:
     """Bytes of shared memory a program may use on this GPU (the figure Triton checks its
     kernels against)."""
-    return _device_shared_memory(device.index if device.index is not None
-                                 else torch.cuda.current_device())
+    return _device_shared_memory(_device_index(device))
 
 
 @functools.cache

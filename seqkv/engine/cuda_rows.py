@@ -46,13 +46,13 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    from .cuda_ops import _await_inputs
+
     # rne(p) for |p| < 2**51: p + 1.5 * 2**52 lands in [2**52, 2**53), where float64's
     # spacing is 1, so the add rounds p to the nearest integer (ties to even); the sum's bits
     # minus this constant's bits are that integer (same exponent, the mantissas differ by it).
     _MAGIC = tl.constexpr(6755399441055744.0)
     _MAGIC_BITS = tl.constexpr(0x4338000000000000)
-
-    from .cuda_ops import _await_inputs
 
     @triton.jit
     def _row_shift(top, BITS: tl.constexpr):
