@@ -217,6 +217,13 @@ BLOCK = 32  # keys per loop iteration
 # twice the registers, and larger groups run more programs at once), so larger groups keep 32.
 SPLIT_BLOCK = 64
 SMALL_GROUP = 16
+# Warps a program. One warp for the weights of groups above SMALL_GROUP: on the H200 (SmolLM2,
+# positions 120-130) the kernel took 2.54 -> 1.39 ms a step at 1,024 streams and 0.80 -> 0.48
+# at 256, more programs resident with their loads in flight; the scores kernel (which also
+# rotates) got slower with one (2.75 -> 4.72 ms), so it keeps two
+# (benchmarks/dev/h200_attention_sweep.py, h200_decode_positions.py --set).
+SCORES_WARPS = 2
+WEIGHTS_WARPS = 1
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -255,11 +262,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
                          capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
                          ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=block, num_warps=2, **launch_options(dev, b))
+                         BLOCK=block, num_warps=SCORES_WARPS, **launch_options(dev, b))
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
                           D=d, SPLIT=split, BLOCK=block,
-                          SPLITS_P=triton.next_power_of_2(n_splits), num_warps=2,
+                          SPLITS_P=triton.next_power_of_2(n_splits),
+                          num_warps=WEIGHTS_WARPS if b > SMALL_GROUP else SCORES_WARPS,
                           **launch_options(dev, b))
     _finish_kernel[(b,)](total, acc, hi, lo, shift, n_heads, N_SPLITS=n_splits,
                          OUT_SCALE=out_scale, ACT_BITS=ACT_BITS, D=d,
