@@ -23,7 +23,10 @@ from ..core.decoders import VectorRansDecoder, encode_stream, locate_in_pmf
 from .cpu_step import CpuStep
 from .model import IntModel
 
-POOL_BYTES = 4 << 30  # bytes of idle decode groups a codec keeps (GPUs; at most a 16th of it)
+# GPUs: idle decode groups a codec keeps, as a share of the GPU's memory. A 16th holds the
+# three groups of a 256-session restore (~4 GB for 256 streams x 320 positions of SmolLM2);
+# a fixed 4 GiB held two, and each restore evicted the group the next one needed first.
+POOL_SHARE = 16
 CPU_POOL_BYTES = 256 << 20  # on CPUs: a few small groups (a chat's edges decode one by one)
 MAX_KEPT_GROUPS = 16
 Progress = Callable[[int], None]
@@ -48,9 +51,9 @@ class EngineCodec:
         # ~0.08 s a decode on the H200: one stream decoded 256 tokens at 530 steps/s end to
         # end where its graph replays alone ran 635, BENCHMARKS.md)
         if pool_bytes is None:
-            pool_bytes = (min(POOL_BYTES, torch.cuda.get_device_properties(
-                self.device).total_memory // 16) if self.graphs and self.device.type == "cuda"
-                else CPU_POOL_BYTES if self.device.type == "cpu" else 0)
+            pool_bytes = (torch.cuda.get_device_properties(self.device).total_memory
+                          // POOL_SHARE if self.graphs and self.device.type == "cuda"
+                          else CPU_POOL_BYTES if self.device.type == "cpu" else 0)
         self._pool = _GroupPool(pool_bytes)
 
     # -- encode ---------------------------------------------------------------------------
@@ -204,6 +207,7 @@ class _DecodeGroup:
         # prime first), so a decode that continues the last one skips its contexts' prefill
         self.held: list[list[int]] = [[] for _ in range(b)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one per attention span
+        self.stepped: set[int] = set()  # spans stepped eagerly: their kernels are compiled
         self._mempool = torch.cuda.graph_pool_handle() if codec.graphs else None
         # what keeping it holds: the KV cache and buffers, and an estimate of its graphs' own
         # pool (the step's intermediates, the widest of them a few [b, vocab] int64 rows)
@@ -261,7 +265,7 @@ class _DecodeGroup:
 
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         if span not in self.graphs:
-            if self.model.compiled:
+            if self.model.compiled and span not in self.stepped:
                 self._warm_up(span)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a server's other threads may run the model meanwhile
@@ -288,6 +292,7 @@ class _DecodeGroup:
         with torch.cuda.stream(side):
             self._step(span)
         torch.cuda.current_stream().wait_stream(side)
+        self.stepped.add(span)
 
     def run(self, decoder: VectorRansDecoder, lengths: list[int], contexts: list[list[int]],
             progress: Progress | None) -> list[tuple[list[int], np.ndarray]]:
