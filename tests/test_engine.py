@@ -149,6 +149,44 @@ def test_kept_decode_groups_decode_later_streams_exactly(llama):
         kept.decode(bad, [30, 30])
 
 
+def test_a_kept_group_wider_than_its_decode_idles_the_extra_streams(llama, monkeypatch):
+    """GPU pools round stream counts up, so a server's batches of 3 and of 4 requests share
+    one group (and its graphs): the group's extra streams idle, every stream decodes exactly,
+    a decoder carried across calls keeps its states, and a corrupt stream is refused."""
+    import seqkv.engine.codec as codec_module
+    from seqkv.core.decoders import VectorRansDecoder
+
+    assert [codec_module.rounded_streams(n) for n in (1, 3, 16, 17, 64, 65, 200, 1000)] == [
+        1, 4, 16, 32, 64, 72, 208, 1024]
+    made = []
+    real_init = codec_module._DecodeGroup.__init__
+
+    def counting_init(self, *args):
+        made.append(args[1])  # its streams
+        real_init(self, *args)
+
+    monkeypatch.setattr(codec_module._DecodeGroup, "__init__", counting_init)
+    model = IntModel(integerize(llama.model))
+    codec = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    codec._pool.round_streams = True  # as on GPUs (CUDA graphs)
+    g = torch.Generator().manual_seed(9)
+    full = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (20, 33, 7, 26)]
+    words = codec.encode(full)
+    assert codec.decode(words[:3], [20, 33, 7]) == full[:3]
+    assert codec.decode(words, [20, 33, 7, 26]) == full
+    assert made == [4]
+    decoder = VectorRansDecoder(words[:3], model.device)
+    first = codec.decode(words[:3], [5, 5, 5], decoder=decoder)
+    rest = codec.decode(words[:3], [15, 28, 2], contexts=first, decoder=decoder)
+    decoder.finish()
+    assert [a + b for a, b in zip(first, rest, strict=True)] == full[:3]
+    assert made == [4]
+    bad = [w.copy() for w in words[:3]]
+    bad[2][0] ^= 0x5A5A5A5A
+    with pytest.raises(BlobError):
+        codec.decode(bad, [20, 33, 7])
+
+
 def test_a_decode_continuing_the_last_skips_its_contexts_prefill(llama, monkeypatch):
     """A chat's edges decode one after another, each after the ids of those before it: a
     kept group whose cache already holds those ids is not prefilled again, and decodes

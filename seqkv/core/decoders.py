@@ -146,17 +146,24 @@ class VectorRansDecoder:
 
     def copy_(self, other: VectorRansDecoder) -> None:
         """Take other's streams and states, in place (a CUDA graph that captured this
-        decoder's tensors then decodes them); this decoder's rows must be at least as wide."""
-        width = other.words.shape[1]
-        self.words[:, :width].copy_(other.words)
-        self.words[:, width:].zero_()
-        self.copy_state_(other)
+        decoder's tensors then decodes them); this decoder's rows must be at least as wide,
+        and at least as many: rows past other's hold empty streams (state 0, no words)."""
+        n, width = other.words.shape
+        self.words[:n, :width].copy_(other.words)
+        self.words[:n, width:].zero_()
+        self.words[n:].zero_()
+        for mine, theirs in ((self.state, other.state), (self.left, other.left),
+                             (self.bad, other.bad)):
+            mine[:n].copy_(theirs)
+            mine[n:].zero_()
 
     def copy_state_(self, other: VectorRansDecoder) -> None:
-        """Take other's states (as after decoding with it), in place."""
-        self.state.copy_(other.state)
-        self.left.copy_(other.left)
-        self.bad.copy_(other.bad)
+        """Take other's states (as after decoding with it), in place: its first rows, where
+        other has more (streams of a padded decode group)."""
+        n = self.state.shape[0]
+        self.state.copy_(other.state[:n])
+        self.left.copy_(other.left[:n])
+        self.bad.copy_(other.bad[:n])
 
     def quantile(self) -> torch.Tensor:
         """Where each stream's state points in [0, 2**PRECISION): the next symbol is the one

@@ -54,7 +54,7 @@ class EngineCodec:
             pool_bytes = (torch.cuda.get_device_properties(self.device).total_memory
                           // POOL_SHARE if self.graphs and self.device.type == "cuda"
                           else CPU_POOL_BYTES if self.device.type == "cpu" else 0)
-        self._pool = _GroupPool(pool_bytes)
+        self._pool = _GroupPool(pool_bytes, round_streams=self.graphs)
 
     # -- encode ---------------------------------------------------------------------------
     def intervals(self, streams: Sequence[Sequence[int]], skip: Sequence[int] | None = None,
@@ -160,7 +160,7 @@ class EngineCodec:
             except torch.OutOfMemoryError:  # the kept groups' memory is the first to go
                 self._pool.clear()
                 group = _DecodeGroup(self, *key)
-        out = group.run(own, lengths, contexts, progress)
+        out = group.run(own, lengths, contexts, progress)[: len(words)]
         self._pool.give(key, group)  # only after a decode that ran to its end
         if decoder is None:
             own.finish()
@@ -297,7 +297,10 @@ class _DecodeGroup:
     def run(self, decoder: VectorRansDecoder, lengths: list[int], contexts: list[list[int]],
             progress: Progress | None) -> list[tuple[list[int], np.ndarray]]:
         """Every step of one decode of ``decoder``'s streams (whose states advance); each
-        stream's tokens and their (start, freq) rows."""
+        stream's tokens and their (start, freq) rows. A group wider than the decode (its
+        pool rounds stream counts up) idles its last streams: no tokens, no context."""
+        pad = self.tokens.shape[0] - len(lengths)
+        lengths, contexts = list(lengths) + [0] * pad, list(contexts) + [[]] * pad
         self._load(decoder, lengths, contexts)
         for step in range(self.steps):
             span = self._span(step)
@@ -327,8 +330,9 @@ class _GroupPool:
     first). A group is taken out while it decodes, so threads sharing a codec never share
     one."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, round_streams: bool = False) -> None:
         self.budget = budget
+        self.round_streams = round_streams
         self.free: OrderedDict[tuple[int, int, int], _DecodeGroup] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -336,9 +340,11 @@ class _GroupPool:
         """A group's shape, rounded up where groups are kept so nearby decodes share one: the
         capacity to a multiple of 64 (the GPU attention launches a program per 32 slots or
         more: at 256 streams on the H200 it took 1.96 ms a step at capacity 512, 1.44 at
-        302), the words to a power of two."""
+        302), the words to a power of two; with ``round_streams`` (GPUs) the streams too."""
         if self.budget <= 0:
             return streams, capacity, n_words
+        if self.round_streams:
+            streams = rounded_streams(streams)
         return streams, -(-capacity // 64) * 64, 1 << max(6, (n_words - 1).bit_length())
 
     def take(self, key: tuple[int, int, int]) -> _DecodeGroup | None:
@@ -357,3 +363,15 @@ class _GroupPool:
     def clear(self) -> None:
         with self.lock:
             self.free.clear()
+
+
+def rounded_streams(n: int) -> int:
+    """The streams of a kept GPU decode group that decodes n: a server batches whatever
+    requests are waiting, and each new group shape costs a set-up, eager steps and a graph
+    capture (~0.1-0.3 s on the H200 at 256 streams), where idle streams cost little. Powers of
+    two up to 64 (steps of up to 64 streams are bound by latency, not by their rows), then
+    four significant bits: under 12.5% idle."""
+    if n <= 64:
+        return 1 << max(0, (n - 1).bit_length())
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
