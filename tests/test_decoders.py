@@ -58,6 +58,32 @@ def test_vector_decoder_matches_constriction(n_streams, length, vocab, scale, se
     reference.finish()
 
 
+def test_vector_decoder_decodes_inside_a_wider_one():
+    """A decode group wider than its decode (more rows, longer word rows) takes a decoder's
+    streams into its first rows, idles empty streams in the others, and hands the states
+    back: the same symbols as the decoder itself, which then ends clean."""
+    g = torch.Generator().manual_seed(3)
+    pmfs = quantized_pmf(torch.randn((30, 2, 50), generator=g) * 8.0)
+    symbols = torch.stack([torch.multinomial(pmfs[t, :, 1:-1].double(), 1,
+                                             generator=g).squeeze(1) + 1 for t in range(30)])
+    words = [_encode(pmfs[:, b].numpy(), symbols[:, b].numpy()) for b in range(2)]
+    own = VectorRansDecoder(words, torch.device("cpu"))
+    wide = VectorRansDecoder([np.ones(64, dtype=np.uint32)] * 4, torch.device("cpu"))
+    wide.copy_(own)
+    assert not wide.state[2:].any() and not wide.left[2:].any()
+    for t in range(30):
+        got = wide.step(torch.cat([pmfs[t], pmfs[t]]), [True, True, False, False])
+        assert torch.equal(got[:2], symbols[t] - 1)
+    own.copy_state_(wide)
+    own.finish()
+    with pytest.raises(BlobError):  # a stream cut short still shows
+        short = VectorRansDecoder(words, torch.device("cpu"))
+        wide.copy_(short)
+        wide.step(pmfs[0].repeat(2, 1), [True, True, False, False])
+        short.copy_state_(wide)
+        short.finish()
+
+
 def test_vector_decoder_in_the_codec(llama):
     ids = list(range(5, 95))
     coding = TokenCodec(llama, chunk_size=25, batch=3, coder="ans").encode(ids)

@@ -187,6 +187,37 @@ def test_a_kept_group_wider_than_its_decode_idles_the_extra_streams(llama, monke
         codec.decode(bad, [20, 33, 7])
 
 
+def test_a_decode_out_of_memory_frees_the_kept_groups_and_runs_again(llama, monkeypatch):
+    """A decode that runs out of memory (context prefill, graph capture) gives up the kept
+    groups' memory and runs once more on a fresh group, exactly; with nothing kept to free,
+    the error is the caller's. Mismatched counts are refused before any work."""
+    import seqkv.engine.codec as codec_module
+
+    model = IntModel(integerize(llama.model))
+    codec = EngineCodec(model, llama.prime_token(), pool_bytes=1 << 30)
+    g = torch.Generator().manual_seed(12)
+    full = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (15, 9)]
+    words = codec.encode(full)
+    assert codec.decode(words[:1], [15]) == full[:1]  # a kept group of one stream
+    real_run, failures = codec_module._DecodeGroup.run, []
+
+    def run_once_out_of_memory(self, *args):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("simulated")
+        return real_run(self, *args)
+
+    monkeypatch.setattr(codec_module._DecodeGroup, "run", run_once_out_of_memory)
+    assert codec.decode(words, [15, 9]) == full
+    assert list(codec._pool.free) == [codec._pool.key(2, 16, max(w.size for w in words))]
+    failures.clear()
+    codec._pool.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        codec.decode(words, [15, 9])
+    with pytest.raises(ValueError):
+        codec.decode(words, [15])
+
+
 def test_a_decode_continuing_the_last_skips_its_contexts_prefill(llama, monkeypatch):
     """A chat's edges decode one after another, each after the ids of those before it: a
     kept group whose cache already holds those ids is not prefilled again, and decodes

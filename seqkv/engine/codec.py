@@ -145,23 +145,30 @@ class EngineCodec:
         """``decode``, with each token's (start, freq) rows [n, 2] as ``intervals`` gives
         them: the decoder found them anyway, so a caller that keeps them (the store, to cut
         an edge without the model) need not encode what it decoded."""
-        if not words or max(lengths, default=0) == 0:
-            return [([], np.zeros((0, 2), dtype=np.int64)) for _ in words]
         contexts = [list(c) for c in contexts] if contexts is not None else [[]] * len(words)
         lengths = list(lengths)
+        rows = decoder.state.shape[0] if decoder is not None else len(words)
+        if not len(lengths) == len(contexts) == rows == len(words):
+            raise ValueError(f"{len(words)} streams with {len(lengths)} lengths, "
+                             f"{len(contexts)} contexts and a decoder of {rows}")
+        if not words or max(lengths, default=0) == 0:
+            return [([], np.zeros((0, 2), dtype=np.int64)) for _ in words]
         own = decoder or VectorRansDecoder(list(words), self.device)
         # every stream steps max(lengths) times (finished ones idle in place)
         capacity = max(max(len(c) for c in contexts) + max(lengths) + 1, capacity)
         key = self._pool.key(len(words), capacity, own.words.shape[1])
         group = self._pool.take(key)
-        if group is None:
-            try:
-                group = _DecodeGroup(self, *key)
-            except torch.OutOfMemoryError:  # the kept groups' memory is the first to go
-                self._pool.clear()
-                group = _DecodeGroup(self, *key)
-        out = group.run(own, lengths, contexts, progress)[: len(words)]
+        try:
+            group = group or _DecodeGroup(self, *key)
+            out = group.run(own, lengths, contexts, progress)
+        except torch.OutOfMemoryError:  # the kept groups' memory is the first to go (a
+            if not self._pool.free:  # failed run leaves own's states as they were)
+                raise
+            self._pool.clear()
+            group = _DecodeGroup(self, *key)
+            out = group.run(own, lengths, contexts, progress)
         self._pool.give(key, group)  # only after a decode that ran to its end
+        out = out[: len(words)]
         if decoder is None:
             own.finish()
         return out
