@@ -12,6 +12,7 @@ import torch
 
 from seqkv.core.decoders import VectorRansDecoder, encode_stream
 from seqkv.core.distribution import TOTAL
+from seqkv.core.errors import BlobError
 from seqkv.engine import EngineCodec, IntModel, cuda_ops, integerize, tables
 from seqkv.engine.codec import advance_streams
 from seqkv.engine.cuda_ops import available
@@ -230,6 +231,37 @@ def test_fused_decode_step_decodes_like_the_torch_tail():
         assert tokens == want_tokens and np.array_equal(r, want_r)
     for x, y in ((decoder.state, ref.state), (decoder.left, ref.left), (decoder.bad, ref.bad)):
         assert torch.equal(x, y)
+
+
+def test_graph_groups_round_streams_up_and_idle_the_extra_ones(monkeypatch):
+    """On GPUs the codec rounds a decode group's streams up (a server's batches of 3 and 4
+    requests share one group and its CUDA graphs): the extra streams idle through the
+    captured steps, every stream decodes exactly, and a corrupt stream is refused."""
+    import seqkv.engine.codec as codec_module
+
+    made = []
+    real_init = codec_module._DecodeGroup.__init__
+
+    def counting_init(self, *args):
+        made.append(args[1])
+        real_init(self, *args)
+
+    monkeypatch.setattr(codec_module._DecodeGroup, "__init__", counting_init)
+    lm = MODELS["llama"]()
+    model = IntModel(integerize(lm.model), CUDA)
+    codec = EngineCodec(model, lm.prime_token())
+    assert codec.graphs and codec._pool.round_streams
+    g = torch.Generator().manual_seed(14)
+    full = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (20, 33, 7, 26)]
+    words = codec.encode(full)
+    assert codec.decode(words[:3], [20, 33, 7]) == full[:3]
+    assert codec.decode(words, [20, 33, 7, 26]) == full
+    assert codec.decode(words[:3], [20, 33, 7]) == full[:3]
+    assert made == [4]
+    bad = [w.copy() for w in words[:3]]
+    bad[1][0] ^= 0x5A5A5A5A
+    with pytest.raises(BlobError):
+        codec.decode(bad, [20, 33, 7])
 
 
 def test_embed_rows_gives_the_embeddings_integers():
