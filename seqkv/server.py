@@ -248,6 +248,11 @@ class Batcher:
 
 
 ROLES = ("writer", "reader", "compactor", "tiers")
+# Restores decoded together at most: one lockstep group. On the H200 a step of 256 streams
+# took 2.5-4.1 ms (positions 0-256), of 16 streams 1.2-1.4 ms: waiting restores finish sooner
+# in one wide group than in several narrow ones in a row (BENCHMARKS.md: 256 sessions
+# restored together at 72,000 tokens/s).
+READ_BATCH = 256
 
 
 class _Namespace:
@@ -263,7 +268,7 @@ class _Namespace:
         self._stores: dict[str, Any] = {}
         self.puts = Batcher(lambda items: self.with_model("writer", _put_many, items),
                             name=f"seqkv-puts-{ns}")
-        self.gets = Batcher(self._get_batch, name=f"seqkv-gets-{ns}")
+        self.gets = Batcher(self._get_batch, max_batch=READ_BATCH, name=f"seqkv-gets-{ns}")
         # the background rebalance's cues: written or read since the last one (True at start:
         # a restarted server applies its budget once), restores served since, the latest one
         self.dirty, self.restores = True, 0
