@@ -8,8 +8,6 @@ warm-up, capture and replays.
 """
 
 import argparse
-import collections
-import functools
 import sys
 import tempfile
 import time
@@ -18,28 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, "benchmarks")
+sys.path.insert(0, "benchmarks/dev")
+from h200_decode_phases import calls, spent, synced  # noqa: E402
 from store_gpu import chunks, compaction, load_texts  # noqa: E402
 
 from seqkv.core.models import load_model  # noqa: E402
 from seqkv.engine import codec as engine_codec  # noqa: E402
 from seqkv.store import Store  # noqa: E402
 from seqkv.store import store as store_module  # noqa: E402
-
-spent: dict[str, float] = collections.defaultdict(float)
-calls: collections.Counter = collections.Counter()
-
-
-def synced(name: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        spent[name] += time.perf_counter() - t
-        calls[name] += 1
-        return out
-    return wrapper
 
 
 def main() -> None:

@@ -159,7 +159,7 @@ class EngineCodec:
         key = self._pool.key(len(words), capacity, own.words.shape[1])
         group = self._pool.take(key)
         try:
-            group = group or _DecodeGroup(self, *key)
+            group = group if group is not None else _DecodeGroup(self, *key)
             out = group.run(own, lengths, contexts, progress)
         except torch.OutOfMemoryError:  # the kept groups' memory is the first to go (a
             if not self._pool.free:  # failed run leaves own's states as they were)

@@ -257,21 +257,21 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     hi = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     lo = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     shift = torch.empty((b, 1), dtype=torch.int64, device=dev)
-    grid = (heads, n_splits)
+    grid, launch = (heads, n_splits), launch_options(dev, b)
     r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
     _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
                          capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
                          ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=block, num_warps=SCORES_WARPS, **launch_options(dev, b))
+                         BLOCK=block, num_warps=SCORES_WARPS, **launch)
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
                           D=d, SPLIT=split, BLOCK=block,
                           SPLITS_P=triton.next_power_of_2(n_splits),
                           num_warps=WEIGHTS_WARPS if b > SMALL_GROUP else SCORES_WARPS,
-                          **launch_options(dev, b))
+                          **launch)
     _finish_kernel[(b,)](total, acc, hi, lo, shift, n_heads, N_SPLITS=n_splits,
                          OUT_SCALE=out_scale, ACT_BITS=ACT_BITS, D=d,
-                         HP=triton.next_power_of_2(n_heads), num_warps=4, **launch_options(dev, b))
+                         HP=triton.next_power_of_2(n_heads), num_warps=4, **launch)
     return hi, lo, shift
 
 
