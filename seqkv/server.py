@@ -249,7 +249,7 @@ class Batcher:
 
 ROLES = ("writer", "reader", "compactor", "tiers")
 # Restores decoded together at most: one lockstep group. On the H200 a step of 256 streams
-# took 2.5-4.1 ms (positions 0-256), of 16 streams 1.2-1.4 ms: waiting restores finish sooner
+# took 2.5-4.1 ms (positions 0-256), of 16 streams 1.1-1.4 ms: waiting restores finish sooner
 # in one wide group than in several narrow ones in a row (BENCHMARKS.md: 256 sessions
 # restored together at 72,000 tokens/s).
 READ_BATCH = 256

@@ -375,9 +375,10 @@ class _GroupPool:
 def rounded_streams(n: int) -> int:
     """The streams of a kept GPU decode group that decodes n: a server batches whatever
     requests are waiting, and each new group shape costs a set-up, eager steps and a graph
-    capture (~0.1-0.3 s on the H200 at 256 streams), where idle streams cost little. Powers of
-    two up to 64 (steps of up to 64 streams are bound by latency, not by their rows), then
-    four significant bits: under 12.5% idle."""
+    capture (a 256-session restore's three groups: 0.24-0.41 s on the H200, BENCHMARKS.md),
+    where idle streams in a small group cost little (on the H200 a step of 16 streams took
+    1.1-1.4 ms, of one 1.0-1.2). Powers of two up to 64, then four significant bits: under
+    12.5% idle."""
     if n <= 64:
         return 1 << max(0, (n - 1).bit_length())
     step = 1 << (n.bit_length() - 4)
