@@ -62,6 +62,7 @@ def test_kernels_give_the_torch_integers(name, programs, monkeypatch):
 
         monkeypatch.setattr(cuda_attention, "TARGET_PROGRAMS", programs)
     model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
+    assert model.logits_dtype == torch.int32  # the kernels' head; the torch path's is int64
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (5, 48), generator=g).cuda()
     start = torch.tensor([0, 3, 9, 17, 30], device="cuda")
@@ -131,10 +132,11 @@ def test_locate_finds_the_tables_symbol():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 100])
-def test_int8_linear_gives_split_linears_integers(rows):
+def test_int8_linear_gives_split_linears_integers(rows, monkeypatch):
     """int8_linear equals model.split_linear at every tile shape it picks (16 and 64 rows,
-    narrow and wide columns): random and extreme halves, widths that are not multiples of any
-    tile (the 9,000-wide one takes the head's tiles), with and without a bias."""
+    narrow and wide columns) and in either program order: random and extreme halves, widths
+    that are not multiples of any tile (the 9,000-wide one takes the head's tiles), with and
+    without a bias; as int32, the low 32 bits of the same integers."""
     from seqkv.engine.model import split_linear
     from seqkv.engine.weights import IntLinear
 
@@ -152,8 +154,50 @@ def test_int8_linear_gives_split_linears_integers(rows):
             lin = IntLinear(w=w.cuda(), mant=mant.cuda(), exp=exp.cuda(),
                             bias=bias.cuda() if bias is not None else None)
             args = hi.cuda(), lo.cuda(), shift.cuda()
-            got = cuda_ops.int8_linear(*args, lin.w, lin.scale, lin.bias)
-            assert torch.equal(got, split_linear(*args, lin))
+            want = split_linear(*args, lin)
+            for n_fast_rows in (1 << 30, 0):
+                monkeypatch.setattr(cuda_ops, "LINEAR_N_FAST_ROWS", n_fast_rows)
+                got = cuda_ops.int8_linear(*args, lin.w, lin.scale, lin.bias)
+                assert torch.equal(got, want)
+                got = cuda_ops.int8_linear(*args, lin.w, lin.scale, lin.bias, torch.int32)
+                assert got.dtype == torch.int32 and torch.equal(got, want.to(torch.int32))
+
+
+def test_distribution_kernels_read_int32_logits():
+    """locate, intervals and decode_step give the same integers from int32 logits as from
+    the same logits in int64 (how the head hands them over where model.head_bound allows):
+    flat, tied, spread and peaked rows up to 2**30."""
+    model = IntModel(integerize(MODELS["llama"]().model), CUDA)
+    assert model.logits_dtype == torch.int32
+    g = torch.Generator().manual_seed(6)
+    shift = FRAC - tables.EXP_STEP
+    for vocab in (256, 49152):
+        logits = _extreme_logits(g, 8, vocab).clamp(-(1 << 30), 1 << 30)
+        narrow = logits.to(torch.int32)
+        q = torch.randint(0, TOTAL, (8,), generator=g).cuda()
+        q[0], q[1] = 0, TOTAL - 1
+        assert torch.equal(cuda_ops.locate(narrow, q, model.exp_prob, shift, TOTAL),
+                           cuda_ops.locate(logits, q, model.exp_prob, shift, TOTAL))
+        tokens = torch.randint(0, vocab, (8,), generator=g).cuda()
+        tokens[2] = logits[2].argmax()
+        for x, y in zip(cuda_ops.intervals(narrow, tokens, model.exp_prob, shift, TOTAL),
+                        cuda_ops.intervals(logits, tokens, model.exp_prob, shift, TOTAL),
+                        strict=True):
+            assert torch.equal(x, y)
+        words = [_corrupt_words(g, 4, None) for _ in range(8)]
+        runs = []
+        for rows in (narrow, logits):
+            decoder = VectorRansDecoder(words, CUDA)
+            bufs = [torch.zeros(8, dtype=torch.long, device=CUDA),
+                    torch.full((8,), 3, device=CUDA), torch.zeros(8, dtype=torch.long,
+                                                                  device=CUDA),
+                    torch.zeros(8, dtype=torch.long, device=CUDA),
+                    torch.zeros((8, 4), dtype=torch.long, device=CUDA),
+                    torch.zeros((8, 4, 2), dtype=torch.long, device=CUDA)]
+            cuda_ops.decode_step(rows, model.exp_prob, shift, TOTAL, decoder, *bufs)
+            runs.append([decoder.state, decoder.left, *bufs])
+        for x, y in zip(*runs, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_decode_step_equals_the_torch_tail():

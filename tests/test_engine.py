@@ -25,6 +25,7 @@ from seqkv.core.models import ENGINE_WEIGHTS, from_objects
 from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, cpu_kernels, integerize
 from seqkv.engine.cpu_step import CpuStep
 from seqkv.engine.intops import RowGemm
+from seqkv.engine.model import head_bound
 from seqkv.tokens import compact as token_blob
 
 from .conftest import memoize_method, tiny_gemma3, tiny_llama
@@ -573,7 +574,30 @@ def test_golden_vectors(smollm2):
     assert codec.frequency_digest(ids) == golden["frequency_digest"]
     blob = (GOLDEN / "smollm2_news.skv").read_bytes()
     assert decompress_text(smollm2, blob) == bundled_text("brown_news")[: golden["blob_chars"]]
+    # GPUs keep its logits in int32: the bound that allows it holds with room to spare
+    assert head_bound(engine.w.final_norm, engine.w.head) < 2**28
     # engine 1's golden blob (int8 weights with an int8 residual): refused by its format's name
     old = (GOLDEN / "smollm2_news_engine1.skv").read_bytes()
     with pytest.raises(BlobError, match="integer engine version 1; this seqkv has version 2"):
         decompress_text(smollm2, old)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_head_bound_holds_for_every_row(name):
+    """head_bound, which lets GPUs keep logits in int32, bounds |logit| for rows built to
+    reach it, and is within 2x of the largest: the largest head row over the gains (the
+    norm's output then points along it), rows aligned with head rows' signs at every scale,
+    one-hot rows (whose tiny norm rounds its divisor down) and random rows up to 2**40."""
+    model = IntModel(integerize(MODELS[name]().model))
+    bound = head_bound(model.w.final_norm, model.w.head)
+    hidden = model.spec.hidden
+    g = torch.Generator().manual_seed(0)
+    w, gain = model.w.head.w.to(torch.int64), model.w.final_norm.gain
+    j = (w.double().square().sum(dim=1).sqrt() * model.w.head.scale).argmax()
+    rows = [(w[j : j + 1].double() / gain.double().clamp(min=1) * 2**30).to(torch.int64)]
+    rows += [torch.sign(w[:64]) * torch.sign(gain) * (1 << s) for s in (0, 3, 10, 20, 40)]
+    rows += [torch.eye(hidden, dtype=torch.int64)[:8] * v for v in (1, 7, 47, 1 << 30)]
+    rows += [(torch.randn(64, hidden, generator=g, dtype=torch.float64) * 2.0**s).to(torch.int64)
+             for s in (4, 16, 40)]
+    top = max(model.head(r).abs().max().item() for r in rows)
+    assert bound / 2.1 < top <= bound < 2**31

@@ -68,8 +68,11 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(hi_ptr, lo_ptr, k_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
                        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, PDL: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                       BK: tl.constexpr, N_FAST: tl.constexpr, PDL: tl.constexpr):
+        if N_FAST:  # consecutive programs share their rows (see int8_linear)
+            pid_m, pid_n = tl.program_id(1), tl.program_id(0)
+        else:
+            pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -102,8 +105,8 @@ if triton is not None:
         out = _round_half_even(y)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=col_ok, other=0)[None, :]
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
     # -- the next-token distribution and the decoder's symbol search, without the table -----
@@ -115,7 +118,7 @@ if triton is not None:
     @triton.jit
     def _weights(logits_ptr, row, cols, valid, top, table_ptr, table_last, SHIFT: tl.constexpr):
         """The exp table's weight of each logit at its distance from the maximum."""
-        x = tl.load(logits_ptr + row + cols, mask=valid, other=0)
+        x = tl.load(logits_ptr + row + cols, mask=valid, other=0).to(tl.int64)
         idx = tl.minimum((top + (1 << (SHIFT - 1)) - x) >> SHIFT, table_last)
         return tl.load(table_ptr + idx, mask=valid, other=0)
 
@@ -126,8 +129,8 @@ if triton is not None:
         b, blk = tl.program_id(0), tl.program_id(1)
         cols = blk * BV + tl.arange(0, BV)
         valid = cols < vocab
-        x = tl.load(logits_ptr + b.to(tl.int64) * vocab + cols, mask=valid,
-                    other=-(1 << 62))
+        x = tl.load(logits_ptr + b.to(tl.int64) * vocab + cols, mask=valid, other=0)
+        x = tl.where(valid, x.to(tl.int64), -(1 << 62))
         best, arg = tl.max(x, axis=0, return_indices=True)  # the first of equal maxima
         tl.store(best_ptr + b * n_blocks + blk, best)
         tl.store(arg_ptr + b * n_blocks + blk, blk * BV + arg)
@@ -490,22 +493,32 @@ def embed_rows(ids: torch.Tensor, table: torch.Tensor, mant: torch.Tensor, exp: 
 
 
 def int8_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
-                scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """model.linear's product and rescaling in one kernel: rows q = 128 hi + lo (int8 halves,
-    [M, K]) at scale 2**k ([M] or [M, 1]) times w (int8 [N, K]), rounded to Q16 int64 [M, N]
-    plus ``bias``. The two int8 products (hi.w, lo.w) share one pass over the weights and
-    never leave the chip.
+    [M, K]) at scale 2**k ([M] or [M, 1]) times w (int8 [N, K]), rounded to Q16 [M, N] plus
+    ``bias``. The two int8 products (hi.w, lo.w) share one pass over the weights and never
+    leave the chip. ``out_dtype`` int32 stores the low 32 bits: for callers that have proved
+    every output fits (model.head_bound).
     """
     m, kdim = hi.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.int64, device=hi.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=hi.device)
     bm, bn, bk, warps = _linear_tiles(m, n, kdim, _shared_memory(hi.device))
+    n_fast = m > LINEAR_N_FAST_ROWS
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _linear_kernel[grid](hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w,
-                         scale, bias if bias is not None else scale, out, m, n, kdim,
-                         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, num_warps=warps,
-                         num_stages=LINEAR_STAGES, **launch_options(hi.device, m))
+    _linear_kernel[grid[::-1] if n_fast else grid](
+        hi.contiguous(), lo.contiguous(), k.reshape(-1).contiguous(), w, scale,
+        bias if bias is not None else scale, out, m, n, kdim, HAS_BIAS=bias is not None, BM=bm,
+        BN=bn, BK=bk, N_FAST=n_fast, num_warps=warps, num_stages=LINEAR_STAGES,
+        **launch_options(hi.device, m))
     return out
+
+
+# Above this many rows a GEMM's programs run columns first: the programs resident at once then
+# share their rows, each row block read once, not once per column block, when the rows are
+# larger than the L2 cache (the encoder's 65,536 rows: 75 MB of int8 halves).
+LINEAR_N_FAST_ROWS = 4096
 
 
 LINEAR_STAGES = 3  # the GEMM's pipelined loads: each stage holds a tile of rows and weights

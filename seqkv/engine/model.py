@@ -24,6 +24,7 @@ from ..core.decoders import locate_in_pmf
 from ..core.distribution import TOTAL
 from . import cpu_kernels, cuda_attention, cuda_ops, cuda_rows, tables
 from .intops import (
+    ACT_BITS,
     RowGemm,
     int_matmul,
     isqrt,
@@ -65,6 +66,25 @@ def split_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
     y = torch.round(acc * lin.scale * torch.ldexp(torch.ones_like(acc[:, :1]), k))
     y = y.to(torch.int64)
     return y + lin.bias if lin.bias is not None else y
+
+
+def head_bound(norm: IntNorm, head: IntLinear) -> float:
+    """An upper bound on |logit| (Q16) of ``linear(rms_norm(h, norm), head)`` over every row h.
+
+    rms_norm's row x has ||x||_2 <= 2 sqrt(n) g + sqrt(n) / 2 (n wide, g its largest |gain|
+    in Q16): the rounded rows xs over r = isqrt(floor(|xs|^2 / n) + eps) >= 1 give
+    |xs| / r <= 2 sqrt(n) (r >= sqrt(|xs|^2 / n) / 2 where |xs|^2 >= n, |xs| < sqrt(n)
+    otherwise), and each rounding adds at most 1/2. Its split q 2**k is within 2**(k-1) <=
+    max|x| / 2**ACT_BITS of x in every element. Logit j is 2 scale_j (q 2**k).w_j + bias_j,
+    at most 2 scale_j |w_j|_2 |q 2**k|_2 + |bias_j| (Cauchy-Schwarz), plus the final
+    rounding. SmolLM2-135M: 2**26.2."""
+    n = head.w.shape[1]
+    gain = norm.gain.abs().max().item() * 2.0 ** (FRAC - norm.frac)
+    rows = 2 * math.sqrt(n) * gain + math.sqrt(n) / 2
+    rows *= 1 + math.sqrt(n) / 2**ACT_BITS
+    cols = (head.w.double().square().sum(dim=1).sqrt() * 2 * head.scale).max().item()
+    bias = head.bias.abs().max().item() if head.bias is not None else 0
+    return rows * cols * (1 + 2**-40) + 1 + bias
 
 
 def add_residual(h: torch.Tensor, delta: torch.Tensor | None,
@@ -170,6 +190,11 @@ class IntModel:
         # them inside the GEMM (intops.RowGemm). The same integers either way (tested).
         self.split_before_gemm = dev.type != "cpu"
         self.fused_locate = cuda_ops.available(dev)
+        # The head's logits feed the distribution's kernels (cuda_ops.locate, decode_step,
+        # intervals), which read int32 where head_bound proves that every logit fits: half
+        # the bytes of a step's widest tensor, written once and read three times.
+        self.logits_dtype = (torch.int32 if self.fused_locate and
+                             head_bound(self.w.final_norm, self.w.head) < 2**31 else torch.int64)
         # A decode step's token embedding as one kernel (cuda_ops.embed_rows), not ~17 torch ops
         self.fused_embed = cuda_ops.available(dev)
         # A decode step's rotation writes its keys and values straight into the cache (one
@@ -226,7 +251,8 @@ class IntModel:
     def _gemm(self, hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
               lin: IntLinear) -> torch.Tensor:
         if self.triton_linear:
-            return cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias)
+            dtype = self.logits_dtype if lin is self.w.head else torch.int64
+            return cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias, dtype)
         return self._split_linear(hi, lo, k, lin)
 
     def linear(self, v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -377,7 +403,8 @@ class IntModel:
 
     def head(self, h: torch.Tensor, delta: torch.Tensor | None = None,
              post: IntNorm | None = None) -> torch.Tensor:
-        """Q16 logits of the residual stream add_residual(h, delta, post)."""
+        """Q16 logits of the residual stream add_residual(h, delta, post) (``logits_dtype``:
+        int32 on GPUs where they provably fit, else int64)."""
         return self.norm_linear(h, delta, post, self.w.final_norm, self.w.head)[1]
 
     def pmf(self, logits: torch.Tensor) -> torch.Tensor:
