@@ -8,7 +8,7 @@ weights, compiled.
 (from the repository root; default 1,024 and 1 streams; --set sets a cuda_attention
 constant, e.g. TARGET_PROGRAMS=1 for unsplit heads, or a cuda_ops one, e.g. cuda_ops.PDL=0;
 --tiles BM,BN,BK,WARPS sets the GEMM tiles of groups of up to 16 rows, the head's excepted;
---head-tiles the head's at up to 16 rows.)
+--head-tiles the head's at up to 16 rows; --logits64 keeps the head's logits in int64.)
 
 Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
 """
@@ -49,6 +49,10 @@ def main() -> None:
             print(f"{flag} at up to 16 rows: {tiles}")
             del args[at : at + 2]
     m = smollm2_shaped().compile()
+    if "--logits64" in args:
+        args.remove("--logits64")
+        m.logits_dtype = torch.int64
+    print("logits", m.logits_dtype)
     codec = EngineCodec(m, 1)
     for b in [int(a) for a in args] or (1024, 1):
         streams = torch.randint(0, m.spec.vocab, (b, 256)).tolist()
