@@ -44,6 +44,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
 
 def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> None:
     model.triton_linear = on
+    model.row_linear = on
     model.fused_attention_streams = 1 << 20 if (on if attention is None else attention) else 0
     model.fused_heads = on
     model.row_kernels = on
@@ -81,6 +82,55 @@ def test_kernels_give_the_torch_integers(name, programs, monkeypatch):
     for hidden, steps in runs[1:]:
         assert torch.equal(runs[0][0], hidden)
         assert torch.equal(runs[0][1], steps)
+
+
+def _wide(name: str):
+    """The tiny architectures at hidden 64 and MLP width 128, the least the one-row kernels
+    take (their int8 MMAs are 32 deep)."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    from seqkv.core.models import from_objects
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=128)
+    torch.manual_seed(1)
+    lm = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+          "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+              sliding_window=8, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+              **common)),
+          "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),  # q, k, v biases
+          "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common))}[name]()  # q/k norms
+    return from_objects(lm, None, f"wide-{name}")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llama", "qwen2", "qwen3"])
+def test_one_row_kernels_step_like_the_split_passes(name):
+    """A one-stream decode (norm and GEMM, activation and GEMM in one kernel each) gives the
+    logits of the same steps through the row passes and GEMMs apart, on every architecture
+    (Gemma-3's post norms and sliding window, Qwen's biases and q/k norms); rows narrower
+    than 64 keep the passes apart."""
+    assert not IntModel(integerize(KERNEL_MODELS["llama"]().model), "cuda").row_linear
+    model = IntModel(integerize(_wide(name).model), "cuda")
+    assert model.row_linear
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    runs = []
+    for one_row in (True, False):
+        model.row_linear = one_row
+        cache = model.new_cache(1, 48)
+        model.prefill_hidden(ids[:, :12], cache=cache)
+        runs.append(torch.stack([model.step_logits(cache, ids[:, t], torch.tensor([t]).cuda())
+                                 for t in range(12, 40)]))
+    assert torch.equal(runs[0], runs[1])
 
 
 def _extreme_logits(g: torch.Generator, rows: int, vocab: int) -> torch.Tensor:

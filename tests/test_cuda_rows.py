@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from seqkv.engine import cuda_rows, model, tables
-from seqkv.engine.weights import IntNorm
+from seqkv.engine.weights import IntLinear, IntNorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_rows.available(
     torch.device("cuda")), reason="needs a CUDA GPU with Triton")
@@ -188,6 +188,67 @@ def check_act_split(width: int, device: str, blocks=(None,)) -> None:
     g3 = gu[:6].reshape(2, 3, -1)
     _assert_same(cuda_rows.act_split(table, g3), model.activation_split(table, g3),
                  f"{width} [2, 3, 2 I]")
+
+
+def _linear_for(shift: int, n: int, k: int, gen: torch.Generator) -> IntLinear:
+    """Random int8 weights [n, k] (every 7th row saturated) with a bias, scaled so that rows
+    split at ``shift`` give outputs near 2**25, far from int64's limits."""
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[::7] = 127
+    mant = _randint(1 << 20, 1 << 21, (n,), gen)
+    exp = 24 + shift + _randint(0, 8, (n,), gen)
+    return IntLinear(w=w, mant=mant, exp=exp, bias=_randint(-(1 << 20), 1 << 20, (n,), gen))
+
+
+def _on(lin: IntLinear, device: str) -> IntLinear:
+    return IntLinear(w=lin.w.to(device), mant=lin.mant.to(device), exp=lin.exp.to(device),
+                     bias=lin.bias.to(device))
+
+
+def check_norm_linear_row(hidden: int, device: str) -> None:
+    """norm_linear_row of each extreme row alone equals residual_norm_split, then
+    split_linear (and the h' it passes on), with and without delta and post norm."""
+    gen = torch.Generator().manual_seed(hidden + 2)
+    h = norm_rows(hidden, gen).to(device)
+    delta = (torch.roll(h, 1, dims=0) // 3).to(device)
+    post = make_norm(hidden, 12, 4294, gen)
+    post = IntNorm(post.gain.to(device), post.frac, post.eps32)
+    for label, norm in norm_cases(hidden, gen):
+        norm = IntNorm(norm.gain.to(device), norm.frac, norm.eps32)
+        for r in range(h.shape[0]):
+            d, p = ((None, None), (delta[r], None), (delta[r], post))[r % 3]
+            want_h, hi, lo, k = model.residual_norm_split(h[r], d, p, norm)
+            lin = _on(_linear_for(int(k), 72, hidden, gen), device)
+            want = model.split_linear(hi, lo, k, lin)
+            got_h, got = cuda_rows.norm_linear_row(h[r], d, p, norm, lin.w, lin.scale, lin.bias)
+            where = f"{hidden} {label} row {r}"
+            assert torch.equal(got_h, want_h) and got_h.shape == h[r].shape, where
+            assert torch.equal(got, want), where
+
+
+def check_act_linear_row(width: int, device: str) -> None:
+    """act_linear_row of each extreme gate_up row alone equals activation_split, then
+    split_linear."""
+    gen = torch.Generator().manual_seed(width + 3)
+    gu = act_rows(width, gen).to(device)
+    for name, table in act_tables():
+        table = table.to(device)
+        for r in range(gu.shape[0]):
+            hi, lo, k = model.activation_split(table, gu[r : r + 1])
+            lin = _on(_linear_for(int(k), 40, width, gen), device)
+            want = model.split_linear(hi, lo, k, lin)
+            got = cuda_rows.act_linear_row(table, gu[r], lin.w, lin.scale, lin.bias)
+            assert torch.equal(got, want), f"{width} {name} row {r}"
+
+
+@pytest.mark.parametrize("hidden", (576, 640, 2048))
+def test_norm_linear_row_gives_the_torch_integers(hidden):
+    check_norm_linear_row(hidden, "cuda")
+
+
+@pytest.mark.parametrize("width", (576, 1536, 2048))
+def test_act_linear_row_gives_the_torch_integers(width):
+    check_act_linear_row(width, "cuda")
 
 
 @pytest.mark.parametrize("hidden", NORM_WIDTHS)

@@ -43,6 +43,14 @@ if triton is not None:
         return whole.to(tl.int64) + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.int64)
 
     @triton.jit
+    def _rescale(acc, shift, scale):
+        """model.linear's rescaling of acc = 2 q.w (int64; hi.w 256 + lo.w 2 for the int8
+        halves): round(acc * scale * 2**shift), the same two IEEE products and rounding.
+        acc is an integer far below 2**53, exact in float64; 2**shift is built exactly."""
+        pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)
+        return _round_half_even((acc.to(tl.float64) * scale) * pow2)
+
+    @triton.jit
     def _await_inputs(PDL: tl.constexpr):
         """Programmatic dependent launch (PDL): wait until the previous kernel has finished and
         its writes are visible, then let the stream's next kernel launch, so that its programs
@@ -96,13 +104,10 @@ if triton is not None:
             wa = _weights_tile(w_ptr, rn, k0 + rk, col_ok, K)
             ha += tl.dot(hi, wa, out_dtype=tl.int32)
             la += tl.dot(lo, wa, out_dtype=tl.int32)
-        # 2 q.A in step units: integers far below 2**53, exact in float64.
-        acc = (ha.to(tl.int64) * 256 + la.to(tl.int64) * 2).to(tl.float64)
         shift = tl.load(k_ptr + rm, mask=row_ok, other=0)
-        pow2 = ((shift + 1023) << 52).to(tl.float64, bitcast=True)  # 2**k, exactly
         scale = tl.load(scale_ptr + rn, mask=col_ok, other=0.0)
-        y = (acc * scale[None, :]) * pow2[:, None]  # the two IEEE products of model.linear
-        out = _round_half_even(y)
+        out = _rescale(ha.to(tl.int64) * 256 + la.to(tl.int64) * 2, shift[:, None],
+                       scale[None, :])
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=col_ok, other=0)[None, :]
         tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :],

@@ -46,7 +46,7 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
-    from .cuda_ops import _await_inputs
+    from .cuda_ops import _await_inputs, _rescale
 
     # rne(p) for |p| < 2**51: p + 1.5 * 2**52 lands in [2**52, 2**53), where float64's
     # spacing is 1, so the add rounds p to the nearest integer (ties to even); the sum's bits
@@ -200,6 +200,18 @@ if triton is not None:
         ca = tl.arange(0, A)
         cb = A + tl.arange(0, B)
         vb = cb < n
+        ya, yb, k = _residual_norm(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, off, ca,
+                                   cb, vb, n, True, HAS_DELTA, HAS_POST, S_POST, EPS_POST, S,
+                                   EPS)
+        _store_split(ya, yb, k, ca, cb, vb, hi_ptr, lo_ptr, k_ptr, row, off)
+
+    @triton.jit
+    def _residual_norm(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, off, ca, cb, vb, n,
+                       STORE, HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr,
+                       S_POST: tl.constexpr, EPS_POST: tl.constexpr, S: tl.constexpr,
+                       EPS: tl.constexpr):
+        """model.residual_norm_split's row at off, as _rms_norm returns it: h' = h + delta
+        (delta normed by the post gains where given), stored to h2 if STORE, then normed."""
         xa = tl.load(h_ptr + off + ca)
         xb = tl.load(h_ptr + off + cb, mask=vb, other=0)
         if HAS_DELTA:
@@ -210,11 +222,10 @@ if triton is not None:
                                    tl.load(post_gain_ptr + cb, mask=vb, other=0), n, S_POST,
                                    EPS_POST)
             xa, xb = xa + da, xb + db
-            tl.store(h2_ptr + off + ca, xa)
-            tl.store(h2_ptr + off + cb, xb, mask=vb)
-        ya, yb, k = _rms_norm(xa, xb, tl.load(gain_ptr + ca),
-                              tl.load(gain_ptr + cb, mask=vb, other=0), n, S, EPS)
-        _store_split(ya, yb, k, ca, cb, vb, hi_ptr, lo_ptr, k_ptr, row, off)
+            tl.store(h2_ptr + off + ca, xa, mask=STORE)
+            tl.store(h2_ptr + off + cb, xb, mask=vb & STORE)
+        return _rms_norm(xa, xb, tl.load(gain_ptr + ca), tl.load(gain_ptr + cb, mask=vb, other=0),
+                         n, S, EPS)
 
     @triton.jit
     def _gated(gu_ptr, base, cols, valid, width, table_ptr, ADD: tl.constexpr,
@@ -271,6 +282,75 @@ if triton is not None:
                 tl.store(hi_ptr + off + c, hi, mask=valid)
                 tl.store(lo_ptr + off + c, lo, mask=valid)
             tl.store(k_ptr + row, k)
+
+
+    # -- one row: the pass and the GEMM after it in one kernel -----------------------------
+    # A one-stream decode step is ~300 kernels of a few us each, bound by their launches and
+    # first loads, not by their work. For one row, each program of the GEMM after a norm or
+    # the activation computes that row pass itself (the row, a few KB, from L2) and keeps
+    # its int8 halves in registers: the pass is no kernel of its own. Its weights (constants)
+    # load before the wait for the previous kernel.
+    @triton.jit
+    def _row_weights(w_ptr, ca, cb, vb, K, N, BN: tl.constexpr):
+        """This program's BN columns of the int8 weights [N, K], as the row's two parts:
+        [A, BN] and [B, BN] (0 past K and N)."""
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        ok = rn < N
+        at = rn[None, :].to(tl.int64) * K
+        wa = tl.load(w_ptr + at + ca[:, None], mask=ok[None, :], other=0)
+        wb = tl.load(w_ptr + at + cb[:, None], mask=ok[None, :] & vb[:, None], other=0)
+        return rn, ok, wa, wb
+
+    @triton.jit
+    def _row_linear(ya, yb, k, wa, wb, rn, ok, scale_ptr, bias_ptr, out_ptr,
+                    HAS_BIAS: tl.constexpr):
+        """cuda_ops.int8_linear of the row (ya, yb) at its split shift k: its int8 halves as
+        row 0 of 16-row tiles (the MMA's least), the same two products, the same rescaling."""
+        first = (tl.arange(0, 16) == 0)[:, None]
+        hia, loa = _halves(ya, k)
+        hib, lob = _halves(yb, k)
+        ha = (tl.dot(tl.where(first, hia[None, :], 0).to(tl.int8), wa, out_dtype=tl.int32)
+              + tl.dot(tl.where(first, hib[None, :], 0).to(tl.int8), wb, out_dtype=tl.int32))
+        la = (tl.dot(tl.where(first, loa[None, :], 0).to(tl.int8), wa, out_dtype=tl.int32)
+              + tl.dot(tl.where(first, lob[None, :], 0).to(tl.int8), wb, out_dtype=tl.int32))
+        acc = tl.sum(tl.where(first, ha.to(tl.int64) * 256 + la.to(tl.int64) * 2, 0), axis=0)
+        out = _rescale(acc, k, tl.load(scale_ptr + rn, mask=ok, other=0.0))
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=ok, other=0)
+        tl.store(out_ptr + rn, out, mask=ok)
+
+    @triton.jit
+    def _norm_linear_kernel(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, w_ptr,
+                            scale_ptr, bias_ptr, out_ptr, n, N, HAS_DELTA: tl.constexpr,
+                            HAS_POST: tl.constexpr, S_POST: tl.constexpr,
+                            EPS_POST: tl.constexpr, S: tl.constexpr, EPS: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                            BN: tl.constexpr, PDL: tl.constexpr):
+        ca = tl.arange(0, A)
+        cb = A + tl.arange(0, B)
+        vb = cb < n
+        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, vb, n, N, BN)
+        _await_inputs(PDL)
+        ya, yb, k = _residual_norm(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, 0, ca,
+                                   cb, vb, n, tl.program_id(0) == 0, HAS_DELTA, HAS_POST,
+                                   S_POST, EPS_POST, S, EPS)
+        _row_linear(ya, yb, k, wa, wb, rn, ok, scale_ptr, bias_ptr, out_ptr, HAS_BIAS)
+
+    @triton.jit
+    def _act_linear_kernel(gu_ptr, table_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, width, N,
+                           ADD: tl.constexpr, LAST: tl.constexpr, SHIFT: tl.constexpr,
+                           OUT: tl.constexpr, Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           A: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
+                           PDL: tl.constexpr):
+        ca = tl.arange(0, A)
+        cb = A + tl.arange(0, B)
+        vb = cb < width
+        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, vb, width, N, BN)
+        _await_inputs(PDL)
+        ya = _gated(gu_ptr, 0, ca, None, width, table_ptr, ADD, LAST, SHIFT, OUT, Q)
+        yb = _gated(gu_ptr, 0, cb, vb, width, table_ptr, ADD, LAST, SHIFT, OUT, Q)
+        _row_linear(ya, yb, _row_shift(_abs_bits(ya, yb), 13), wa, wb, rn, ok, scale_ptr,
+                    bias_ptr, out_ptr, HAS_BIAS)
 
 
 def _parts(n: int) -> tuple[int, int]:
@@ -345,11 +425,77 @@ def act_split(table: torch.Tensor, gate_up: torch.Tensor, *,
     k = torch.empty((m, 1), dtype=torch.int64, device=dev)
     loop = width > ACT_ROW_BLOCK or (block is not None and block < width)
     a, b = (block or ACT_LOOP_BLOCK, 1) if loop else _parts(width)
-    n = table.shape[0] // 2
-    shift = FRAC - tables.SIGMOID_IN  # model._table_lookup's index: rshift_round(x, shift) + n
     if m:
         _act_split_kernel[(m,)](
-            rows, table.contiguous(), hi, lo, k, width, ADD=(1 << (shift - 1)) + (n << shift),
-            LAST=2 * n - 1, SHIFT=shift, OUT=tables.SIGMOID_OUT, Q=FRAC, A=a, B=b, LOOP=loop,
-            num_warps=_warps(a if loop else width), **launch_options(dev, m))
+            rows, table.contiguous(), hi, lo, k, width, A=a, B=b, LOOP=loop,
+            num_warps=_warps(a if loop else width), **_act_constants(table),
+            **launch_options(dev, m))
     return hi, lo, k
+
+
+# One-row kernels (norm_linear_row, act_linear_row): rows up to this wide, in registers with
+# the program's [K, ROW_COLUMNS] weights; columns per program.
+ROW_LINEAR_MAX_K = 2048
+ROW_COLUMNS = 32
+
+
+def _row_parts(n: int) -> tuple[int, int]:
+    """_parts for a row that is also an int8 MMA operand, whose depth is at least 32: the
+    second part padded to 32 (the first is 32 or more where row_linear_fits)."""
+    a, b = _parts(n)
+    return a, max(b, 32)
+
+
+def row_linear_fits(k: int) -> bool:
+    """Whether rows of k values take the one-row kernels."""
+    return 64 <= k <= ROW_LINEAR_MAX_K
+
+
+def norm_linear_row(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                    norm: IntNorm, w: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_split and cuda_ops.int8_linear of one row in one kernel: (h' shaped as h, the Q16
+    outputs [1, N] of w [N, K]). The same integers."""
+    hidden, n = h.shape[-1], w.shape[0]
+    if h.numel() != hidden or not row_linear_fits(hidden):
+        raise ValueError(f"norm_linear_row takes one row of 64-{ROW_LINEAR_MAX_K} values")
+    row = h.reshape(1, hidden).contiguous()
+    s, eps = _norm_args(norm)
+    post = post if delta is not None else None
+    s_post, eps_post = _norm_args(post) if post is not None else (0, 0)
+    d = delta.reshape(1, hidden).contiguous() if delta is not None else row
+    h2 = torch.empty_like(row) if delta is not None else row
+    out = torch.empty((1, n), dtype=torch.int64, device=h.device)
+    a, b = _row_parts(hidden)
+    _norm_linear_kernel[(triton.cdiv(n, ROW_COLUMNS),)](
+        row, d, h2, post.gain if post is not None else norm.gain, norm.gain, w, scale,
+        bias if bias is not None else scale, out, hidden, n, HAS_DELTA=delta is not None,
+        HAS_POST=post is not None, S_POST=s_post, EPS_POST=eps_post, S=s, EPS=eps,
+        HAS_BIAS=bias is not None, A=a, B=b, BN=ROW_COLUMNS, num_warps=4,
+        **launch_options(h.device, 1))
+    return (h2.view(h.shape) if delta is not None else h), out
+
+
+def act_linear_row(table: torch.Tensor, gate_up: torch.Tensor, w: torch.Tensor,
+                   scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """act_split and cuda_ops.int8_linear of one row in one kernel: the Q16 outputs [1, N] of
+    w [N, I] for one [gate | up] row (int64 [..., 2 I]). The same integers."""
+    width, n = gate_up.shape[-1] // 2, w.shape[0]
+    if gate_up.numel() != 2 * width or not row_linear_fits(width):
+        raise ValueError(f"act_linear_row takes one row of 64-{ROW_LINEAR_MAX_K} values")
+    out = torch.empty((1, n), dtype=torch.int64, device=gate_up.device)
+    a, b = _row_parts(width)
+    _act_linear_kernel[(triton.cdiv(n, ROW_COLUMNS),)](
+        gate_up.contiguous(), table.contiguous(), w, scale, bias if bias is not None else scale,
+        out, width, n, HAS_BIAS=bias is not None, A=a, B=b, BN=ROW_COLUMNS, num_warps=4,
+        **_act_constants(table), **launch_options(gate_up.device, 1))
+    return out
+
+
+def _act_constants(table: torch.Tensor) -> dict:
+    """The gated activation's constants (model._table_lookup's index: rshift_round(x, shift)
+    + n into the factor table of 2 n entries, and the output shifts)."""
+    n = table.shape[0] // 2
+    shift = FRAC - tables.SIGMOID_IN
+    return dict(ADD=(1 << (shift - 1)) + (n << shift), LAST=2 * n - 1, SHIFT=shift,
+                OUT=tables.SIGMOID_OUT, Q=FRAC)

@@ -211,6 +211,12 @@ class IntModel:
         self.row_kernels = (cuda_rows.available(dev)
                             and 2 <= self.spec.hidden <= cuda_rows.NORM_MAX_WIDTH
                             and all(cuda_rows.norm_in_range(n) for n in norms))
+        # One stream's row pass and the GEMM after it (norm and qkv or gate_up; activation and
+        # down) as one kernel (cuda_rows.norm_linear_row, act_linear_row): a one-stream step
+        # is bound by its ~300 kernels' launches and first loads, not by their work.
+        self.row_linear = self.row_kernels and all(
+            cuda_rows.row_linear_fits(n) for n in
+            (self.spec.hidden, *(layer.down.w.shape[1] for layer in self.w.layers)))
         self._linear, self._split_linear = linear, split_linear
         self._rms_norm, self._add_residual = rms_norm, add_residual
         self._residual_norm_split, self._activation_split = residual_norm_split, activation_split
@@ -255,6 +261,12 @@ class IntModel:
             return cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias, dtype)
         return self._split_linear(hi, lo, k, lin)
 
+    def _one_row(self, rows: torch.Tensor, lin: IntLinear) -> bool:
+        """Whether rows (one, here) take a one-row kernel into lin: not the head, whose
+        ~400-1,500 programs would each norm the row again."""
+        return (self.row_kernels and self.row_linear and rows.numel() == rows.shape[-1]
+                and lin is not self.w.head)
+
     def linear(self, v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
         """``linear`` (Q16 [..., in] -> Q16 [..., out])."""
         if not self.split_before_gemm:
@@ -269,6 +281,9 @@ class IntModel:
         if not self.split_before_gemm:
             h = self._add_residual(h, delta, post)
             return h, self._linear(self._rms_norm(h, norm), lin)
+        if self._one_row(h, lin):
+            h, y = cuda_rows.norm_linear_row(h, delta, post, norm, lin.w, lin.scale, lin.bias)
+            return h, y.reshape(*h.shape[:-1], -1)
         h, hi, lo, k = (cuda_rows.norm_split(h, delta, post, norm) if self.row_kernels
                         else self._residual_norm_split(h, delta, post, norm))
         return h, self._gemm(hi, lo, k, lin).reshape(*h.shape[:-1], -1)
@@ -277,6 +292,9 @@ class IntModel:
         """The down projection of the gated activation of [gate | up]."""
         if not self.split_before_gemm:
             return self._linear(self._gated_activation(self.act_table, gate_up), down)
+        if self._one_row(gate_up, down):
+            return cuda_rows.act_linear_row(self.act_table, gate_up, down.w, down.scale,
+                                            down.bias).reshape(*gate_up.shape[:-1], -1)
         hi, lo, k = (cuda_rows.act_split(self.act_table, gate_up) if self.row_kernels
                      else self._activation_split(self.act_table, gate_up))
         return self._gemm(hi, lo, k, down).reshape(*gate_up.shape[:-1], -1)
