@@ -34,3 +34,23 @@ def kernel_table(prof, n: int, rows: int = 18) -> None:
     print(f"   {len(events) // n} kernels, {total:.3f} ms kernel time")
     for name, (count, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]:
         print(f"   {t / n / 1e3:8.3f} ms {count // n:5d}x  {name}")
+
+
+def graph_us(fn, n: int = 20, tries: int = 3) -> float:
+    """Microseconds a call of fn, as n calls captured in one CUDA graph: the best of
+    ``tries`` replays (after one to warm up)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
+    best = float("inf")
+    for _ in range(tries):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best

@@ -5,32 +5,17 @@ and, for the head, int64 against int32 outputs, at SmolLM2's shapes (dev; CUDA; 
     python3 benchmarks/dev/h200_linear_order.py [M ...]      # from the repository root
 """
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+from timing import graph_us  # noqa: E402
+
 from seqkv.engine import cuda_ops  # noqa: E402
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
           "head": (576, 49152)}
-
-
-def bench(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
 
 
 torch.manual_seed(0)
@@ -45,7 +30,7 @@ for M in [int(a) for a in sys.argv[1:]] or [1024, 4096, 16384, 65536]:
         for dtype in (torch.int64, torch.int32) if name == "head" else (torch.int64,):
             for order, rows in (("rows first", 1 << 30), ("columns first", 0)):
                 cuda_ops.LINEAR_N_FAST_ROWS = rows
-                t = bench(lambda dtype=dtype: cuda_ops.int8_linear(hi, lo, k, w, scale, None,
+                t = graph_us(lambda dtype=dtype: cuda_ops.int8_linear(hi, lo, k, w, scale, None,
                                                                    dtype))
                 line.append(f"{str(dtype)[6:]} {order} {t:8.1f}")
         print(f"{name:8s} M={M:6d}: " + "  ".join(line), flush=True)

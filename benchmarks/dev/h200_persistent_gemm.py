@@ -12,13 +12,15 @@ its pipeline and in its float64 epilogue. A persistent grid with the loops flatt
 one's epilogue.
 """
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+from timing import graph_us  # noqa: E402
+
 from seqkv.engine import cuda_ops  # noqa: E402
 from seqkv.engine.cuda_ops import _round_half_even, _rows_tile, _weights_tile  # noqa: E402
 
@@ -85,24 +87,6 @@ def tiles(bm, bn, bk, warps, stages):
     return run
 
 
-def bench(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
-
-
 VARIANTS = {
     "p64x64x128w4s3x3": persistent(64, 64, 128, 4, 3, 3),
     "p64x64x128w4s3x2": persistent(64, 64, 128, 4, 3, 2),
@@ -132,9 +116,9 @@ for M in [int(a) for a in sys.argv[1:]] or [1024, 16384, 65536]:
         lo = torch.randint(-64, 64, (m, K), dtype=torch.int8, device="cuda")
         k = torch.randint(0, 8, (m,), dtype=torch.int64, device="cuda")
         ref = cuda_ops.int8_linear(hi, lo, k, w, scale, None)
-        t_ref = bench(lambda: cuda_ops.int8_linear(hi, lo, k, w, scale, None))
+        t_ref = graph_us(lambda: cuda_ops.int8_linear(hi, lo, k, w, scale, None))
         wt = w.t()
-        t_mm = bench(lambda: (torch._int_mm(hi, wt), torch._int_mm(lo, wt)))
+        t_mm = graph_us(lambda: (torch._int_mm(hi, wt), torch._int_mm(lo, wt)))
         line = [f"{name:8s} M={m:6d}: int8_linear {t_ref:8.1f} us  _int_mm x2 {t_mm:8.1f}"]
         total.setdefault("int8_linear", 0.0)
         total["int8_linear"] += t_ref
@@ -142,7 +126,7 @@ for M in [int(a) for a in sys.argv[1:]] or [1024, 16384, 65536]:
             try:
                 out = fn(hi, lo, k, w, scale)
                 ok = torch.equal(out, ref)
-                t = bench(lambda fn=fn: fn(hi, lo, k, w, scale))
+                t = graph_us(lambda fn=fn: fn(hi, lo, k, w, scale))
                 line.append(f"{vname} {t:.1f}{'' if ok else ' WRONG'}")
                 total[vname] = total.get(vname, 0.0) + t
             except Exception as e:  # noqa: BLE001 - a probe: report and go on

@@ -1,5 +1,7 @@
 """Row kernels of the engine (Triton): the residual add, RMS norm and int8 split before a GEMM,
-and the gated activation and split before the down projection, each one pass over its rows.
+and the gated activation and split before the down projection, each one pass over its rows;
+for one row (a one-stream decode step), either pass inside the GEMM after it
+(``norm_linear_row``, ``act_linear_row``).
 
 ``norm_split`` gives model.residual_norm_split's integers and ``act_split`` model.activation_
 split's. Compiled by inductor those ran 3-4x off memory bandwidth on the H200, bound by int64
@@ -313,7 +315,7 @@ if triton is not None:
               + tl.dot(tl.where(first, hib[None, :], 0).to(tl.int8), wb, out_dtype=tl.int32))
         la = (tl.dot(tl.where(first, loa[None, :], 0).to(tl.int8), wa, out_dtype=tl.int32)
               + tl.dot(tl.where(first, lob[None, :], 0).to(tl.int8), wb, out_dtype=tl.int32))
-        acc = tl.sum(tl.where(first, ha.to(tl.int64) * 256 + la.to(tl.int64) * 2, 0), axis=0)
+        acc = tl.sum(ha.to(tl.int64) * 256 + la.to(tl.int64) * 2, axis=0)  # rows 1-15 are 0
         out = _rescale(acc, k, tl.load(scale_ptr + rn, mask=ok, other=0.0))
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=ok, other=0)

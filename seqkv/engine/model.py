@@ -77,9 +77,12 @@ def head_bound(norm: IntNorm, head: IntLinear) -> float:
     otherwise), and each rounding adds at most 1/2. Its split q 2**k is within 2**(k-1) <=
     max|x| / 2**ACT_BITS of x in every element. Logit j is 2 scale_j (q 2**k).w_j + bias_j,
     at most 2 scale_j |w_j|_2 |q 2**k|_2 + |bias_j| (Cauchy-Schwarz), plus the final
-    rounding. SmolLM2-135M: 2**26.2."""
+    rounding. This holds while the norm's products xs gain stay below 2**63 (|xs| <= 2**20):
+    gains (in Q16) below 2**40; none otherwise (inf). SmolLM2-135M: 2**26.2."""
     n = head.w.shape[1]
     gain = norm.gain.abs().max().item() * 2.0 ** (FRAC - norm.frac)
+    if gain >= 2**40:
+        return math.inf
     rows = 2 * math.sqrt(n) * gain + math.sqrt(n) / 2
     rows *= 1 + math.sqrt(n) / 2**ACT_BITS
     cols = (head.w.double().square().sum(dim=1).sqrt() * 2 * head.scale).max().item()
