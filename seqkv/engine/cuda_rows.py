@@ -48,7 +48,7 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
-    from .cuda_ops import _await_inputs, _rescale
+    from .cuda_ops import _await_inputs, _rescale, _weights_tile
 
     # rne(p) for |p| < 2**51: p + 1.5 * 2**52 lands in [2**52, 2**53), where float64's
     # spacing is 1, so the add rounds p to the nearest integer (ties to even); the sum's bits
@@ -293,15 +293,12 @@ if triton is not None:
     # its int8 halves in registers: the pass is no kernel of its own. Its weights (constants)
     # load before the wait for the previous kernel.
     @triton.jit
-    def _row_weights(w_ptr, ca, cb, vb, K, N, BN: tl.constexpr):
+    def _row_weights(w_ptr, ca, cb, K, N, BN: tl.constexpr):
         """This program's BN columns of the int8 weights [N, K], as the row's two parts:
         [A, BN] and [B, BN] (0 past K and N)."""
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         ok = rn < N
-        at = rn[None, :].to(tl.int64) * K
-        wa = tl.load(w_ptr + at + ca[:, None], mask=ok[None, :], other=0)
-        wb = tl.load(w_ptr + at + cb[:, None], mask=ok[None, :] & vb[:, None], other=0)
-        return rn, ok, wa, wb
+        return rn, ok, _weights_tile(w_ptr, rn, ca, ok, K), _weights_tile(w_ptr, rn, cb, ok, K)
 
     @triton.jit
     def _row_linear(ya, yb, k, wa, wb, rn, ok, scale_ptr, bias_ptr, out_ptr,
@@ -331,7 +328,7 @@ if triton is not None:
         ca = tl.arange(0, A)
         cb = A + tl.arange(0, B)
         vb = cb < n
-        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, vb, n, N, BN)
+        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, n, N, BN)
         _await_inputs(PDL)
         ya, yb, k = _residual_norm(h_ptr, delta_ptr, h2_ptr, post_gain_ptr, gain_ptr, 0, ca,
                                    cb, vb, n, tl.program_id(0) == 0, HAS_DELTA, HAS_POST,
@@ -347,7 +344,7 @@ if triton is not None:
         ca = tl.arange(0, A)
         cb = A + tl.arange(0, B)
         vb = cb < width
-        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, vb, width, N, BN)
+        rn, ok, wa, wb = _row_weights(w_ptr, ca, cb, width, N, BN)
         _await_inputs(PDL)
         ya = _gated(gu_ptr, 0, ca, None, width, table_ptr, ADD, LAST, SHIFT, OUT, Q)
         yb = _gated(gu_ptr, 0, cb, vb, width, table_ptr, ADD, LAST, SHIFT, OUT, Q)
