@@ -50,18 +50,21 @@ def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> No
     model.row_kernels = on
 
 
-@pytest.mark.parametrize("programs", [None, 1])
+@pytest.mark.parametrize(("programs", "rotate_max"), [(None, None), (1, None), (1, 0)])
 @pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
-def test_kernels_give_the_torch_integers(name, programs, monkeypatch):
+def test_kernels_give_the_torch_integers(name, programs, rotate_max, monkeypatch):
     """Prefill through the fused linear, and steps through the fused attention from mixed
     positions (past the random Gemma-3's sliding window of 8), equal the torch path; and the
     rotation kernel writing a float64 cache (groups too large for the fused attention).
     programs=1: one attention program per key head (as large groups run), else split
-    heads."""
-    if programs is not None:
-        from seqkv.engine import cuda_attention
+    heads; rotate_max=0: the rotation in ``heads`` before the scores (as groups above
+    ROTATE_MAX_STREAMS run), else in the scores kernel."""
+    from seqkv.engine import cuda_attention
 
+    if programs is not None:
         monkeypatch.setattr(cuda_attention, "TARGET_PROGRAMS", programs)
+    if rotate_max is not None:
+        monkeypatch.setattr(cuda_attention, "ROTATE_MAX_STREAMS", rotate_max)
     model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
     assert model.logits_dtype == torch.int32  # the kernels' head; the torch path's is int64
     g = torch.Generator().manual_seed(3)

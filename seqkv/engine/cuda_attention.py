@@ -221,9 +221,19 @@ SMALL_GROUP = 16
 # positions 120-130) the kernel took 2.54 -> 1.39 ms a step at 1,024 streams and 0.80 -> 0.48
 # at 256, more programs resident with their loads in flight; the scores kernel (which also
 # rotates) got slower with one (2.75 -> 4.72 ms), so it keeps two
-# (benchmarks/dev/h200_attention_sweep.py, h200_decode_positions.py --set).
+# (benchmarks/dev/h200_attention_sweep.py, h200_decode_positions.py --set). Where it does not
+# rotate (ROTATE_MAX_STREAMS), four: 2.08 ms at 1,024 streams against 2.18 with two, 2.23 with one.
 SCORES_WARPS = 2
+PLAIN_SCORES_WARPS = 4
 WEIGHTS_WARPS = 1
+# Groups of up to this many streams rotate each step's queries and new keys inside the scores
+# kernel, larger ones in ``heads`` first. The rotating kernel loads its query's and key's rows
+# and rotary tables before its first keys, once per query head: a kernel less for small
+# groups, but on the H200 (SmolLM2's shapes, whole 256-token decodes) a separate rotation took
+# a 256-stream step from 3.54 to 3.21 ms on average and a 1,024-stream one from 7.54 to 7.15
+# (scores 2.75 -> 2.08 ms at positions 120-130, plus 0.32 in ``heads``); 64 streams were level
+# (1.91 / 1.90), and small groups keep the kernel fewer.
+ROTATE_MAX_STREAMS = 64
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -262,7 +272,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
                          capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
                          ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=block, num_warps=SCORES_WARPS, **launch)
+                         BLOCK=block,
+                         num_warps=SCORES_WARPS if rotation is not None else PLAIN_SCORES_WARPS,
+                         **launch)
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
                           D=d, SPLIT=split, BLOCK=block,

@@ -616,7 +616,8 @@ class IntModel:
         Q16 [B, hidden]."""
         s, layer, b = self.spec, self.w.layers[i], qkv.shape[0]
         rotate_in_kernel = self.fused_heads and layer.q_norm is None
-        if cache.dtype == torch.int32 and rotate_in_kernel:  # one pass, no queries stored
+        if (cache.dtype == torch.int32 and rotate_in_kernel
+                and b <= cuda_attention.ROTATE_MAX_STREAMS):  # one pass, no queries stored
             rotation = self._rotation(i, cache.capacity)
             return self._gemm(*self._decode_attention(i, qkv, cache, pos, rotation), layer.o)
         if rotate_in_kernel:  # the cache written by the kernel
