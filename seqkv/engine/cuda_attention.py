@@ -59,28 +59,32 @@ if triton is not None:
         return tl.minimum(tl.maximum((v + (1 << (V_SHIFT - 1))) >> V_SHIFT, -limit), limit)
 
     @triton.jit
-    def _heads_kernel(qkv_ptr, start_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, n_heads,
-                      n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr,
-                      D: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
+    def _heads_kernel(qkv_ptr, start_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, rows,
+                      n_heads, n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr,
+                      V_SHIFT: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                      PDL: tl.constexpr):
         """model._heads of rows [B, T] of qkv at positions start[b] + t, without q/k norms:
-        head j of BT rows rotated (queries and keys) or shifted (values) into Q12, queries
-        into q [B, H, T, d], keys and values into the cache [B, Hkv, capacity, d] at their
-        positions."""
+        head j of BT rows (b, t) of the B T (a block may span streams: a decode step's
+        rows are one per stream) rotated (queries and keys) or shifted (values) into Q12,
+        queries into q [B, H, T, d], keys and values into the cache [B, Hkv, capacity, d] at
+        their positions."""
         _await_inputs(PDL)
-        b, j, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        t = blk * BT + tl.arange(0, BT)
-        ok = (t < T)[:, None]
+        blk, j = tl.program_id(0), tl.program_id(1)
+        r = blk * BT + tl.arange(0, BT)
+        ok = r < rows
+        b, t = r // T, r % T
         d = tl.arange(0, D)[None, :]
-        p = (tl.load(start_ptr + b) + t)[:, None]
-        row = qkv_ptr + (b.to(tl.int64) * T + t[:, None]) * ((n_heads + 2 * n_kv) * D) + j * D
-        slot = ((b * n_kv).to(tl.int64) * capacity + p) * D  # + head * capacity * D
+        p = (tl.load(start_ptr + b, mask=ok, other=0) + t)[:, None]
+        ok = ok[:, None]
+        row = qkv_ptr + r[:, None].to(tl.int64) * ((n_heads + 2 * n_kv) * D) + j * D
+        slot = ((b * n_kv).to(tl.int64)[:, None] * capacity + p) * D  # + head * capacity * D
         if j < n_heads + n_kv:
             cos = tl.load(cos_ptr + p * D + d, mask=ok, other=0)
             sin = tl.load(sin_ptr + p * D + d, mask=ok, other=0)
             out = _rotated(row, d, ok, cos, sin, limit, ROPE_SHIFT, D)
             if j < n_heads:
-                tl.store(q_ptr + ((b * n_heads + j).to(tl.int64) * T + t[:, None]) * D + d,
-                         out.to(q_ptr.dtype.element_ty), mask=ok)
+                tl.store(q_ptr + ((b * n_heads + j).to(tl.int64)[:, None] * T + t[:, None]) * D
+                         + d, out.to(q_ptr.dtype.element_ty), mask=ok)
             else:
                 kv = (j - n_heads).to(tl.int64)
                 tl.store(k_ptr + slot + kv * capacity * D + d, out.to(k_ptr.dtype.element_ty),
@@ -310,11 +314,11 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
     b, t = qkv.shape[:2]
     _, n_kv, capacity, d = keys.shape
     q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=torch.int32, device=qkv.device)
-    bt = min(32, triton.next_power_of_2(t))
-    _heads_kernel[(b, r.n_heads + 2 * n_kv, triton.cdiv(t, bt))](
-        qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, r.n_heads,
-        n_kv, capacity, r.limit, ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, BT=bt,
-        num_warps=1 if bt == 1 else 4, **launch_options(qkv.device, b * t))
+    bt = min(32, triton.next_power_of_2(b * t))
+    _heads_kernel[(triton.cdiv(b * t, bt), r.n_heads + 2 * n_kv)](
+        qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, b * t,
+        r.n_heads, n_kv, capacity, r.limit, ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d,
+        BT=bt, num_warps=1 if bt == 1 else 4, **launch_options(qkv.device, b * t))
     return q
 
 if triton is not None:
