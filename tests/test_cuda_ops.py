@@ -67,6 +67,9 @@ def test_kernels_give_the_torch_integers(name, programs, rotate_max, monkeypatch
         monkeypatch.setattr(cuda_attention, "ROTATE_MAX_STREAMS", rotate_max)
     model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
     assert model.logits_dtype == torch.int32  # the kernels' head; the torch path's is int64
+    # ... and their qkv (without q/k norms) and gate_up rows
+    assert len(model._int32_outputs) == sum(2 if layer.q_norm is None else 1
+                                            for layer in model.w.layers)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (5, 48), generator=g).cuda()
     start = torch.tensor([0, 3, 9, 17, 30], device="cuda")

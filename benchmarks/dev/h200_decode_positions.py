@@ -9,7 +9,8 @@ weights, compiled.
 constant, e.g. TARGET_PROGRAMS=1 for unsplit heads, or a cuda_ops one, e.g. cuda_ops.PDL=0;
 --tiles BM,BN,BK,WARPS sets the GEMM tiles of groups of up to 16 rows, the head's excepted;
 --head-tiles the head's at up to 16 rows; --logits64 keeps the head's logits in int64;
---split-rows runs one stream's row passes as kernels of their own, not in its GEMMs.)
+--split-rows runs one stream's row passes as kernels of their own, not in its GEMMs;
+--outputs64 keeps the qkv and gate_up GEMMs' outputs in int64.)
 
 Output of 2026-12-01 07:00 UTC: benchmarks/results/engine_dev_h200.txt.
 """
@@ -53,10 +54,14 @@ def main() -> None:
     if "--logits64" in args:
         args.remove("--logits64")
         m.logits_dtype = torch.int64
+    if "--outputs64" in args:
+        args.remove("--outputs64")
+        m._int32_outputs = {}
     if "--split-rows" in args:
         args.remove("--split-rows")
         m.row_linear = False
-    print("logits", m.logits_dtype, "one-row kernels", m.row_linear)
+    print("logits", m.logits_dtype, "one-row kernels", m.row_linear,
+          "int32 outputs", len(m._int32_outputs))
     codec = EngineCodec(m, 1)
     for b in [int(a) for a in args] or (1024, 1):
         streams = torch.randint(0, m.spec.vocab, (b, 256)).tolist()

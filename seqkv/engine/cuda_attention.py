@@ -45,9 +45,9 @@ if triton is not None:
     def _rotated(row_ptr, d, mask, cos, sin, limit, ROPE_SHIFT: tl.constexpr, D: tl.constexpr):
         """model._rotate of heads' Q16 rows (rotate-half form; row_ptr + d addresses them)
         into Q12."""
-        x = tl.load(row_ptr + d, mask=mask, other=0)
+        x = tl.load(row_ptr + d, mask=mask, other=0).to(tl.int64)  # int32 or int64 rows
         x = tl.minimum(tl.maximum(x, -(1 << 40)), 1 << 40)
-        swapped = tl.load(row_ptr + (d + D // 2) % D, mask=mask, other=0)
+        swapped = tl.load(row_ptr + (d + D // 2) % D, mask=mask, other=0).to(tl.int64)
         swapped = tl.minimum(tl.maximum(swapped, -(1 << 40)), 1 << 40)
         out = (x * cos + swapped * sin + (1 << (ROPE_SHIFT - 1))) >> ROPE_SHIFT
         return tl.minimum(tl.maximum(out, -limit), limit)
@@ -55,7 +55,7 @@ if triton is not None:
     @triton.jit
     def _shifted(row_ptr, d, mask, limit, V_SHIFT: tl.constexpr):
         """model._heads' values: rshift_round of Q16 rows into Q12, clamped."""
-        v = tl.load(row_ptr + d, mask=mask, other=0)
+        v = tl.load(row_ptr + d, mask=mask, other=0).to(tl.int64)
         return tl.minimum(tl.maximum((v + (1 << (V_SHIFT - 1))) >> V_SHIFT, -limit), limit)
 
     @triton.jit

@@ -234,12 +234,12 @@ if triton is not None:
                LAST: tl.constexpr, SHIFT: tl.constexpr, OUT: tl.constexpr, Q: tl.constexpr):
         """model.gated_activation at columns cols of the row at base: act(gate) * up, in
         Q(Q) (Q16); valid: the columns' mask, or None."""
-        if valid is None:
-            x = tl.load(gu_ptr + base + cols)
-            u = tl.load(gu_ptr + base + width + cols)
+        if valid is None:  # int32 or int64 rows
+            x = tl.load(gu_ptr + base + cols).to(tl.int64)
+            u = tl.load(gu_ptr + base + width + cols).to(tl.int64)
         else:
-            x = tl.load(gu_ptr + base + cols, mask=valid, other=0)
-            u = tl.load(gu_ptr + base + width + cols, mask=valid, other=0)
+            x = tl.load(gu_ptr + base + cols, mask=valid, other=0).to(tl.int64)
+            u = tl.load(gu_ptr + base + width + cols, mask=valid, other=0).to(tl.int64)
         idx = tl.minimum(tl.maximum((x + ADD) >> SHIFT, 0), LAST)  # as torch: wraps alike
         f = tl.load(table_ptr + idx)
         xc = tl.minimum(tl.maximum(x, -(1 << 40)), 1 << 40)

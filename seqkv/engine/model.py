@@ -69,7 +69,8 @@ def split_linear(hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
 
 
 def head_bound(norm: IntNorm, head: IntLinear) -> float:
-    """An upper bound on |logit| (Q16) of ``linear(rms_norm(h, norm), head)`` over every row h.
+    """An upper bound on |logit| (Q16) of ``linear(rms_norm(h, norm), head)`` over every row h
+    (and so on the outputs of any linear that a norm feeds: qkv, gate_up).
 
     rms_norm's row x has ||x||_2 <= 2 sqrt(n) g + sqrt(n) / 2 (n wide, g its largest |gain|
     in Q16): the rounded rows xs over r = isqrt(floor(|xs|^2 / n) + eps) >= 1 give
@@ -198,6 +199,16 @@ class IntModel:
         # the bytes of a step's widest tensor, written once and read three times.
         self.logits_dtype = (torch.int32 if self.fused_locate and
                              head_bound(self.w.final_norm, self.w.head) < 2**31 else torch.int64)
+        # Likewise each layer's qkv and gate_up rows, which a norm feeds too (SmolLM2: at most
+        # 2**25.1 and 2**26.5), where kernels read them (rotation: fused_heads; activation:
+        # row_kernels): half the bytes of the widest GEMM outputs, written and read once (on
+        # the H200: a 1,024-stream step 7.05 -> 6.75 ms, the encoder 322k -> 342k tokens/s).
+        # The linears (by id) whose outputs provably fit int32, and the flag of their readers.
+        self._int32_outputs = {id(lin): reader for norm, lin, reader in (
+            *((layer.attn_norm, layer.qkv, "fused_heads") for layer in self.w.layers
+              if layer.q_norm is None),  # q/k norms: the torch rotation reads int64
+            *((layer.mlp_norm, layer.gate_up, "row_kernels") for layer in self.w.layers))
+            if head_bound(norm, lin) < 2**31}
         # A decode step's token embedding as one kernel (cuda_ops.embed_rows), not ~17 torch ops
         self.fused_embed = cuda_ops.available(dev)
         # A decode step's rotation writes its keys and values straight into the cache (one
@@ -260,7 +271,9 @@ class IntModel:
     def _gemm(self, hi: torch.Tensor, lo: torch.Tensor, k: torch.Tensor,
               lin: IntLinear) -> torch.Tensor:
         if self.triton_linear:
-            dtype = self.logits_dtype if lin is self.w.head else torch.int64
+            reader = self._int32_outputs.get(id(lin))
+            dtype = (self.logits_dtype if lin is self.w.head
+                     else torch.int32 if reader and getattr(self, reader) else torch.int64)
             return cuda_ops.int8_linear(hi, lo, k, lin.w, lin.scale, lin.bias, dtype)
         return self._split_linear(hi, lo, k, lin)
 
