@@ -371,11 +371,79 @@ void gated_activation(const i64 *gu, i64 m, i64 width, const i64 *table, i64 n2,
     }
 }
 
+/* -- one query's attention (model._attend's integers) ---------------------------------------- */
+/* qd [d]: the query as float64; kt: the keys as float64, transposed (key j's element i at
+ * kt[i ks + j]); vd: the values as float64 [j d + i]; keys lo..hi, those with ok[j] (ok NULL:
+ * all) visible. Scores and weighted sums are float64 sums of exact integer products below
+ * 2**53 (exact in any order, as the torch GEMMs' are); the weights, the division and the
+ * rounding are _attend's. sc, w [hi + 1] and acc [d]: scratch; o [d]: the output. */
+static void attend_row(const double *qd, const double *kt, i64 ks, const double *vd, i64 d,
+                       i64 lo, i64 hi, const uint8_t *ok, double *sc, double *w, double *acc,
+                       const double *exp_table, i64 n_exp, double index_scale,
+                       double out_mult, i64 *o) {
+    i64 j0 = lo;
+    for (; j0 + 4 * VW <= hi + 1; j0 += 4 * VW) { /* 4 VW scores in registers */
+        vdouble a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (i64 i = 0; i < d; i++) {
+            const double *row = kt + i * ks + j0;
+            a0 += qd[i] * vload(row);
+            a1 += qd[i] * vload(row + VW);
+            a2 += qd[i] * vload(row + 2 * VW);
+            a3 += qd[i] * vload(row + 3 * VW);
+        }
+        vstore(sc + j0, a0);
+        vstore(sc + j0 + VW, a1);
+        vstore(sc + j0 + 2 * VW, a2);
+        vstore(sc + j0 + 3 * VW, a3);
+    }
+    for (; j0 + VW <= hi + 1; j0 += VW) { /* then VW at a time */
+        vdouble a0 = {0};
+        for (i64 i = 0; i < d; i++) a0 += qd[i] * vload(kt + i * ks + j0);
+        vstore(sc + j0, a0);
+    }
+    for (; j0 <= hi; j0++) { /* then one at a time (exact sums: any order) */
+        double a = 0.0;
+        for (i64 i = 0; i < d; i++) a += qd[i] * kt[i * ks + j0];
+        sc[j0] = a;
+    }
+    double best = -INFINITY, total = 0.0;
+    for (i64 j = lo; j <= hi; j++)
+        if ((!ok || ok[j]) && sc[j] > best) best = sc[j];
+    for (i64 j = lo; j <= hi; j++) {
+        double p = 0.0;
+        if (!ok || ok[j]) {
+            double f = floor((best - sc[j]) * index_scale);
+            p = exp_table[f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f];
+        }
+        w[j] = p;
+        total += p;
+    }
+    for (i64 i = 0; i < d; i++) acc[i] = 0.0;
+    for (i64 c = 0; c + 8 * VW <= d; c += 8 * VW) { /* 8 VW columns in registers */
+        vdouble a[8];
+        for (int u = 0; u < 8; u++) a[u] = (vdouble){0};
+        for (i64 j = lo; j <= hi; j++) {
+            if (w[j] == 0.0) continue;
+            const double *vr = vd + j * d + c;
+            for (int u = 0; u < 8; u++) a[u] += w[j] * vload(vr + VW * u);
+        }
+        for (int u = 0; u < 8; u++) vstore(acc + c + VW * u, a[u]);
+    }
+    for (i64 j = lo; j <= hi && d % (8 * VW); j++) { /* the columns past the last block */
+        double p = w[j];
+        if (p == 0.0) continue;
+        const double *vr = vd + j * d;
+        for (i64 i = d - d % (8 * VW); i < d; i++) acc[i] += p * vr[i];
+    }
+    for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
+}
+
 /* -- one decode step's attention ------------------------------------------------------------ */
 /* qkv int64 [b, (h + 2 kv) d] (queries and keys already normed where the model does), rotated
  * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
  * clamped) written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
- * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]. */
+ * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]: attend_row,
+ * with each key head's keys and values made float64 once for its rep query heads. */
 i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
                      const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
                      int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,
@@ -383,8 +451,8 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
     i64 status = 0;
     i64 width = (heads + 2 * kv) * d, half = d / 2, big = (i64)1 << 40;
     i64 rnd = (i64)1 << (rope_shift - 1), vrnd = (i64)1 << (vshift - 1);
-    /* rotated queries [b, heads, d] as int32 (|q| <= limit < 2**31): int32 x int32 -> int64
-     * products are what compilers vectorize (vpmuldq), where int64 x int64 stays scalar */
+    /* rotated queries [b, heads, d] as int32 (|q| <= limit < 2**31), made float64 per head
+     * for attend_row below */
     int32_t *qr = (int32_t *)work;
     for (i64 s = 0; s < b; s++) {
         i64 p = pos[s];
@@ -421,40 +489,29 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
     /* threads only where there is work for them (~32k products): one stream's step uses
      * both cores from ~60 keys on (on the 2-core EPYC at position 200, 3.3 -> 1.4 ms a step) */
 #pragma omp parallel for schedule(static) num_threads(threads) if (keys * heads * d > (1 << 15))
-    for (i64 sh = 0; sh < b * heads; sh++) {
-        i64 s = sh / heads, hh = sh % heads, g = hh / rep, p = pos[s];
-        i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const int32_t *q = qr + sh * d;
-        const int32_t *kb = kc + (s * kv + g) * cap * d, *vb = vc + (s * kv + g) * cap * d;
-        i64 n = p + 1 - lo;
-        i64 *sc = alloc(n * (i64)sizeof(i64));
-        if (!sc) {
-            failed(&status, n * (i64)sizeof(i64));
+    for (i64 sg = 0; sg < b * kv; sg++) { /* a stream's key head and its rep query heads */
+        i64 s = sg / kv, g = sg % kv, p = pos[s];
+        i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p + 1 - lo;
+        i64 bytes = (2 * n * d + 2 * n + 2 * d) * (i64)sizeof(double);
+        double *kt = alloc(bytes);
+        if (!kt) {
+            failed(&status, bytes);
             continue;
         }
-        i64 best = 0;
-        for (i64 j = 0; j < n; j++) {
-            const int32_t *kr = kb + (lo + j) * d;
-            i64 acc = 0;
-            for (i64 i = 0; i < d; i++) acc += q[i] * (i64)kr[i];
-            sc[j] = acc;
-            if (j == 0 || acc > best) best = acc;
+        double *vd = kt + n * d, *sc = vd + n * d, *w = sc + n, *acc = w + n, *qd = acc + d;
+        const int32_t *kb = kc + (sg * cap + lo) * d, *vb = vc + (sg * cap + lo) * d;
+        for (i64 j = 0; j < n; j++) /* as float64 once for the rep query heads */
+            for (i64 i = 0; i < d; i++) {
+                kt[i * n + j] = (double)kb[j * d + i];
+                vd[j * d + i] = (double)vb[j * d + i];
+            }
+        for (i64 hh = g * rep; hh < (g + 1) * rep; hh++) {
+            const int32_t *q = qr + (s * heads + hh) * d;
+            for (i64 i = 0; i < d; i++) qd[i] = (double)q[i];
+            attend_row(qd, kt, n, vd, d, 0, n - 1, NULL, sc, w, acc, exp_table, n_exp,
+                       index_scale, out_mult, out + (s * heads + hh) * d);
         }
-        i64 total = 0, accv[512];
-        for (i64 i = 0; i < d; i++) accv[i] = 0;
-        for (i64 j = 0; j < n; j++) {
-            double f = floor((double)(best - sc[j]) * index_scale);
-            i64 idx = f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f;
-            int32_t w = (int32_t)exp_table[idx]; /* 0 .. 2**16 */
-            if (w == 0) continue;
-            total += w;
-            const int32_t *vr = vb + (lo + j) * d;
-            for (i64 i = 0; i < d; i++) accv[i] += w * (i64)vr[i];
-        }
-        free(sc);
-        i64 *o = out + s * heads * d + hh * d;
-        for (i64 i = 0; i < d; i++)
-            o[i] = (i64)nearbyint(((double)accv[i] * out_mult) / (double)total);
+        free(kt);
     }
     return status;
 }
@@ -542,13 +599,12 @@ i64 norm_linear(i64 *h, const i64 *delta, i64 m, i64 k, const i64 *post_gain, i6
 
 /* -- a prefill's attention (model._attend) -------------------------------------------------- */
 /* q int64 [b, kv, rep, t, d], k and v int64 [b, kv, s, d] (contiguous), mask [b, t, s] (1 where
- * visible) -> out int64 [b, t, kv * rep * d]. Scores and weighted sums are float64 sums of
- * exact integer products below 2**53 (exact in any order, as the torch GEMMs' are), over each
- * row's visible keys only; the weights, the division and the rounding are _attend's. */
+ * visible) -> out int64 [b, t, kv * rep * d]: attend_row for each query over its key head's
+ * keys and values, made float64 once per key head. */
 i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i64 rep, i64 t,
                       i64 s, i64 d, const uint8_t *mask, const double *exp_table, i64 n_exp,
                       double index_scale, double out_mult, i64 *out) {
-    i64 status = 0, bytes = (2 * s * d + 2 * s + d) * (i64)sizeof(double);
+    i64 status = 0, bytes = (2 * s * d + 2 * s + 2 * d) * (i64)sizeof(double);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (b * kv > 1)
     for (i64 bg = 0; bg < b * kv; bg++) {
         i64 bi = bg / kv, g = bg % kv;
@@ -557,7 +613,7 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
             failed(&status, bytes);
             continue;
         }
-        double *vd = kt + s * d, *sc = vd + s * d, *w = sc + s, *acc = w + s;
+        double *vd = kt + s * d, *sc = vd + s * d, *w = sc + s, *acc = w + s, *qd = acc + d;
         const i64 *kb = k + bg * s * d, *vb = v + bg * s * d;
         for (i64 j = 0; j < s; j++)
             for (i64 i = 0; i < d; i++) {
@@ -576,63 +632,9 @@ i64 prefill_attention(const i64 *q, const i64 *k, const i64 *v, i64 b, i64 kv, i
                     for (i64 i = 0; i < d; i++) o[i] = 0;
                     continue;
                 }
-                double qd[512];
                 for (i64 i = 0; i < d; i++) qd[i] = (double)qr[i];
-                i64 j0 = lo;
-                for (; j0 + 4 * VW <= hi + 1; j0 += 4 * VW) { /* 4 VW scores in registers */
-                    vdouble a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                    for (i64 i = 0; i < d; i++) {
-                        const double *row = kt + i * s + j0;
-                        a0 += qd[i] * vload(row);
-                        a1 += qd[i] * vload(row + VW);
-                        a2 += qd[i] * vload(row + 2 * VW);
-                        a3 += qd[i] * vload(row + 3 * VW);
-                    }
-                    vstore(sc + j0, a0);
-                    vstore(sc + j0 + VW, a1);
-                    vstore(sc + j0 + 2 * VW, a2);
-                    vstore(sc + j0 + 3 * VW, a3);
-                }
-                for (; j0 + VW <= hi + 1; j0 += VW) { /* then VW at a time */
-                    vdouble a0 = {0};
-                    for (i64 i = 0; i < d; i++) a0 += qd[i] * vload(kt + i * s + j0);
-                    vstore(sc + j0, a0);
-                }
-                for (; j0 <= hi; j0++) { /* then one at a time (exact sums: any order) */
-                    double a = 0.0;
-                    for (i64 i = 0; i < d; i++) a += qd[i] * kt[i * s + j0];
-                    sc[j0] = a;
-                }
-                double best = -INFINITY, total = 0.0;
-                for (i64 j = lo; j <= hi; j++)
-                    if (ok[j] && sc[j] > best) best = sc[j];
-                for (i64 j = lo; j <= hi; j++) {
-                    double p = 0.0;
-                    if (ok[j]) {
-                        double f = floor((best - sc[j]) * index_scale);
-                        p = exp_table[f > (double)(n_exp - 1) ? n_exp - 1 : (i64)f];
-                    }
-                    w[j] = p;
-                    total += p;
-                }
-                for (i64 i = 0; i < d; i++) acc[i] = 0.0;
-                for (i64 c = 0; c + 8 * VW <= d; c += 8 * VW) { /* 8 VW columns in registers */
-                    vdouble a[8];
-                    for (int u = 0; u < 8; u++) a[u] = (vdouble){0};
-                    for (i64 j = lo; j <= hi; j++) {
-                        if (w[j] == 0.0) continue;
-                        const double *vr = vd + j * d + c;
-                        for (int u = 0; u < 8; u++) a[u] += w[j] * vload(vr + VW * u);
-                    }
-                    for (int u = 0; u < 8; u++) vstore(acc + c + VW * u, a[u]);
-                }
-                for (i64 j = lo; j <= hi && d % (8 * VW); j++) { /* the columns past the last block */
-                    double p = w[j];
-                    if (p == 0.0) continue;
-                    const double *vr = vd + j * d;
-                    for (i64 i = d - d % (8 * VW); i < d; i++) acc[i] += p * vr[i];
-                }
-                for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
+                attend_row(qd, kt, s, vd, d, lo, hi, ok, sc, w, acc, exp_table, n_exp,
+                           index_scale, out_mult, o);
             }
         free(kt);
     }
