@@ -229,15 +229,18 @@ def linear(v: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Te
 
 
 def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post, norm, w: torch.Tensor,
-                scale: torch.Tensor, bias: torch.Tensor | None, frac: int) -> torch.Tensor:
+                scale: torch.Tensor, bias: torch.Tensor | None, frac: int,
+                out: torch.Tensor | None = None, tmp: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """h += delta (normed by ``post`` first, where given), in place; returns
     linear(rms_norm(h, norm)): model.norm_linear in one call, for contiguous int64 h [M, K].
-    ``post`` and ``norm`` are IntNorms (gain, frac, eps32); frac is the activations' (FRAC)."""
+    ``post`` and ``norm`` are IntNorms (gain, frac, eps32); frac is the activations' (FRAC).
+    ``out`` [M, N] and ``tmp`` [M, K] (int64, contiguous): buffers to use, else new ones."""
     m, k = h.shape
     n = w.shape[0]
     tile, rowsum = packed(w)
-    out = torch.empty((m, n), dtype=torch.int64)
-    tmp = torch.empty((m, k), dtype=torch.int64)
+    out = torch.empty((m, n), dtype=torch.int64) if out is None else out
+    tmp = torch.empty((m, k), dtype=torch.int64) if tmp is None else tmp
     library().norm_linear(
         _p(h), _p(delta), m, k, _p(post.gain) if post is not None else None,
         frac - post.frac if post is not None else 0, post.eps32 if post is not None else 0,
@@ -263,9 +266,9 @@ def add_(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def gated_activation(gate_up: torch.Tensor, table: torch.Tensor, frac: int, in_bits: int,
-                     out_bits: int) -> torch.Tensor:
+                     out_bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     m, width = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((m, width), dtype=torch.int64)
+    out = torch.empty((m, width), dtype=torch.int64) if out is None else out
     library().gated_activation(_p(gate_up), m, width, _p(table), table.shape[0], frac, in_bits,
                                out_bits, _p(out))
     return out

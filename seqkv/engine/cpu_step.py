@@ -11,6 +11,8 @@ none.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import cpu_kernels as ck
@@ -28,6 +30,11 @@ class CpuStep:
         self.exp_attn = model.exp_attn_f.contiguous()
         self.exp_prob = model.exp_prob.contiguous()
         self.act = model.act_table.contiguous()
+        # The step's intermediate rows, kept from step to step (per thread: a model's step is
+        # shared by a server's threads): a one-stream step makes ~180 kernel calls, and a
+        # fresh tensor for each output cost a few microseconds of its ~16 ms. Only what the
+        # step consumes itself; the logits it returns are new each time.
+        self._kept = threading.local()
 
     @staticmethod
     def for_model(model: IntModel) -> CpuStep | None:
@@ -51,6 +58,14 @@ class CpuStep:
                                  for _ in range(s.n_layers)],
                          capacity=capacity)
 
+    def _rows(self, key: tuple, m: int, n: int) -> torch.Tensor:
+        """A kept int64 [m, n] buffer for one intermediate of the step (key: which one)."""
+        kept = self._kept.__dict__.setdefault("rows", {})
+        t = kept.get(key)
+        if t is None or t.shape != (m, n):
+            t = kept[key] = torch.empty((m, n), dtype=torch.int64)
+        return t
+
     # -- the step's pieces (model.StepOps) -----------------------------------------------------
     def step_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.m.embed(tokens).contiguous()
@@ -60,20 +75,25 @@ class CpuStep:
               out: torch.Tensor | None = None) -> torch.Tensor:
         return ck.rms_norm(h, norm.gain, FRAC - norm.frac, norm.eps32, groups, out)
 
-    @staticmethod
-    def linear(x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
-        return ck.linear(x, lin.w, lin.scale, lin.bias)
+    def linear(self, x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+        out = self._rows((id(lin), "out"), x.shape[0], lin.w.shape[0])
+        return ck.linear(x, lin.w, lin.scale, lin.bias, out)
 
-    @staticmethod
-    def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+    def norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
                     norm: IntNorm, lin: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """model.norm_linear: h += delta (normed by post where the model has one), in place,
-        and linear(rms_norm(h, norm), lin)."""
-        return h, ck.norm_linear(h, delta, post, norm, lin.w, lin.scale, lin.bias, FRAC)
+        and linear(rms_norm(h, norm), lin) (the head's logits in a new tensor: the step's
+        result)."""
+        m, k = h.shape
+        out = None if lin is self.w.head else self._rows((id(lin), "out"), m, lin.w.shape[0])
+        return h, ck.norm_linear(h, delta, post, norm, lin.w, lin.scale, lin.bias, FRAC, out,
+                                 self._rows((id(lin), "tmp"), m, k))
 
     def mlp_down(self, gate_up: torch.Tensor, down: IntLinear) -> torch.Tensor:
         act = ck.gated_activation(gate_up, self.act, FRAC, tables.SIGMOID_IN,
-                                  tables.SIGMOID_OUT)
+                                  tables.SIGMOID_OUT,
+                                  self._rows((id(down), "act"), gate_up.shape[0],
+                                             gate_up.shape[1] // 2))
         return self.linear(act, down)
 
     def step_attend(self, i: int, qkv: torch.Tensor, cache: StepCache, pos: torch.Tensor,
@@ -88,8 +108,7 @@ class CpuStep:
             self._norm(q, layer.q_norm, s.n_heads, out=q)
             self._norm(k, layer.k_norm, s.n_kv, out=k)
         cos, sin = m.rope(s.thetas[i], cache.capacity)
-        att = torch.empty((b, nq), dtype=torch.int64)
-        work = torch.empty((b, nq), dtype=torch.int64)
+        att, work = self._rows((i, "att"), b, nq), self._rows((i, "work"), b, nq)
         self.lib.decode_attention(
             qkv.data_ptr(), b, s.n_heads, s.n_kv, s.head_dim, pos.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC, m._qkv_limit,
