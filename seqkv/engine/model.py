@@ -203,12 +203,13 @@ class IntModel:
         # 2**25.1 and 2**26.5), where kernels read them (rotation: fused_heads; activation:
         # row_kernels): half the bytes of the widest GEMM outputs, written and read once (on
         # the H200: a 1,024-stream step 7.05 -> 6.75 ms, the encoder 322k -> 342k tokens/s).
-        # The linears (by id) whose outputs provably fit int32, and the flag of their readers.
+        # The linears (by id) whose outputs provably fit int32, and the flag of their readers
+        # (none off the GPU kernels' devices: the bounds take ~0.1 s for SmolLM2).
         self._int32_outputs = {id(lin): reader for norm, lin, reader in (
             *((layer.attn_norm, layer.qkv, "fused_heads") for layer in self.w.layers
               if layer.q_norm is None),  # q/k norms: the torch rotation reads int64
             *((layer.mlp_norm, layer.gate_up, "row_kernels") for layer in self.w.layers))
-            if head_bound(norm, lin) < 2**31}
+            if self.triton_linear and head_bound(norm, lin) < 2**31}
         # A decode step's token embedding as one kernel (cuda_ops.embed_rows), not ~17 torch ops
         self.fused_embed = cuda_ops.available(dev)
         # A decode step's rotation writes its keys and values straight into the cache (one
