@@ -395,19 +395,28 @@ def norm_split(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None
     hi = torch.empty((m, hidden), dtype=torch.int8, device=dev)
     lo = torch.empty((m, hidden), dtype=torch.int8, device=dev)
     k = torch.empty((m, 1), dtype=torch.int64, device=dev)
-    s, eps = _norm_args(norm)
-    post = post if delta is not None else None  # add_residual: no delta, nothing to norm
-    s_post, eps_post = _norm_args(post) if post is not None else (0, 0)
-    d = delta.reshape(-1, hidden).contiguous() if delta is not None else rows
-    h2 = torch.empty_like(rows) if delta is not None else rows
+    d, h2, post_gain, constants = _residual_args(rows, delta, post, norm)
     a, b = _parts(hidden)
     if m:
         _norm_split_kernel[(m,)](
-            rows, d, h2, post.gain if post is not None else norm.gain, norm.gain, hi, lo, k,
-            hidden, HAS_DELTA=delta is not None, HAS_POST=post is not None, S_POST=s_post,
-            EPS_POST=eps_post, S=s, EPS=eps, A=a, B=b, num_warps=_warps(hidden),
-            **launch_options(dev, m))
+            rows, d, h2, post_gain, norm.gain, hi, lo, k, hidden, A=a, B=b,
+            num_warps=_warps(hidden), **constants, **launch_options(dev, m))
     return (h2.view(h.shape) if delta is not None else h), hi, lo, k
+
+
+def _residual_args(rows: torch.Tensor, delta: torch.Tensor | None, post: IntNorm | None,
+                   norm: IntNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """What the residual-norm kernels (_residual_norm) take for rows [M, hidden]: the delta
+    rows (rows themselves where none), where h' goes (rows where no delta changes them), the
+    post norm's gains (unread without one) and the kernels' constants."""
+    s, eps = _norm_args(norm)
+    post = post if delta is not None else None  # add_residual: no delta, nothing to norm
+    s_post, eps_post = _norm_args(post) if post is not None else (0, 0)
+    d = delta.reshape(rows.shape).contiguous() if delta is not None else rows
+    h2 = torch.empty_like(rows) if delta is not None else rows
+    return d, h2, (post if post is not None else norm).gain, dict(
+        HAS_DELTA=delta is not None, HAS_POST=post is not None, S_POST=s_post,
+        EPS_POST=eps_post, S=s, EPS=eps)
 
 
 def act_split(table: torch.Tensor, gate_up: torch.Tensor, *,
@@ -459,19 +468,13 @@ def norm_linear_row(h: torch.Tensor, delta: torch.Tensor | None, post: IntNorm |
     if h.numel() != hidden or not row_linear_fits(hidden):
         raise ValueError(f"norm_linear_row takes one row of 64-{ROW_LINEAR_MAX_K} values")
     row = h.reshape(1, hidden).contiguous()
-    s, eps = _norm_args(norm)
-    post = post if delta is not None else None
-    s_post, eps_post = _norm_args(post) if post is not None else (0, 0)
-    d = delta.reshape(1, hidden).contiguous() if delta is not None else row
-    h2 = torch.empty_like(row) if delta is not None else row
+    d, h2, post_gain, constants = _residual_args(row, delta, post, norm)
     out = torch.empty((1, n), dtype=torch.int64, device=h.device)
     a, b = _row_parts(hidden)
     _norm_linear_kernel[(triton.cdiv(n, ROW_COLUMNS),)](
-        row, d, h2, post.gain if post is not None else norm.gain, norm.gain, w, scale,
-        bias if bias is not None else scale, out, hidden, n, HAS_DELTA=delta is not None,
-        HAS_POST=post is not None, S_POST=s_post, EPS_POST=eps_post, S=s, EPS=eps,
-        HAS_BIAS=bias is not None, A=a, B=b, BN=ROW_COLUMNS, num_warps=4,
-        **launch_options(h.device, 1))
+        row, d, h2, post_gain, norm.gain, w, scale, bias if bias is not None else scale, out,
+        hidden, n, HAS_BIAS=bias is not None, A=a, B=b, BN=ROW_COLUMNS, num_warps=4,
+        **constants, **launch_options(h.device, 1))
     return (h2.view(h.shape) if delta is not None else h), out
 
 
