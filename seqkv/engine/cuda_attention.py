@@ -234,7 +234,7 @@ WEIGHTS_WARPS = 1
 # kernel, larger ones in ``heads`` first. The rotating kernel loads its query's and key's rows
 # and rotary tables before its first keys, once per query head: a kernel less for small
 # groups, but on the H200 (SmolLM2's shapes, whole 256-token decodes) a separate rotation took
-# a 256-stream step from 3.54 to 3.21 ms on average and a 1,024-stream one from 7.54 to 7.15
+# a 256-stream step from 3.54 to 3.23 ms on average and a 1,024-stream one from 7.54 to 7.15
 # (scores 2.75 -> 2.08 ms at positions 120-130, plus 0.32 in ``heads``); 64 streams were level
 # (1.91 / 1.90), and small groups keep the kernel fewer.
 ROTATE_MAX_STREAMS = 64
