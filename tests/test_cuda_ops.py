@@ -50,21 +50,24 @@ def _use_kernels(model: IntModel, on: bool, attention: bool | None = None) -> No
     model.row_kernels = on
 
 
-@pytest.mark.parametrize(("programs", "rotate_max"), [(None, None), (1, None), (1, 0)])
+@pytest.mark.parametrize(("programs", "rotate_max", "key_major"), [
+    (None, None, False), (1, None, False), (1, 0, False), (None, 0, True), (1, 0, True)])
 @pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
-def test_kernels_give_the_torch_integers(name, programs, rotate_max, monkeypatch):
+def test_kernels_give_the_torch_integers(name, programs, rotate_max, key_major, monkeypatch):
     """Prefill through the fused linear, and steps through the fused attention from mixed
     positions (past the random Gemma-3's sliding window of 8), equal the torch path; and the
     rotation kernel writing a float64 cache (groups too large for the fused attention).
-    programs=1: one attention program per key head (as large groups run), else split
-    heads; rotate_max=0: the rotation in ``heads`` before the scores (as groups above
-    ROTATE_MAX_STREAMS run), else in the scores kernel."""
+    programs=1: one attention program per head (as large groups run), else split heads;
+    rotate_max=0: the rotation in ``heads`` before the scores (as groups above
+    ROTATE_MAX_STREAMS run), else in the scores kernel; key_major: over key-major keys (as
+    groups of KEY_MAJOR_MIN_STREAMS and more run)."""
     from seqkv.engine import cuda_attention
 
     if programs is not None:
         monkeypatch.setattr(cuda_attention, "TARGET_PROGRAMS", programs)
     if rotate_max is not None:
         monkeypatch.setattr(cuda_attention, "ROTATE_MAX_STREAMS", rotate_max)
+    monkeypatch.setattr(cuda_attention, "KEY_MAJOR_MIN_STREAMS", 0 if key_major else 1 << 20)
     model = IntModel(integerize(KERNEL_MODELS[name]().model), "cuda")
     assert model.logits_dtype == torch.int32  # the kernels' head; the torch path's is int64
     # ... and their qkv (without q/k norms) and gate_up rows
@@ -79,6 +82,7 @@ def test_kernels_give_the_torch_integers(name, programs, rotate_max, monkeypatch
         hidden = model.prefill_hidden(ids)
         cache = model.new_cache(5, 48)
         assert cache.dtype == (torch.int32 if attention else torch.float64)
+        assert cuda_attention.key_major(cache.keys[0]) == (attention and key_major)
         model.prefill_hidden(ids[:, :30], cache=cache)
         steps = []
         for t in range(18):

@@ -9,7 +9,8 @@ recomputes the scores for the table weights in a second, so no [T, T] tensor is 
 stream's own keys only (its position, not the cache's capacity), so one CUDA graph serves every
 step: the key range of each head is split across programs (scores and partial maxima, with
 the step's rotation and cache write; weights and partial sums), then one program per stream
-divides and splits the row for the output projection.
+divides and splits the row for the output projection. Large groups keep their keys key-major
+(``cache_keys``) and score them per key head.
 
 Every operation is the one the torch path performs: float64 products and sums of integers
 below 2**53 (exact in any order), one IEEE multiply and floor for the table index, one
@@ -62,12 +63,12 @@ if triton is not None:
     def _heads_kernel(qkv_ptr, start_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, rows,
                       n_heads, n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr,
                       V_SHIFT: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                      PDL: tl.constexpr):
+                      KEY_MAJOR: tl.constexpr, PDL: tl.constexpr):
         """model._heads of rows [B, T] of qkv at positions start[b] + t, without q/k norms:
         head j of BT rows (b, t) of the B T (a block may span streams: a decode step's
         rows are one per stream) rotated (queries and keys) or shifted (values) into Q12,
         queries into q [B, H, T, d], keys and values into the cache [B, Hkv, capacity, d] at
-        their positions."""
+        their positions (KEY_MAJOR: the keys' memory is [B, Hkv, d, capacity])."""
         _await_inputs(PDL)
         blk, j = tl.program_id(0), tl.program_id(1)
         r = blk * BT + tl.arange(0, BT)
@@ -87,8 +88,11 @@ if triton is not None:
                          + d, out.to(q_ptr.dtype.element_ty), mask=ok)
             else:
                 kv = (j - n_heads).to(tl.int64)
-                tl.store(k_ptr + slot + kv * capacity * D + d, out.to(k_ptr.dtype.element_ty),
-                         mask=ok)
+                if KEY_MAJOR:  # (a key's elements capacity apart: a 4-byte store each)
+                    where = ((b * n_kv + kv).to(tl.int64)[:, None] * D + d) * capacity + p
+                else:
+                    where = slot + kv * capacity * D + d
+                tl.store(k_ptr + where, out.to(k_ptr.dtype.element_ty), mask=ok)
         else:
             out = _shifted(row, d, ok, limit, V_SHIFT)
             kv = (j - n_heads - n_kv).to(tl.int64)
@@ -143,6 +147,38 @@ if triton is not None:
             tl.store(scores_ptr + row + keys, scores, mask=valid)
             best = tl.maximum(best, tl.where(valid, scores, float("-inf")))
         tl.store(best_ptr + head * n_splits + split, tl.max(best, axis=0))
+
+    @triton.jit
+    def _key_major_scores_kernel(q_ptr, k_ptr, pos_ptr, scores_ptr, best_ptr, n_kv, capacity,
+                                 window, n_splits, REP: tl.constexpr, RP: tl.constexpr,
+                                 D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                                 PDL: tl.constexpr):
+        """_scores_kernel's scores and maxima (rotated queries) for the REP query heads of one
+        key head, over key-major keys (memory [B, Hkv, d, capacity]): each tile of keys
+        [d, keys] is read once for all REP heads, not once per head, and a key's d-sum runs
+        down each thread's registers and a few lanes, where a [keys, d] tile spreads it over
+        16 lanes."""
+        _await_inputs(PDL)
+        kv, split = tl.program_id(0), tl.program_id(1)  # kv: b * n_kv + key head
+        start, end = _key_range(pos_ptr, kv, split, n_kv, window, SPLIT)
+        d = tl.arange(0, D)
+        s = tl.arange(0, BLOCK)
+        r = tl.arange(0, RP)
+        k_base = kv.to(tl.int64) * D * capacity
+        best = tl.full([RP], float("-inf"), tl.float64)
+        for first in range(start, end, BLOCK):
+            keys = first + s
+            valid = keys < end
+            k = tl.load(k_ptr + k_base + d[:, None] * capacity + keys[None, :],
+                        mask=valid[None, :], other=0).to(tl.float64)
+            for j in tl.static_range(REP):
+                head = (kv * REP + j).to(tl.int64)
+                q = tl.load(q_ptr + head * D + d).to(tl.float64)
+                scores = tl.sum(k * q[:, None], axis=0)  # exact: below 2**53
+                tl.store(scores_ptr + head * capacity + keys, scores, mask=valid)
+                top = tl.max(tl.where(valid, scores, float("-inf")), axis=0)
+                best = tl.maximum(best, tl.where(r == j, top, float("-inf")))
+        tl.store(best_ptr + (kv * REP + r) * n_splits + split, best, mask=r < REP)
 
     @triton.jit
     def _weights_kernel(v_ptr, pos_ptr, table_ptr, scale_ptr, scores_ptr, best_ptr,
@@ -238,6 +274,15 @@ WEIGHTS_WARPS = 1
 # (scores 2.75 -> 2.08 ms at positions 120-130, plus 0.32 in ``heads``); 64 streams were level
 # (1.91 / 1.90), and small groups keep the kernel fewer.
 ROTATE_MAX_STREAMS = 64
+# Groups of at least this many streams hold their keys key-major (``cache_keys``), and their
+# scores run per key head (_key_major_scores_kernel) on one warp: each key is read once for
+# its query heads, and its d-sum stays in a few lanes. Writing a step's keys then costs a
+# 4-byte store per element (``heads``). On the H200 (SmolLM2's shapes, whole 256-token
+# decodes, benchmarks/dev/h200_decode_positions.py) a 1,024-stream step took 6.47 ms on
+# average against 6.69 (scores 1.42 against 2.11 ms at positions 120-130, ``heads`` 0.51
+# against 0.11; below position 32, 4.38 against 4.17); a 256-stream step 3.17 against 3.10.
+KEY_MAJOR_MIN_STREAMS = 512
+KEY_MAJOR_WARPS = 1
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -248,6 +293,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention of one new query per stream over the int32 cache [B, Hkv, capacity, d] at
     slots 0..pos[b] (the last ``window`` of them if window > 0), returned as the o projection's
     input: intops.split_rows of the Q16 rows [B, H d] (int8 halves [B, H d], shifts [B, 1]).
+    The values are contiguous; the keys too, or key-major (``cache_keys``).
 
     q: the rotated queries, int64 [B, Hkv, rep, 1, d] (the cache holds the new keys); or, with
     ``rotation``, the step's qkv rows [B, (H + 2 Hkv) d], rotated here (model._heads for models
@@ -255,6 +301,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     ``table``: the float64 exp table (Q16); ``index_scale``: float64 [1], score units to table
     steps (a tensor: kernels take Python floats as float32)."""
     b, n_kv, capacity, d = keys.shape
+    by_key = key_major(keys)
+    if by_key and rotation is not None:
+        raise ValueError("the rotating scores kernel writes keys [capacity, d]-major")
     n_heads = rotation.n_heads if rotation is not None else q.shape[2] * n_kv
     rep, heads = n_heads // n_kv, b * n_heads
     splits = (MAX_SPLITS if TARGET_PROGRAMS is None
@@ -272,13 +321,18 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     lo = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     shift = torch.empty((b, 1), dtype=torch.int64, device=dev)
     grid, launch = (heads, n_splits), launch_options(dev, b)
-    r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
-    _scores_kernel[grid](q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv,
-                         capacity, window, n_splits, r.limit, ROTATE=rotation is not None,
-                         ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d, SPLIT=split,
-                         BLOCK=block,
-                         num_warps=SCORES_WARPS if rotation is not None else PLAIN_SCORES_WARPS,
-                         **launch)
+    if by_key:
+        _key_major_scores_kernel[(b * n_kv, n_splits)](
+            q, keys, pos, scores, best, n_kv, capacity, window, n_splits, REP=rep,
+            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block,
+            num_warps=KEY_MAJOR_WARPS, **launch)
+    else:
+        r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
+        _scores_kernel[grid](
+            q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv, capacity,
+            window, n_splits, r.limit, ROTATE=rotation is not None, ROPE_SHIFT=r.rope_shift,
+            V_SHIFT=r.v_shift, D=d, SPLIT=split, BLOCK=block,
+            num_warps=SCORES_WARPS if rotation is not None else PLAIN_SCORES_WARPS, **launch)
     _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
                           n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
                           D=d, SPLIT=split, BLOCK=block,
@@ -313,13 +367,30 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
     rotation's concatenations, the values' shift and the copies into each layout)."""
     b, t = qkv.shape[:2]
     _, n_kv, capacity, d = keys.shape
+    if not (keys.is_contiguous() or key_major(keys)) or not values.is_contiguous():
+        raise ValueError("heads writes contiguous caches, or key-major keys (cache_keys)")
     q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=torch.int32, device=qkv.device)
     bt = min(32, triton.next_power_of_2(b * t))
     _heads_kernel[(triton.cdiv(b * t, bt), r.n_heads + 2 * n_kv)](
         qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, b * t,
         r.n_heads, n_kv, capacity, r.limit, ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d,
-        BT=bt, num_warps=1 if bt == 1 else 4, **launch_options(qkv.device, b * t))
+        BT=bt, KEY_MAJOR=key_major(keys), num_warps=1 if bt == 1 else 4,
+        **launch_options(qkv.device, b * t))
     return q
+
+
+def cache_keys(b: int, n_kv: int, capacity: int, d: int, dtype: torch.dtype,
+               device: torch.device | str) -> torch.Tensor:
+    """Zero keys [B, Hkv, capacity, d] whose memory is key-major ([B, Hkv, d, capacity]): the
+    layout of _key_major_scores_kernel. ``heads``, ``decode_attention``,
+    ``prefill_attention`` and torch's indexing take either layout."""
+    return torch.zeros((b, n_kv, d, capacity), dtype=dtype, device=device).transpose(2, 3)
+
+
+def key_major(keys: torch.Tensor) -> bool:
+    """Whether keys [B, Hkv, capacity, d] have ``cache_keys``' layout."""
+    b, n_kv, capacity, d = keys.shape
+    return keys.stride() == (n_kv * d * capacity, d * capacity, 1, capacity)
 
 if triton is not None:
 

@@ -590,9 +590,17 @@ class IntModel:
         # sized to the group (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at
         # positions 100-190, where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
         dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
+        # Large groups hold their keys key-major: their scores run per key head
+        # (cuda_attention.KEY_MAJOR_MIN_STREAMS).
+        if dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS:
+            def keys() -> torch.Tensor:
+                return cuda_attention.cache_keys(batch, s.n_kv, capacity, s.head_dim, dtype,
+                                                 self.device)
+        else:
+            def keys() -> torch.Tensor:
+                return torch.zeros(shape, dtype=dtype, device=self.device)
         return StepCache(
-            keys=[torch.zeros(shape, dtype=dtype, device=self.device)
-                  for _ in range(s.n_layers)],
+            keys=[keys() for _ in range(s.n_layers)],
             values=[torch.zeros(shape, dtype=dtype, device=self.device)
                     for _ in range(s.n_layers)],
             capacity=capacity,
@@ -631,7 +639,8 @@ class IntModel:
         s, layer, b = self.spec, self.w.layers[i], qkv.shape[0]
         rotate_in_kernel = self.fused_heads and layer.q_norm is None
         if (cache.dtype == torch.int32 and rotate_in_kernel
-                and b <= cuda_attention.ROTATE_MAX_STREAMS):  # one pass, no queries stored
+                and b <= cuda_attention.ROTATE_MAX_STREAMS
+                and not cuda_attention.key_major(cache.keys[i])):  # one pass, no queries stored
             rotation = self._rotation(i, cache.capacity)
             return self._gemm(*self._decode_attention(i, qkv, cache, pos, rotation), layer.o)
         if rotate_in_kernel:  # the cache written by the kernel
@@ -679,8 +688,9 @@ class StepOps(Protocol):
 
 @dataclass
 class StepCache:
-    """A static KV cache of Q12 integers: float64 (exact) for the attention GEMMs, or int32
-    for the fused GPU kernel."""
+    """A static KV cache of Q12 integers [B, Hkv, capacity, d]: float64 (exact) for the
+    attention GEMMs, or int32 for the fused GPU kernels (a large group's keys key-major:
+    cuda_attention.cache_keys)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
