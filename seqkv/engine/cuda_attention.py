@@ -278,9 +278,10 @@ ROTATE_MAX_STREAMS = 64
 # scores run per key head (_key_major_scores_kernel) on one warp: each key is read once for
 # its query heads, and its d-sum stays in a few lanes. Writing a step's keys then costs a
 # 4-byte store per element (``heads``). On the H200 (SmolLM2's shapes, whole 256-token
-# decodes, benchmarks/dev/h200_decode_positions.py) a 1,024-stream step took 6.47 ms on
-# average against 6.69 (scores 1.42 against 2.11 ms at positions 120-130, ``heads`` 0.51
-# against 0.11; below position 32, 4.38 against 4.17); a 256-stream step 3.17 against 3.10.
+# decodes, benchmarks/dev/h200_decode_positions.py) a 1,024-stream step took 6.42 ms on
+# average against 6.70 (scores 1.42 against 2.08 ms at positions 120-130, ``heads`` 0.51
+# against 0.11; below position 32, 4.41 against 4.23), a 512-stream step 4.20 against 4.30,
+# and a 256-stream step 3.17 against 3.10: smaller groups keep their keys [capacity, d].
 KEY_MAJOR_MIN_STREAMS = 512
 KEY_MAJOR_WARPS = 1
 

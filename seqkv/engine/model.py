@@ -592,15 +592,12 @@ class IntModel:
         dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
         # Large groups hold their keys key-major: their scores run per key head
         # (cuda_attention.KEY_MAJOR_MIN_STREAMS).
-        if dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS:
-            def keys() -> torch.Tensor:
-                return cuda_attention.cache_keys(batch, s.n_kv, capacity, s.head_dim, dtype,
-                                                 self.device)
-        else:
-            def keys() -> torch.Tensor:
-                return torch.zeros(shape, dtype=dtype, device=self.device)
+        key_major = dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
         return StepCache(
-            keys=[keys() for _ in range(s.n_layers)],
+            keys=[cuda_attention.cache_keys(batch, s.n_kv, capacity, s.head_dim, dtype,
+                                            self.device) if key_major
+                  else torch.zeros(shape, dtype=dtype, device=self.device)
+                  for _ in range(s.n_layers)],
             values=[torch.zeros(shape, dtype=dtype, device=self.device)
                     for _ in range(s.n_layers)],
             capacity=capacity,
