@@ -40,11 +40,11 @@ def test_prefill_kernel_gives_the_torch_integers(name):
 
 
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("kv_dtype", [torch.int64, torch.int32, torch.float64, "key-major"])
+@pytest.mark.parametrize("kv_dtype", [torch.int64, torch.int32, torch.float64])
 def test_prefill_kernel_at_the_bounds(window, kv_dtype):
     """Queries after earlier keys (S > T), keys at the engine's |x| bound, strided keys and
-    values (a transposed view, as the model passes them), every cache dtype and a large
-    group's key-major keys (cache_keys): the same integers as IntModel._attend."""
+    values (a transposed view, as the model passes them) and every cache dtype: the same
+    integers as IntModel._attend."""
     from .test_engine import MODELS
 
     model = IntModel(integerize(MODELS["llama"]().model), "cuda")
@@ -56,18 +56,12 @@ def test_prefill_kernel_at_the_bounds(window, kv_dtype):
     v = torch.randint(-lim, lim + 1, (b, s, n_kv, d), generator=g).transpose(1, 2)
     q[0, 0, 0, 0], k[0, 0, :3] = lim, lim  # products and sums at their largest
     q[1, 1, 2, -1] = 0  # every score equal
-    layout = kv_dtype == "key-major"
-    kv_dtype = torch.int32 if layout else kv_dtype
     q, k, v = q.cuda(), k.cuda().to(kv_dtype), v.cuda().to(kv_dtype)
     qpos = torch.arange(s - t, s, device="cuda")[:, None]
     kpos = torch.arange(s, device="cuda")[None, :]
     allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
     want = model._attend(q, k, v, allowed.expand(b, 1, 1, t, s))
-    keys = k
-    if layout:  # the first s of a cache's s + 7 positions
-        keys = cuda_attention.cache_keys(b, n_kv, s + 7, d, torch.int32, "cuda")[:, :, :s]
-        keys.copy_(k)
-    got = cuda_attention.prefill_attention(q, keys, v, window, model.exp_attn_f,
+    got = cuda_attention.prefill_attention(q, k, v, window, model.exp_attn_f,
                                            model._index_scale_t, 1 << (FRAC - QKV_FRAC))
     assert torch.equal(got, want)
 
@@ -89,13 +83,15 @@ def test_prefill_kernel_past_a_grid_axis_limit():
     assert torch.equal(got, model._attend(q, k, v, allowed))
 
 
-@pytest.mark.parametrize("key_major", [False, True])
+@pytest.mark.parametrize("major", [False, True])
 @pytest.mark.parametrize("programs", [2048, 1])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_kernels_at_the_bounds(programs, window, key_major, monkeypatch):
+def test_decode_kernels_at_the_bounds(programs, window, major, monkeypatch):
     """One step's attention over queries, keys and values at the engine's |x| bound, with
-    split heads and with one program per head (as large groups run), over keys in either
-    layout: the torch path's integers, split for the o projection."""
+    split heads and with one program per head (as large groups run), and over a key-major
+    copy of the keys (as groups of KEY_MAJOR_MIN_STREAMS run: the copy stale in each stream's
+    last run, which the kernel reads from the rows, and copies over where it is whole): the
+    torch path's integers, split for the o projection."""
     from seqkv.engine.intops import split_rows
 
     from .test_engine import MODELS
@@ -110,17 +106,22 @@ def test_decode_kernels_at_the_bounds(programs, window, key_major, monkeypatch):
     v = torch.randint(-lim, lim + 1, (b, n_kv, cap, d), generator=g)
     q[0, 0, 0, 0], k[0, 0, :3], v[0, 0, :5] = lim, lim, -lim  # products at their largest
     q[1, 1, 2] = 0  # every score equal
-    pos = torch.tensor([cap - 1, 40, 3])
+    pos = torch.tensor([cap - 1, 39, 3])  # 39: a run of MAJOR_RUN = 8 just whole
     kpos = torch.arange(cap)[None, :]
     allowed = (kpos <= pos[:, None]) & ((pos[:, None] - kpos < window) if window else True)
     q, k, v, pos, allowed = (x.to(model.device) for x in (q, k, v, pos, allowed))
     want = split_rows(model._attend(q, k, v, allowed[:, None, None, None, :])[:, 0])
-    keys = k.to(torch.int32)
-    if key_major:
-        keys = cuda_attention.cache_keys(b, n_kv, cap, d, torch.int32, model.device)
-        keys.copy_(k)
-        assert cuda_attention.key_major(keys)
-    got = cuda_attention.decode_attention(q, keys, v.to(torch.int32), pos, window,
-                                          model.exp_attn_f, model._index_scale_t,
-                                          1 << (FRAC - QKV_FRAC))
+    copy = None
+    if major:
+        copy = cuda_attention.major_keys(b, n_kv, cap, d, model.device)
+        cuda_attention.fill_major(copy, k.to(torch.int32))
+        run = cuda_attention.MAJOR_RUN
+        for i, p in enumerate(pos.tolist()):
+            copy[i, :, :, p - p % run :] = 777  # the last run: not in the copy yet
+    got = cuda_attention.decode_attention(q, k.to(torch.int32), v.to(torch.int32), pos,
+                                          window, model.exp_attn_f, model._index_scale_t,
+                                          1 << (FRAC - QKV_FRAC), major=copy)
     assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    if major:  # the whole run copied over (stream 1), the others left
+        assert torch.equal(copy[1, :, :, :40], k[1, :, :40].transpose(1, 2).to(torch.int32))
+        assert (copy[0, :, :, 72:] == 777).all() and (copy[2, :, :, :] == 777).all()

@@ -59,8 +59,8 @@ def test_kernels_give_the_torch_integers(name, programs, rotate_max, key_major, 
     rotation kernel writing a float64 cache (groups too large for the fused attention).
     programs=1: one attention program per head (as large groups run), else split heads;
     rotate_max=0: the rotation in ``heads`` before the scores (as groups above
-    ROTATE_MAX_STREAMS run), else in the scores kernel; key_major: over key-major keys (as
-    groups of KEY_MAJOR_MIN_STREAMS and more run)."""
+    ROTATE_MAX_STREAMS run), else in the scores kernel; key_major: over a key-major copy of
+    the keys (as groups of KEY_MAJOR_MIN_STREAMS and more run)."""
     from seqkv.engine import cuda_attention
 
     if programs is not None:
@@ -82,7 +82,7 @@ def test_kernels_give_the_torch_integers(name, programs, rotate_max, key_major, 
         hidden = model.prefill_hidden(ids)
         cache = model.new_cache(5, 48)
         assert cache.dtype == (torch.int32 if attention else torch.float64)
-        assert cuda_attention.key_major(cache.keys[0]) == (attention and key_major)
+        assert (cache.major is not None) == (attention and key_major)
         model.prefill_hidden(ids[:, :30], cache=cache)
         steps = []
         for t in range(18):

@@ -219,7 +219,8 @@ class _DecodeGroup:
         # what keeping it holds: the KV cache and buffers, and an estimate of its graphs' own
         # pool (the step's intermediates, the widest of them a few [b, vocab] int64 rows)
         self.nbytes = sum(t.numel() * t.element_size() for t in (
-            *self.cache.keys, *self.cache.values, self.out, self.rows, self.decoder.words))
+            *self.cache.keys, *self.cache.values, *(self.cache.major or ()), self.out,
+            self.rows, self.decoder.words))
         self.nbytes += 4 * 8 * b * m.spec.vocab
 
     def _load(self, decoder: VectorRansDecoder, lengths: list[int],

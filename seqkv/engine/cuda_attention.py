@@ -9,8 +9,8 @@ recomputes the scores for the table weights in a second, so no [T, T] tensor is 
 stream's own keys only (its position, not the cache's capacity), so one CUDA graph serves every
 step: the key range of each head is split across programs (scores and partial maxima, with
 the step's rotation and cache write; weights and partial sums), then one program per stream
-divides and splits the row for the output projection. Large groups keep their keys key-major
-(``cache_keys``) and score them per key head.
+divides and splits the row for the output projection. Large groups also keep a key-major copy
+of their keys (``major_keys``) and score them per key head.
 
 Every operation is the one the torch path performs: float64 products and sums of integers
 below 2**53 (exact in any order), one IEEE multiply and floor for the table index, one
@@ -63,12 +63,12 @@ if triton is not None:
     def _heads_kernel(qkv_ptr, start_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, rows,
                       n_heads, n_kv, capacity, limit, ROPE_SHIFT: tl.constexpr,
                       V_SHIFT: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                      KEY_MAJOR: tl.constexpr, PDL: tl.constexpr):
+                      PDL: tl.constexpr):
         """model._heads of rows [B, T] of qkv at positions start[b] + t, without q/k norms:
         head j of BT rows (b, t) of the B T (a block may span streams: a decode step's
         rows are one per stream) rotated (queries and keys) or shifted (values) into Q12,
         queries into q [B, H, T, d], keys and values into the cache [B, Hkv, capacity, d] at
-        their positions (KEY_MAJOR: the keys' memory is [B, Hkv, d, capacity])."""
+        their positions."""
         _await_inputs(PDL)
         blk, j = tl.program_id(0), tl.program_id(1)
         r = blk * BT + tl.arange(0, BT)
@@ -88,11 +88,8 @@ if triton is not None:
                          + d, out.to(q_ptr.dtype.element_ty), mask=ok)
             else:
                 kv = (j - n_heads).to(tl.int64)
-                if KEY_MAJOR:  # (a key's elements capacity apart: a 4-byte store each)
-                    where = ((b * n_kv + kv).to(tl.int64)[:, None] * D + d) * capacity + p
-                else:
-                    where = slot + kv * capacity * D + d
-                tl.store(k_ptr + where, out.to(k_ptr.dtype.element_ty), mask=ok)
+                tl.store(k_ptr + slot + kv * capacity * D + d, out.to(k_ptr.dtype.element_ty),
+                         mask=ok)
         else:
             out = _shifted(row, d, ok, limit, V_SHIFT)
             kv = (j - n_heads - n_kv).to(tl.int64)
@@ -149,36 +146,60 @@ if triton is not None:
         tl.store(best_ptr + head * n_splits + split, tl.max(best, axis=0))
 
     @triton.jit
-    def _key_major_scores_kernel(q_ptr, k_ptr, pos_ptr, scores_ptr, best_ptr, n_kv, capacity,
-                                 window, n_splits, REP: tl.constexpr, RP: tl.constexpr,
-                                 D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                                 PDL: tl.constexpr):
+    def _key_major_scores_kernel(q_ptr, k_ptr, major_ptr, pos_ptr, scores_ptr, best_ptr, n_kv,
+                                 capacity, window, n_splits, REP: tl.constexpr,
+                                 RP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                                 BLOCK: tl.constexpr, RUN: tl.constexpr, PDL: tl.constexpr):
         """_scores_kernel's scores and maxima (rotated queries) for the REP query heads of one
-        key head, over key-major keys (memory [B, Hkv, d, capacity]): each tile of keys
-        [d, keys] is read once for all REP heads, not once per head, and a key's d-sum runs
-        down each thread's registers and a few lanes, where a [keys, d] tile spreads it over
-        16 lanes."""
+        key head, over the key-major copy of the keys (memory [B, Hkv, d, capacity]): each
+        tile of keys [d, keys] is read once for all REP heads, not once per head, and a key's
+        d-sum runs down each thread's registers and a few lanes, where a [keys, d] tile
+        spreads it over 16 lanes. The copy holds the keys below the stream's last run of RUN
+        positions; the program that reaches them reads that run from the cache's rows, and
+        copies it over once it is whole (a run of each element: RUN keys' worth of bytes side
+        by side, where a key's own elements lie capacity apart)."""
         _await_inputs(PDL)
         kv, split = tl.program_id(0), tl.program_id(1)  # kv: b * n_kv + key head
         start, end = _key_range(pos_ptr, kv, split, n_kv, window, SPLIT)
+        pos = tl.load(pos_ptr + kv // n_kv)
+        run = pos - pos % RUN  # the first key of the stream's last run
         d = tl.arange(0, D)
         s = tl.arange(0, BLOCK)
         r = tl.arange(0, RP)
-        k_base = kv.to(tl.int64) * D * capacity
+        base = kv.to(tl.int64) * D * capacity  # of [capacity, d] rows and [d, capacity] alike
         best = tl.full([RP], float("-inf"), tl.float64)
-        for first in range(start, end, BLOCK):
+        below = tl.minimum(end, run)
+        for first in range(start, below, BLOCK):
             keys = first + s
-            valid = keys < end
-            k = tl.load(k_ptr + k_base + d[:, None] * capacity + keys[None, :],
-                        mask=valid[None, :], other=0).to(tl.float64)
-            for j in tl.static_range(REP):
-                head = (kv * REP + j).to(tl.int64)
-                q = tl.load(q_ptr + head * D + d).to(tl.float64)
-                scores = tl.sum(k * q[:, None], axis=0)  # exact: below 2**53
-                tl.store(scores_ptr + head * capacity + keys, scores, mask=valid)
-                top = tl.max(tl.where(valid, scores, float("-inf")), axis=0)
-                best = tl.maximum(best, tl.where(r == j, top, float("-inf")))
+            k = tl.load(major_ptr + base + d[:, None] * capacity + keys[None, :],
+                        mask=(keys < below)[None, :], other=0)
+            best = _key_head_scores(q_ptr, k, keys, keys < below, kv, best, r, scores_ptr,
+                                    capacity, REP, D)
+        if (end > run) & (start < end):  # the split that holds the stream's position
+            keys = run + tl.arange(0, RUN)
+            k = tl.load(k_ptr + base + keys[None, :] * D + d[:, None],
+                        mask=(keys <= pos)[None, :], other=0)
+            if pos % RUN == RUN - 1:
+                tl.store(major_ptr + base + d[:, None] * capacity + keys[None, :], k)
+            best = _key_head_scores(q_ptr, k, keys, (keys >= start) & (keys < end), kv, best,
+                                    r, scores_ptr, capacity, REP, D)
         tl.store(best_ptr + (kv * REP + r) * n_splits + split, best, mask=r < REP)
+
+    @triton.jit
+    def _key_head_scores(q_ptr, k, keys, valid, kv, best, r, scores_ptr, capacity,
+                         REP: tl.constexpr, D: tl.constexpr):
+        """The REP query heads' scores over a tile of keys [d, keys]: stored, and each head's
+        maximum folded into best [RP]."""
+        k = k.to(tl.float64)
+        d = tl.arange(0, D)
+        for j in tl.static_range(REP):
+            head = (kv * REP + j).to(tl.int64)
+            q = tl.load(q_ptr + head * D + d).to(tl.float64)
+            scores = tl.sum(k * q[:, None], axis=0)  # exact: below 2**53
+            tl.store(scores_ptr + head * capacity + keys, scores, mask=valid)
+            top = tl.max(tl.where(valid, scores, float("-inf")), axis=0)
+            best = tl.maximum(best, tl.where(r == j, top, float("-inf")))
+        return best
 
     @triton.jit
     def _weights_kernel(v_ptr, pos_ptr, table_ptr, scale_ptr, scores_ptr, best_ptr,
@@ -274,27 +295,32 @@ WEIGHTS_WARPS = 1
 # (scores 2.75 -> 2.08 ms at positions 120-130, plus 0.32 in ``heads``); 64 streams were level
 # (1.91 / 1.90), and small groups keep the kernel fewer.
 ROTATE_MAX_STREAMS = 64
-# Groups of at least this many streams hold their keys key-major (``cache_keys``), and their
-# scores run per key head (_key_major_scores_kernel) on one warp: each key is read once for
-# its query heads, and its d-sum stays in a few lanes. Writing a step's keys then costs a
-# 4-byte store per element (``heads``). On the H200 (SmolLM2's shapes, whole 256-token
-# decodes, benchmarks/dev/h200_decode_positions.py) a 1,024-stream step took 6.42 ms on
-# average against 6.70 (scores 1.42 against 2.08 ms at positions 120-130, ``heads`` 0.51
-# against 0.11; below position 32, 4.41 against 4.23), a 512-stream step 4.20 against 4.30,
-# and a 256-stream step 3.17 against 3.10: smaller groups keep their keys [capacity, d].
+# Groups of at least this many streams keep a key-major copy of their keys (``major_keys``),
+# and their scores run per key head over it (_key_major_scores_kernel) on one warp: each key
+# is read once for its query heads, and its d-sum stays in a few lanes. The copy is written a
+# run of MAJOR_RUN positions at a time, from the cache's rows: a key's elements lie capacity
+# apart there, and writing each step's key into it (a 4-byte store per element) had cost
+# 0.51 ms of a 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes,
+# whole 256-token decodes, benchmarks/dev/h200_decode_positions.py) the copy took a
+# 1,024-stream step from 6.74 to 6.17 ms on average (scores 1.53 against 2.07 ms at positions
+# 120-130), a 512-stream one from 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy
+# adds the keys' bytes again (half a cache's), so groups small enough for the codec to keep
+# (256 streams and fewer, for SmolLM2 on the H200) go without it: their gain was in the runs'
+# spread.
 KEY_MAJOR_MIN_STREAMS = 512
 KEY_MAJOR_WARPS = 1
+MAJOR_RUN = 8  # positions: 32 bytes of int32, a whole sector a key element
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      pos: torch.Tensor, window: int, table: torch.Tensor,
                      index_scale: torch.Tensor, out_scale: int,
-                     rotation: Rotation | None = None
+                     rotation: Rotation | None = None, major: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of one new query per stream over the int32 cache [B, Hkv, capacity, d] at
     slots 0..pos[b] (the last ``window`` of them if window > 0), returned as the o projection's
     input: intops.split_rows of the Q16 rows [B, H d] (int8 halves [B, H d], shifts [B, 1]).
-    The values are contiguous; the keys too, or key-major (``cache_keys``).
+    ``major``: the keys' key-major copy (``major_keys``) where the group keeps one.
 
     q: the rotated queries, int64 [B, Hkv, rep, 1, d] (the cache holds the new keys); or, with
     ``rotation``, the step's qkv rows [B, (H + 2 Hkv) d], rotated here (model._heads for models
@@ -302,9 +328,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     ``table``: the float64 exp table (Q16); ``index_scale``: float64 [1], score units to table
     steps (a tensor: kernels take Python floats as float32)."""
     b, n_kv, capacity, d = keys.shape
-    by_key = key_major(keys)
-    if by_key and rotation is not None:
-        raise ValueError("the rotating scores kernel writes keys [capacity, d]-major")
+    if major is not None and rotation is not None:
+        raise ValueError("the rotating scores kernel writes the rows, not a key-major copy")
     n_heads = rotation.n_heads if rotation is not None else q.shape[2] * n_kv
     rep, heads = n_heads // n_kv, b * n_heads
     splits = (MAX_SPLITS if TARGET_PROGRAMS is None
@@ -322,10 +347,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     lo = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     shift = torch.empty((b, 1), dtype=torch.int64, device=dev)
     grid, launch = (heads, n_splits), launch_options(dev, b)
-    if by_key:
+    if major is not None:
         _key_major_scores_kernel[(b * n_kv, n_splits)](
-            q, keys, pos, scores, best, n_kv, capacity, window, n_splits, REP=rep,
-            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block,
+            q, keys, major, pos, scores, best, n_kv, capacity, window, n_splits, REP=rep,
+            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block, RUN=MAJOR_RUN,
             num_warps=KEY_MAJOR_WARPS, **launch)
     else:
         r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
@@ -368,30 +393,29 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
     rotation's concatenations, the values' shift and the copies into each layout)."""
     b, t = qkv.shape[:2]
     _, n_kv, capacity, d = keys.shape
-    if not (keys.is_contiguous() or key_major(keys)) or not values.is_contiguous():
-        raise ValueError("heads writes contiguous caches, or key-major keys (cache_keys)")
     q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=torch.int32, device=qkv.device)
     bt = min(32, triton.next_power_of_2(b * t))
     _heads_kernel[(triton.cdiv(b * t, bt), r.n_heads + 2 * n_kv)](
         qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, b * t,
         r.n_heads, n_kv, capacity, r.limit, ROPE_SHIFT=r.rope_shift, V_SHIFT=r.v_shift, D=d,
-        BT=bt, KEY_MAJOR=key_major(keys), num_warps=1 if bt == 1 else 4,
-        **launch_options(qkv.device, b * t))
+        BT=bt, num_warps=1 if bt == 1 else 4, **launch_options(qkv.device, b * t))
     return q
 
 
-def cache_keys(b: int, n_kv: int, capacity: int, d: int, dtype: torch.dtype,
-               device: torch.device | str) -> torch.Tensor:
-    """Zero keys [B, Hkv, capacity, d] whose memory is key-major ([B, Hkv, d, capacity]): the
-    layout of _key_major_scores_kernel. ``heads``, ``decode_attention``,
-    ``prefill_attention`` and torch's indexing take either layout."""
-    return torch.zeros((b, n_kv, d, capacity), dtype=dtype, device=device).transpose(2, 3)
+def major_keys(b: int, n_kv: int, capacity: int, d: int, device: torch.device | str
+               ) -> torch.Tensor:
+    """A zero key-major copy of int32 keys [B, Hkv, capacity, d]: [B, Hkv, d, capacity], which
+    decode_attention(major=) reads below each stream's last run of MAJOR_RUN positions and
+    fills run by run; a prefill fills it with ``fill_major``."""
+    return torch.zeros((b, n_kv, d, capacity), dtype=torch.int32, device=device)
 
 
-def key_major(keys: torch.Tensor) -> bool:
-    """Whether keys [B, Hkv, capacity, d] have ``cache_keys``' layout."""
-    b, n_kv, capacity, d = keys.shape
-    return keys.stride() == (n_kv * d * capacity, d * capacity, 1, capacity)
+def fill_major(major: torch.Tensor, keys: torch.Tensor) -> None:
+    """Copy keys [B, Hkv, T, d] (positions 0..T-1 of the first B streams) into their
+    key-major copy."""
+    major[: keys.shape[0], :, :, : keys.shape[2]] = keys.transpose(2, 3)
+
+
 
 if triton is not None:
 

@@ -560,6 +560,8 @@ class IntModel:
         h, mlp, post = self.embed(ids), None, None
         for i, layer in enumerate(self.w.layers):
             h, q, k, v = self._qkv(layer, i, h, mlp, post, pos, cache)
+            if cache is not None and cache.major is not None:
+                cuda_attention.fill_major(cache.major[i], k)
             if self.fused_prefill:
                 att = cuda_attention.prefill_attention(
                     q, k, v, self.spec.windows[i], self.exp_attn_f, self._index_scale_t,
@@ -590,17 +592,17 @@ class IntModel:
         # sized to the group (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at
         # positions 100-190, where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
         dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
-        # Large groups hold their keys key-major: their scores run per key head
+        # Large groups keep a key-major copy of their keys: their scores run per key head
         # (cuda_attention.KEY_MAJOR_MIN_STREAMS).
-        key_major = dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
+        major = dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
         return StepCache(
-            keys=[cuda_attention.cache_keys(batch, s.n_kv, capacity, s.head_dim, dtype,
-                                            self.device) if key_major
-                  else torch.zeros(shape, dtype=dtype, device=self.device)
+            keys=[torch.zeros(shape, dtype=dtype, device=self.device)
                   for _ in range(s.n_layers)],
             values=[torch.zeros(shape, dtype=dtype, device=self.device)
                     for _ in range(s.n_layers)],
             capacity=capacity,
+            major=[cuda_attention.major_keys(batch, s.n_kv, capacity, s.head_dim, self.device)
+                   for _ in range(s.n_layers)] if major else None,
         )
 
     @torch.inference_mode()
@@ -637,7 +639,7 @@ class IntModel:
         rotate_in_kernel = self.fused_heads and layer.q_norm is None
         if (cache.dtype == torch.int32 and rotate_in_kernel
                 and b <= cuda_attention.ROTATE_MAX_STREAMS
-                and not cuda_attention.key_major(cache.keys[i])):  # one pass, no queries stored
+                and cache.major is None):  # one pass, no queries stored
             rotation = self._rotation(i, cache.capacity)
             return self._gemm(*self._decode_attention(i, qkv, cache, pos, rotation), layer.o)
         if rotate_in_kernel:  # the cache written by the kernel
@@ -663,7 +665,7 @@ class IntModel:
         return cuda_attention.decode_attention(q, cache.keys[i], cache.values[i], pos,
                                                self.spec.windows[i], self.exp_attn_f,
                                                self._index_scale_t, 1 << (FRAC - QKV_FRAC),
-                                               rotation)
+                                               rotation, cache.major and cache.major[i])
 
 
 class StepOps(Protocol):
@@ -686,12 +688,14 @@ class StepOps(Protocol):
 @dataclass
 class StepCache:
     """A static KV cache of Q12 integers [B, Hkv, capacity, d]: float64 (exact) for the
-    attention GEMMs, or int32 for the fused GPU kernels (a large group's keys key-major:
-    cuda_attention.cache_keys)."""
+    attention GEMMs, or int32 for the fused GPU kernels. ``major``: a large group's key-major
+    copies of the keys (cuda_attention.major_keys), which prefills fill and decode steps keep
+    up run by run."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     capacity: int
+    major: list[torch.Tensor] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
