@@ -451,9 +451,8 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
     i64 status = 0;
     i64 width = (heads + 2 * kv) * d, half = d / 2, big = (i64)1 << 40;
     i64 rnd = (i64)1 << (rope_shift - 1), vrnd = (i64)1 << (vshift - 1);
-    /* rotated queries [b, heads, d] as int32 (|q| <= limit < 2**31), made float64 per head
-     * for attend_row below */
-    int32_t *qr = (int32_t *)work;
+    /* rotated queries [b, heads, d] as float64 (|q| <= limit < 2**53: exact), attend_row's */
+    double *qr = (double *)work;
     for (i64 s = 0; s < b; s++) {
         i64 p = pos[s];
         const i64 *c = cosf + p * d, *sn = sinf + p * d;
@@ -468,8 +467,8 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
                 rot[i] = y < -limit ? -limit : (y > limit ? limit : y);
             }
             if (hh < heads) {
-                int32_t *qd = qr + (s * heads + hh) * d;
-                for (i64 i = 0; i < d; i++) qd[i] = (int32_t)rot[i];
+                double *qd = qr + (s * heads + hh) * d;
+                for (i64 i = 0; i < d; i++) qd[i] = (double)rot[i];
             } else {
                 int32_t *kd = kc + ((s * kv + (hh - heads)) * cap + p) * d;
                 for (i64 i = 0; i < d; i++) kd[i] = (int32_t)rot[i];
@@ -492,25 +491,22 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
     for (i64 sg = 0; sg < b * kv; sg++) { /* a stream's key head and its rep query heads */
         i64 s = sg / kv, g = sg % kv, p = pos[s];
         i64 lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p + 1 - lo;
-        i64 bytes = (2 * n * d + 2 * n + 2 * d) * (i64)sizeof(double);
+        i64 bytes = (2 * n * d + 2 * n + d) * (i64)sizeof(double);
         double *kt = alloc(bytes);
         if (!kt) {
             failed(&status, bytes);
             continue;
         }
-        double *vd = kt + n * d, *sc = vd + n * d, *w = sc + n, *acc = w + n, *qd = acc + d;
+        double *vd = kt + n * d, *sc = vd + n * d, *w = sc + n, *acc = w + n;
         const int32_t *kb = kc + (sg * cap + lo) * d, *vb = vc + (sg * cap + lo) * d;
         for (i64 j = 0; j < n; j++) /* as float64 once for the rep query heads */
             for (i64 i = 0; i < d; i++) {
                 kt[i * n + j] = (double)kb[j * d + i];
                 vd[j * d + i] = (double)vb[j * d + i];
             }
-        for (i64 hh = g * rep; hh < (g + 1) * rep; hh++) {
-            const int32_t *q = qr + (s * heads + hh) * d;
-            for (i64 i = 0; i < d; i++) qd[i] = (double)q[i];
-            attend_row(qd, kt, n, vd, d, 0, n - 1, NULL, sc, w, acc, exp_table, n_exp,
-                       index_scale, out_mult, out + (s * heads + hh) * d);
-        }
+        for (i64 hh = g * rep; hh < (g + 1) * rep; hh++)
+            attend_row(qr + (s * heads + hh) * d, kt, n, vd, d, 0, n - 1, NULL, sc, w, acc,
+                       exp_table, n_exp, index_scale, out_mult, out + (s * heads + hh) * d);
         free(kt);
     }
     return status;
