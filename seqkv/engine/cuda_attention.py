@@ -416,7 +416,6 @@ def fill_major(major: torch.Tensor, keys: torch.Tensor) -> None:
     major[: keys.shape[0], :, :, : keys.shape[2]] = keys.transpose(2, 3)
 
 
-
 if triton is not None:
 
     @triton.jit

@@ -665,7 +665,8 @@ class IntModel:
         return cuda_attention.decode_attention(q, cache.keys[i], cache.values[i], pos,
                                                self.spec.windows[i], self.exp_attn_f,
                                                self._index_scale_t, 1 << (FRAC - QKV_FRAC),
-                                               rotation, cache.major and cache.major[i])
+                                               rotation,
+                                               None if cache.major is None else cache.major[i])
 
 
 class StepOps(Protocol):
