@@ -16,25 +16,29 @@ groups above ROTATE_MAX_STREAMS).
     python3 benchmarks/dev/h200_attention_layouts.py          # from the repository root
     TRITON_INTERPRET=1 python3 benchmarks/dev/h200_attention_layouts.py --check   # CPU
 
-Output of 2026-12-01 21:00 UTC: benchmarks/results/engine_dev_h200.txt. What shipped from it:
-cuda_attention._key_major_scores_kernel (this file's _scores_kv_t_kernel).
+Output of 2026-12-01 19:55 UTC: benchmarks/results/engine_dev_h200.txt (timed then as the mean
+of five replays of a 20-call graph; benchmarks/timing.graph_us, used since, takes the best of
+three). What shipped from it: cuda_attention._key_major_scores_kernel (this file's
+_scores_kv_t_kernel).
 """
 
+import itertools
 import sys
 from functools import partial
 
 import torch
 
 sys.path.insert(0, "benchmarks/dev")
+sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".")
-from h200_digit_attention import case, timed  # noqa: E402
+import triton.language as tl  # noqa: E402
+from h200_digit_attention import case  # noqa: E402
+from timing import graph_us  # noqa: E402
 
 from seqkv.engine import cuda_attention  # noqa: E402
 from seqkv.engine.cuda_ops import triton  # noqa: E402
 from seqkv.engine.intops import ACT_BITS  # noqa: E402
 from seqkv.engine.model import FRAC, QKV_FRAC  # noqa: E402
-
-import triton.language as tl  # noqa: E402
 
 
 @triton.jit
@@ -287,50 +291,28 @@ class Layer:
         return self.finish()
 
 
-def graphed(fn, reps=20):
-    """ms a call, from a CUDA graph of reps calls (a Python launch takes longer than many of
-    these kernels)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return timed(graph.replay, 5) / reps
-
-
 def reference(model, q, k, v, pos):
     return cuda_attention.decode_attention(q, k, v, pos, 0, model.exp_attn_f,
                                            model._index_scale_t, 1 << (FRAC - QKV_FRAC))
 
 
+# (method, keys a loop iteration, warps) of every variant probed
+GRIDS = (("scores_t", (32, 64), (1, 2)), ("scores_kv_t", (16, 32, 64), (1, 2, 4)),
+         ("weights_kv", (16, 32, 64), (1, 2, 4)), ("scores_kv3", (8, 16, 32), (2, 4, 8)),
+         ("weights_kv3", (8, 16, 32), (2, 4, 8)), ("weights_2d", (16, 32), (1, 2)))
+
+
 def variants(layer):
-    """(name, scores call, weights call) of every configuration probed."""
+    """(name, scores call, weights call) of every configuration probed: each variant of one
+    kernel runs with the other kernel's plain version."""
     out = [("plain 32/4 + plain 32/1", partial(layer.scores_plain), partial(layer.weights_plain))]
-    for block in (32, 64):
-        for warps in (1, 2):
-            out.append((f"scores_t {block}/{warps}", partial(layer.scores_t, block, warps),
-                        partial(layer.weights_plain)))
-    for block in (16, 32, 64):
-        for warps in (1, 2, 4):
-            out.append((f"scores_kv_t {block}/{warps}", partial(layer.scores_kv_t, block, warps),
-                        partial(layer.weights_plain)))
-            out.append((f"weights_kv {block}/{warps}", partial(layer.scores_plain),
-                        partial(layer.weights_kv, block, warps)))
-    for block in (8, 16, 32):
-        for warps in (2, 4, 8):
-            out.append((f"scores_kv3 {block}/{warps}", partial(layer.scores_kv3, block, warps),
-                        partial(layer.weights_plain)))
-            out.append((f"weights_kv3 {block}/{warps}", partial(layer.scores_plain),
-                        partial(layer.weights_kv3, block, warps)))
-    for block in (16, 32):
-        for warps in (1, 2):
-            out.append((f"weights_2d {block}/{warps}", partial(layer.scores_plain),
-                        partial(layer.weights_2d, block, warps)))
+    for method, blocks, warps_list in GRIDS:
+        for block, warps in itertools.product(blocks, warps_list):
+            name, call = f"{method} {block}/{warps}", partial(getattr(layer, method), block, warps)
+            if method.startswith("weights"):
+                out.append((name, layer.scores_plain, call))
+            else:
+                out.append((name, call, layer.weights_plain))
     return out
 
 
@@ -364,9 +346,9 @@ def main() -> None:
             rows = []
             for name, scores, weights in variants(layer):
                 part = weights if "weights" in name.split()[0] else scores
-                rows.append((graphed(part) * 1e3, name))
-            base_s = graphed(layer.scores_plain) * 1e3
-            base_w = graphed(layer.weights_plain) * 1e3
+                rows.append((graph_us(part), name))
+            base_s = graph_us(layer.scores_plain)
+            base_w = graph_us(layer.weights_plain)
             print(f"   plain scores 32/4 {base_s:.1f} us, plain weights 32/1 {base_w:.1f} us")
             for us, name in sorted(rows):
                 print(f"   {us:7.1f} us  {name}")
