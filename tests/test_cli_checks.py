@@ -174,14 +174,16 @@ def test_compact_blob_refusal_imports_no_torch(foreign_text_blob, tmp_path):
 
 
 def test_blob_of_an_earlier_engine_refused_by_name_before_the_model(no_model, tmp_path):
-    """Engine 1's golden blob (int8 weights with a rounding residual): one line naming both
+    """Engine 2's golden blob (keys and values at full Q12 precision): one line naming both
     versions, no model loaded, nothing written; inspect still describes it."""
     from pathlib import Path
 
-    old = Path(__file__).parent / "golden" / "smollm2_news_engine1.skv"
+    from seqkv.core.version import ENGINE_ID
+
+    old = Path(__file__).parent / "golden" / "smollm2_news_engine2.skv"
     out = tmp_path / "o.txt"
     _one_line_error(runner.invoke(app, ["decompress", str(old), "-o", str(out)]),
-                    "integer engine version 1", "has version 2")
+                    "integer engine version 2", f"has version {ENGINE_ID}")
     assert not out.exists()
     result = runner.invoke(app, ["inspect", str(old), "--json"])
     assert result.exit_code == 0 and '"smollm2-135m"' in result.output

@@ -11,7 +11,7 @@ from seqkv.engine import IntModel, cuda_attention, integerize
 from seqkv.engine.cuda_ops import available
 from seqkv.engine.model import FRAC, QKV_FRAC
 
-from .test_cuda_ops import KERNEL_MODELS
+from .test_cuda_ops import KERNEL_MODELS, cached
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
     torch.device("cuda")), reason="needs a CUDA GPU with Triton")
@@ -40,10 +40,11 @@ def test_prefill_kernel_gives_the_torch_integers(name):
 
 
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("kv_dtype", [torch.int64, torch.int32, torch.float64])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int64, torch.int32, torch.float64])
 def test_prefill_kernel_at_the_bounds(window, kv_dtype):
     """Queries after earlier keys (S > T), keys at the engine's |x| bound, strided keys and
-    values (a transposed view, as the model passes them) and every cache dtype: the same
+    values (a transposed view, as the model passes them) and every cache dtype (float16 as
+    intops.kv_float16 holds them; integer ones at full width, for the sums' bounds): the same
     integers as IntModel._attend."""
     from .test_engine import MODELS
 
@@ -56,7 +57,7 @@ def test_prefill_kernel_at_the_bounds(window, kv_dtype):
     v = torch.randint(-lim, lim + 1, (b, s, n_kv, d), generator=g).transpose(1, 2)
     q[0, 0, 0, 0], k[0, 0, :3] = lim, lim  # products and sums at their largest
     q[1, 1, 2, -1] = 0  # every score equal
-    q, k, v = q.cuda(), k.cuda().to(kv_dtype), v.cuda().to(kv_dtype)
+    q, k, v = q.cuda(), cached(k.cuda(), kv_dtype), cached(v.cuda(), kv_dtype)
     qpos = torch.arange(s - t, s, device="cuda")[:, None]
     kpos = torch.arange(s, device="cuda")[None, :]
     allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
@@ -83,15 +84,17 @@ def test_prefill_kernel_past_a_grid_axis_limit():
     assert torch.equal(got, model._attend(q, k, v, allowed))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int32])
 @pytest.mark.parametrize("major", [False, True])
 @pytest.mark.parametrize("programs", [2048, 1])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_kernels_at_the_bounds(programs, window, major, monkeypatch):
+def test_decode_kernels_at_the_bounds(programs, window, major, kv_dtype, monkeypatch):
     """One step's attention over queries, keys and values at the engine's |x| bound, with
     split heads and with one program per head (as large groups run), and over a key-major
     copy of the keys (as groups of KEY_MAJOR_MIN_STREAMS run: the copy stale in each stream's
     last run, which the kernel reads from the rows, and copies over where it is whole): the
-    torch path's integers, split for the o projection."""
+    torch path's integers, split for the o projection; over float16 caches as the engine
+    keeps them, and int32 ones at full width."""
     from seqkv.engine.intops import split_rows
 
     from .test_engine import MODELS
@@ -106,22 +109,24 @@ def test_decode_kernels_at_the_bounds(programs, window, major, monkeypatch):
     v = torch.randint(-lim, lim + 1, (b, n_kv, cap, d), generator=g)
     q[0, 0, 0, 0], k[0, 0, :3], v[0, 0, :5] = lim, lim, -lim  # products at their largest
     q[1, 1, 2] = 0  # every score equal
-    pos = torch.tensor([cap - 1, 39, 3])  # 39: a run of MAJOR_RUN = 8 just whole
+    k, v = cached(k, kv_dtype), cached(v, kv_dtype)
+    copy = cuda_attention.major_keys(b, n_kv, cap, d, "cpu", kv_dtype)
+    run = cuda_attention.major_run(copy)
+    pos = torch.tensor([cap - 1, 3 * run - 1, 3])  # stream 1: its third run just whole
     kpos = torch.arange(cap)[None, :]
     allowed = (kpos <= pos[:, None]) & ((pos[:, None] - kpos < window) if window else True)
-    q, k, v, pos, allowed = (x.to(model.device) for x in (q, k, v, pos, allowed))
+    q, k, v, pos, allowed, copy = (x.to(model.device) for x in (q, k, v, pos, allowed, copy))
     want = split_rows(model._attend(q, k, v, allowed[:, None, None, None, :])[:, 0])
-    copy = None
     if major:
-        copy = cuda_attention.major_keys(b, n_kv, cap, d, model.device)
-        cuda_attention.fill_major(copy, k.to(torch.int32))
-        run = cuda_attention.MAJOR_RUN
+        cuda_attention.fill_major(copy, k)
         for i, p in enumerate(pos.tolist()):
             copy[i, :, :, p - p % run :] = 777  # the last run: not in the copy yet
-    got = cuda_attention.decode_attention(q, k.to(torch.int32), v.to(torch.int32), pos,
-                                          window, model.exp_attn_f, model._index_scale_t,
-                                          1 << (FRAC - QKV_FRAC), major=copy)
+    got = cuda_attention.decode_attention(q, k, v, pos, window, model.exp_attn_f,
+                                          model._index_scale_t, 1 << (FRAC - QKV_FRAC),
+                                          major=copy if major else None)
     assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
     if major:  # the whole run copied over (stream 1), the others left
-        assert torch.equal(copy[1, :, :, :40], k[1, :, :40].transpose(1, 2).to(torch.int32))
-        assert (copy[0, :, :, 72:] == 777).all() and (copy[2, :, :, :] == 777).all()
+        whole = 3 * run
+        assert torch.equal(copy[1, :, :, :whole], k[1, :, :whole].transpose(1, 2))
+        last = (cap - 1) - (cap - 1) % run
+        assert (copy[0, :, :, last:] == 777).all() and (copy[2, :, :, :] == 777).all()

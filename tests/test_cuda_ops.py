@@ -16,6 +16,7 @@ from seqkv.core.errors import BlobError
 from seqkv.engine import EngineCodec, IntModel, cuda_ops, integerize, tables
 from seqkv.engine.codec import advance_streams
 from seqkv.engine.cuda_ops import available
+from seqkv.engine.intops import kv_float16
 from seqkv.engine.model import FRAC
 
 from .test_engine import MODELS
@@ -37,6 +38,13 @@ def _llama_rep3():
 
 
 KERNEL_MODELS = {**MODELS, "llama_rep3": _llama_rep3}
+
+
+def cached(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values as a cache of ``dtype`` holds them: float16 rounded as the engine's
+    (intops.kv_float16), integer dtypes at full width (to test the kernels' sums at their
+    bounds)."""
+    return kv_float16(x) if dtype == torch.float16 else x.to(dtype)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not available(
     torch.device("cuda")), reason="needs a CUDA GPU with Triton")
@@ -81,7 +89,7 @@ def test_kernels_give_the_torch_integers(name, programs, rotate_max, key_major, 
         _use_kernels(model, on, attention)
         hidden = model.prefill_hidden(ids)
         cache = model.new_cache(5, 48)
-        assert cache.dtype == (torch.int32 if attention else torch.float64)
+        assert cache.dtype == (torch.float16 if attention else torch.float64)
         assert (cache.major is not None) == (attention and key_major)
         model.prefill_hidden(ids[:, :30], cache=cache)
         steps = []

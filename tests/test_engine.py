@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -22,9 +24,10 @@ from seqkv import compress_tokens, decompress_text, decompress_tokens, inspect_b
 from seqkv.core.blob import pack, unpack
 from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
 from seqkv.core.models import ENGINE_WEIGHTS, from_objects
+from seqkv.core.version import ENGINE_ID
 from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, cpu_kernels, integerize
 from seqkv.engine.cpu_step import CpuStep
-from seqkv.engine.intops import RowGemm
+from seqkv.engine.intops import RowGemm, round_kv, round_kv_reference
 from seqkv.engine.model import head_bound
 from seqkv.tokens import compact as token_blob
 
@@ -459,6 +462,22 @@ def test_cpu_decode_attention_at_the_bounds(llama):
         assert torch.equal(got, want), t
 
 
+TIES = [sign * ((m << drop) + (1 << (drop - 1)))  # halfway between two KV_BITS-bit neighbours
+        for drop in (1, 5, 12) for m in (1024, 1025, 2046, 2047) for sign in (1, -1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(1 << 23), 1 << 23), min_size=1, max_size=64))
+def test_round_kv_is_its_integer_definition(xs):
+    """round_kv (float16 conversions, as devices run it) gives round_kv_reference's integers
+    for every key or value the engine makes (|x| <= 2**23): 11 significant bits, ties to
+    even, and 2**23 itself, the largest a rounding can reach."""
+    xs = xs + TIES + [1 << 23, -(1 << 23), (1 << 23) - 1, 2047, 2048, 2049, 0]
+    got = round_kv(torch.tensor(xs)).tolist()
+    assert got == [round_kv_reference(x) for x in xs]
+    assert all(abs(y - x) <= abs(x) >> 11 for x, y in zip(xs, got, strict=True))
+
+
 @needs_kernels
 def test_cpu_linear_kernel_equals_rowgemm_at_extremes():
     """The kernel GEMM and rescaling give RowGemm's integers: saturated weights, rows of zeros
@@ -576,10 +595,13 @@ def test_golden_vectors(smollm2):
     assert decompress_text(smollm2, blob) == bundled_text("brown_news")[: golden["blob_chars"]]
     # GPUs keep its logits in int32: the bound that allows it holds with room to spare
     assert head_bound(engine.w.final_norm, engine.w.head) < 2**28
-    # engine 1's golden blob (int8 weights with an int8 residual): refused by its format's name
-    old = (GOLDEN / "smollm2_news_engine1.skv").read_bytes()
-    with pytest.raises(BlobError, match="integer engine version 1; this seqkv has version 2"):
-        decompress_text(smollm2, old)
+    # earlier engines' golden blobs (1: int8 weights with an int8 residual; 2: keys and values
+    # at full Q12 precision): refused by their format's name
+    for version in (1, 2):
+        old = (GOLDEN / f"smollm2_news_engine{version}.skv").read_bytes()
+        with pytest.raises(BlobError, match=f"integer engine version {version}; this seqkv has "
+                                            f"version {ENGINE_ID}"):
+            decompress_text(smollm2, old)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -246,8 +246,8 @@ class _DecodeGroup:
 
     def _span(self, step: int) -> int:
         need = max(self.start) + step + 1
-        if self.cache.dtype == torch.int32:  # the fused kernel attends each stream's own
-            # length: one graph serves every step
+        if self.cache.dtype != torch.float64:  # the fused kernels (float16 caches on GPUs,
+            # int32 on CPUs) attend each stream's own length: one graph serves every step
             return self.capacity
         if not self.codec.graphs:
             return need

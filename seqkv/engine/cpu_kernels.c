@@ -87,6 +87,19 @@ static inline i64 shr(i64 x, i64 s) { /* torch's >> on int64: shifts past 63 sat
     return x >> (s > 63 ? 63 : s);
 }
 
+#define KV_BITS 11 /* intops.KV_BITS */
+
+/* intops.round_kv: x rounded to KV_BITS significant bits, ties to even (float16's rounding) */
+static inline i64 round_kv(i64 x) {
+    uint64_t a = x < 0 ? -(uint64_t)x : (uint64_t)x;
+    int drop = 64 - __builtin_clzll(a | 1) - KV_BITS;
+    if (drop <= 0) return x;
+    uint64_t q = a >> drop, rem = a & (((uint64_t)1 << drop) - 1);
+    uint64_t half = (uint64_t)1 << (drop - 1);
+    q += rem > half || (rem == half && (q & 1));
+    return x < 0 ? -(i64)(q << drop) : (i64)(q << drop);
+}
+
 static inline int exponent_of(i64 top) { /* frexp(double(top)).exponent */
     int e;
     frexp((double)top, &e);
@@ -441,7 +454,7 @@ static void attend_row(const double *qd, const double *kt, i64 ks, const double 
 /* -- one decode step's attention ------------------------------------------------------------ */
 /* qkv int64 [b, (h + 2 kv) d] (queries and keys already normed where the model does), rotated
  * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
- * clamped) written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
+ * clamped) rounded (round_kv) and written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
  * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]: attend_row,
  * with each key head's keys and values made float64 once for its rep query heads. */
 i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
@@ -471,7 +484,7 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
                 for (i64 i = 0; i < d; i++) qd[i] = (double)rot[i];
             } else {
                 int32_t *kd = kc + ((s * kv + (hh - heads)) * cap + p) * d;
-                for (i64 i = 0; i < d; i++) kd[i] = (int32_t)rot[i];
+                for (i64 i = 0; i < d; i++) kd[i] = (int32_t)round_kv(rot[i]);
             }
         }
         for (i64 g = 0; g < kv; g++) {
@@ -479,7 +492,7 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
             int32_t *vd = vc + ((s * kv + g) * cap + p) * d;
             for (i64 i = 0; i < d; i++) {
                 i64 y = (x[i] + vrnd) >> vshift;
-                vd[i] = (int32_t)(y < -limit ? -limit : (y > limit ? limit : y));
+                vd[i] = (int32_t)round_kv(y < -limit ? -limit : (y > limit ? limit : y));
             }
         }
     }

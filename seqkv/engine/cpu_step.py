@@ -2,7 +2,7 @@
 drives them (its StepOps) and gives its own integers, in six kernel calls per layer.
 
 The step reads every weight once, in the kernels' tile layout, and keeps keys and values as
-int32 (|x| < 2**23), so a stream's step costs about the weights' bytes over the memory's
+int32 (|x| <= 2**23), so a stream's step costs about the weights' bytes over the memory's
 bandwidth plus a fraction of a millisecond of calls. The operations, their order and every
 rounding are model.py's (tested position by position against the prefill, for every supported
 architecture); a model the kernels cannot run (no compiler, neither AVX-512 VNNI nor AVX2) has

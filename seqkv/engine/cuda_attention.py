@@ -12,9 +12,10 @@ the step's rotation and cache write; weights and partial sums), then one program
 divides and splits the row for the output projection. Large groups also keep a key-major copy
 of their keys (``major_keys``) and score them per key head.
 
-Every operation is the one the torch path performs: float64 products and sums of integers
-below 2**53 (exact in any order), one IEEE multiply and floor for the table index, one
-correctly rounded division and a round-half-to-even, so the results are bit-identical
+Every operation is the one the torch path performs: float16's rounding of the new keys and
+values (intops.round_kv; float16 caches keep that float16), float64 products and sums of
+integers below 2**53 (exact in any order), one IEEE multiply and floor for the table index,
+one correctly rounded division and a round-half-to-even, so the results are bit-identical
 (tests/test_cuda_attention.py and test_cuda_ops.py, run on the H200).
 """
 
@@ -25,13 +26,35 @@ from dataclasses import dataclass
 import torch
 
 from .cuda_ops import launch_options, triton
-from .intops import ACT_BITS
+from .intops import ACT_BITS, KV_EXP, kv_float64
 
 if triton is not None:
     import triton.language as tl
 
     from .cuda_ops import _await_inputs, _round_half_even
     from .cuda_rows import _halves, _row_shift
+
+    _KV_DOWN = tl.constexpr(2.0**-KV_EXP)
+    _KV_UP = tl.constexpr(2.0**KV_EXP)
+
+    @triton.jit
+    def _as_cached(x, ptr):
+        """Keys or values x (int64 Q12, |x| <= 2**23) rounded to float16's precision, as the
+        cache at ptr holds them (intops.round_kv: float16's rounding of x * 2**-KV_EXP, ties
+        to even; a float16 cache keeps that float16, others its integer)."""
+        h = (x.to(tl.float32) * _KV_DOWN).to(tl.float16)
+        if ptr.dtype.element_ty == tl.float16:
+            return h
+        else:
+            return (h.to(tl.float32) * _KV_UP).to(ptr.dtype.element_ty)
+
+    @triton.jit
+    def _kv_float64(x):
+        """Cached keys or values as float64 integers (intops.kv_float64)."""
+        if x.dtype == tl.float16:
+            return x.to(tl.float32).to(tl.float64) * _KV_UP
+        else:
+            return x.to(tl.float64)
 
     @triton.jit
     def _key_range(pos_ptr, head, split, n_heads, window, SPLIT: tl.constexpr):
@@ -88,13 +111,11 @@ if triton is not None:
                          + d, out.to(q_ptr.dtype.element_ty), mask=ok)
             else:
                 kv = (j - n_heads).to(tl.int64)
-                tl.store(k_ptr + slot + kv * capacity * D + d, out.to(k_ptr.dtype.element_ty),
-                         mask=ok)
+                tl.store(k_ptr + slot + kv * capacity * D + d, _as_cached(out, k_ptr), mask=ok)
         else:
             out = _shifted(row, d, ok, limit, V_SHIFT)
             kv = (j - n_heads - n_kv).to(tl.int64)
-            tl.store(v_ptr + slot + kv * capacity * D + d, out.to(v_ptr.dtype.element_ty),
-                     mask=ok)
+            tl.store(v_ptr + slot + kv * capacity * D + d, _as_cached(out, v_ptr), mask=ok)
 
     @triton.jit
     def _scores_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, scores_ptr, best_ptr,
@@ -123,12 +144,12 @@ if triton is not None:
             whole = d < D
             q = _rotated(row + h * D, d, whole, cos, sin, limit, ROPE_SHIFT, D).to(tl.float64)
             kv = h // rep
-            new_key = _rotated(row + (n_heads + kv) * D, d, whole, cos, sin, limit, ROPE_SHIFT,
-                               D)
+            new_key = _as_cached(_rotated(row + (n_heads + kv) * D, d, whole, cos, sin, limit,
+                                          ROPE_SHIFT, D), k_ptr)
             if (h % rep == 0) & (split == pos // SPLIT):
                 v = _shifted(row + (n_heads + n_kv + kv) * D, d, whole, limit, V_SHIFT)
-                tl.store(k_ptr + k_base + pos * D + d, new_key.to(k_ptr.dtype.element_ty))
-                tl.store(v_ptr + k_base + pos * D + d, v.to(v_ptr.dtype.element_ty))
+                tl.store(k_ptr + k_base + pos * D + d, new_key)
+                tl.store(v_ptr + k_base + pos * D + d, _as_cached(v, v_ptr))
         else:
             q = tl.load(q_ptr + head * D + d).to(tl.float64)
         row = head.to(tl.int64) * capacity
@@ -139,8 +160,8 @@ if triton is not None:
             k = tl.load(k_ptr + k_base + keys[:, None] * D + d[None, :],
                         mask=valid[:, None], other=0)
             if ROTATE:  # this step's key, which another program may be writing
-                k = tl.where((keys == pos)[:, None], new_key[None, :].to(k.dtype), k)
-            scores = tl.sum(k.to(tl.float64) * q[None, :], axis=1)  # exact: below 2**53
+                k = tl.where((keys == pos)[:, None], new_key[None, :], k)
+            scores = tl.sum(_kv_float64(k) * q[None, :], axis=1)  # exact: below 2**53
             tl.store(scores_ptr + row + keys, scores, mask=valid)
             best = tl.maximum(best, tl.where(valid, scores, float("-inf")))
         tl.store(best_ptr + head * n_splits + split, tl.max(best, axis=0))
@@ -190,7 +211,7 @@ if triton is not None:
                          REP: tl.constexpr, D: tl.constexpr):
         """The REP query heads' scores over a tile of keys [d, keys]: stored, and each head's
         maximum folded into best [RP]."""
-        k = k.to(tl.float64)
+        k = _kv_float64(k)
         d = tl.arange(0, D)
         for j in tl.static_range(REP):
             head = (kv * REP + j).to(tl.int64)
@@ -225,8 +246,8 @@ if triton is not None:
             scores = tl.load(scores_ptr + row + keys, mask=valid, other=0.0)
             idx = tl.minimum(tl.floor((top - scores) * index_scale), table_last)
             p = tl.load(table_ptr + idx.to(tl.int64), mask=valid, other=0.0)
-            v = tl.load(v_ptr + v_base + keys[:, None] * D + d[None, :],
-                        mask=valid[:, None], other=0).to(tl.float64)
+            v = _kv_float64(tl.load(v_ptr + v_base + keys[:, None] * D + d[None, :],
+                                    mask=valid[:, None], other=0))
             total += p
             acc += tl.sum(p[:, None] * v, axis=0)
         part = head.to(tl.int64) * n_splits + split
@@ -298,8 +319,9 @@ ROTATE_MAX_STREAMS = 64
 # Groups of at least this many streams keep a key-major copy of their keys (``major_keys``),
 # and their scores run per key head over it (_key_major_scores_kernel) on one warp: each key
 # is read once for its query heads, and its d-sum stays in a few lanes. The copy is written a
-# run of MAJOR_RUN positions at a time, from the cache's rows: a key's elements lie capacity
-# apart there, and writing each step's key into it (a 4-byte store per element) had cost
+# run of positions at a time (MAJOR_RUN_BYTES of each element), from the cache's rows: a key's
+# elements lie capacity apart there, and writing each step's key into it (a 4-byte store per
+# element, when caches held int32) had cost
 # 0.51 ms of a 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes,
 # whole 256-token decodes, benchmarks/dev/h200_decode_positions.py) the copy took a
 # 1,024-stream step from 6.74 to 6.17 ms on average (scores 1.53 against 2.07 ms at positions
@@ -309,7 +331,12 @@ ROTATE_MAX_STREAMS = 64
 # spread.
 KEY_MAJOR_MIN_STREAMS = 512
 KEY_MAJOR_WARPS = 1
-MAJOR_RUN = 8  # positions: 32 bytes of int32, a whole sector a key element
+MAJOR_RUN_BYTES = 32  # a whole sector a key element: 16 positions of float16
+
+
+def major_run(major: torch.Tensor) -> int:
+    """Positions a key-major copy is written at a time: MAJOR_RUN_BYTES of each element."""
+    return MAJOR_RUN_BYTES // major.element_size()
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -317,9 +344,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      index_scale: torch.Tensor, out_scale: int,
                      rotation: Rotation | None = None, major: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of one new query per stream over the int32 cache [B, Hkv, capacity, d] at
-    slots 0..pos[b] (the last ``window`` of them if window > 0), returned as the o projection's
-    input: intops.split_rows of the Q16 rows [B, H d] (int8 halves [B, H d], shifts [B, 1]).
+    """Attention of one new query per stream over the cache [B, Hkv, capacity, d] (float16 as
+    intops.kv_float16 holds keys and values, or integers) at slots 0..pos[b] (the last
+    ``window`` of them if window > 0), returned as the o projection's input:
+    intops.split_rows of the Q16 rows [B, H d] (int8 halves [B, H d], shifts [B, 1]).
     ``major``: the keys' key-major copy (``major_keys``) where the group keeps one.
 
     q: the rotated queries, int64 [B, Hkv, rep, 1, d] (the cache holds the new keys); or, with
@@ -350,7 +378,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if major is not None:
         _key_major_scores_kernel[(b * n_kv, n_splits)](
             q, keys, major, pos, scores, best, n_kv, capacity, window, n_splits, REP=rep,
-            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block, RUN=MAJOR_RUN,
+            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block, RUN=major_run(major),
             num_warps=KEY_MAJOR_WARPS, **launch)
     else:
         r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
@@ -388,9 +416,10 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
           r: Rotation) -> torch.Tensor:
     """model._heads of qkv rows [B, T, (H + 2 Hkv) d] at positions start[b] + t (models
     without q/k norms): returns the queries, int32 [B, Hkv, H / Hkv, T, d]; the keys and
-    values go straight into the cache [B, Hkv, capacity, d] (any dtype that holds them) at
-    their positions. One pass, where the compiled torch composition took four (the
-    rotation's concatenations, the values' shift and the copies into each layout)."""
+    values, rounded to float16's precision, go straight into the cache [B, Hkv, capacity, d]
+    (float16, or any dtype that holds their integers) at their positions. One pass, where the
+    compiled torch composition took four (the rotation's concatenations, the values' shift and
+    the copies into each layout)."""
     b, t = qkv.shape[:2]
     _, n_kv, capacity, d = keys.shape
     q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=torch.int32, device=qkv.device)
@@ -402,12 +431,12 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
     return q
 
 
-def major_keys(b: int, n_kv: int, capacity: int, d: int, device: torch.device | str
-               ) -> torch.Tensor:
-    """A zero key-major copy of int32 keys [B, Hkv, capacity, d]: [B, Hkv, d, capacity], which
-    decode_attention(major=) reads below each stream's last run of MAJOR_RUN positions and
-    fills run by run; a prefill fills it with ``fill_major``."""
-    return torch.zeros((b, n_kv, d, capacity), dtype=torch.int32, device=device)
+def major_keys(b: int, n_kv: int, capacity: int, d: int, device: torch.device | str,
+               dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """A zero key-major copy of keys [B, Hkv, capacity, d] of ``dtype``: [B, Hkv, d,
+    capacity], which decode_attention(major=) reads below each stream's last run of
+    ``major_run`` positions and fills run by run; a prefill fills it with ``fill_major``."""
+    return torch.zeros((b, n_kv, d, capacity), dtype=dtype, device=device)
 
 
 def fill_major(major: torch.Tensor, keys: torch.Tensor) -> None:
@@ -489,14 +518,18 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       table: torch.Tensor, index_scale: torch.Tensor,
                       out_scale: int) -> torch.Tensor:
     """``IntModel._attend`` of a prefill in one kernel: queries q int64 [B, Hkv, rep, T, d] at
-    positions S - T .. S - 1 over keys and values [B, Hkv, S, d] (any integer or float64
-    dtype, any strides) at positions 0 .. S - 1, causal (and the last ``window`` positions if
-    window > 0). The scores never leave the chip: one pass finds each row's exact maximum,
-    a second recomputes them for the weights. Returns Q16 int64 [B, T, Hkv * rep * d]."""
+    positions S - T .. S - 1 over keys and values [B, Hkv, S, d] (float16 as
+    intops.kv_float16 holds them, or any integer or float64 dtype; any strides) at positions
+    0 .. S - 1, causal (and the last ``window`` positions if window > 0). The scores never
+    leave the chip: one pass finds each row's exact maximum, a second recomputes them for
+    the weights. Returns Q16 int64 [B, T, Hkv * rep * d]."""
     b, n_kv, rep, t, d = q.shape
     s = keys.shape[2]
     n_heads = n_kv * rep
     out = torch.empty((b, t, n_heads * d), dtype=torch.int64, device=q.device)
+    if keys.dtype == torch.float16:  # Triton 3.6 fails to lower 16-bit operands of this
+        # kernel's float64 dots (H200): a float16 cache's integers as int32
+        keys, values = (kv_float64(x).to(torch.int32) for x in (keys, values))
     # 32 x 32 blocks unpipelined: on the H200 at SmolLM2's shapes (64 x 256 tokens, 9 heads
     # of 64) 367 us a layer, against 395-541 for 64-row blocks or pipelined loads
     bm = 32 if d <= 128 else 16

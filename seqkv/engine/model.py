@@ -28,6 +28,9 @@ from .intops import (
     RowGemm,
     int_matmul,
     isqrt,
+    kv_float16,
+    kv_float64,
+    round_kv,
     rshift_round,
     split_rows,
 )
@@ -38,9 +41,15 @@ if TYPE_CHECKING:
 
 QKV_FRAC = 12
 MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many keys
-# Decode groups up to this size attend with cuda_attention's fused kernel over int32 caches,
+# Decode groups up to this size attend with cuda_attention's fused kernel over float16 caches,
 # larger ones with float64 GEMMs (see new_cache): in practice every group.
 FUSED_ATTENTION_MAX_STREAMS = 1 << 16
+
+
+def _cached(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values (Q12 integers) rounded to float16's precision, as a cache of ``dtype``
+    holds them (float16: x * 2**-KV_EXP; integers and float64: the rounded integers)."""
+    return kv_float16(x) if dtype == torch.float16 else round_kv(x).to(dtype)
 
 
 def linear(v: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -163,9 +172,10 @@ class IntModel:
         self.act_table = torch.from_numpy(act).to(dev)
         self.exp_attn_f = self.exp_attn.to(torch.float64)
         # |q|, |k|, |v| below 2**lim: q.k sums (head_dim terms) and p.v sums (Q16 weights,
-        # MAX_POSITIONS terms) stay below 2**53, exact in float64.
+        # MAX_POSITIONS terms) stay below 2**53, exact in float64; and keys and values,
+        # rounded (intops.round_kv), stay within float16's range as caches hold them.
         lim = min((53 - (self.spec.head_dim - 1).bit_length()) // 2,
-                  53 - tables.ATTN_BITS - (MAX_POSITIONS - 1).bit_length())
+                  53 - tables.ATTN_BITS - (MAX_POSITIONS - 1).bit_length(), 23)
         self._qkv_limit = (1 << lim) - 1
         # score units (Q20) to table steps (2**-EXP_STEP nat), a float64 constant fixed here
         self._index_scale = self.spec.attn_scale * 2.0 ** (tables.EXP_STEP - 2 * QKV_FRAC)
@@ -384,7 +394,8 @@ class IntModel:
     def _heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                q_norm: IntNorm | None, k_norm: IntNorm | None, kv_dtype: torch.dtype):
         """Rows [B, T, (H + 2 Hkv) d] of the qkv projection as rotated Q12 queries (int64,
-        contiguous) and keys, values (kv_dtype): one pass when compiled."""
+        contiguous) and keys, values rounded to float16's precision (intops.round_kv) as a
+        cache of kv_dtype holds them: one pass when compiled."""
         s = self.spec
         b, t = qkv.shape[:2]
         nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
@@ -399,7 +410,7 @@ class IntModel:
         q, k = qk[:, : s.n_heads], qk[:, s.n_heads :]
         v = rshift_round(v, FRAC - QKV_FRAC).clamp(-self._qkv_limit, self._qkv_limit)
         q = q.reshape(b, s.n_kv, s.n_heads // s.n_kv, t, s.head_dim).contiguous()
-        return q, k.to(kv_dtype), v.to(kv_dtype)
+        return q, _cached(k, kv_dtype), _cached(v, kv_dtype)
 
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """Softmax attention of Q12 queries [B, Hkv, rep, T, d] over Q12 keys/values
@@ -408,13 +419,13 @@ class IntModel:
         # float64 holds every integer here exactly; the only rounded operations (the scale
         # multiply, the final division) are IEEE-defined, so they agree on every device.
         scores = torch.matmul(q.reshape(b, hkv, rep * t, d).to(torch.float64),
-                              k.transpose(-1, -2).to(torch.float64))
+                              kv_float64(k).transpose(-1, -2))
         scores = scores.reshape(b, hkv, rep, t, -1).masked_fill(~allowed, -math.inf)
         dist = scores.amax(dim=-1, keepdim=True) - scores  # +inf where not allowed
         idx = torch.floor(dist * self._index_scale).clamp(max=self.exp_attn.shape[0] - 1)
         p = self.exp_attn_f[idx.to(torch.int64)]
         total = p.sum(dim=-1, keepdim=True)
-        out = torch.matmul(p.reshape(b, hkv, rep * t, -1), v.to(torch.float64))
+        out = torch.matmul(p.reshape(b, hkv, rep * t, -1), kv_float64(v))
         out = torch.round(out.reshape(b, hkv, rep, t, d) * (1 << (FRAC - QKV_FRAC)) / total)
         out = out.to(torch.int64)
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
@@ -586,15 +597,16 @@ class IntModel:
         s = self.spec
         shape = (batch, s.n_kv, capacity, s.head_dim)
         self.prepare(capacity)
-        # The fused kernels read int32 keys and values (|x| < 2**23), each stream's own
-        # positions only. On the H200 (compiled, 128-token streams) they beat the float64
-        # GEMMs at 1 to 256 streams (+16% at 1 and 64, +13% at 256); with their key splits
-        # sized to the group (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at
-        # positions 100-190, where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
-        dtype = torch.int32 if batch <= self.fused_attention_streams else torch.float64
+        # The fused kernels read float16 keys and values (x * 2**-KV_EXP: intops.kv_float16),
+        # each stream's own positions only. On the H200 (compiled, 128-token streams, int32
+        # caches then) they beat the float64 GEMMs at 1 to 256 streams (+16% at 1 and 64,
+        # +13% at 256); with their key splits sized to the group
+        # (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at positions 100-190,
+        # where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
+        dtype = torch.float16 if batch <= self.fused_attention_streams else torch.float64
         # Large groups keep a key-major copy of their keys: their scores run per key head
         # (cuda_attention.KEY_MAJOR_MIN_STREAMS).
-        major = dtype == torch.int32 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
+        major = dtype == torch.float16 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
         return StepCache(
             keys=[torch.zeros(shape, dtype=dtype, device=self.device)
                   for _ in range(s.n_layers)],
@@ -637,7 +649,7 @@ class IntModel:
         Q16 [B, hidden]."""
         s, layer, b = self.spec, self.w.layers[i], qkv.shape[0]
         rotate_in_kernel = self.fused_heads and layer.q_norm is None
-        if (cache.dtype == torch.int32 and rotate_in_kernel
+        if (cache.dtype == torch.float16 and rotate_in_kernel
                 and b <= cuda_attention.ROTATE_MAX_STREAMS
                 and cache.major is None):  # one pass, no queries stored
             rotation = self._rotation(i, cache.capacity)
@@ -652,7 +664,7 @@ class IntModel:
             slot = pos.view(b, 1, 1, 1).expand(b, s.n_kv, 1, s.head_dim)
             cache.keys[i].scatter_(2, slot, k)
             cache.values[i].scatter_(2, slot, v)
-        if cache.dtype == torch.int32:  # the fused kernels: each stream's own keys only
+        if cache.dtype == torch.float16:  # the fused kernels: each stream's own keys only
             return self._gemm(*self._decode_attention(i, q, cache, pos), layer.o)
         kpos = torch.arange(span, device=self.device).expand(b, span)
         att = self._attend(q, cache.keys[i][:, :, :span], cache.values[i][:, :, :span],
@@ -688,8 +700,9 @@ class StepOps(Protocol):
 
 @dataclass
 class StepCache:
-    """A static KV cache of Q12 integers [B, Hkv, capacity, d]: float64 (exact) for the
-    attention GEMMs, or int32 for the fused GPU kernels. ``major``: a large group's key-major
+    """A static KV cache of Q12 keys and values [B, Hkv, capacity, d], rounded to float16's
+    precision: float64 (exact) for the attention GEMMs, float16 (x * 2**-KV_EXP) for the fused
+    GPU kernels, int32 for the CPU's (cpu_step). ``major``: a large group's key-major
     copies of the keys (cuda_attention.major_keys), which prefills fill and decode steps keep
     up run by run."""
 
