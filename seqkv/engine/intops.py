@@ -26,8 +26,8 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
 # Keys and values keep float16's precision, KV_BITS significant bits (engine 3): caches can
 # then hold them as float16 x * 2**-KV_EXP, which every |x| <= 2**23 leaves in float16's normal
 # range, exactly. On 32 Brown chunks of 256 tokens the rounding cost no bits (the engine coded
-# 1.00047x the float model's cross-entropy with it, 1.00056x without; 5 bits would have done:
-# benchmarks/results/engine_dev_cpu.txt), and it halves the bytes a GPU's attention reads.
+# 1.00054x the float model's cross-entropy with it, 1.00056x without; 5 bits would have done:
+# benchmarks/dev/cpu_round_kv.py), and it halves the bytes a GPU's attention reads.
 KV_BITS = 11
 KV_EXP = 8
 
