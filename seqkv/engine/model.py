@@ -7,9 +7,10 @@ the GEMMs are exact (intops.py) and the nonlinearities are tables (tables.py), s
 the same integers at every position, at any group size, thread count or device.
 
 Fixed-point formats: the residual stream and GEMM outputs are Q16 int64; queries, keys and
-values Q12, bounded so that q.k and p.v sums stay exact in float64; attention weights Q16;
-next-token weights Q30; rotary tables Q14. GEMM inputs are int14 per row (dyadic scale),
-weights int8 per output channel (intops.int_matmul).
+values Q12, bounded so that q.k and p.v sums stay exact in float64, keys and values rounded to
+float16's precision (intops.round_kv) so that GPU caches hold them as float16; attention
+weights Q16; next-token weights Q30; rotary tables Q14. GEMM inputs are int14 per row (dyadic
+scale), weights int8 per output channel (intops.int_matmul).
 """
 
 from __future__ import annotations
