@@ -321,14 +321,13 @@ ROTATE_MAX_STREAMS = 64
 # is read once for its query heads, and its d-sum stays in a few lanes. The copy is written a
 # run of positions at a time (MAJOR_RUN_BYTES of each element), from the cache's rows: a key's
 # elements lie capacity apart there, and writing each step's key into it (a 4-byte store per
-# element, when caches held int32) had cost
-# 0.51 ms of a 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes,
-# whole 256-token decodes, benchmarks/dev/h200_decode_positions.py) the copy took a
-# 1,024-stream step from 6.74 to 6.17 ms on average (scores 1.53 against 2.07 ms at positions
-# 120-130), a 512-stream one from 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy
-# adds the keys' bytes again (half a cache's), so groups small enough for the codec to keep
-# (256 streams and fewer, for SmolLM2 on the H200) go without it: their gain was in the runs'
-# spread.
+# element, when caches held int32) had cost 0.51 ms of a 1,024-stream step against 0.11 for
+# the rows. On the H200 (SmolLM2's shapes, whole 256-token decodes,
+# benchmarks/dev/h200_decode_positions.py) the int32 copy took a 1,024-stream step from 6.74
+# to 6.17 ms on average (scores 1.53 against 2.07 ms at positions 120-130), a 512-stream one
+# from 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy adds the keys' bytes again
+# (half a cache's), so groups small enough for the codec to keep (256 streams and fewer, for
+# SmolLM2 on the H200) go without it: their gain was in the runs' spread.
 KEY_MAJOR_MIN_STREAMS = 512
 KEY_MAJOR_WARPS = 1
 MAJOR_RUN_BYTES = 32  # a whole sector a key element: 16 positions of float16
