@@ -27,7 +27,14 @@ from seqkv.core.models import ENGINE_WEIGHTS, from_objects
 from seqkv.core.version import ENGINE_ID
 from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, cpu_kernels, integerize
 from seqkv.engine.cpu_step import CpuStep
-from seqkv.engine.intops import RowGemm, round_kv, round_kv_reference
+from seqkv.engine.intops import (
+    RowGemm,
+    kv_float16,
+    kv_float64,
+    kv_int64,
+    round_kv,
+    round_kv_reference,
+)
 from seqkv.engine.model import head_bound
 from seqkv.tokens import compact as token_blob
 
@@ -471,11 +478,15 @@ TIES = [sign * ((m << drop) + (1 << (drop - 1)))  # halfway between two KV_BITS-
 def test_round_kv_is_its_integer_definition(xs):
     """round_kv (float16 conversions, as devices run it) gives round_kv_reference's integers
     for every key or value the engine makes (|x| <= 2**23): 11 significant bits, ties to
-    even, and 2**23 itself, the largest a rounding can reach."""
+    even, and 2**23 itself, the largest a rounding can reach; and a float16 cache
+    (kv_float16) holds exactly those integers."""
     xs = xs + TIES + [1 << 23, -(1 << 23), (1 << 23) - 1, 2047, 2048, 2049, 0]
     got = round_kv(torch.tensor(xs)).tolist()
     assert got == [round_kv_reference(x) for x in xs]
     assert all(abs(y - x) <= abs(x) >> 11 for x, y in zip(xs, got, strict=True))
+    # GPU caches hold kv_float16: it keeps those integers exactly, read back either way
+    cached = kv_float16(torch.tensor(xs))
+    assert kv_float64(cached).tolist() == got and kv_int64(cached).tolist() == got
 
 
 @needs_kernels
