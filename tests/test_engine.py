@@ -31,7 +31,7 @@ from seqkv.engine.intops import (
     RowGemm,
     kv_float16,
     kv_float64,
-    kv_int64,
+    kv_integers,
     round_kv,
     round_kv_reference,
 )
@@ -486,7 +486,7 @@ def test_round_kv_is_its_integer_definition(xs):
     assert all(abs(y - x) <= abs(x) >> 11 for x, y in zip(xs, got, strict=True))
     # GPU caches hold kv_float16: it keeps those integers exactly, read back either way
     cached = kv_float16(torch.tensor(xs))
-    assert kv_float64(cached).tolist() == got and kv_int64(cached).tolist() == got
+    assert kv_float64(cached).tolist() == got and kv_integers(cached).tolist() == got
 
 
 @needs_kernels

@@ -454,9 +454,10 @@ static void attend_row(const double *qd, const double *kt, i64 ks, const double 
 /* -- one decode step's attention ------------------------------------------------------------ */
 /* qkv int64 [b, (h + 2 kv) d] (queries and keys already normed where the model does), rotated
  * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
- * clamped) rounded (round_kv) and written into the int32 caches [b, kv, cap, d] there, and the softmax attention of
- * the rotated queries over keys lo..pos (model._attend) into out int64 [b, h d]: attend_row,
- * with each key head's keys and values made float64 once for its rep query heads. */
+ * clamped) rounded (round_kv) and written into the int32 caches [b, kv, cap, d] there, and
+ * the softmax attention of the rotated queries over keys lo..pos (model._attend) into out
+ * int64 [b, h d]: attend_row, with each key head's keys and values made float64 once for its
+ * rep query heads. */
 i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 *pos,
                      const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
                      int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .intops import kv_int64
+from .intops import kv_integers
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math",
@@ -301,7 +301,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
     visibility allowed [B, 1, 1, T, S]: Q16 [B, T, Hkv * rep * d]."""
     b, hkv, rep, t, d = q.shape
     s = k.shape[2]
-    q, k, v = q.to(torch.int64).contiguous(), kv_int64(k).contiguous(), kv_int64(v).contiguous()
+    q, k, v = (q.to(torch.int64).contiguous(), kv_integers(k).contiguous(),
+               kv_integers(v).contiguous())
     mask = allowed.expand(b, 1, 1, t, s).reshape(b, t, s).contiguous()
     out = torch.empty((b, t, hkv * rep * d), dtype=torch.int64)
     library().prefill_attention(_p(q), _p(k), _p(v), b, hkv, rep, t, s, d, _p(mask),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .cuda_ops import launch_options, triton
-from .intops import ACT_BITS, KV_EXP, kv_float64
+from .intops import ACT_BITS, KV_EXP, kv_integers
 
 if triton is not None:
     import triton.language as tl
@@ -431,7 +431,7 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
 
 
 def major_keys(b: int, n_kv: int, capacity: int, d: int, device: torch.device | str,
-               dtype: torch.dtype = torch.float16) -> torch.Tensor:
+               dtype: torch.dtype) -> torch.Tensor:
     """A zero key-major copy of keys [B, Hkv, capacity, d] of ``dtype``: [B, Hkv, d,
     capacity], which decode_attention(major=) reads below each stream's last run of
     ``major_run`` positions and fills run by run; a prefill fills it with ``fill_major``."""
@@ -528,7 +528,7 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = torch.empty((b, t, n_heads * d), dtype=torch.int64, device=q.device)
     if keys.dtype == torch.float16:  # Triton 3.6 fails to lower 16-bit operands of this
         # kernel's float64 dots (H200): a float16 cache's integers as int32
-        keys, values = (kv_float64(x).to(torch.int32) for x in (keys, values))
+        keys, values = kv_integers(keys, torch.int32), kv_integers(values, torch.int32)
     # 32 x 32 blocks unpipelined: on the H200 at SmolLM2's shapes (64 x 256 tokens, 9 heads
     # of 64) 367 us a layer, against 395-541 for 64-row blocks or pipelined loads
     bm = 32 if d <= 128 else 16

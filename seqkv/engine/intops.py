@@ -36,7 +36,7 @@ def round_kv(x: torch.Tensor) -> torch.Tensor:
     """Keys or values (integers, |x| <= 2**23) rounded to KV_BITS significant bits, ties to even
     (``round_kv_reference``), as int64: IEEE float16's rounding of x * 2**-KV_EXP, which every
     device performs alike."""
-    return kv_float16(x).to(torch.float32).mul_(2.0**KV_EXP).to(torch.int64)
+    return kv_integers(kv_float16(x))
 
 
 def kv_float16(x: torch.Tensor) -> torch.Tensor:
@@ -52,10 +52,12 @@ def kv_float64(cached: torch.Tensor) -> torch.Tensor:
     return cached.to(torch.float64)
 
 
-def kv_int64(cached: torch.Tensor) -> torch.Tensor:
-    """Cached keys or values as int64 integers."""
-    return kv_float64(cached).to(torch.int64) if cached.dtype == torch.float16 \
-        else cached.to(torch.int64)
+def kv_integers(cached: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Cached keys or values as integers of ``dtype`` (float16 ones through float32, exact
+    for |x| <= 2**23)."""
+    if cached.dtype == torch.float16:
+        return cached.to(torch.float32).mul_(2.0**KV_EXP).to(dtype)
+    return cached.to(dtype)
 
 
 def round_kv_reference(x: int) -> int:

@@ -614,8 +614,8 @@ class IntModel:
             values=[torch.zeros(shape, dtype=dtype, device=self.device)
                     for _ in range(s.n_layers)],
             capacity=capacity,
-            major=[cuda_attention.major_keys(batch, s.n_kv, capacity, s.head_dim, self.device)
-                   for _ in range(s.n_layers)] if major else None,
+            major=[cuda_attention.major_keys(batch, s.n_kv, capacity, s.head_dim, self.device,
+                                             dtype) for _ in range(s.n_layers)] if major else None,
         )
 
     @torch.inference_mode()
