@@ -19,7 +19,7 @@ groups above ROTATE_MAX_STREAMS).
 Output of 2026-12-01 19:55 UTC: benchmarks/results/engine_dev_h200.txt (timed then as the mean
 of five replays of a 20-call graph; benchmarks/timing.graph_us, used since, takes the best of
 three). What shipped from it: cuda_attention._key_major_scores_kernel (this file's
-_scores_kv_t_kernel).
+_scores_kv_t_kernel), replaced on 2026-12-02 by _key_head_attention_kernel.
 """
 
 import itertools

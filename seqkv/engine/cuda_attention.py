@@ -10,7 +10,8 @@ stream's own keys only (its position, not the cache's capacity), so one CUDA gra
 step: the key range of each head is split across programs (scores and partial maxima, with
 the step's rotation and cache write; weights and partial sums), then one program per stream
 divides and splits the row for the output projection. Large groups also keep a key-major copy
-of their keys (``major_keys``) and score them per key head.
+of their keys (``major_keys``) and run a key head's scores, weights and weighted values in one
+program, its query heads together.
 
 Every operation is the one the torch path performs: float16's rounding of the new keys and
 values (intops.round_kv; float16 caches keep that float16), float64 products and sums of
@@ -167,60 +168,105 @@ if triton is not None:
         tl.store(best_ptr + head * n_splits + split, tl.max(best, axis=0))
 
     @triton.jit
-    def _key_major_scores_kernel(q_ptr, k_ptr, major_ptr, pos_ptr, scores_ptr, best_ptr, n_kv,
-                                 capacity, window, n_splits, REP: tl.constexpr,
-                                 RP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-                                 BLOCK: tl.constexpr, RUN: tl.constexpr, PDL: tl.constexpr):
-        """_scores_kernel's scores and maxima (rotated queries) for the REP query heads of one
-        key head, over the key-major copy of the keys (memory [B, Hkv, d, capacity]): each
-        tile of keys [d, keys] is read once for all REP heads, not once per head, and a key's
-        d-sum runs down each thread's registers and a few lanes, where a [keys, d] tile
-        spreads it over 16 lanes. The copy holds the keys below the stream's last run of RUN
-        positions; the program that reaches them reads that run from the cache's rows, and
-        copies it over once it is whole (a run of each element: RUN keys' worth of bytes side
-        by side, where a key's own elements lie capacity apart)."""
-        _await_inputs(PDL)
-        kv, split = tl.program_id(0), tl.program_id(1)  # kv: b * n_kv + key head
-        start, end = _key_range(pos_ptr, kv, split, n_kv, window, SPLIT)
-        pos = tl.load(pos_ptr + kv // n_kv)
-        run = pos - pos % RUN  # the first key of the stream's last run
-        d = tl.arange(0, D)
-        s = tl.arange(0, BLOCK)
-        r = tl.arange(0, RP)
-        base = kv.to(tl.int64) * D * capacity  # of [capacity, d] rows and [d, capacity] alike
-        best = tl.full([RP], float("-inf"), tl.float64)
-        below = tl.minimum(end, run)
-        for first in range(start, below, BLOCK):
-            keys = first + s
-            k = tl.load(major_ptr + base + d[:, None] * capacity + keys[None, :],
-                        mask=(keys < below)[None, :], other=0)
-            best = _key_head_scores(q_ptr, k, keys, keys < below, kv, best, r, scores_ptr,
-                                    capacity, REP, D)
-        if (end > run) & (start < end):  # the split that holds the stream's position
-            keys = run + tl.arange(0, RUN)
-            k = tl.load(k_ptr + base + keys[None, :] * D + d[:, None],
-                        mask=(keys <= pos)[None, :], other=0)
-            if pos % RUN == RUN - 1:
-                tl.store(major_ptr + base + d[:, None] * capacity + keys[None, :], k)
-            best = _key_head_scores(q_ptr, k, keys, (keys >= start) & (keys < end), kv, best,
-                                    r, scores_ptr, capacity, REP, D)
-        tl.store(best_ptr + (kv * REP + r) * n_splits + split, best, mask=r < REP)
+    def _lane_scores(q_ptr, heads, live, key_ptr, d_stride, ok, D: tl.constexpr,
+                     DEPTH: tl.constexpr):
+        """Scores [RP, N] of the query heads ``heads`` (float64 queries [., d]; ``live``: the
+        real ones) over N keys, each lane its own keys: key element d at key_ptr + d *
+        d_stride (float16, as intops.kv_float16 holds them). A lane sums its keys' products
+        down d in its own registers (no lane exchanges), the queries' elements the same for
+        every lane. float16's value times 2**KV_EXP is the cached integer, so the sums are
+        scaled once at the end (exact: a power of two)."""
+        acc = tl.zeros([heads.shape[0], key_ptr.shape[0]], tl.float64)
+        for first in range(0, D, DEPTH):  # DEPTH elements' loads in flight, not all D's
+            for j in tl.static_range(DEPTH):
+                d = first + j
+                k = tl.load(key_ptr + d * d_stride, mask=ok, other=0).to(tl.float64)
+                q = tl.load(q_ptr + heads * D + d, mask=live, other=0.0)
+                acc += q[:, None] * k[None, :]  # integers below 2**53 (times 2**-KV_EXP)
+        return _kv_scaled(acc, key_ptr)
 
     @triton.jit
-    def _key_head_scores(q_ptr, k, keys, valid, kv, best, r, scores_ptr, capacity,
-                         REP: tl.constexpr, D: tl.constexpr):
-        """The REP query heads' scores over a tile of keys [d, keys]: stored, and each head's
-        maximum folded into best [RP]."""
-        k = _kv_float64(k)
+    def _kv_scaled(acc, ptr):
+        """Sums of products of cached values as float64 (``_kv_float64`` without its
+        multiply) scaled to those of their integers: exact, a power of two."""
+        if ptr.dtype.element_ty == tl.float16:
+            return acc * _KV_UP
+        else:
+            return acc
+
+    @triton.jit
+    def _key_head_attention_kernel(q_ptr, k_ptr, v_ptr, major_ptr, pos_ptr, table_ptr,
+                                   scale_ptr, scratch_ptr, total_ptr, acc_ptr, n_kv, capacity,
+                                   window, table_last, REP: tl.constexpr, RP: tl.constexpr,
+                                   D: tl.constexpr, KEYS: tl.constexpr, RUN: tl.constexpr,
+                                   WKEYS: tl.constexpr, VKEYS: tl.constexpr,
+                                   DEPTH: tl.constexpr, PDL: tl.constexpr):
+        """The REP query heads of one key head over all its keys, in one program (groups
+        with a key-major copy): scores, their exact maximum, the table weights and the
+        weighted values, as _scores_kernel and _weights_kernel compute them, into the finish
+        kernel's partial sums. Built for occupancy and few conversions, where the split
+        kernels held 128-252 registers a thread (8-16 programs an SM, their loads' latency
+        what the step waited on) and converted each value once per query head: the scores
+        and weights run with keys across the lanes, the weighted values with elements across
+        them, so no lane holds a tile and each key and value is converted once for all the
+        query heads. The keys come from the key-major copy below the stream's last run of
+        RUN positions, that run from the rows (copied over once whole). The scores, then the
+        weights, go through ``scratch`` [B Hkv, RP, capacity]."""
+        _await_inputs(PDL)
+        kv = tl.program_id(0)  # b * n_kv + key head
+        pos = tl.load(pos_ptr + kv // n_kv)
+        start = tl.where(window > 0, tl.maximum(pos - window + 1, 0), pos * 0)
+        end = pos + 1
+        run = tl.multiple_of(pos - pos % RUN, RUN)  # the first key of the stream's last run
+        r = tl.arange(0, RP)
+        live = r < REP
+        heads = (kv * REP + r).to(tl.int64)
+        base = kv.to(tl.int64) * D * capacity  # of [capacity, d] rows and [d, capacity] alike
+        weights = scratch_ptr + base // D * RP + r * capacity  # a head's keys: [RP]
+        rows = weights[:, None]
+        top = tl.full([RP], float("-inf"), tl.float64)
+        below = tl.minimum(end, run)
+        for first in range(start - start % KEYS, below, KEYS):
+            keys = tl.multiple_of(first, KEYS) + tl.arange(0, KEYS)
+            ok = (keys >= start) & (keys < below)
+            s = _lane_scores(q_ptr, heads, live, major_ptr + base + keys, capacity, ok, D,
+                             DEPTH)
+            tl.store(rows + keys[None, :], s, mask=ok[None, :])
+            top = tl.maximum(top, tl.max(tl.where(ok[None, :], s, float("-inf")), axis=1))
+        last = run + tl.arange(0, RUN)
+        seen = (last >= start) & (last <= pos)
+        s_last = _lane_scores(q_ptr, heads, live, k_ptr + base + last * D, 1, last <= pos,
+                              D, DEPTH)
+        tl.store(rows + last[None, :], s_last, mask=seen[None, :])
+        top = tl.maximum(top, tl.max(tl.where(seen[None, :], s_last, float("-inf")), axis=1))
+        if pos % RUN == RUN - 1:  # the run is whole: into the copy, a run of each element
+            for e in tl.static_range(D):
+                tl.store(major_ptr + base + e * capacity + last,
+                         tl.load(k_ptr + base + last * D + e))
+        tl.debug_barrier()  # the scores are read back in other lanes
+        index_scale = tl.load(scale_ptr)  # float64: a Python float argument would be fp32
+        total = tl.zeros([RP, WKEYS], tl.float64)
+        for first in range(start - start % WKEYS, end, WKEYS):
+            keys = tl.multiple_of(first, WKEYS) + tl.arange(0, WKEYS)
+            used = live[:, None] & ((keys >= start) & (keys < end))[None, :]
+            s = tl.load(rows + keys[None, :], mask=used, other=0.0)
+            idx = tl.minimum(tl.floor((top[:, None] - s) * index_scale), table_last)
+            p = tl.load(table_ptr + idx.to(tl.int64), mask=used, other=0.0)
+            tl.store(rows + keys[None, :], p, mask=used)  # 0 for the padding heads
+            total += p
+        tl.debug_barrier()  # the weights, likewise
         d = tl.arange(0, D)
-        for j in tl.static_range(REP):
-            head = (kv * REP + j).to(tl.int64)
-            q = tl.load(q_ptr + head * D + d).to(tl.float64)
-            scores = tl.sum(k * q[:, None], axis=0)  # exact: below 2**53
-            tl.store(scores_ptr + head * capacity + keys, scores, mask=valid)
-            top = tl.max(tl.where(valid, scores, float("-inf")), axis=0)
-            best = tl.maximum(best, tl.where(r == j, top, float("-inf")))
-        return best
+        acc = tl.zeros([RP, D], tl.float64)
+        values = v_ptr + base + d
+        for first in range(start, end, VKEYS):
+            for j in tl.static_range(VKEYS):
+                key = first + j
+                v = tl.load(values + key * D, mask=key < end, other=0).to(tl.float64)
+                p = tl.load(weights + key, mask=key < end, other=0.0)
+                acc += p[:, None] * v[None, :]  # integers below 2**53 (times 2**-KV_EXP)
+        tl.store(total_ptr + heads, tl.sum(total, axis=1), mask=live)
+        tl.store(acc_ptr + heads[:, None] * D + d[None, :], _kv_scaled(acc, v_ptr),
+                 mask=live[:, None])
 
     @triton.jit
     def _weights_kernel(v_ptr, pos_ptr, table_ptr, scale_ptr, scores_ptr, best_ptr,
@@ -317,20 +363,32 @@ WEIGHTS_WARPS = 1
 # (1.91 / 1.90), and small groups keep the kernel fewer.
 ROTATE_MAX_STREAMS = 64
 # Groups of at least this many streams keep a key-major copy of their keys (``major_keys``),
-# and their scores run per key head over it (_key_major_scores_kernel) on one warp: each key
-# is read once for its query heads, and its d-sum stays in a few lanes. The copy is written a
-# run of positions at a time (MAJOR_RUN_BYTES of each element), from the cache's rows: a key's
-# elements lie capacity apart there, and writing each step's key into it (a 4-byte store per
-# element, when caches held int32) had cost 0.51 ms of a 1,024-stream step against 0.11 for
-# the rows. On the H200 (SmolLM2's shapes, whole 256-token decodes,
-# benchmarks/dev/h200_decode_positions.py) the int32 copy took a 1,024-stream step from 6.74
-# to 6.17 ms on average (scores 1.53 against 2.07 ms at positions 120-130), a 512-stream one
+# and their attention runs in one kernel, a program per key head over all its keys
+# (_key_head_attention_kernel): keys across the lanes, each lane summing its keys' products
+# down the copy's rows. The copy is written a run of positions at a time (MAJOR_RUN_BYTES of
+# each element), from the cache's rows: a key's elements lie capacity apart there, and writing
+# each step's key into it (a 4-byte store per element, when caches held int32) had cost 0.51
+# ms of a 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes, whole
+# 256-token decodes, benchmarks/dev/h200_decode_positions.py) the int32 copy, then scored in a
+# kernel of its own, took a 1,024-stream step from 6.74 to 6.17 ms on average, a 512-stream one
 # from 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy adds the keys' bytes again
 # (half a cache's), so groups small enough for the codec to keep (256 streams and fewer, for
-# SmolLM2 on the H200) go without it: their gain was in the runs' spread.
+# SmolLM2 on the H200) go without it: at 256 streams the one kernel over the copy took 33 us
+# a layer against 31 for the split kernels over the rows (benchmarks/dev/h200_key_head.py).
 KEY_MAJOR_MIN_STREAMS = 512
-KEY_MAJOR_WARPS = 1
 MAJOR_RUN_BYTES = 32  # a whole sector a key element: 16 positions of float16
+# _key_head_attention_kernel's blocks: keys an iteration of the scores (one warp: 4 a lane) and
+# of the weights, keys an unrolled iteration of the weighted values, and key elements a lane
+# loads ahead. On the H200 (1,024 streams at positions 128 / 250, h200_key_head.py) these
+# took 83 / 128 us a layer, against 100 / 157 for the scores and weights kernels they replace
+# (2.14 against 2.72 ms a step at positions 120-130, h200_decode_positions.py); 128 keys of
+# weights a loop (168 registers a thread, not 80: fewer programs resident) 93 / 146, 8 elements
+# ahead 87-92 / 136-146, 16 values an iteration 91-97 / 139-149, 64 or 256 keys of scores
+# 93 / 146 and 119 / 152, two or four warps 124-155 / 184-204.
+KEY_HEAD_KEYS = 128
+KEY_HEAD_WEIGHTS = 32
+KEY_HEAD_VALUES = 8
+KEY_HEAD_DEPTH = 4
 
 
 def major_run(major: torch.Tensor) -> int:
@@ -349,9 +407,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     intops.split_rows of the Q16 rows [B, H d] (int8 halves [B, H d], shifts [B, 1]).
     ``major``: the keys' key-major copy (``major_keys``) where the group keeps one.
 
-    q: the rotated queries, int64 [B, Hkv, rep, 1, d] (the cache holds the new keys); or, with
-    ``rotation``, the step's qkv rows [B, (H + 2 Hkv) d], rotated here (model._heads for models
-    without q/k norms), the new keys and values written into the cache at pos.
+    q: the rotated queries [B, Hkv, rep, 1, d] as integers (the cache holds the new keys;
+    float64 where the group keeps a key-major copy, whose kernel reads them without
+    converting: others are converted here); or, with ``rotation``, the step's qkv rows
+    [B, (H + 2 Hkv) d], rotated here (model._heads for models without q/k norms), the new keys
+    and values written into the cache at pos.
     ``table``: the float64 exp table (Q16); ``index_scale``: float64 [1], score units to table
     steps (a tensor: kernels take Python floats as float32)."""
     b, n_kv, capacity, d = keys.shape
@@ -361,37 +421,44 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     rep, heads = n_heads // n_kv, b * n_heads
     splits = (MAX_SPLITS if TARGET_PROGRAMS is None
               else min(MAX_SPLITS, max(1, triton.cdiv(TARGET_PROGRAMS, heads))))
+    if major is not None:  # a program per key head, over all its keys
+        splits = 1
     block = SPLIT_BLOCK if splits > 1 and b <= SMALL_GROUP else BLOCK
     split = max(block, triton.cdiv(triton.cdiv(capacity, splits), block) * block)
     n_splits = triton.cdiv(capacity, split)
     q = q.contiguous()
     dev = q.device
-    scores = torch.empty((heads, capacity), dtype=torch.float64, device=dev)
-    best = torch.empty((heads, n_splits), dtype=torch.float64, device=dev)
     total = torch.empty((heads, n_splits), dtype=torch.float64, device=dev)
     acc = torch.empty((heads, n_splits, d), dtype=torch.float64, device=dev)
     hi = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     lo = torch.empty((b, n_heads * d), dtype=torch.int8, device=dev)
     shift = torch.empty((b, 1), dtype=torch.int64, device=dev)
-    grid, launch = (heads, n_splits), launch_options(dev, b)
+    launch = launch_options(dev, b)
     if major is not None:
-        _key_major_scores_kernel[(b * n_kv, n_splits)](
-            q, keys, major, pos, scores, best, n_kv, capacity, window, n_splits, REP=rep,
-            RP=triton.next_power_of_2(rep), D=d, SPLIT=split, BLOCK=block, RUN=major_run(major),
-            num_warps=KEY_MAJOR_WARPS, **launch)
+        rp = triton.next_power_of_2(rep)
+        scratch = torch.empty((b * n_kv, rp, capacity), dtype=torch.float64, device=dev)
+        _key_head_attention_kernel[(b * n_kv,)](
+            q if q.dtype == torch.float64 else q.to(torch.float64), keys, values, major, pos,
+            table, index_scale, scratch, total, acc, n_kv, capacity, window,
+            table.shape[0] - 1, REP=rep, RP=rp, D=d, KEYS=KEY_HEAD_KEYS, RUN=major_run(major),
+            WKEYS=KEY_HEAD_WEIGHTS, VKEYS=KEY_HEAD_VALUES, DEPTH=KEY_HEAD_DEPTH,
+            num_warps=1, **launch)
     else:
+        scores = torch.empty((heads, capacity), dtype=torch.float64, device=dev)
+        best = torch.empty((heads, n_splits), dtype=torch.float64, device=dev)
         r = rotation or Rotation(n_heads, q, q, 0, 1, 1)  # cos, sin: unread without ROTATE
+        grid = (heads, n_splits)
         _scores_kernel[grid](
             q, keys, values, pos, r.cos, r.sin, scores, best, n_heads, rep, n_kv, capacity,
             window, n_splits, r.limit, ROTATE=rotation is not None, ROPE_SHIFT=r.rope_shift,
             V_SHIFT=r.v_shift, D=d, SPLIT=split, BLOCK=block,
             num_warps=SCORES_WARPS if rotation is not None else PLAIN_SCORES_WARPS, **launch)
-    _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
-                          n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
-                          D=d, SPLIT=split, BLOCK=block,
-                          SPLITS_P=triton.next_power_of_2(n_splits),
-                          num_warps=WEIGHTS_WARPS if b > SMALL_GROUP else SCORES_WARPS,
-                          **launch)
+        _weights_kernel[grid](values, pos, table, index_scale, scores, best, total, acc,
+                              n_heads, rep, capacity, window, table.shape[0] - 1, n_splits,
+                              D=d, SPLIT=split, BLOCK=block,
+                              SPLITS_P=triton.next_power_of_2(n_splits),
+                              num_warps=WEIGHTS_WARPS if b > SMALL_GROUP else SCORES_WARPS,
+                              **launch)
     _finish_kernel[(b,)](total, acc, hi, lo, shift, n_heads, N_SPLITS=n_splits,
                          OUT_SCALE=out_scale, ACT_BITS=ACT_BITS, D=d,
                          HP=triton.next_power_of_2(n_heads), num_warps=4, **launch)
@@ -412,16 +479,17 @@ class Rotation:
 
 
 def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-          r: Rotation) -> torch.Tensor:
+          r: Rotation, q_dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """model._heads of qkv rows [B, T, (H + 2 Hkv) d] at positions start[b] + t (models
-    without q/k norms): returns the queries, int32 [B, Hkv, H / Hkv, T, d]; the keys and
+    without q/k norms): returns the queries [B, Hkv, H / Hkv, T, d] as ``q_dtype`` (int32,
+    or float64 for the kernels that multiply in float64 without converting); the keys and
     values, rounded to float16's precision, go straight into the cache [B, Hkv, capacity, d]
     (float16, or any dtype that holds their integers) at their positions. One pass, where the
     compiled torch composition took four (the rotation's concatenations, the values' shift and
     the copies into each layout)."""
     b, t = qkv.shape[:2]
     _, n_kv, capacity, d = keys.shape
-    q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=torch.int32, device=qkv.device)
+    q = torch.empty((b, n_kv, r.n_heads // n_kv, t, d), dtype=q_dtype, device=qkv.device)
     bt = min(32, triton.next_power_of_2(b * t))
     _heads_kernel[(triton.cdiv(b * t, bt), r.n_heads + 2 * n_kv)](
         qkv.contiguous(), start.contiguous(), r.cos, r.sin, q, keys, values, t, b * t,

@@ -657,7 +657,8 @@ class IntModel:
             return self._gemm(*self._decode_attention(i, qkv, cache, pos, rotation), layer.o)
         if rotate_in_kernel:  # the cache written by the kernel
             q = cuda_attention.heads(qkv.unsqueeze(1), pos, cache.keys[i], cache.values[i],
-                                     self._rotation(i, cache.capacity))
+                                     self._rotation(i, cache.capacity),
+                                     torch.int32 if cache.major is None else torch.float64)
         else:
             cos, sin = self.rope(s.thetas[i], cache.capacity)
             q, k, v = self._heads(qkv.unsqueeze(1), cos, sin, pos.unsqueeze(1), layer.q_norm,
