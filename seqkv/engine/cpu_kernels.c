@@ -261,6 +261,94 @@ static inline __attribute__((always_inline)) void half_rows(const int8_t *tile, 
     }
 }
 
+/* tile_rows' rescaling of one row's 16 channel sums, four at a time: the same operations
+ * (2 s to float64, * scale, * 2**k, rounded half to even, + bias). AVX2 converts neither way
+ * between int64 and float64, so both go through 2**52 + 2**51, exact below 2**51 in
+ * magnitude: 2 s always is (|q w| <= 2**20 a product, fewer than 2**30 of them); the rounded
+ * products are checked. Returns the channels done: 16, or 0 if a product was out of range
+ * (the scalar loop does them). */
+static inline int rescale16(const i64 *s, const double *scale, double pow2, const i64 *bias,
+                            i64 *o) {
+    const __m256d magic = _mm256_set1_pd(6755399441055744.0), limit = _mm256_set1_pd(0x1p51);
+    const __m256i magic_bits = _mm256_castpd_si256(magic);
+    const __m256d sign = _mm256_set1_pd(-0.0);
+    __m256d r[4];
+    int big = 0;
+    for (int u = 0; u < 4; u++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(s + 4 * u));
+        x = _mm256_add_epi64(_mm256_add_epi64(x, x), magic_bits);
+        __m256d y = _mm256_sub_pd(_mm256_castsi256_pd(x), magic);
+        y = _mm256_mul_pd(_mm256_mul_pd(y, _mm256_loadu_pd(scale + 4 * u)),
+                          _mm256_set1_pd(pow2));
+        r[u] = _mm256_round_pd(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        big |= _mm256_movemask_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, r[u]), limit,
+                                                _CMP_GE_OQ));
+    }
+    if (big) return 0;
+    for (int u = 0; u < 4; u++) {
+        __m256i v = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(r[u], magic)),
+                                     magic_bits);
+        if (bias) v = _mm256_add_epi64(v, _mm256_loadu_si256((const __m256i *)(bias + 4 * u)));
+        _mm256_storeu_si256((__m256i *)(o + 4 * u), v);
+    }
+    return 16;
+}
+
+/* Four rows (x: the first's q, the others kp apart) times channels 8h .. 8h + 7 of a tile,
+ * added into s [4][16]: each widened weight vector serves four rows. Written in assembly
+ * because GCC, given these eight accumulators as intrinsics, kept one on the stack and copied
+ * others back every step (benchmarks/results/engine_dev_cpu.txt); here they stay in
+ * registers: 8 accumulators, 2 weight vectors, a broadcast row and 2 products, 13 of 16. */
+static inline __attribute__((always_inline)) void quad_rows(const int8_t *tile, int h, i64 k4,
+                                                             const int16_t *x, i64 kp,
+                                                             i64 (*s)[16]) {
+    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order of the channels */
+    const i64 stride = 2 * kp; /* bytes from one row to the next */
+    for (i64 q0 = 0; q0 < k4; q0 += QCHUNK) {
+        i64 q1 = k4 - q0 < QCHUNK ? k4 : q0 + QCHUNK;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                a6 = a0, a7 = a0, w0, w1, xr, t0, t1;
+        for (i64 q = q0; q < q1; q++) {
+            const int8_t *w = tile + q * 64 + 32 * h;
+            const int16_t *r0 = x + q * 4, *r2 = r0 + 2 * kp;
+            __asm__("vpmovsxbw (%[w]), %[w0]\n\t"
+                    "vpmovsxbw 16(%[w]), %[w1]\n\t"
+                    "vpbroadcastq (%[r0]), %[xr]\n\t"
+                    "vpmaddwd %[w0], %[xr], %[t0]\n\t"
+                    "vpmaddwd %[w1], %[xr], %[t1]\n\t"
+                    "vpaddd %[t0], %[a0], %[a0]\n\t"
+                    "vpaddd %[t1], %[a1], %[a1]\n\t"
+                    "vpbroadcastq (%[r0],%[st]), %[xr]\n\t"
+                    "vpmaddwd %[w0], %[xr], %[t0]\n\t"
+                    "vpmaddwd %[w1], %[xr], %[t1]\n\t"
+                    "vpaddd %[t0], %[a2], %[a2]\n\t"
+                    "vpaddd %[t1], %[a3], %[a3]\n\t"
+                    "vpbroadcastq (%[r2]), %[xr]\n\t"
+                    "vpmaddwd %[w0], %[xr], %[t0]\n\t"
+                    "vpmaddwd %[w1], %[xr], %[t1]\n\t"
+                    "vpaddd %[t0], %[a4], %[a4]\n\t"
+                    "vpaddd %[t1], %[a5], %[a5]\n\t"
+                    "vpbroadcastq (%[r2],%[st]), %[xr]\n\t"
+                    "vpmaddwd %[w0], %[xr], %[t0]\n\t"
+                    "vpmaddwd %[w1], %[xr], %[t1]\n\t"
+                    "vpaddd %[t0], %[a6], %[a6]\n\t"
+                    "vpaddd %[t1], %[a7], %[a7]"
+                    : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3),
+                      [a4] "+x"(a4), [a5] "+x"(a5), [a6] "+x"(a6), [a7] "+x"(a7),
+                      [w0] "=&x"(w0), [w1] "=&x"(w1), [xr] "=&x"(xr), [t0] "=&x"(t0),
+                      [t1] "=&x"(t1)
+                    : [w] "r"(w), [r0] "r"(r0), [r2] "r"(r2), [st] "r"(stride)
+                    : "memory");
+        }
+        __m256i acc[4][2] = {{a0, a1}, {a2, a3}, {a4, a5}, {a6, a7}};
+        for (int j = 0; j < 4; j++) {
+            int32_t c[8];
+            _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(acc[j][0], acc[j][1]));
+            for (int i = 0; i < 8; i++) s[j][8 * h + at[i]] += c[i];
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void tile_rows(
     const int8_t *tile, const int32_t *rs, i64 k4, i64 kp, const uint8_t *rows,
     const double *pow2, int mb, const double *scale, const i64 *bias, i64 n, i64 c0, i64 *out,
@@ -269,13 +357,18 @@ static inline __attribute__((always_inline)) void tile_rows(
     const int16_t *x = (const int16_t *)rows; /* row j at x + kp j (2 kp bytes a row) */
     i64 sums[4][16] = {{0}};
     for (int h = 0; h < 2; h++)
-        for (int j = 0; j < mb; j += 2)
-            half_rows(tile, h, k4, x + j * kp, x + (j + 1) * kp, mb - j >= 2, sums[j],
-                      sums[j + 1]); /* j <= 2 */
+        if (mb == 4)
+            quad_rows(tile, h, k4, x, kp, sums);
+        else
+            for (int j = 0; j < mb; j += 2)
+                half_rows(tile, h, k4, x + j * kp, x + (j + 1) * kp, mb - j >= 2, sums[j],
+                          sums[j + 1]); /* j <= 2 */
     i64 cols = n - c0 < 16 ? n - c0 : 16;
     for (int j = 0; j < mb; j++) {
         i64 *o = out + j * ldo + c0;
-        for (i64 c = 0; c < cols; c++) {
+        i64 c = cols == 16 ? rescale16(sums[j], scale + c0, pow2[j], bias ? bias + c0 : NULL, o)
+                           : 0;
+        for (; c < cols; c++) {
             /* 2 q.w = 256 hi.w + 2 lo.w: the AVX-512 rescale8's value (exact in float64),
              * then its two products in its order */
             double y = (double)(2 * sums[j][c]);

@@ -252,7 +252,7 @@ if triton is not None:
             s = tl.load(rows + keys[None, :], mask=used, other=0.0)
             idx = tl.minimum(tl.floor((top[:, None] - s) * index_scale), table_last)
             p = tl.load(table_ptr + idx.to(tl.int64), mask=used, other=0.0)
-            tl.store(rows + keys[None, :], p, mask=used)  # 0 for the padding heads
+            tl.store(rows + keys[None, :], p, mask=used)  # (padding heads: scores of 0)
             total += p
         tl.debug_barrier()  # the weights, likewise
         d = tl.arange(0, D)
