@@ -226,6 +226,15 @@ static inline __attribute__((always_inline)) void tile_rows(
  * channel's two 2**30: int32 within a chunk, int64 across chunks (any depth). */
 #define QCHUNK 256
 
+/* Two accumulators of half_rows' or quad_rows' loop (channels 8h .. 8h + 3 and 8h + 4 ..
+ * 8h + 7, two pair sums a channel) added into a row's channel sums s [16]. */
+static inline void add_channel_sums(__m256i lo, __m256i hi, int h, i64 *s) {
+    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order of the channels */
+    int32_t c[8];
+    _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(lo, hi));
+    for (int i = 0; i < 8; i++) s[8 * h + at[i]] += c[i];
+}
+
 /* One or two rows (xa, xb: their q) times channels 8h .. 8h + 7 of a tile, added into
  * sa, sb [16]: four accumulators (more spill, and a spilled one costs a store-to-load
  * round trip every step). */
@@ -233,7 +242,6 @@ static inline __attribute__((always_inline)) void half_rows(const int8_t *tile, 
                                                              const int16_t *xa,
                                                              const int16_t *xb, int two,
                                                              i64 *sa, i64 *sb) {
-    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order of the channels */
     for (i64 q0 = 0; q0 < k4; q0 += QCHUNK) {
         i64 q1 = k4 - q0 < QCHUNK ? k4 : q0 + QCHUNK;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
@@ -251,13 +259,8 @@ static inline __attribute__((always_inline)) void half_rows(const int8_t *tile, 
                 b1 = _mm256_add_epi32(_mm256_madd_epi16(w1, x), b1);
             }
         }
-        int32_t c[8];
-        _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(a0, a1));
-        for (int i = 0; i < 8; i++) sa[8 * h + at[i]] += c[i];
-        if (two) {
-            _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(b0, b1));
-            for (int i = 0; i < 8; i++) sb[8 * h + at[i]] += c[i];
-        }
+        add_channel_sums(a0, a1, h, sa);
+        if (two) add_channel_sums(b0, b1, h, sb);
     }
 }
 
@@ -302,7 +305,6 @@ static inline int rescale16(const i64 *s, const double *scale, double pow2, cons
 static inline __attribute__((always_inline)) void quad_rows(const int8_t *tile, int h, i64 k4,
                                                              const int16_t *x, i64 kp,
                                                              i64 (*s)[16]) {
-    static const int at[8] = {0, 1, 4, 5, 2, 3, 6, 7}; /* hadd's order of the channels */
     const i64 stride = 2 * kp; /* bytes from one row to the next */
     for (i64 q0 = 0; q0 < k4; q0 += QCHUNK) {
         i64 q1 = k4 - q0 < QCHUNK ? k4 : q0 + QCHUNK;
@@ -340,12 +342,10 @@ static inline __attribute__((always_inline)) void quad_rows(const int8_t *tile, 
                     : [w] "r"(w), [r0] "r"(r0), [r2] "r"(r2), [st] "r"(stride)
                     : "memory");
         }
-        __m256i acc[4][2] = {{a0, a1}, {a2, a3}, {a4, a5}, {a6, a7}};
-        for (int j = 0; j < 4; j++) {
-            int32_t c[8];
-            _mm256_storeu_si256((__m256i *)c, _mm256_hadd_epi32(acc[j][0], acc[j][1]));
-            for (int i = 0; i < 8; i++) s[j][8 * h + at[i]] += c[i];
-        }
+        add_channel_sums(a0, a1, h, s[0]);
+        add_channel_sums(a2, a3, h, s[1]);
+        add_channel_sums(a4, a5, h, s[2]);
+        add_channel_sums(a6, a7, h, s[3]);
     }
 }
 
