@@ -58,11 +58,15 @@ if triton is not None:
             return x.to(tl.float64)
 
     @triton.jit
+    def _first_key(pos, window):
+        """The first key a query at pos sees: 0, or the window's first (window > 0)."""
+        return tl.where(window > 0, tl.maximum(pos - window + 1, 0), pos * 0)
+
+    @triton.jit
     def _key_range(pos_ptr, head, split, n_heads, window, SPLIT: tl.constexpr):
         """Keys [start, end) of this program: its split of the head's keys lo..pos."""
         pos = tl.load(pos_ptr + head // n_heads)
-        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), pos * 0)
-        start = tl.maximum(lo, split * SPLIT)
+        start = tl.maximum(_first_key(pos, window), split * SPLIT)
         end = tl.minimum(pos + 1, (split + 1) * SPLIT)
         return start, end
 
@@ -215,8 +219,7 @@ if triton is not None:
         _await_inputs(PDL)
         kv = tl.program_id(0)  # b * n_kv + key head
         pos = tl.load(pos_ptr + kv // n_kv)
-        start = tl.where(window > 0, tl.maximum(pos - window + 1, 0), pos * 0)
-        end = pos + 1
+        start, end = _first_key(pos, window), pos + 1
         run = tl.multiple_of(pos - pos % RUN, RUN)  # the first key of the stream's last run
         r = tl.arange(0, RP)
         live = r < REP
@@ -438,11 +441,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         rp = triton.next_power_of_2(rep)
         scratch = torch.empty((b * n_kv, rp, capacity), dtype=torch.float64, device=dev)
         _key_head_attention_kernel[(b * n_kv,)](
-            q if q.dtype == torch.float64 else q.to(torch.float64), keys, values, major, pos,
-            table, index_scale, scratch, total, acc, n_kv, capacity, window,
-            table.shape[0] - 1, REP=rep, RP=rp, D=d, KEYS=KEY_HEAD_KEYS, RUN=major_run(major),
-            WKEYS=KEY_HEAD_WEIGHTS, VKEYS=KEY_HEAD_VALUES, DEPTH=KEY_HEAD_DEPTH,
-            num_warps=1, **launch)
+            q.to(torch.float64), keys, values, major, pos, table, index_scale, scratch, total,
+            acc, n_kv, capacity, window, table.shape[0] - 1, REP=rep, RP=rp, D=d,
+            KEYS=KEY_HEAD_KEYS, RUN=major_run(major), WKEYS=KEY_HEAD_WEIGHTS,
+            VKEYS=KEY_HEAD_VALUES, DEPTH=KEY_HEAD_DEPTH, num_warps=1, **launch)
     else:
         scores = torch.empty((heads, capacity), dtype=torch.float64, device=dev)
         best = torch.empty((heads, n_splits), dtype=torch.float64, device=dev)

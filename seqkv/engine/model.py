@@ -605,8 +605,8 @@ class IntModel:
         # (cuda_attention.TARGET_PROGRAMS) also at 1,024 (7.2 ms a step at positions 100-190,
         # where the GEMMs take 6.7 ms at a 128-slot span, 13.2 at 320).
         dtype = torch.float16 if batch <= self.fused_attention_streams else torch.float64
-        # Large groups keep a key-major copy of their keys: their scores run per key head
-        # (cuda_attention.KEY_MAJOR_MIN_STREAMS).
+        # Large groups keep a key-major copy of their keys: their attention runs a program
+        # per key head (cuda_attention.KEY_MAJOR_MIN_STREAMS).
         major = dtype == torch.float16 and batch >= cuda_attention.KEY_MAJOR_MIN_STREAMS
         return StepCache(
             keys=[torch.zeros(shape, dtype=dtype, device=self.device)
