@@ -190,6 +190,31 @@ if triton is not None:
         return _kv_scaled(acc, key_ptr)
 
     @triton.jit
+    def _group_scores(q_ptr, heads, live, major_ptr, keys, capacity, ok, D: tl.constexpr):
+        """_lane_scores over the key-major copy [d / 4, capacity, 4]: a lane loads 4 elements
+        of a key in one 8-byte load (Triton does not vectorize _lane_scores' 2-byte loads down
+        d), the queries' 4 the same way, and takes the columns apart with reshape and split,
+        which keeps every tile 2-D (3-D tiles ran 4x slower)."""
+        acc = tl.zeros([heads.shape[0], keys.shape[0]], tl.float64)
+        e = tl.arange(0, 4)
+        for g in range(D // 4):
+            k = tl.load(major_ptr + (g * capacity + keys[:, None]) * 4 + e[None, :],
+                        mask=ok[:, None], other=0).to(tl.float64)
+            q = tl.load(q_ptr + heads[:, None] * D + g * 4 + e[None, :], mask=live[:, None],
+                        other=0.0)
+            k02, k13 = tl.split(tl.reshape(k, [keys.shape[0], 2, 2]))
+            k0, k2 = tl.split(k02)
+            k1, k3 = tl.split(k13)
+            q02, q13 = tl.split(tl.reshape(q, [heads.shape[0], 2, 2]))
+            q0, q2 = tl.split(q02)
+            q1, q3 = tl.split(q13)
+            acc += q0[:, None] * k0[None, :]  # integers below 2**53 (times 2**-KV_EXP)
+            acc += q1[:, None] * k1[None, :]
+            acc += q2[:, None] * k2[None, :]
+            acc += q3[:, None] * k3[None, :]
+        return _kv_scaled(acc, major_ptr)
+
+    @triton.jit
     def _kv_scaled(acc, ptr):
         """Sums of products of cached values as float64 (``_kv_float64`` without its
         multiply) scaled to those of their integers: exact, a power of two."""
@@ -232,8 +257,7 @@ if triton is not None:
         for first in range(start - start % KEYS, below, KEYS):
             keys = tl.multiple_of(first, KEYS) + tl.arange(0, KEYS)
             ok = (keys >= start) & (keys < below)
-            s = _lane_scores(q_ptr, heads, live, major_ptr + base + keys, capacity, ok, D,
-                             DEPTH)
+            s = _group_scores(q_ptr, heads, live, major_ptr + base, keys, capacity, ok, D)
             tl.store(rows + keys[None, :], s, mask=ok[None, :])
             top = tl.maximum(top, tl.max(tl.where(ok[None, :], s, float("-inf")), axis=1))
         last = run + tl.arange(0, RUN)
@@ -242,10 +266,11 @@ if triton is not None:
                               D, DEPTH)
         tl.store(rows + last[None, :], s_last, mask=seen[None, :])
         top = tl.maximum(top, tl.max(tl.where(seen[None, :], s_last, float("-inf")), axis=1))
-        if pos % RUN == RUN - 1:  # the run is whole: into the copy, a run of each element
-            for e in tl.static_range(D):
-                tl.store(major_ptr + base + e * capacity + last,
-                         tl.load(k_ptr + base + last * D + e))
+        if pos % RUN == RUN - 1:  # the run is whole: into the copy, a run of each group
+            e4 = tl.arange(0, 4)
+            for g in tl.static_range(D // 4):
+                tl.store(major_ptr + base + (g * capacity + last[:, None]) * 4 + e4[None, :],
+                         tl.load(k_ptr + base + last[:, None] * D + g * 4 + e4[None, :]))
         tl.debug_barrier()  # the scores are read back in other lanes
         index_scale = tl.load(scale_ptr)  # float64: a Python float argument would be fp32
         total = tl.zeros([RP, WKEYS], tl.float64)
@@ -368,26 +393,32 @@ ROTATE_MAX_STREAMS = 64
 # Groups of at least this many streams keep a key-major copy of their keys (``major_keys``),
 # and their attention runs in one kernel, a program per key head over all its keys
 # (_key_head_attention_kernel): keys across the lanes, each lane summing its keys' products
-# down the copy's rows. The copy is written a run of positions at a time (MAJOR_RUN_BYTES of
-# each element), from the cache's rows: a key's elements lie capacity apart there, and writing
-# each step's key into it (a 4-byte store per element, when caches held int32) had cost 0.51
-# ms of a 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes, whole
-# 256-token decodes, benchmarks/dev/h200_decode_positions.py) the int32 copy, then scored in a
-# kernel of its own, took a 1,024-stream step from 6.74 to 6.17 ms on average, a 512-stream one
-# from 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy adds the keys' bytes again
-# (half a cache's), so groups small enough for the codec to keep (256 streams and fewer, for
-# SmolLM2 on the H200) go without it: at 256 streams the one kernel over the copy took 33 us
-# a layer against 31 for the split kernels over the rows (benchmarks/dev/h200_key_head.py).
+# down the copy, 4 elements a load (the copy holds a key's elements in groups of 4). On the
+# H200 the groups of 4 took a layer from 83 / 126 us to 72 / 115 at 1,024 streams, positions
+# 128 / 250, and from 59 to 50 at 512 streams (two groups loaded ahead: 90 / 147 and 46); in
+# whole decodes, the attention from 2.15 to 1.93 ms a step at positions 120-130 (2026-12-02).
+# The copy is written a run of positions at a time (MAJOR_RUN_BYTES of each element), from
+# the cache's rows: a key's elements lie capacity apart there, and writing each step's key
+# into it (a 4-byte store per element, when caches held int32) had cost 0.51 ms of a
+# 1,024-stream step against 0.11 for the rows. On the H200 (SmolLM2's shapes, whole 256-token
+# decodes, benchmarks/dev/h200_decode_positions.py) the int32 copy, then scored in a kernel of
+# its own, took a 1,024-stream step from 6.74 to 6.17 ms on average, a 512-stream one from
+# 4.39 to 4.11, a 256-stream one from 3.18 to 3.13. The copy adds the keys' bytes again (half
+# a cache's), so groups small enough for the codec to keep (256 streams and fewer, for SmolLM2
+# on the H200) go without it: at 256 streams the one kernel over the copy took 33 us a layer
+# against 31 for the split kernels over the rows (benchmarks/dev/h200_key_head.py).
 KEY_MAJOR_MIN_STREAMS = 512
-MAJOR_RUN_BYTES = 32  # a whole sector a key element: 16 positions of float16
+MAJOR_RUN_BYTES = 32  # 16 positions of float16: whole sectors of each group of 4 elements
 # _key_head_attention_kernel's blocks: keys an iteration of the scores (one warp: 4 a lane) and
 # of the weights, keys an unrolled iteration of the weighted values, and key elements a lane
-# loads ahead. On the H200 (1,024 streams at positions 128 / 250, h200_key_head.py) these
-# took 83 / 128 us a layer, against 100 / 157 for the scores and weights kernels they replace
-# (2.14 against 2.72 ms a step at positions 120-130, h200_decode_positions.py); 128 keys of
+# loads ahead in the last run's scores (from the rows). Swept on the H200 before the groups of
+# 4 (1,024 streams at positions 128 / 250, h200_key_head.py), when the kernel took 83 / 128 us
+# a layer against 100 / 157 for the scores and weights kernels it replaced: 128 keys of
 # weights a loop (168 registers a thread, not 80: fewer programs resident) 93 / 146, 8 elements
 # ahead 87-92 / 136-146, 16 values an iteration 91-97 / 139-149, 64 or 256 keys of scores
-# 93 / 146 and 119 / 152, two or four warps 124-155 / 184-204.
+# 93 / 146 and 119 / 152, two or four warps 124-155 / 184-204. With the groups: a program per
+# one or two query heads (62-64 registers, two or three times the programs) 124 / 201 and
+# 102 / 169 against 71 / 118, each key read again for every program.
 KEY_HEAD_KEYS = 128
 KEY_HEAD_WEIGHTS = 32
 KEY_HEAD_VALUES = 8
@@ -502,16 +533,18 @@ def heads(qkv: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: to
 
 def major_keys(b: int, n_kv: int, capacity: int, d: int, device: torch.device | str,
                dtype: torch.dtype) -> torch.Tensor:
-    """A zero key-major copy of keys [B, Hkv, capacity, d] of ``dtype``: [B, Hkv, d,
-    capacity], which decode_attention(major=) reads below each stream's last run of
-    ``major_run`` positions and fills run by run; a prefill fills it with ``fill_major``."""
-    return torch.zeros((b, n_kv, d, capacity), dtype=dtype, device=device)
+    """A zero key-major copy of keys [B, Hkv, capacity, d] of ``dtype``: [B, Hkv, d / 4,
+    capacity, 4] (a key's elements in groups of 4: one 8-byte load a lane), which
+    decode_attention(major=) reads below each stream's last run of ``major_run`` positions and
+    fills run by run; a prefill fills it with ``fill_major``."""
+    return torch.zeros((b, n_kv, d // 4, capacity, 4), dtype=dtype, device=device)
 
 
 def fill_major(major: torch.Tensor, keys: torch.Tensor) -> None:
     """Copy keys [B, Hkv, T, d] (positions 0..T-1 of the first B streams) into their
     key-major copy."""
-    major[: keys.shape[0], :, :, : keys.shape[2]] = keys.transpose(2, 3)
+    b, n_kv, t, d = keys.shape
+    major[:b, :, :, :t] = keys.reshape(b, n_kv, t, d // 4, 4).transpose(2, 3)
 
 
 if triton is not None:
