@@ -26,6 +26,7 @@ from seqkv.core.errors import BlobError, ModelMismatchError, SeqkvError
 from seqkv.core.models import ENGINE_WEIGHTS, from_objects
 from seqkv.core.version import ENGINE_ID
 from seqkv.engine import EngineCodec, IntModel, Unsupported, arch_spec, cpu_kernels, integerize
+from seqkv.engine import model as model_module
 from seqkv.engine.cpu_step import CpuStep
 from seqkv.engine.intops import (
     RowGemm,
@@ -401,14 +402,17 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
 
 @needs_kernels
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_cpu_kernels_give_the_torch_integers(name):
+def test_cpu_kernels_give_the_torch_integers(name, monkeypatch):
     """With the CPU kernels, the prefill's pmf and intervals at every position equal the torch
-    code's, and so does the kernels' decode step (CpuStep) at every position."""
+    code's (its MLP over blocks of 7 rows, against one block), and so does the kernels' decode
+    step (CpuStep) at every position."""
     lm = MODELS[name]()
     model = IntModel(integerize(lm.model))
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(8))
-    fast = _prefill_pmf(model, ids)
-    h = model.prefill_hidden(ids).reshape(-1, model.spec.hidden)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "CPU_MLP_ROWS", 7)
+        fast = _prefill_pmf(model, ids)
+        h = model.prefill_hidden(ids).reshape(-1, model.spec.hidden)
     fast_intervals = model.intervals(h, ids.reshape(-1))
     was = cpu_kernels.set_enabled(False)
     try:

@@ -45,6 +45,10 @@ MAX_POSITIONS = 8192  # attention sums stay exact in float64 up to this many key
 # Decode groups up to this size attend with cuda_attention's fused kernel over float16 caches,
 # larger ones with float64 GEMMs (see new_cache): in practice every group.
 FUSED_ATTENTION_MAX_STREAMS = 1 << 16
+# A CPU prefill's MLP runs over blocks of this many rows: its [gate | up] rows (SmolLM2: 24
+# KB a row) then stay in cache, and below glibc's mmap threshold (32 MB), whose larger
+# blocks are mapped afresh and faulted in page by page on every call.
+CPU_MLP_ROWS = 256
 
 
 def _cached(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -448,6 +452,19 @@ class IntModel:
                                      layer.gate_up)
         return h, ops.mlp_down(gate_up, layer.down)
 
+    def _finish_rows(self, layer: IntLayer, h: torch.Tensor,
+                     attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_finish_layer of a prefill: on CPUs over blocks of CPU_MLP_ROWS rows (each row's
+        own integers either way), so the MLP's [gate | up] rows stay in cache and small."""
+        rows = h.shape[:-1].numel()
+        if self.device.type != "cpu" or rows <= CPU_MLP_ROWS:
+            return self._finish_layer(layer, h, attn_out)
+        h_rows, att_rows = h.reshape(rows, -1), attn_out.reshape(rows, -1)
+        parts = [self._finish_layer(layer, h_rows[a : a + CPU_MLP_ROWS],
+                                    att_rows[a : a + CPU_MLP_ROWS])
+                 for a in range(0, rows, CPU_MLP_ROWS)]
+        return tuple(torch.cat(p).reshape(*h.shape[:-1], -1) for p in zip(*parts, strict=True))
+
     def head(self, h: torch.Tensor, delta: torch.Tensor | None = None,
              post: IntNorm | None = None) -> torch.Tensor:
         """Q16 logits of the residual stream add_residual(h, delta, post) (``logits_dtype``:
@@ -525,7 +542,9 @@ class IntModel:
     def _head_blocks(self, h: torch.Tensor, block: int | None = None):
         """Yield (row offset, Q16 logits) for blocks of rows of h [N, hidden]. On CPUs the head
         GEMM runs over 512 rows and its rows are rescaled a few at a time, so every pass over
-        the 49,152-wide rows after it works in cache."""
+        the 49,152-wide rows after it works in cache; through the kernels, 128 rows a block,
+        every block into the same buffer (a block's logits last until the next is asked for:
+        a new 50 MB tensor each was mapped and faulted in page by page)."""
         if self.device.type != "cpu":
             block = block or 4096
             for s in range(0, h.shape[0], block):
@@ -533,12 +552,15 @@ class IntModel:
             return
         block = block or 512
         head = self.w.head
+        out = (torch.empty((min(128, h.shape[0]), head.w.shape[0]), dtype=torch.int64)
+               if cpu_kernels.available() else None)
         for s in range(0, h.shape[0], block):
             x = self._rms_norm(h[s : s + block], self.w.final_norm)
-            if cpu_kernels.available():  # the GEMM and its rescaling as one kernel
+            if out is not None:  # the GEMM and its rescaling as one kernel
                 for a in range(0, x.shape[0], 128):
-                    yield s + a, cpu_kernels.linear(x[a : a + 128].contiguous(), head.w,
-                                                    head.scale, head.bias)
+                    rows = x[a : a + 128].contiguous()
+                    yield s + a, cpu_kernels.linear(rows, head.w, head.scale, head.bias,
+                                                    out[: rows.shape[0]])
                 continue
             gemm = RowGemm(x, head.w, head.scale, head.bias)
             step = max(8, gemm.block)
@@ -584,7 +606,7 @@ class IntModel:
                                  self._allowed(pos[:, s:e], pos[:, :e], i))
                     for s, e in ((s, min(s + block, t)) for s in range(0, t, block))
                 ], dim=1)
-            h, mlp = self._finish_layer(layer, h, self.linear(att, layer.o))
+            h, mlp = self._finish_rows(layer, h, self.linear(att, layer.o))
             post = layer.post_mlp_norm
         return self._add_residual(h, mlp, post)
 
