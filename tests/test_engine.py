@@ -451,6 +451,28 @@ def test_cpu_attention_kernel_equals_the_torch_attention(llama):
 
 
 @needs_kernels
+def test_cpu_prefill_heads_at_the_bounds(llama):
+    """The prefill's rotation kernel gives _heads' integers (rotated queries, keys and values
+    rounded as caches hold them) for rows at the engine's bound and far past it (clamped),
+    mixed with ordinary values, at positions that do not start at 0, into int64 and int32."""
+    model = IntModel(integerize(llama.model))
+    s, b, t = model.spec, 2, 13
+    width = (s.n_heads + 2 * s.n_kv) * s.head_dim
+    g = torch.Generator().manual_seed(12)
+    sign = torch.randint(0, 2, (b, t, width), generator=g) * 2 - 1
+    big = torch.rand((b, t, width), generator=g) < 0.5
+    qkv = torch.where(big, sign << 45, torch.randint(-(1 << 20), 1 << 20, (b, t, width),
+                                                     generator=g))
+    pos = torch.arange(5, 5 + t).expand(b, t)
+    cos, sin = model.rope(s.thetas[0], 5 + t)
+    for kv_dtype in (torch.int64, torch.int32):
+        want = IntModel._heads(model, qkv, cos, sin, pos, None, None, kv_dtype)
+        got = model._cpu_heads(qkv, cos, sin, pos, None, None, kv_dtype)
+        assert all(x.dtype == y.dtype and torch.equal(x, y)
+                   for x, y in zip(got, want, strict=True)), kv_dtype
+
+
+@needs_kernels
 def test_cpu_decode_attention_at_the_bounds(llama):
     """The CPU decode step's attention kernel (rotation, cache write, attention over each
     stream's keys) gives the torch step's integers when queries, keys and values sit at the

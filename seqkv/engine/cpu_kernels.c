@@ -556,6 +556,53 @@ static void attend_row(const double *qd, const double *kt, i64 ks, const double 
     for (i64 i = 0; i < d; i++) o[i] = (i64)nearbyint((acc[i] * out_mult) / total);
 }
 
+/* -- rotary embedding and the values' rounding (model._heads) ------------------------------- */
+/* One head's row x [d] (Q16) rotated at the position of tables c, sn [d] (model._rotate's
+ * integers: x [cos | cos] + [x2 | x1] [-sin | sin], rounded by rope_shift, clamped). */
+static inline void rotate_head(const i64 *x, const i64 *c, const i64 *sn, i64 d, i64 rope_shift,
+                               i64 limit, i64 *rot) {
+    i64 half = d / 2, big = (i64)1 << 40, rnd = (i64)1 << (rope_shift - 1);
+    for (i64 i = 0; i < d; i++) {
+        i64 xi = x[i], xs = x[i < half ? i + half : i - half];
+        xi = xi < -big ? -big : (xi > big ? big : xi);
+        xs = xs < -big ? -big : (xs > big ? big : xs);
+        i64 y = (xi * c[i] + xs * sn[i] + rnd) >> rope_shift;
+        rot[i] = y < -limit ? -limit : (y > limit ? limit : y);
+    }
+}
+
+/* A value (Q16) as the cache holds it: rshift_round(x, vshift), clamped, round_kv. */
+static inline i64 cached_value(i64 x, i64 vshift, i64 limit) {
+    i64 y = (x + ((i64)1 << (vshift - 1))) >> vshift;
+    return round_kv(y < -limit ? -limit : (y > limit ? limit : y));
+}
+
+/* A prefill's heads: qkv int64 [b, t, (h + 2 kv) d] (queries and keys normed where the model
+ * does) at positions pos [b, t] as rotated queries q [b, kv, rep, t, d] and keys and values
+ * [b, kv, t, d] rounded as caches hold them (round_kv), all int64: model._heads' integers. */
+void prefill_heads(const i64 *qkv, i64 b, i64 t, i64 heads, i64 kv, i64 d, const i64 *pos,
+                   const i64 *cosf, const i64 *sinf, i64 rope_shift, i64 vshift, i64 limit,
+                   i64 *q, i64 *k, i64 *v) {
+    i64 width = (heads + 2 * kv) * d, rep = heads / kv;
+#pragma omp parallel for schedule(static) num_threads(threads) if (b * t > 8)
+    for (i64 r = 0; r < b * t; r++) {
+        i64 s = r / t, tt = r % t, p = pos[r];
+        const i64 *row = qkv + r * width, *c = cosf + p * d, *sn = sinf + p * d;
+        for (i64 hh = 0; hh < heads; hh++)
+            rotate_head(row + hh * d, c, sn, d, rope_shift, limit,
+                        q + (((s * kv + hh / rep) * rep + hh % rep) * t + tt) * d);
+        for (i64 g = 0; g < kv; g++) {
+            i64 *kd = k + ((s * kv + g) * t + tt) * d, *vd = v + ((s * kv + g) * t + tt) * d;
+            const i64 *x = row + (heads + kv + g) * d;
+            rotate_head(row + (heads + g) * d, c, sn, d, rope_shift, limit, kd);
+            for (i64 i = 0; i < d; i++) {
+                kd[i] = round_kv(kd[i]);
+                vd[i] = cached_value(x[i], vshift, limit);
+            }
+        }
+    }
+}
+
 /* -- one decode step's attention ------------------------------------------------------------ */
 /* qkv int64 [b, (h + 2 kv) d] (queries and keys already normed where the model does), rotated
  * at each stream's position (model._rotate), keys and values (rshift_round(v, frac - 12),
@@ -568,23 +615,15 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
                      int32_t *kc, int32_t *vc, i64 cap, i64 window, const double *exp_table,
                      i64 n_exp, double index_scale, double out_mult, i64 *out, i64 *work) {
     i64 status = 0;
-    i64 width = (heads + 2 * kv) * d, half = d / 2, big = (i64)1 << 40;
-    i64 rnd = (i64)1 << (rope_shift - 1), vrnd = (i64)1 << (vshift - 1);
+    i64 width = (heads + 2 * kv) * d;
     /* rotated queries [b, heads, d] as float64 (|q| <= limit < 2**53: exact), attend_row's */
     double *qr = (double *)work;
     for (i64 s = 0; s < b; s++) {
         i64 p = pos[s];
         const i64 *c = cosf + p * d, *sn = sinf + p * d;
         for (i64 hh = 0; hh < heads + kv; hh++) {
-            const i64 *x = qkv + s * width + hh * d;
             i64 rot[512];
-            for (i64 i = 0; i < d; i++) {
-                i64 xi = x[i], xs = x[i < half ? i + half : i - half];
-                xi = xi < -big ? -big : (xi > big ? big : xi);
-                xs = xs < -big ? -big : (xs > big ? big : xs);
-                i64 y = (xi * c[i] + xs * sn[i] + rnd) >> rope_shift;
-                rot[i] = y < -limit ? -limit : (y > limit ? limit : y);
-            }
+            rotate_head(qkv + s * width + hh * d, c, sn, d, rope_shift, limit, rot);
             if (hh < heads) {
                 double *qd = qr + (s * heads + hh) * d;
                 for (i64 i = 0; i < d; i++) qd[i] = (double)rot[i];
@@ -596,10 +635,7 @@ i64 decode_attention(const i64 *qkv, i64 b, i64 heads, i64 kv, i64 d, const i64 
         for (i64 g = 0; g < kv; g++) {
             const i64 *x = qkv + s * width + (heads + kv + g) * d;
             int32_t *vd = vc + ((s * kv + g) * cap + p) * d;
-            for (i64 i = 0; i < d; i++) {
-                i64 y = (x[i] + vrnd) >> vshift;
-                vd[i] = (int32_t)round_kv(y < -limit ? -limit : (y > limit ? limit : y));
-            }
+            for (i64 i = 0; i < d; i++) vd[i] = (int32_t)cached_value(x[i], vshift, limit);
         }
     }
     i64 rep = heads / kv, keys = 0;

@@ -52,6 +52,8 @@ _SIGNATURES = {
     "prefill_attention": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64,
                           _f64, _f64, _ptr],
     "interval_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr],
+    "prefill_heads": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                      _ptr, _ptr, _ptr],
     "fail_allocation": [_i64],
 }
 # the kernels that allocate scratch memory: they return 0, or the bytes they could not get
@@ -292,6 +294,22 @@ def interval_rows(logits: torch.Tensor, tokens: torch.Tensor, exp_prob: torch.Te
     library().interval_rows(_p(logits), m, v, logits.stride(0), _p(tokens), _p(exp_prob),
                             exp_prob.shape[0], shift, total, _p(start), _p(freq))
     return start, freq
+
+
+def prefill_heads(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  heads: int, kv: int, rope_shift: int, vshift: int, limit: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """model._heads for contiguous int64 rows qkv [B, T, (heads + 2 kv) d] at positions pos [B,
+    T] (rope tables cos, sin [., d]): rotated queries [B, kv, rep, T, d], keys and values [B,
+    kv, T, d] rounded as caches hold them, all int64."""
+    b, t, width = qkv.shape
+    d = width // (heads + 2 * kv)
+    q = torch.empty((b, kv, heads // kv, t, d), dtype=torch.int64)
+    k, v = (torch.empty((b, kv, t, d), dtype=torch.int64) for _ in range(2))
+    pos = pos.contiguous()  # (kept alive through the call)
+    library().prefill_heads(_p(qkv), b, t, heads, kv, d, _p(pos), _p(cos), _p(sin),
+                            rope_shift, vshift, limit, _p(q), _p(k), _p(v))
+    return q, k, v
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,

@@ -254,7 +254,7 @@ class IntModel:
         self.compiled = False
         if dev.type == "cpu":  # the same integers through cpu_kernels where they run
             self._rms_norm, self._gated_activation = _cpu_rms_norm, _cpu_gated_activation
-            self._attend = self._cpu_attend
+            self._heads, self._attend = self._cpu_heads, self._cpu_attend
 
     def compile(self) -> IntModel:
         """Fuse the elementwise work between the GEMMs (residual adds, norms, the rows' split
@@ -434,6 +434,26 @@ class IntModel:
         out = torch.round(out.reshape(b, hkv, rep, t, d) * (1 << (FRAC - QKV_FRAC)) / total)
         out = out.to(torch.int64)
         return out.reshape(b, hkv * rep, t, d).transpose(1, 2).reshape(b, t, hkv * rep * d)
+
+    def _cpu_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   pos: torch.Tensor, q_norm: IntNorm | None, k_norm: IntNorm | None,
+                   kv_dtype: torch.dtype):
+        """``_heads`` on CPUs as one kernel, the query and key norms first where the model has
+        them (the same integers; caches of other types through the torch code)."""
+        if not cpu_kernels.available() or kv_dtype not in (torch.int64, torch.int32):
+            return IntModel._heads(self, qkv, cos, sin, pos, q_norm, k_norm, kv_dtype)
+        s = self.spec
+        nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
+        if q_norm is not None:  # each head's row normed, in a copy of the rows
+            qkv = qkv.contiguous().clone()
+            rows = qkv.reshape(-1, qkv.shape[-1])
+            for part, norm, heads in ((rows[:, :nq], q_norm, s.n_heads),
+                                      (rows[:, nq : nq + nk], k_norm, s.n_kv)):
+                cpu_kernels.rms_norm(part, norm.gain, FRAC - norm.frac, norm.eps32, heads, part)
+        q, k, v = cpu_kernels.prefill_heads(
+            qkv.contiguous(), pos, cos, sin, s.n_heads, s.n_kv,
+            FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC, self._qkv_limit)
+        return q, k.to(kv_dtype), v.to(kv_dtype)
 
     def _cpu_attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """``_attend`` on CPUs as one kernel over each query's visible keys (the same integers)."""
