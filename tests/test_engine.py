@@ -409,8 +409,8 @@ def test_cpu_kernels_give_the_torch_integers(name, monkeypatch):
     lm = MODELS[name]()
     model = IntModel(integerize(lm.model))
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(8))
-    with monkeypatch.context() as patch:
-        patch.setattr(model_module, "CPU_MLP_ROWS", 7)
+    with monkeypatch.context() as patch:  # [gate | up] rows of int64
+        patch.setattr(model_module, "CPU_MLP_BYTES", 7 * 8 * model.w.layers[0].gate_up.w.shape[0])
         fast = _prefill_pmf(model, ids)
         h = model.prefill_hidden(ids).reshape(-1, model.spec.hidden)
     fast_intervals = model.intervals(h, ids.reshape(-1))
