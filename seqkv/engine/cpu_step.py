@@ -17,7 +17,7 @@ import torch
 
 from . import cpu_kernels as ck
 from . import tables
-from .model import QKV_FRAC, IntModel, StepCache
+from .model import QKV_FRAC, IntModel, StepCache, cpu_norm_heads_
 from .weights import FRAC, IntLinear, IntNorm
 
 
@@ -70,11 +70,6 @@ class CpuStep:
     def step_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.m.embed(tokens).contiguous()
 
-    @staticmethod
-    def _norm(h: torch.Tensor, norm: IntNorm, groups: int = 1,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-        return ck.rms_norm(h, norm.gain, FRAC - norm.frac, norm.eps32, groups, out)
-
     def linear(self, x: torch.Tensor, lin: IntLinear) -> torch.Tensor:
         out = self._rows((id(lin), "out"), x.shape[0], lin.w.shape[0])
         return ck.linear(x, lin.w, lin.scale, lin.bias, out)
@@ -102,11 +97,9 @@ class CpuStep:
         each stream's own keys: ``span`` is not needed), then its output projection."""
         s, m = self.s, self.m
         layer = self.w.layers[i]
-        nq, nk, b = s.n_heads * s.head_dim, s.n_kv * s.head_dim, qkv.shape[0]
-        if layer.q_norm is not None:  # per head, in place, before the rotation
-            q, k = qkv[:, :nq], qkv[:, nq : nq + nk]
-            self._norm(q, layer.q_norm, s.n_heads, out=q)
-            self._norm(k, layer.k_norm, s.n_kv, out=k)
+        nq, b = s.n_heads * s.head_dim, qkv.shape[0]
+        if layer.q_norm is not None:
+            cpu_norm_heads_(qkv, layer.q_norm, layer.k_norm, s)
         cos, sin = m.rope(s.thetas[i], cache.capacity)
         att, work = self._rows((i, "att"), b, nq), self._rows((i, "work"), b, nq)
         self.lib.decode_attention(

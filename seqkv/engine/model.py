@@ -35,7 +35,7 @@ from .intops import (
     rshift_round,
     split_rows,
 )
-from .weights import FRAC, IntLayer, IntLinear, IntNorm, IntWeights
+from .weights import FRAC, ArchSpec, IntLayer, IntLinear, IntNorm, IntWeights
 
 if TYPE_CHECKING:
     from ..core.decoders import VectorRansDecoder
@@ -445,13 +445,9 @@ class IntModel:
         if not cpu_kernels.available() or kv_dtype not in (torch.int64, torch.int32):
             return IntModel._heads(self, qkv, cos, sin, pos, q_norm, k_norm, kv_dtype)
         s = self.spec
-        nq, nk = s.n_heads * s.head_dim, s.n_kv * s.head_dim
-        if q_norm is not None:  # each head's row normed, in a copy of the rows
+        if q_norm is not None:  # in a copy of the rows
             qkv = qkv.contiguous().clone()
-            rows = qkv.reshape(-1, qkv.shape[-1])
-            for part, norm, heads in ((rows[:, :nq], q_norm, s.n_heads),
-                                      (rows[:, nq : nq + nk], k_norm, s.n_kv)):
-                cpu_kernels.rms_norm(part, norm.gain, FRAC - norm.frac, norm.eps32, heads, part)
+            cpu_norm_heads_(qkv.reshape(-1, qkv.shape[-1]), q_norm, k_norm, s)
         q, k, v = cpu_kernels.prefill_heads(
             qkv.contiguous(), pos, cos, sin, s.n_heads, s.n_kv,
             FRAC + tables.ROPE_BITS - QKV_FRAC, FRAC - QKV_FRAC, self._qkv_limit)
@@ -769,6 +765,16 @@ def _cpu_rms_norm(h: torch.Tensor, norm: IntNorm) -> torch.Tensor:
     rows = h.reshape(-1, h.shape[-1]).contiguous()
     y = cpu_kernels.rms_norm(rows, norm.gain, FRAC - norm.frac, norm.eps32)
     return y.reshape(h.shape)
+
+
+def cpu_norm_heads_(rows: torch.Tensor, q_norm: IntNorm, k_norm: IntNorm, spec: ArchSpec) -> None:
+    """_heads' query and key norms through cpu_kernels, in place: each query and key head's
+    row of qkv rows [M, (H + 2 Hkv) d] (a prefill's and a CPU decode step's, before their
+    rotation)."""
+    nq, nk = spec.n_heads * spec.head_dim, spec.n_kv * spec.head_dim
+    for part, norm, heads in ((rows[:, :nq], q_norm, spec.n_heads),
+                              (rows[:, nq : nq + nk], k_norm, spec.n_kv)):
+        cpu_kernels.rms_norm(part, norm.gain, FRAC - norm.frac, norm.eps32, heads, part)
 
 
 def _cpu_gated_activation(table: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
