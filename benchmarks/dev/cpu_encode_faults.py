@@ -50,7 +50,7 @@ def main() -> None:
     for name in ("linear", "prefill_attention", "prefill_heads", "gated_activation",
                  "rms_norm", "interval_rows"):
         counted(ck, name, stats)
-    for name in ("_qkv", "_finish_rows", "prefill_hidden", "intervals"):
+    for name in ("_qkv", "_heads", "_finish_rows", "prefill_hidden", "intervals"):
         counted(engine_model.IntModel, name, stats)
     codec.encode(streams)
     stats.clear()
